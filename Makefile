@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh clone: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+export KEDRO_DISABLE_TELEMETRY := true
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test bench viz mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project with its dev extras
+
+run: setup  ## the whole default study, offline (digits, EfficientNet-Lites and random controls)
+	$(BIN)/kedro run
+
+test: setup  ## the whole test suite
+	$(BIN)/python -m pytest
+
+bench: setup  ## benchmarks (scripts, not tests): extraction and sweep throughput
+	$(BIN)/python scripts/bench_extraction.py
+	$(BIN)/python scripts/bench_sweep.py
+
+viz: setup
+	$(BIN)/kedro viz run --host 127.0.0.1
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1
+
+clean:  ## remove computed data (keeps the .venv)
+	find data -mindepth 2 ! -name .gitkeep -delete

@@ -1,0 +1,274 @@
+"""Datasets of labelled images and deterministic stratified splits.
+
+An :class:`ImageSet` is a light, picklable list of images with labels: every image is
+decoded on demand by :meth:`ImageSet.load` as an ``(H, W, 3)`` ``uint8`` RGB array, so a
+``DataLoader`` worker can decode while the main process runs the backbone.
+
+Kinds (``DatasetSpec.kind``):
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits, rendered as RGB images of
+  ``image_size`` pixels (offline, the embedded default);
+- ``imagefolder``: any ``root/<class>/*.{jpg,jpeg,png,...}`` tree (ImageNet, CUB, CIFAR-10 as JPEGs);
+- ``cifar10`` / ``cifar100``: torchvision's loaders (``download`` configurable), train and test
+  parts pooled before our own split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+KINDS = ("digits", "imagefolder", "cifar10", "cifar100")
+SPLITS = ("train", "val", "test")
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What dataset to read and how (the ``dataset`` parameter block)."""
+
+    kind: str = "digits"
+    root: str | None = None
+    download: bool = False
+    image_size: int = 32
+    on_bad_image: str = "error"
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DatasetSpec:
+        """Build a spec from a parameter mapping, rejecting unknown keys."""
+        allowed = set(cls.__dataclass_fields__)
+        unknown = set(params) - allowed
+        if unknown:
+            raise ValueError(
+                f"dataset: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}"
+            )
+        spec = cls(**params)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the parameter when the spec is malformed."""
+        if self.kind not in KINDS:
+            raise ValueError(f"dataset.kind = {self.kind!r} is not one of {list(KINDS)}")
+        if self.kind in ("imagefolder", "cifar10", "cifar100") and not self.root:
+            raise ValueError(f"dataset.root is required for dataset.kind = {self.kind!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 8:
+            raise ValueError(f"dataset.image_size must be an integer >= 8, got {self.image_size!r}")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(
+                f"dataset.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}"
+            )
+
+
+@dataclass
+class ImageSet:
+    """Images with integer labels; ``items[i]`` is a file path or an index into ``arrays``."""
+
+    classes: list[str]
+    labels: np.ndarray
+    items: list[str]
+    arrays: np.ndarray | None = None
+    name: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> np.ndarray:
+        """Decode image ``i`` as an ``(H, W, 3)`` uint8 RGB array (grey and RGBA converted)."""
+        if self.arrays is not None:
+            return self.arrays[int(self.items[i])]
+        return read_image(self.items[i])
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        """The images at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            classes=self.classes,
+            labels=self.labels[idx],
+            items=[self.items[i] for i in idx],
+            arrays=self.arrays,
+            name=self.name,
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of the images' identities and labels (file paths or array contents)."""
+        h = hashlib.sha256()
+        h.update(self.name.encode())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        if self.arrays is not None:
+            idx = np.asarray([int(i) for i in self.items], dtype=np.int64)
+            h.update(np.ascontiguousarray(self.arrays[idx]).tobytes())
+        else:
+            for item in self.items:
+                p = Path(item)
+                h.update(item.encode())
+                try:
+                    st = p.stat()
+                    h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
+                except OSError:
+                    h.update(b"missing")
+        return h.hexdigest()[:16]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read one image file as RGB uint8, raising :class:`BadImageError` that names the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise BadImageError(f"cannot read image file {str(path)!r}: {exc}") from exc
+
+
+def array_image_set(images: np.ndarray, labels: Sequence[int] | None = None, name: str = "arrays") -> ImageSet:
+    """Wrap an ``(N, H, W, 3)`` uint8 array (e.g. concept elements) as an :class:`ImageSet`."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected images of shape (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    lab = np.zeros(len(images), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    return ImageSet(classes=[], labels=lab, items=[str(i) for i in range(len(images))], arrays=images, name=name)
+
+
+def _digits(image_size: int) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 0..16 grey levels -> 0..255, dark strokes on a white page like a scanned digit
+    small = (255 - d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    big = np.stack(
+        [np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC)) for im in small]
+    )
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    return ImageSet(
+        classes=[str(c) for c in range(10)],
+        labels=d.target.astype(np.int64),
+        items=[str(i) for i in range(len(rgb))],
+        arrays=rgb,
+        name=f"digits@{image_size}",
+    )
+
+
+def _imagefolder(root: str, on_bad_image: str = "error") -> ImageSet:
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"dataset.root {str(base)!r} does not exist or is not a folder; expected root/<class>/*.jpg"
+        )
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"dataset.root {str(base)!r} has no class folders; expected root/<class>/*.jpg")
+    classes, labels, items = [], [], []
+    for c, d in enumerate(class_dirs):
+        files = sorted(
+            str(p) for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise ValueError(
+                f"class folder {str(d)!r} has no images (looked for {', '.join(IMAGE_SUFFIXES)})"
+            )
+        classes.append(d.name)
+        items.extend(files)
+        labels.extend([c] * len(files))
+    return ImageSet(
+        classes=classes,
+        labels=np.asarray(labels, dtype=np.int64),
+        items=items,
+        name=f"imagefolder:{base.resolve()}",
+    )
+
+
+def _torchvision_cifar(kind: str, root: str, download: bool) -> ImageSet:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        parts = [cls(root=root, train=t, download=download) for t in (True, False)]
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"dataset.root {root!r} holds no {kind} data ({exc}); set dataset.download: true "
+            "(needs internet) or use dataset.kind: imagefolder on a folder of images"
+        ) from exc
+    arrays = np.concatenate([p.data for p in parts]).astype(np.uint8)
+    labels = np.concatenate([np.asarray(p.targets) for p in parts]).astype(np.int64)
+    return ImageSet(
+        classes=list(parts[0].classes),
+        labels=labels,
+        items=[str(i) for i in range(len(arrays))],
+        arrays=arrays,
+        name=kind,
+    )
+
+
+def load_dataset(spec: DatasetSpec | dict[str, Any]) -> ImageSet:
+    """Open the dataset described by ``spec`` (cheap: images are decoded later)."""
+    if isinstance(spec, dict):
+        spec = DatasetSpec.from_params(spec)
+    spec.validate()
+    if spec.kind == "digits":
+        return _digits(spec.image_size)
+    if spec.kind == "imagefolder":
+        return _imagefolder(spec.root, spec.on_bad_image)
+    return _torchvision_cifar(spec.kind, spec.root, spec.download)
+
+
+def stratified_split(
+    labels: np.ndarray,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    max_per_class: int | None = None,
+) -> pd.DataFrame:
+    """Deterministic stratified train/val/test split.
+
+    Within each class the images are shuffled with a generator seeded by ``seed``, optionally
+    cut to ``max_per_class`` and divided by ``fractions``. Every class gets at least one image
+    in every split, so a class can't be present in train and absent from test.
+
+    Returns a frame with columns ``index`` (position in the dataset), ``label`` and ``split``,
+    sorted by split then index.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or np.any(fr <= 0) or abs(fr.sum() - 1.0) > 1e-6:
+        raise ValueError(
+            f"splits.fractions must be three positive numbers (train, val, test) summing to 1, got {list(fractions)}"
+        )
+    if max_per_class is not None and (not isinstance(max_per_class, int) or max_per_class < 3):
+        raise ValueError(f"splits.max_per_class must be an integer >= 3 or null, got {max_per_class!r}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        if max_per_class is not None:
+            idx = idx[:max_per_class]
+        n = len(idx)
+        if n < 3:
+            raise ValueError(f"class {int(c)} has {n} image(s); each class needs at least 3 (one per split)")
+        n_val = max(1, int(round(fr[1] * n)))
+        n_test = max(1, int(round(fr[2] * n)))
+        n_train = n - n_val - n_test
+        if n_train < 1:
+            n_train, n_val = 1, n - 1 - n_test
+        parts = np.split(idx, [n_train, n_train + n_val])
+        for name, part in zip(SPLITS, parts):
+            rows.extend((int(i), int(c), name) for i in part)
+    out = pd.DataFrame(rows, columns=["index", "label", "split"])
+    out["split"] = pd.Categorical(out["split"], categories=list(SPLITS), ordered=True)
+    out = out.sort_values(["split", "index"]).reset_index(drop=True)
+    out["split"] = out["split"].astype(str)
+    return out

@@ -1,0 +1,210 @@
+"""Batched feature extraction with a content-addressed cache.
+
+``extract`` runs the frozen backbone over an :class:`~iis_study.core.data.ImageSet` with a
+``DataLoader`` whose workers decode and resize images (uint8) while the main process runs the
+model; ``extract_cached`` keys the result on a hash of the backbone's weights, its preprocessing
+and the images, and reuses a stored result without any forward pass.
+
+Files are safetensors (float32 features, int64 labels), written to a temporary name and then
+renamed, so an interrupted run never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Representation
+from .data import BadImageError, ImageSet
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class _Resized(Dataset):
+    """Decodes image ``i`` and resizes it to ``size`` x ``size``; returns a uint8 CHW tensor."""
+
+    def __init__(self, images: ImageSet, size: int, interpolation: str, on_bad_image: str = "error"):
+        self.images = images
+        self.size = size
+        self.resample = _INTERPOLATION.get(interpolation, Image.BICUBIC)
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            arr = self.images.load(i)
+        except BadImageError:
+            if self.on_bad_image != "skip":
+                raise
+            logger.warning("skipping unreadable image %s", self.images.items[i])
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+        if arr.shape[0] != self.size or arr.shape[1] != self.size:
+            arr = np.asarray(Image.fromarray(arr).resize((self.size, self.size), self.resample))
+        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1), True
+
+
+@dataclass
+class Features:
+    """Features of one set of images: ``x`` (N, D) float32, ``y`` (N,) int64, ``ok`` (N,) bool."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ok: torch.Tensor
+
+
+# a counter of backbone forward passes (tests assert a cached run does none)
+FORWARD_PASSES = {"count": 0}
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def extract(
+    rep: Representation,
+    images: ImageSet,
+    batch_size: int = 128,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str = "features",
+    on_bad_image: str = "error",
+) -> Features:
+    """Run ``rep`` over every image of ``images``; returns features in the same order."""
+    device = next(rep.model.parameters()).device
+    workers = _default_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        _Resized(images, rep.input_size, rep.interpolation, on_bad_image),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    feats, oks = [], []
+    bar = _progress(total=len(images), desc=desc, enabled=progress)
+    for batch, ok in loader:
+        batch = batch.to(device, non_blocking=True)
+        FORWARD_PASSES["count"] += 1
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = rep.forward_uint8(batch)
+        feats.append(out.float().cpu())
+        oks.append(ok)
+        bar.update(len(batch))
+    bar.close()
+    x = torch.cat(feats) if feats else torch.zeros(0, rep.dim)
+    ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+    return Features(x=x.contiguous(), y=torch.as_tensor(images.labels, dtype=torch.int64), ok=ok)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0)
+
+
+def cache_key(rep: Representation, images_fingerprint: str, extra: dict[str, Any] | None = None) -> str:
+    """Hash of weights, architecture, preprocessing and data: equal key, equal features."""
+    payload = {
+        "version": CACHE_VERSION,
+        "model": rep.spec.model,
+        "weights": rep.weights_fingerprint,
+        "preprocess": rep.preprocess_config(),
+        "images": images_fingerprint,
+        "extra": extra or {},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata or {})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: tensors and metadata."""
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return tensors, meta
+
+
+def extract_cached(
+    rep: Representation,
+    images: ImageSet,
+    cache_dir: str | Path,
+    extra_key: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[Features, str]:
+    """Features of ``images`` from the cache when present, else extracted and stored.
+
+    Returns the features and the cache key.
+    """
+    key = cache_key(rep, images.fingerprint(), extra_key)
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            t, _ = load_tensors(path)
+            logger.info("features of %s: cache hit %s", rep.spec.name, path)
+            return Features(x=t["x"], y=t["y"], ok=t["ok"].bool()), key
+        except Exception as exc:  # a corrupt entry is recomputed, never trusted
+            logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+    feats = extract(rep, images, **kwargs)
+    save_tensors(
+        path,
+        {"x": feats.x, "y": feats.y, "ok": feats.ok.to(torch.uint8)},
+        {"backbone": rep.spec.name, "model": rep.spec.model, "key": key},
+    )
+    return feats, key
+
+
+def split_features(
+    feats: Features, order: Sequence[str], splits: Sequence[str] = ("train", "val", "test")
+) -> dict[str, Features]:
+    """Cut features extracted over a concatenation of splits back into the named splits."""
+    order_arr = np.asarray(order)
+    out = {}
+    for s in splits:
+        idx = torch.from_numpy(np.flatnonzero(order_arr == s))
+        out[s] = Features(x=feats.x[idx], y=feats.y[idx], ok=feats.ok[idx])
+    return out
+
+
+def throughput(fn: Callable[[], int], repeats: int = 1) -> float:
+    """Images per second of ``fn`` (which returns the number of images it processed)."""
+    import time
+
+    t0 = time.perf_counter()
+    n = sum(fn() for _ in range(repeats))
+    return n / (time.perf_counter() - t0)

@@ -1,0 +1,164 @@
+"""Kedro datasets of this project: tensors, concept elements, sweep results.
+
+Every ``save`` writes to a temporary name in the target folder and renames it into place, so
+an interrupted run never leaves a half-written file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from kedro.io import AbstractDataset, DatasetError
+
+from .core.features import load_tensors, save_tensors
+
+
+def _atomic_dir(target: Path):
+    """A fresh temporary folder next to ``target``; call ``commit`` to move it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+    def commit() -> None:
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return tmp, commit, abort
+
+
+class TensorDictDataset(AbstractDataset[dict, dict]):
+    """A ``dict[str, torch.Tensor]`` stored as one safetensors file.
+
+    String metadata rides along under the reserved key ``"__metadata__"`` (a ``dict[str, str]``).
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Any]:
+        if not self._filepath.is_file():
+            raise DatasetError(f"{self._filepath} does not exist; run the pipeline that produces it first")
+        tensors, meta = load_tensors(self._filepath)
+        out: dict[str, Any] = dict(tensors)
+        out["__metadata__"] = meta
+        return out
+
+    def save(self, data: dict[str, Any]) -> None:
+        meta = {k: str(v) for k, v in (data.get("__metadata__") or {}).items()}
+        tensors = {k: v for k, v in data.items() if k != "__metadata__"}
+        for k, v in tensors.items():
+            if not isinstance(v, torch.Tensor):
+                raise DatasetError(f"{self._filepath}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        save_tensors(self._filepath, tensors, meta)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class ElementsDataset(AbstractDataset):
+    """Concept elements: a folder with ``images.npy``, ``masks.npy`` and ``meta.csv``."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(filepath)
+        self.metadata = metadata
+
+    def load(self):
+        from .core.concepts import Elements
+
+        if not (self._path / "meta.csv").is_file():
+            raise DatasetError(f"{self._path} holds no concept elements; run the concepts pipeline first")
+        masks_file = self._path / "masks.npy"
+        return Elements(
+            images=np.load(self._path / "images.npy", allow_pickle=False),
+            meta=pd.read_csv(self._path / "meta.csv"),
+            masks=np.load(masks_file, allow_pickle=False) if masks_file.is_file() else None,
+        )
+
+    def save(self, data) -> None:
+        tmp, commit, abort = _atomic_dir(self._path)
+        try:
+            np.save(tmp / "images.npy", np.asarray(data.images), allow_pickle=False)
+            if data.masks is not None:
+                np.save(tmp / "masks.npy", np.asarray(data.masks), allow_pickle=False)
+            data.meta.to_csv(tmp / "meta.csv", index=False)
+            commit()
+        except BaseException:
+            abort()
+            raise
+
+    def _exists(self) -> bool:
+        return (self._path / "meta.csv").is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path)}
+
+
+class SweepResultDataset(AbstractDataset):
+    """A :class:`~iis_study.core.heads.SweepResult` as a folder of CSV, NumPy and safetensors files."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(filepath)
+        self.metadata = metadata
+
+    def load(self):
+        from .core.heads import SweepConfig, SweepResult
+
+        meta_file = self._path / "meta.json"
+        if not meta_file.is_file():
+            raise DatasetError(f"{self._path} holds no sweep result; run the interpretability pipeline first")
+        meta = json.loads(meta_file.read_text())
+        cfg = meta["config"]
+        for k, v in cfg.items():
+            if isinstance(v, list):
+                cfg[k] = tuple(v)
+        state, _ = load_tensors(self._path / "state.safetensors")
+        return SweepResult(
+            config=SweepConfig(**cfg),
+            num_classes=int(meta["num_classes"]),
+            m=int(meta["m"]),
+            table=pd.read_csv(self._path / "table.csv"),
+            selected=pd.read_csv(self._path / "selected.csv"),
+            test_correct=np.load(self._path / "test_correct.npy", allow_pickle=False),
+            state=state,
+        )
+
+    def save(self, data) -> None:
+        from dataclasses import asdict
+
+        tmp, commit, abort = _atomic_dir(self._path)
+        try:
+            data.table.to_csv(tmp / "table.csv", index=False)
+            data.selected.to_csv(tmp / "selected.csv", index=False)
+            np.save(tmp / "test_correct.npy", np.asarray(data.test_correct), allow_pickle=False)
+            save_tensors(tmp / "state.safetensors", {k: v.detach().cpu() for k, v in data.state.items()})
+            meta = {"config": asdict(data.config), "num_classes": data.num_classes, "m": data.m}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            commit()
+        except BaseException:
+            abort()
+            raise
+
+    def _exists(self) -> bool:
+        return (self._path / "meta.json").is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path)}

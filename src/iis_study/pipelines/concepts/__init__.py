@@ -1,0 +1,5 @@
+"""The concepts pipeline."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

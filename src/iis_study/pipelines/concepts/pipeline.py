@@ -1,0 +1,78 @@
+"""The concept acquisition pipeline: elements once per dataset, concept spaces per backbone."""
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Pipeline, node
+
+from .nodes import (
+    build_concept_elements,
+    cluster_concepts,
+    embed_concept_elements,
+    end_to_end_concepts,
+    prototype_concepts,
+    select_concept_sources,
+    textual_concepts,
+)
+
+CONCEPT_BUILDERS = {
+    "prototype": (prototype_concepts, ["element_embeddings", "params:concepts"]),
+    "cluster": (cluster_concepts, ["element_embeddings", "params:concepts"]),
+    "end_to_end": (end_to_end_concepts, ["element_embeddings", "params:concepts"]),
+    "textual": (textual_concepts, ["features", "splits", "params:dataset", "params:concepts"]),
+}
+
+
+def elements_pipeline() -> Pipeline:
+    """``splits`` -> ``concept_sources`` -> ``concept_elements`` (dataset level)."""
+    return Pipeline(
+        [
+            node(select_concept_sources, ["splits", "params:concepts"], "concept_sources", name="select_concept_sources"),
+            node(
+                build_concept_elements,
+                ["concept_sources", "params:dataset", "params:concepts"],
+                "concept_elements",
+                name="build_concept_elements",
+            ),
+        ]
+    )
+
+
+def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
+    """The per-backbone template: embed elements, then one concept space per type."""
+    nodes = [
+        node(
+            embed_concept_elements,
+            ["concept_elements", "params:backbone", "params:extraction"],
+            "element_embeddings",
+            name="embed_concept_elements",
+        )
+    ]
+    for ctype in concept_types:
+        if ctype not in CONCEPT_BUILDERS:
+            raise ValueError(f"concepts.types: unknown concept type {ctype!r}; expected some of {list(CONCEPT_BUILDERS)}")
+        func, inputs = CONCEPT_BUILDERS[ctype]
+        nodes.append(node(func, inputs, f"concepts_{ctype}", name=f"build_{ctype}_concepts"))
+    return Pipeline(nodes)
+
+
+def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
+    """Concept elements, then for every backbone its concept spaces."""
+    concept_types = list(concept_types)
+    textual = "textual" in concept_types
+    parameters = {
+        "params:backbone": "params:backbones.{name}",
+        "params:extraction": "params:extraction",
+        "params:concepts": "params:concepts",
+    }
+    if textual:
+        parameters["params:dataset"] = "params:dataset"
+    per_backbone = [
+        Pipeline(
+            base_pipeline(concept_types),
+            namespace=name,
+            inputs={"concept_elements", "splits"} if textual else {"concept_elements"},
+            parameters={k: v.format(name=name) for k, v in parameters.items()},
+        )
+        for name in backbones
+    ]
+    return elements_pipeline() + sum(per_backbone, Pipeline([]))

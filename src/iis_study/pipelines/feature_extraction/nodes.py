@@ -1,0 +1,79 @@
+"""Nodes of the feature extraction pipeline (one namespaced copy per backbone)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from iis_study.core.backbones import BackboneSpec, build
+from iis_study.core.data import SPLITS, DatasetSpec, load_dataset
+from iis_study.core.features import extract_cached, split_features
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"extraction.device = {requested!r}, but this machine has no CUDA GPU; use 'cpu' or 'auto'")
+    return requested
+
+
+def extract_features(
+    splits: pd.DataFrame, dataset: dict[str, Any], backbone: dict[str, Any], extraction: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pooled penultimate features of every train/val/test image, from the cache when present.
+
+    Returns:
+        ``features``: ``{"<split>.x": (N, D) float32, "<split>.y": (N,) int64}`` for each split;
+        ``feature_info``: the cache key, weights fingerprint, preprocessing and sizes.
+    """
+    spec = BackboneSpec.from_params(backbone.get("name", backbone.get("model", "backbone")), _strip_name(backbone))
+    images = load_dataset(DatasetSpec.from_params(dataset))
+    rep = build(spec, device=resolve_device(extraction.get("device", "auto")))
+    subset = images.subset(splits["index"].to_numpy())
+    feats, key = extract_cached(
+        rep,
+        subset,
+        cache_dir=extraction.get("cache_dir", "data/04_feature/cache"),
+        batch_size=int(extraction.get("batch_size", 128)),
+        num_workers=extraction.get("num_workers"),
+        progress=bool(extraction.get("progress", True)),
+        desc=f"{spec.model} ({spec.weights})",
+        on_bad_image=dataset.get("on_bad_image", "error"),
+    )
+    if not torch.equal(feats.y, torch.as_tensor(splits["label"].to_numpy(), dtype=torch.int64)):
+        raise ValueError("extracted labels do not match the split table: the dataset changed under the cache")
+    keep = feats.ok.bool()
+    if not bool(keep.all()):
+        logger.warning("%d unreadable image(s) skipped (dataset.on_bad_image = skip)", int((~keep).sum()))
+    parts = split_features(feats, splits["split"].to_numpy(), SPLITS)
+    out: dict[str, Any] = {}
+    for name, f in parts.items():
+        ok = f.ok.bool()
+        out[f"{name}.x"] = f.x[ok].contiguous()
+        out[f"{name}.y"] = f.y[ok].contiguous()
+    info = {
+        "model": spec.model,
+        "weights": spec.weights,
+        "cache_key": key,
+        "weights_fingerprint": rep.weights_fingerprint,
+        "dim": rep.dim,
+        **rep.preprocess_config(),
+        **{f"n_{s}": int(out[f"{s}.y"].numel()) for s in SPLITS},
+        "n_skipped": int((~keep).sum()),
+        "num_classes": int(np.unique(splits["label"]).size),
+    }
+    out["__metadata__"] = {"cache_key": key, "model": spec.model}
+    logger.info("%s: %d-d features, cache key %s", spec.model, rep.dim, key)
+    return out, info
+
+
+def _strip_name(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "name"}

@@ -1,0 +1,41 @@
+"""The feature extraction pipeline: one namespaced copy per backbone."""
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Pipeline, node
+
+from .nodes import extract_features
+
+
+def base_pipeline() -> Pipeline:
+    """The per-backbone template (before namespacing)."""
+    return Pipeline(
+        [
+            node(
+                extract_features,
+                ["splits", "params:dataset", "params:backbone", "params:extraction"],
+                ["features", "feature_info"],
+                name="extract_features",
+            )
+        ]
+    )
+
+
+def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
+    """``splits`` -> ``<backbone>.features`` for every backbone."""
+    return sum(
+        (
+            Pipeline(
+                base_pipeline(),
+                namespace=name,
+                inputs={"splits"},
+                parameters={
+                    "params:backbone": f"params:backbones.{name}",
+                    "params:dataset": "params:dataset",
+                    "params:extraction": "params:extraction",
+                },
+            )
+            for name in backbones
+        ),
+        Pipeline([]),
+    )

@@ -1,0 +1,44 @@
+"""The interpretability pipeline: per backbone and concept type, the sweep and its scores."""
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Pipeline, node
+
+from .nodes import score_interpreters, train_interpreters
+
+
+def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
+    """The per-backbone template."""
+    nodes = []
+    for ctype in concept_types:
+        nodes += [
+            node(
+                train_interpreters,
+                ["features", f"concepts_{ctype}", "feature_info", "params:sweep"],
+                f"sweep_{ctype}",
+                name=f"train_{ctype}_interpreters",
+            ),
+            node(
+                score_interpreters,
+                [f"sweep_{ctype}", "params:scoring"],
+                [f"scores_{ctype}", f"curve_{ctype}"],
+                name=f"score_{ctype}_interpreters",
+            ),
+        ]
+    return Pipeline(nodes)
+
+
+def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
+    """For every backbone and concept type: ``sweep_<type>``, ``scores_<type>``, ``curve_<type>``."""
+    concept_types = list(concept_types)
+    return sum(
+        (
+            Pipeline(
+                base_pipeline(concept_types),
+                namespace=name,
+                parameters={"params:sweep", "params:scoring"},
+            )
+            for name in backbones
+        ),
+        Pipeline([]),
+    )
