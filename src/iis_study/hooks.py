@@ -1,8 +1,10 @@
-"""Project hooks: record the run's parameters for the pipeline registry, validate them early."""
+"""Project hooks: the run's parameters for the pipeline registry, and MLflow tracking."""
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -11,6 +13,8 @@ from . import study_config
 
 logger = logging.getLogger(__name__)
 
+_SCORE_NODE = re.compile(r"^score_(?P<ctype>\w+)_interpreters$")
+
 
 class StudyConfigHook:
     """Give the pipeline registry the parameters of the environment being run."""
@@ -18,3 +22,84 @@ class StudyConfigHook:
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         study_config.remember(context.config_loader["parameters"])
+
+
+class MlflowTrackingHook:
+    """Track every ``kedro run`` in MLflow (see :mod:`iis_study.tracking`)."""
+
+    def __init__(self) -> None:
+        self.tracker = None
+        self._params: dict[str, Any] = {}
+        self._project_path: Path | None = None
+        self._env: str | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._params = context.config_loader["parameters"]
+        self._project_path = Path(context.project_path)
+        self._env = context.env
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if not (self._params.get("tracking") or {}).get("enabled", True):
+            return
+        from .tracking import StudyTracker
+
+        names = run_params.get("pipeline_names") or ["__default__"]
+        run_name = f"{'+'.join(names)} {run_params.get('run_id', '')}".strip()
+        try:
+            self.tracker = StudyTracker(self._params, self._project_path or Path.cwd(), run_name, self._env)
+        except Exception as exc:  # tracking must never cost the user the computation
+            logger.warning("MLflow tracking disabled for this run: %s", exc)
+            self.tracker = None
+
+    @hook_impl
+    def after_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        if self.tracker is None:
+            return
+        try:
+            self._track_node(node, inputs, outputs)
+        except Exception as exc:
+            logger.warning("MLflow: could not log node %s: %s", node.name, exc)
+
+    def _track_node(self, node: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        ns = node.namespace
+        base = node.name.split(".")[-1]
+        if ns and base == "extract_features":
+            self.tracker.log_feature_info(ns, outputs[f"{ns}.feature_info"])
+        elif ns and (m := _SCORE_NODE.match(base)):
+            ctype = m.group("ctype")
+            self.tracker.log_scores(ns, ctype, outputs[f"{ns}.scores_{ctype}"], outputs[f"{ns}.curve_{ctype}"])
+        elif ns and base == "plot_concept_gallery":
+            self.tracker.log_figure(self.tracker.child(ns), outputs[f"{ns}.concept_gallery"], "plots/concept_gallery.png")
+        elif base == "collect_scores":
+            scores, curves = outputs["iis_scores"], outputs["sparsity_curves"]
+            for bb in scores["backbone"].unique():
+                rid = self.tracker.child(bb)
+                self.tracker.log_table(rid, scores[scores["backbone"] == bb], "tables/iis_scores.csv")
+                self.tracker.log_table(rid, curves[curves["backbone"] == bb], "tables/sparsity_curves.csv")
+            self.tracker.log_table(self.tracker.parent, scores, "tables/iis_scores.csv")
+            self.tracker.log_table(self.tracker.parent, curves, "tables/sparsity_curves.csv")
+        elif base == "correlate_scores":
+            self.tracker.log_dict(self.tracker.parent, outputs["correlation"], "correlation.json")
+        elif base == "plot_iis_vs_accuracy":
+            self.tracker.log_figure(self.tracker.parent, outputs["iis_vs_accuracy_plot"], "plots/iis_vs_accuracy.png")
+        elif base == "plot_sparsity_curves":
+            fig = outputs["sparsity_curves_plot"]
+            self.tracker.log_figure(self.tracker.parent, fig, "plots/sparsity_curves.png")
+            for bb in self.tracker.children:
+                self.tracker.log_figure(self.tracker.child(bb), fig, "plots/sparsity_curves.png")
+        elif base == "collect_fine_tuning":
+            self.tracker.log_fine_tuning(outputs["fine_tuning_results"])
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], run_result: Any, pipeline: Any, catalog: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.finish("FINISHED")
+            self.tracker = None
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.finish("FAILED")
+            self.tracker = None

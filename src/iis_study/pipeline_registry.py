@@ -18,7 +18,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "feature_extraction": feature_extraction.create_pipeline(names),
         "concepts": concepts.create_pipeline(names, types),
         "interpretability": interpretability.create_pipeline(names, types),
-        "reporting": reporting.create_pipeline(names, types),
+        "reporting": reporting.create_pipeline(
+            names, types, gallery_type=(params.get("gallery") or {}).get("concept_type")
+        ),
     }
     pipes["__default__"] = sum(pipes.values(), Pipeline([]))
     return pipes

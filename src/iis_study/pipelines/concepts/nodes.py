@@ -86,43 +86,53 @@ def _m(concepts: dict[str, Any]) -> int:
     return m
 
 
+def _usable(element_embeddings: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """Element embeddings with a direction (a blank patch can embed to the zero vector, which no
+    L2 normalisation can turn into a concept), and their element ids."""
+    emb = element_embeddings["x"]
+    ids = np.flatnonzero((emb.norm(dim=1) > 1e-6).numpy())
+    if len(ids) < len(emb):
+        logger.info("%d of %d concept elements embed to the zero vector and are left out", len(emb) - len(ids), len(emb))
+    return emb[torch.as_tensor(ids)], ids
+
+
 def prototype_concepts(element_embeddings: dict[str, Any], concepts: dict[str, Any]) -> dict[str, Any]:
     """METHOD §5.1: M element embeddings (a seeded random sample), L2-normalised."""
-    emb = element_embeddings["x"]
+    emb, ids = _usable(element_embeddings)
     m = _m(concepts)
     C.check_m(m, len(emb), "prototype")
     seed = int(concepts.get("seed", 0))
     idx = C.prototype_indices(len(emb), m, seed)
     vectors = C.prototype_vectors(emb, m, seed)
-    return _space("vectors", "prototype", vectors=vectors, element_ids=torch.as_tensor(idx, dtype=torch.int64))
+    return _space("vectors", "prototype", vectors=vectors, element_ids=torch.as_tensor(ids[idx], dtype=torch.int64))
 
 
 def cluster_concepts(element_embeddings: dict[str, Any], concepts: dict[str, Any]) -> dict[str, Any]:
     """METHOD §5.2: KMeans centroids of up to ``cluster_max_elements`` element embeddings."""
-    emb = element_embeddings["x"]
+    emb, ids = _usable(element_embeddings)
     m = _m(concepts)
     C.check_m(m, len(emb), "cluster")
     vectors, representatives = C.cluster_vectors(
         emb, m, seed=int(concepts.get("seed", 0)), max_elements=int(concepts.get("cluster_max_elements", 20000))
     )
     return _space(
-        "vectors", "cluster", vectors=vectors, element_ids=torch.as_tensor(np.asarray(representatives), dtype=torch.int64)
+        "vectors", "cluster", vectors=vectors, element_ids=torch.as_tensor(ids[np.asarray(representatives)], dtype=torch.int64)
     )
 
 
 def end_to_end_concepts(element_embeddings: dict[str, Any], concepts: dict[str, Any]) -> dict[str, Any]:
     """METHOD §5.3: the element embeddings over which the assignment is learned with the head."""
-    emb = element_embeddings["x"]
+    emb, usable = _usable(element_embeddings)
     m = _m(concepts)
     C.check_m(m, len(emb), "end_to_end")
-    elements, ids = C.end_to_end_elements(
+    elements, picked = C.end_to_end_elements(
         emb, max_elements=int(concepts.get("end_to_end_max_elements", 2000)), seed=int(concepts.get("seed", 0))
     )
     return _space(
         "end_to_end",
         "end_to_end",
         elements=elements,
-        element_ids=torch.as_tensor(np.asarray(ids), dtype=torch.int64),
+        element_ids=torch.as_tensor(usable[np.asarray(picked)], dtype=torch.int64),
         n_concepts=m,
     )
 

@@ -100,3 +100,60 @@ def _clean(v: Any) -> Any:
     except (TypeError, ValueError):
         return v
     return None if math.isnan(f) else f
+
+
+def plot_iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: dict[str, Any]):
+    """IIS against linear-probe accuracy, one point per backbone, per concept type."""
+    from iis_study.core import plots
+
+    return plots.iis_vs_accuracy(iis_scores, correlation, score="iis")
+
+
+def plot_sparsity_curves(sparsity_curves: pd.DataFrame):
+    """ARR against sparsity for every backbone, per concept type."""
+    from iis_study.core import plots
+
+    return plots.sparsity_curves(sparsity_curves, value="arr")
+
+
+def plot_concept_gallery(
+    features: dict[str, Any],
+    sweep_result: Any,
+    concept_space: dict[str, Any],
+    concept_elements: Any,
+    splits: pd.DataFrame,
+    dataset: dict[str, Any],
+    gallery: dict[str, Any],
+):
+    """For a few test images: the prediction and the concepts that drove it, shown as their
+    source patches or segments (the interpretation a person reads)."""
+    import numpy as np
+
+    from iis_study.core import plots
+    from iis_study.core.data import DatasetSpec, load_dataset
+    from iis_study.core.heads import explain
+    from iis_study.pipelines.interpretability.nodes import concept_space as to_space
+
+    space = to_space(concept_space)
+    test_rows = splits[splits["split"] == "test"].reset_index(drop=True)
+    n = min(int(gallery.get("n_images", 6)), len(test_rows))
+    rng = np.random.default_rng(int(gallery.get("seed", 0)))
+    pick = np.sort(rng.choice(len(test_rows), size=n, replace=False))
+    z = features["test.x"][pick]
+    explanation = explain(
+        sweep_result, space, z, sparsity=float(gallery.get("sparsity", 0.9)), top=int(gallery.get("top", 5))
+    )
+    images = load_dataset(DatasetSpec.from_params(dataset))
+    imgs = np.stack([images.load(int(i)) for i in test_rows.loc[pick, "index"]])
+    element_ids = concept_space["element_ids"].numpy()
+    return plots.concept_gallery(
+        imgs,
+        test_rows.loc[pick, "label"].to_numpy(),
+        list(images.classes),
+        explanation,
+        concept_elements.images,
+        element_ids,
+        title=f"{concept_space.get('__metadata__', {}).get('concept_type', '')} concepts, "
+        f"sparsity {gallery.get('sparsity', 0.9)}",
+        masks=concept_elements.masks,
+    )

@@ -4,16 +4,47 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
-from .nodes import collect_scores, correlate_scores
+from .nodes import (
+    collect_scores,
+    correlate_scores,
+    plot_concept_gallery,
+    plot_iis_vs_accuracy,
+    plot_sparsity_curves,
+)
 
 
-def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
-    """Gather ``<backbone>.scores_<type>`` and ``<backbone>.curve_<type>`` into the study's tables."""
+def gallery_pipeline(concept_type: str) -> Pipeline:
+    """The per-backbone concept gallery template."""
+    return Pipeline(
+        [
+            node(
+                plot_concept_gallery,
+                [
+                    "features",
+                    f"sweep_{concept_type}",
+                    f"concepts_{concept_type}",
+                    "concept_elements",
+                    "splits",
+                    "params:dataset",
+                    "params:gallery",
+                ],
+                "concept_gallery",
+                name="plot_concept_gallery",
+            )
+        ]
+    )
+
+
+def create_pipeline(
+    backbones: Iterable[str] = (), concept_types: Iterable[str] = (), gallery_type: str | None = None, **kwargs
+) -> Pipeline:
+    """Gather ``<backbone>.scores_<type>`` / ``curve_<type>`` into the study's tables, correlate, plot."""
+    backbones, concept_types = list(backbones), list(concept_types)
     inputs = []
     for name in backbones:
         for ctype in concept_types:
             inputs += [f"{name}.scores_{ctype}", f"{name}.curve_{ctype}"]
-    return Pipeline(
+    study = Pipeline(
         [
             node(
                 collect_scores,
@@ -22,5 +53,21 @@ def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] 
                 name="collect_scores",
             ),
             node(correlate_scores, ["iis_scores", "params:correlation"], "correlation", name="correlate_scores"),
+            node(plot_iis_vs_accuracy, ["iis_scores", "correlation"], "iis_vs_accuracy_plot", name="plot_iis_vs_accuracy"),
+            node(plot_sparsity_curves, "sparsity_curves", "sparsity_curves_plot", name="plot_sparsity_curves"),
         ]
     )
+    if gallery_type and gallery_type in concept_types:
+        study += sum(
+            (
+                Pipeline(
+                    gallery_pipeline(gallery_type),
+                    namespace=name,
+                    inputs={"concept_elements", "splits"},
+                    parameters={"params:dataset", "params:gallery"},
+                )
+                for name in backbones
+            ),
+            Pipeline([]),
+        )
+    return study

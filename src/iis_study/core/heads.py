@@ -1,0 +1,1259 @@
+"""Linear probe and interpretation heads, trained as one batched model (METHOD §2, §3, §4, §5.3).
+
+Every head of a sweep -- the linear probe (``W z + b``, METHOD §2) for every learning
+rate and seed, and the interpretation head (concept activations -> per-image sparse
+mask -> linear ``M -> K`` head, METHOD §3) for every sparsity ratio, learning rate and
+seed -- is trained *together*: parameters are stacked tensors with leading head
+dimensions, and one forward/backward pass per minibatch trains all of them.
+
+Layout of the stacked parameters (``S`` seeds, ``L`` learning rates, ``P`` sparsities):
+
+* probe heads: ``(S, L, ...)``, e.g. ``probe.weight`` is ``(S, L, K, D)``;
+* interpretation heads: ``(P, S, L, ...)``, e.g. ``interp.weight`` is ``(P, S, L, K, M)``.
+
+Each seed has its own data order (a ``torch.Generator`` permutation per epoch), so a
+minibatch is gathered per seed as ``(S, B, D)``. Adam is implemented over the stacked
+tensors with one learning rate per head, reproducing ``torch.optim.Adam`` (default
+betas/eps, no weight decay) and ``ExponentialLR`` stepped once per epoch.
+
+:func:`train_single_head` is the plain per-head reference (``nn.Module``,
+``torch.optim.Adam``, ``ExponentialLR``) with the same initialisation and data order;
+the batched sweep reproduces it up to floating-point rounding.
+
+Sparsification follows METHOD §3 as *intended*: keep exactly ``M - floor(s*M)``
+entries of largest ``|a|``. The authors' published code keeps the entries strictly
+greater than the k-th smallest ``|a|`` (dropping one entry too many, even at s = 0);
+we do not reproduce that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+HeadKind = Literal["probe", "interp"]
+ConceptKind = Literal["vectors", "end_to_end", "projection"]
+_CONCEPT_KINDS = ("vectors", "end_to_end", "projection")
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+_NORM_TOL = 1e-3
+_EVAL_CHUNK = 1024
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Grid and optimisation settings of one sweep (METHOD §4 defaults).
+
+    Attributes:
+        sparsities: sparsity ratios ``s`` in ``[0, 1)``, strictly increasing.
+        learning_rates: Adam learning rates tried for every head (selection on val).
+        seeds: one full set of heads per seed (init, data order, Gumbel noise).
+        epochs: training epochs.
+        batch_size: minibatch size.
+        gamma: ``ExponentialLR`` factor, applied once per epoch.
+        gumbel_tau: temperature of the hard Gumbel-softmax (``end_to_end`` only).
+        device: torch device for all tensors.
+    """
+
+    sparsities: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+    learning_rates: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 30
+    batch_size: int = 1024
+    gamma: float = 0.99
+    gumbel_tau: float = 0.1
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending parameter if the config is invalid."""
+        sp = [float(s) for s in self.sparsities]
+        if len(sp) < 1:
+            raise ValueError("sweep.sparsities must contain at least one value")
+        if any(not math.isfinite(s) or s < 0.0 or s >= 1.0 for s in sp):
+            raise ValueError(f"sweep.sparsities must all lie in [0, 1), got {tuple(sp)}")
+        if len(set(sp)) != len(sp):
+            raise ValueError(f"sweep.sparsities must not contain duplicates, got {tuple(sp)}")
+        if any(b <= a for a, b in zip(sp, sp[1:])):
+            raise ValueError(f"sweep.sparsities must be strictly increasing, got {tuple(sp)}")
+        lrs = [float(lr) for lr in self.learning_rates]
+        if len(lrs) < 1:
+            raise ValueError("sweep.learning_rates must contain at least one value")
+        if any(not math.isfinite(lr) or lr <= 0.0 for lr in lrs):
+            raise ValueError(f"sweep.learning_rates must all be > 0, got {tuple(lrs)}")
+        if len(set(lrs)) != len(lrs):
+            raise ValueError(f"sweep.learning_rates must not contain duplicates, got {tuple(lrs)}")
+        if len(self.seeds) < 1:
+            raise ValueError("sweep.seeds must contain at least one seed")
+        if len(set(int(s) for s in self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep.seeds must not contain duplicates, got {tuple(self.seeds)}")
+        if int(self.epochs) < 1:
+            raise ValueError(f"sweep.epochs must be >= 1, got {self.epochs}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"sweep.batch_size must be >= 1, got {self.batch_size}")
+        if not (0.0 < float(self.gamma) <= 1.0):
+            raise ValueError(f"sweep.gamma must lie in (0, 1], got {self.gamma}")
+        if not (float(self.gumbel_tau) > 0.0):
+            raise ValueError(f"sweep.gumbel_tau must be > 0, got {self.gumbel_tau}")
+
+
+@dataclass
+class Split:
+    """Features of one split: ``x`` (N, D) float32 representations, ``y`` (N,) int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def validate(self, num_classes: int, name: str = "split") -> None:
+        """Check shapes, dtypes and label range; raise ``ValueError`` naming ``name``."""
+        if self.x.ndim != 2:
+            raise ValueError(f"{name}.x must be 2-D (N, D), got shape {tuple(self.x.shape)}")
+        if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
+            raise ValueError(
+                f"{name}.y must be 1-D with {self.x.shape[0]} labels, got shape {tuple(self.y.shape)}"
+            )
+        if self.x.shape[0] < 1:
+            raise ValueError(f"{name} must contain at least one sample")
+        if not torch.is_floating_point(self.x):
+            raise ValueError(f"{name}.x must be a floating-point tensor, got {self.x.dtype}")
+        if torch.is_floating_point(self.y) or self.y.dtype == torch.bool:
+            raise ValueError(f"{name}.y must be an integer tensor, got {self.y.dtype}")
+        lo, hi = int(self.y.min()), int(self.y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name}.y labels must lie in [0, {num_classes}), got range [{lo}, {hi}]"
+            )
+        if not bool(torch.isfinite(self.x).all()):
+            raise ValueError(f"{name}.x contains non-finite values")
+
+
+@dataclass
+class ConceptSpace:
+    """How concept activations are computed from a representation ``z`` (D,).
+
+    * ``"vectors"``: ``C`` (M, D) with L2-normalised rows; ``a = LayerNorm_M(z·Cᵀ)`` with a
+      learnable affine per head (prototype and cluster concepts, METHOD §5.1-2).
+    * ``"end_to_end"``: element embeddings (E, D) and a per-head learnable ``q`` (E, M),
+      ``q ~ N(0, 1)`` at init; assignment = hard Gumbel-softmax of ``LayerNorm_M(q)`` at
+      temperature ``tau`` along M (straight-through; ``LayerNorm`` without affine);
+      ``C = L2-normalise(assignmentᵀ · elements)`` (M, D), then as ``"vectors"``
+      (METHOD §5.3). At evaluation the assignment is the noise-free argmax.
+    * ``"projection"``: textual concepts (METHOD §5.4): ``W`` (D, M),
+      ``a = (z·W - mean) / std`` with the given ``mean``/``std`` (M,), no LayerNorm.
+    """
+
+    kind: ConceptKind
+    vectors: torch.Tensor | None = None
+    elements: torch.Tensor | None = None
+    n_concepts: int | None = None
+    projection: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    @property
+    def m(self) -> int:
+        """Number of concepts M."""
+        if self.kind == "vectors":
+            if self.vectors is None:
+                raise ValueError("concepts.vectors is required for kind='vectors'")
+            return int(self.vectors.shape[0])
+        if self.kind == "end_to_end":
+            if self.n_concepts is None:
+                raise ValueError("concepts.n_concepts is required for kind='end_to_end'")
+            return int(self.n_concepts)
+        if self.kind == "projection":
+            if self.projection is None:
+                raise ValueError("concepts.projection is required for kind='projection'")
+            return int(self.projection.shape[1])
+        raise ValueError(f"concepts.kind must be one of {_CONCEPT_KINDS}, got {self.kind!r}")
+
+    @property
+    def has_affine(self) -> bool:
+        """Whether the activations go through a LayerNorm with learnable affine."""
+        return self.kind in ("vectors", "end_to_end")
+
+    def validate(self, dim: int) -> None:
+        """Check the concept space against the feature dimension ``dim``."""
+        if self.kind not in _CONCEPT_KINDS:
+            raise ValueError(f"concepts.kind must be one of {_CONCEPT_KINDS}, got {self.kind!r}")
+        if self.kind == "vectors":
+            self._validate_vectors(dim)
+        elif self.kind == "end_to_end":
+            self._validate_end_to_end(dim)
+        else:
+            self._validate_projection(dim)
+
+    def _validate_vectors(self, dim: int) -> None:
+        c = self.vectors
+        if c is None:
+            raise ValueError("concepts.vectors is required for kind='vectors'")
+        if c.ndim != 2:
+            raise ValueError(f"concepts.vectors must be 2-D (M, D), got shape {tuple(c.shape)}")
+        if c.shape[0] < 1:
+            raise ValueError("concepts.vectors must contain at least one concept (M >= 1)")
+        if c.shape[1] != dim:
+            raise ValueError(
+                f"feature dimension {dim} does not match concept vectors of dimension {c.shape[1]}"
+            )
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError("concepts.vectors contains non-finite values")
+        norms = c.double().norm(dim=1)
+        if bool(((norms - 1.0).abs() > _NORM_TOL).any()):
+            raise ValueError(
+                "concepts.vectors rows must be L2-normalised, got norms in "
+                f"[{float(norms.min()):.4g}, {float(norms.max()):.4g}]"
+            )
+
+    def _validate_end_to_end(self, dim: int) -> None:
+        e = self.elements
+        if e is None:
+            raise ValueError("concepts.elements is required for kind='end_to_end'")
+        if e.ndim != 2 or e.shape[0] < 1:
+            raise ValueError(
+                f"concepts.elements must be 2-D (E, D) with E >= 1, got shape {tuple(e.shape)}"
+            )
+        if e.shape[1] != dim:
+            raise ValueError(
+                f"feature dimension {dim} does not match concept elements of dimension {e.shape[1]}"
+            )
+        if self.n_concepts is None or int(self.n_concepts) < 1:
+            raise ValueError(f"concepts.n_concepts must be >= 1, got {self.n_concepts}")
+        if not bool(torch.isfinite(e).all()):
+            raise ValueError("concepts.elements contains non-finite values")
+
+    def _validate_projection(self, dim: int) -> None:
+        w = self.projection
+        if w is None:
+            raise ValueError("concepts.projection is required for kind='projection'")
+        if w.ndim != 2 or w.shape[1] < 1:
+            raise ValueError(
+                f"concepts.projection must be 2-D (D, M) with M >= 1, got shape {tuple(w.shape)}"
+            )
+        if w.shape[0] != dim:
+            raise ValueError(
+                f"feature dimension {dim} does not match concept projection of dimension {w.shape[0]}"
+            )
+        m = w.shape[1]
+        for name, t in (("mean", self.mean), ("std", self.std)):
+            if t is None or tuple(t.shape) != (m,):
+                shape = None if t is None else tuple(t.shape)
+                raise ValueError(f"concepts.{name} must have shape ({m},), got {shape}")
+        assert self.std is not None
+        if bool((self.std <= 0).any()):
+            raise ValueError("concepts.std must be > 0 everywhere")
+
+
+@dataclass
+class SweepResult:
+    """Outcome of :func:`sweep`.
+
+    Attributes:
+        config: the sweep configuration.
+        num_classes: K.
+        m: number of concepts M.
+        table: one row per trained head: ``head`` ("probe" | "interp"), ``seed``,
+            ``sparsity`` (NaN for the probe), ``lr``, ``best_epoch`` (1-based: number of
+            epochs trained when val accuracy peaked, earliest on ties), ``val_acc``,
+            ``test_acc`` (both at ``best_epoch``).
+        selected: one row per (seed, head, sparsity): the lr with the best val accuracy
+            (ties -> smaller lr) and its ``val_acc``, ``test_acc``, ``best_epoch``.
+        test_correct: bool (n_seeds, 1 + n_sparsities, N_test): per-sample correctness of
+            the selected heads at their best epoch; index 0 is the probe.
+        state: best-epoch parameters of the selected heads: ``probe.weight`` (S, K, D),
+            ``probe.bias`` (S, K), ``interp.weight`` (S, P, K, M), ``interp.bias`` (S, P, K),
+            and, where applicable, ``interp.ln_weight`` / ``interp.ln_bias`` (S, P, M) and
+            ``interp.q`` (S, P, E, M).
+        history: per-epoch val/test accuracy of every head (long format).
+    """
+
+    config: SweepConfig
+    num_classes: int
+    m: int
+    table: pd.DataFrame
+    selected: pd.DataFrame
+    test_correct: np.ndarray
+    state: dict[str, torch.Tensor]
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+@dataclass
+class SingleHeadResult:
+    """Outcome of :func:`train_single_head` (per-epoch curves and the best epoch by val)."""
+
+    val_curve: np.ndarray
+    test_curve: np.ndarray
+    best_epoch: int
+    val_acc: float
+    test_acc: float
+    test_correct: np.ndarray
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def n_dropped(sparsity: float, m: int) -> int:
+    """``k = floor(s * M)`` computed exactly on the decimal value of ``s``.
+
+    ``floor(0.3 * 10)`` is 3 here, whereas the float product ``0.3 * 10`` is
+    2.9999999999999996. The shortest decimal representation of the float is used
+    (``Fraction(repr(float(s)))``), so grid values written in decimal are exact.
+    """
+    s = float(sparsity)
+    if not math.isfinite(s) or s < 0.0 or s > 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    if int(m) < 1:
+        raise ValueError(f"m (number of concepts) must be >= 1, got {m}")
+    return math.floor(Fraction(repr(s)) * int(m))
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed derived deterministically from ``parts`` (e.g. seed and head identity)."""
+    text = "|".join(_canonical(p) for p in parts)
+    digest = hashlib.sha256(f"iis_study|{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _canonical(part: object) -> str:
+    if isinstance(part, (float, np.floating)):
+        return repr(float(part))
+    if isinstance(part, (int, np.integer)):
+        return str(int(part))
+    return str(part)
+
+
+def _head_init_seed(seed: int, head: HeadKind, sparsity: float | None, lr: float) -> int:
+    return derive_seed("init", int(seed), head, float("nan") if sparsity is None else sparsity, lr)
+
+
+def _gumbel_seed(seed: int, sparsity: float, lr: float) -> int:
+    return derive_seed("gumbel", int(seed), float(sparsity), float(lr))
+
+
+def _data_seed(seed: int) -> int:
+    return derive_seed("data", int(seed))
+
+
+def _generator(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_k(k: int, m: int) -> None:
+    if k < 0 or k > m:
+        raise ValueError(f"k (entries to drop) must lie in [0, {m}], got {k}")
+
+
+def _threshold_np(v: np.ndarray, k: int) -> tuple[np.ndarray, bool]:
+    """Per-row smallest kept value of ``v`` (>= 0) when dropping ``k`` (0 < k < M), and
+    whether ties straddle it (a dropped entry equal to the threshold)."""
+    part = np.partition(v, k, axis=-1)
+    thr = part[..., k : k + 1]
+    ties = bool((part[..., :k].max(-1, keepdims=True) == thr).any())
+    return np.ascontiguousarray(thr), ties
+
+
+def _tie_break(v: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask when ties straddle the threshold: lowest-indexed ties are kept first."""
+    m = v.shape[-1]
+    above = v > thr
+    need = (m - k) - above.sum(-1, keepdim=True)
+    tie = v == thr
+    return above | (tie & (tie.cumsum(-1) <= need))
+
+
+def _keep_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``M - k`` entries of largest ``|a|`` per row (last axis).
+
+    Exactly ``M - k`` entries per row are kept; ties are broken by index (among equal
+    ``|a|`` the lower index is kept first). On CPU the threshold comes from
+    ``numpy.partition`` (introselect, several times faster than ``torch.kthvalue``);
+    elsewhere from ``torch.kthvalue``.
+    """
+    m = a.shape[-1]
+    _check_k(k, m)
+    if k == 0 or k == m:
+        return torch.full(a.shape, k == 0, dtype=torch.bool, device=a.device)
+    a = a.detach()
+    if a.device.type == "cpu":
+        v = np.abs(a.numpy())
+        thr, ties = _threshold_np(v, k)
+        if not ties:
+            return torch.from_numpy(v >= thr)
+        return _tie_break(torch.from_numpy(v), torch.from_numpy(thr), k)
+    v_t = a.abs()
+    thr_t = torch.kthvalue(v_t, k + 1, dim=-1, keepdim=True).values
+    keep = v_t >= thr_t
+    if bool((keep.sum(-1) == m - k).all()):
+        return keep
+    return _tie_break(v_t, thr_t, k)
+
+
+def _grouped_keep(a: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Keep-mask as 0/1 floats (dtype of ``a``) for ``a`` (G, ..., M), one ``k`` per slice ``a[g]``.
+
+    A float mask is returned because multiplying by it is several times faster on CPU
+    than ``masked_fill`` or multiplying by a bool mask; on CPU it is filled with numpy.
+    """
+    if len(ks) != a.shape[0]:
+        raise ValueError(f"need one k per leading slice: {a.shape[0]} slices, got {len(ks)} values of k")
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    if a.device.type != "cpu" or not a.is_contiguous():
+        for g, kg in enumerate(ks):
+            out[g].copy_(_keep_mask(a[g], int(kg)))
+        return out
+    a_np, out_np = a.detach().numpy(), out.numpy()
+    m = a.shape[-1]
+    for kg in ks:
+        _check_k(int(kg), m)
+
+    def fill(g: int) -> None:
+        kg = int(ks[g])
+        if kg == 0 or kg == m:
+            out_np[g] = float(kg == 0)
+            return
+        v = np.abs(a_np[g])
+        thr, ties = _threshold_np(v, kg)
+        keep = _tie_break(torch.from_numpy(v), torch.from_numpy(thr), kg).numpy() if ties else v >= thr
+        np.copyto(out_np[g], keep)
+
+    workers = min(torch.get_num_threads(), len(ks))
+    if workers <= 1:
+        for g in range(len(ks)):
+            fill(g)
+    else:  # numpy releases the GIL in partition and ufuncs: groups run in parallel
+        list(_thread_pool(workers).map(fill, range(len(ks))))
+    return out
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A per-process thread pool with ``workers`` threads (created once per process, so
+    a forked worker never reuses its parent's dead threads)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="iis-mask")
+    return _POOLS[key]
+
+
+def sparsify(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """METHOD §3 step 2: per row keep the ``M - k`` entries of largest ``|a|``, zero the rest.
+
+    Exactly ``M - k`` entries are kept per row (ties broken by index, lower first). The
+    mask is computed on detached values; gradients flow only through the kept entries
+    (unchanged there). ``k`` is an int, or an integer tensor whose shape is a *prefix*
+    of ``a.shape[:-1]`` (left-aligned), e.g. one ``k`` per head for ``a`` of shape
+    ``(H, B, M)``. Use :func:`n_dropped` for ``k = floor(s * M)``.
+    """
+    if a.ndim < 1:
+        raise ValueError("a must have at least one dimension (the concept axis)")
+    if isinstance(k, torch.Tensor) and k.ndim > 0:
+        if k.ndim >= a.ndim or tuple(k.shape) != tuple(a.shape[: k.ndim]):
+            raise ValueError(
+                f"k must have a shape that prefixes a.shape[:-1]={tuple(a.shape[:-1])}, "
+                f"got {tuple(k.shape)}"
+            )
+        flat = a.reshape((k.numel(),) + tuple(a.shape[k.ndim :]))
+        keep = _grouped_keep(flat.detach().contiguous(), [int(x) for x in k.reshape(-1).tolist()])
+        return a * keep.reshape(a.shape)
+    return a * _keep_mask(a, int(k)).to(a.dtype)
+
+
+class _InterpHeads(torch.autograd.Function):
+    """All interpretation heads in one op: ``[affine] -> sparsify -> linear`` (METHOD §3).
+
+    Inputs broadcast to the activation shape (G, ..., B, M): ``base`` (normalised concept
+    scores), ``ln_weight``/``ln_bias`` (per-head LayerNorm affine, or ``None`` for
+    activations used as they are) and the linear head ``weight`` (G, ..., K, M) /
+    ``bias`` (G, ..., K); ``ks`` holds one ``k`` per leading group. Fusing the steps
+    lets the backward pass reuse its buffers in place and skip the gradient into the
+    activations when nothing upstream needs it. The mask is constant (computed on
+    detached values), so gradients flow through kept entries only.
+    """
+
+    @staticmethod
+    def forward(ctx, base, ln_weight, ln_bias, weight, bias, ks):  # type: ignore[override]
+        if ln_weight is not None:
+            sparse = torch.addcmul(ln_bias, base, ln_weight)
+        else:
+            shape = tuple(weight.shape[:-2]) + tuple(base.shape[-2:])
+            sparse = base.expand(shape).contiguous()
+        keep = _grouped_keep(sparse, ks)
+        sparse.mul_(keep)
+        logits = torch.matmul(sparse, weight.transpose(-1, -2)).add_(bias.unsqueeze(-2))
+        ctx.save_for_backward(base, ln_weight, sparse, keep, weight)
+        ctx.ln_bias_shape = None if ln_bias is None else ln_bias.shape
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        base, ln_weight, sparse, keep, weight = ctx.saved_tensors
+        need_base, need_lnw, need_lnb, need_w, need_b = ctx.needs_input_grad[:5]
+        g_base = g_lnw = g_lnb = g_w = g_b = None
+        if need_b:
+            g_b = grad.sum(-2)
+        if need_w:
+            g_w = torch.matmul(grad.transpose(-1, -2), sparse)
+        if need_base or need_lnw or need_lnb:
+            gs = torch.matmul(grad, weight).mul_(keep)  # d loss / d activations
+            if need_lnb:
+                g_lnb = gs.sum_to_size(ctx.ln_bias_shape)
+            if need_base:
+                g_base = (gs if ln_weight is None else gs * ln_weight).sum_to_size(base.shape)
+            if need_lnw:
+                # in place unless an earlier gradient is a view of gs (sum_to_size returns
+                # its input unchanged when nothing is reduced, e.g. a minibatch of one)
+                aliased = any(t is not None and t.data_ptr() == gs.data_ptr() for t in (g_lnb, g_base))
+                g_lnw = (gs * base if aliased else gs.mul_(base)).sum_to_size(ln_weight.shape)
+        return g_base, g_lnw, g_lnb, g_w, g_b, None
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last axis without affine (eps as ``nn.LayerNorm``)."""
+    return F.layer_norm(x, (x.shape[-1],))
+
+
+def _gumbel_noise(shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:
+    """Standard Gumbel noise from a seeded generator (same recipe as ``F.gumbel_softmax``)."""
+    return -torch.empty(shape, device=device).exponential_(generator=gen).log()
+
+
+def _hard_assignment(q: torch.Tensor, tau: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """Hard (straight-through) Gumbel-softmax of ``LayerNorm_M(q)`` along M.
+
+    With ``noise=None`` (evaluation) the noise-free one-hot argmax is returned.
+    """
+    logits = _layer_norm(q)
+    if noise is None:
+        return F.one_hot(logits.argmax(-1), q.shape[-1]).to(q.dtype)
+    soft = torch.softmax((logits + noise) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), q.shape[-1]).to(q.dtype)
+    return hard - soft.detach() + soft
+
+
+def _concepts_from_assignment(assignment: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
+    """``C = L2-normalise(assignmentᵀ · elements)``: (..., E, M) x (E, D) -> (..., M, D)."""
+    return F.normalize(assignment.transpose(-1, -2) @ elements, dim=-1)
+
+
+def _init_head(
+    head: HeadKind,
+    seed: int,
+    sparsity: float | None,
+    lr: float,
+    d_in: int,
+    num_classes: int,
+    n_elements: int | None,
+    device: str,
+) -> dict[str, torch.Tensor]:
+    """Initial parameters of one head (``nn.Linear`` default distribution; q ~ N(0, 1))."""
+    gen = _generator(_head_init_seed(seed, head, sparsity, lr), "cpu")
+    bound = 1.0 / math.sqrt(d_in)
+    out = {
+        "weight": torch.empty(num_classes, d_in).uniform_(-bound, bound, generator=gen),
+        "bias": torch.empty(num_classes).uniform_(-bound, bound, generator=gen),
+    }
+    if head == "interp":
+        out["ln_weight"] = torch.ones(d_in)
+        out["ln_bias"] = torch.zeros(d_in)
+        if n_elements is not None:
+            out["q"] = torch.randn(n_elements, d_in, generator=gen)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _precompute_base(x: torch.Tensor, concepts: ConceptSpace) -> torch.Tensor | None:
+    """Per-sample activations shared by all heads: LN(z·Cᵀ) or standardised projection."""
+    if concepts.kind == "end_to_end":
+        return None
+    parts = []
+    for chunk in torch.split(x, 4096):
+        if concepts.kind == "vectors":
+            assert concepts.vectors is not None
+            parts.append(_layer_norm(chunk @ concepts.vectors.T))
+        else:
+            assert concepts.projection is not None and concepts.mean is not None
+            assert concepts.std is not None
+            parts.append((chunk @ concepts.projection - concepts.mean) / concepts.std)
+    return torch.cat(parts)
+
+
+def _concepts_to(concepts: ConceptSpace, device: str) -> ConceptSpace:
+    def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=torch.float32)
+
+    return ConceptSpace(
+        kind=concepts.kind,
+        vectors=mv(concepts.vectors),
+        elements=mv(concepts.elements),
+        n_concepts=concepts.n_concepts,
+        projection=mv(concepts.projection),
+        mean=mv(concepts.mean),
+        std=mv(concepts.std),
+    )
+
+
+# --------------------------------------------------------------------------- stacked Adam
+
+
+class _StackedAdam:
+    """Adam over stacked head parameters with one learning rate per head.
+
+    Reproduces ``torch.optim.Adam`` (single-tensor path, default betas/eps, no weight
+    decay) operation by operation; the learning rates decay by ``gamma`` per
+    :meth:`decay` call exactly like ``ExponentialLR`` (repeated float multiplication).
+    ``lr_axis[name]`` is the axis of the learning-rate dimension of each parameter.
+    """
+
+    def __init__(
+        self, params: dict[str, torch.Tensor], lr_axis: dict[str, int], lrs: Sequence[float]
+    ) -> None:
+        self.params = params
+        self.lr_axis = lr_axis
+        self.lrs = [float(lr) for lr in lrs]
+        self.step_count = 0
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def _lr_view(self, name: str, values: Sequence[float]) -> torch.Tensor:
+        p = self.params[name]
+        shape = [1] * p.ndim
+        shape[self.lr_axis[name]] = len(values)
+        return torch.tensor(values, dtype=p.dtype, device=p.device).view(shape)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = _ADAM_BETAS
+        self.step_count += 1
+        t = float(self.step_count)
+        bc1 = 1 - beta1**t
+        bc2_sqrt = (1 - beta2**t) ** 0.5
+        neg_steps = [-(lr / bc1) for lr in self.lrs]
+        for name, p in self.params.items():
+            grad = p.grad
+            if grad is None:
+                continue
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(_ADAM_EPS)
+            p.add_(m * self._lr_view(name, neg_steps) / denom)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def decay(self, gamma: float) -> None:
+        self.lrs = [lr * gamma for lr in self.lrs]
+
+
+# --------------------------------------------------------------------------- batched heads
+
+
+class _BatchedHeads:
+    """All heads of a sweep as stacked tensors: probe (S, L, ...), interp (P, S, L, ...)."""
+
+    def __init__(
+        self, concepts: ConceptSpace, config: SweepConfig, dim: int, num_classes: int
+    ) -> None:
+        self.concepts = concepts
+        self.config = config
+        self.device = config.device
+        self.m = concepts.m
+        self.k = [n_dropped(s, self.m) for s in config.sparsities]
+        self.shape_probe = (len(config.seeds), len(config.learning_rates))
+        self.shape_interp = (len(config.sparsities),) + self.shape_probe
+        self.params = self._init_params(dim, num_classes)
+        self.gumbel_gens = self._gumbel_generators()
+
+    def _init_params(self, dim: int, num_classes: int) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        e = None if self.concepts.elements is None else int(self.concepts.elements.shape[0])
+        e = e if self.concepts.kind == "end_to_end" else None
+        probe = [
+            [_init_head("probe", s, None, lr, dim, num_classes, None, self.device) for lr in cfg.learning_rates]
+            for s in cfg.seeds
+        ]
+        interp = [
+            [
+                [_init_head("interp", s, sp, lr, self.m, num_classes, e, self.device) for lr in cfg.learning_rates]
+                for s in cfg.seeds
+            ]
+            for sp in cfg.sparsities
+        ]
+        params = {
+            "probe.weight": _stack2(probe, "weight"),
+            "probe.bias": _stack2(probe, "bias"),
+            "interp.weight": _stack3(interp, "weight"),
+            "interp.bias": _stack3(interp, "bias"),
+        }
+        if self.concepts.has_affine:
+            params["interp.ln_weight"] = _stack3(interp, "ln_weight")
+            params["interp.ln_bias"] = _stack3(interp, "ln_bias")
+        if self.concepts.kind == "end_to_end":
+            params["interp.q"] = _stack3(interp, "q")
+        for p in params.values():
+            p.requires_grad_(True)
+        return params
+
+    def _gumbel_generators(self) -> list[torch.Generator]:
+        if self.concepts.kind != "end_to_end":
+            return []
+        cfg = self.config
+        return [
+            _generator(_gumbel_seed(s, sp, lr), self.device)
+            for sp in cfg.sparsities
+            for s in cfg.seeds
+            for lr in cfg.learning_rates
+        ]
+
+    def lr_axis(self) -> dict[str, int]:
+        return {k: (1 if k.startswith("probe.") else 2) for k in self.params}
+
+    def _gumbel(self) -> torch.Tensor:
+        q = self.params["interp.q"]
+        shape = tuple(q.shape[3:])
+        noise = torch.stack([_gumbel_noise(shape, g, self.device) for g in self.gumbel_gens])
+        return noise.view(q.shape)
+
+    def forward(
+        self, x: torch.Tensor, base: torch.Tensor | None, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of all heads for per-seed inputs ``x`` (S, B, D) / ``base`` (S, B, M).
+
+        Returns probe logits (S, L, B, K) and interp logits (P, S, L, B, K).
+        """
+        p = self.params
+        probe = torch.einsum("sbd,slkd->slbk", x, p["probe.weight"]) + p["probe.bias"][:, :, None, :]
+        if self.concepts.kind == "end_to_end":
+            assert self.concepts.elements is not None
+            noise = self._gumbel() if train else None
+            assign = _hard_assignment(p["interp.q"], self.config.gumbel_tau, noise)
+            c = _concepts_from_assignment(assign, self.concepts.elements)
+            base5 = _layer_norm(torch.einsum("sbd,pslmd->pslbm", x, c))
+        else:
+            assert base is not None
+            base5 = base[None, :, None]
+        affine = self.concepts.has_affine
+        interp = _InterpHeads.apply(
+            base5,
+            p["interp.ln_weight"].unsqueeze(-2) if affine else None,
+            p["interp.ln_bias"].unsqueeze(-2) if affine else None,
+            p["interp.weight"],
+            p["interp.bias"],
+            tuple(self.k),
+        )
+        return probe, interp
+
+    @torch.no_grad()
+    def correct(self, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample correctness of every head on one split (no grad, chunked).
+
+        Returns bool tensors probe (S, L, N) and interp (P, S, L, N).
+        """
+        s = self.shape_probe[0]
+        probe_parts, interp_parts = [], []
+        for start in range(0, x.shape[0], _EVAL_CHUNK):
+            sl = slice(start, start + _EVAL_CHUNK)
+            xs = x[sl].unsqueeze(0).expand(s, -1, -1)
+            bs = None if base is None else base[sl].unsqueeze(0).expand(s, -1, -1)
+            lp, li = self.forward(xs, bs, train=False)
+            probe_parts.append(lp.argmax(-1) == y[sl])
+            interp_parts.append(li.argmax(-1) == y[sl])
+        return torch.cat(probe_parts, -1), torch.cat(interp_parts, -1)
+
+
+def _stack2(rows: list[list[dict[str, torch.Tensor]]], key: str) -> torch.Tensor:
+    return torch.stack([torch.stack([h[key] for h in row]) for row in rows])
+
+
+def _stack3(blocks: list[list[list[dict[str, torch.Tensor]]]], key: str) -> torch.Tensor:
+    return torch.stack([_stack2(rows, key) for rows in blocks])
+
+
+# --------------------------------------------------------------------------- best-epoch tracking
+
+
+class _BestTracker:
+    """Keeps, per head, the earliest epoch with the best val accuracy and its test outcome."""
+
+    def __init__(self, heads: _BatchedHeads, n_test: int) -> None:
+        dev = heads.device
+        self.shapes = {"probe": heads.shape_probe, "interp": heads.shape_interp}
+        f64 = torch.float64
+        self.val = {k: torch.full(s, -1.0, dtype=f64, device=dev) for k, s in self.shapes.items()}
+        self.test = {k: torch.zeros(s, dtype=f64, device=dev) for k, s in self.shapes.items()}
+        self.epoch = {k: torch.zeros(s, dtype=torch.long, device=dev) for k, s in self.shapes.items()}
+        self.test_correct = {
+            k: torch.zeros(s + (n_test,), dtype=torch.bool, device=dev) for k, s in self.shapes.items()
+        }
+        self.params = {k: v.detach().clone() for k, v in heads.params.items()}
+        self.history: list[dict[str, torch.Tensor]] = []
+
+    def update(
+        self,
+        epoch: int,
+        val_correct: dict[str, torch.Tensor],
+        test_correct: dict[str, torch.Tensor],
+        params: dict[str, torch.Tensor],
+    ) -> None:
+        record = {}
+        for key in self.shapes:
+            val_acc = val_correct[key].sum(-1, dtype=torch.float64) / val_correct[key].shape[-1]
+            test_acc = test_correct[key].sum(-1, dtype=torch.float64) / test_correct[key].shape[-1]
+            record[f"{key}.val"], record[f"{key}.test"] = val_acc.cpu(), test_acc.cpu()
+            better = val_acc > self.val[key]
+            self.val[key] = torch.where(better, val_acc, self.val[key])
+            self.test[key] = torch.where(better, test_acc, self.test[key])
+            self.epoch[key] = torch.where(better, torch.full_like(self.epoch[key], epoch), self.epoch[key])
+            self.test_correct[key] = torch.where(better[..., None], test_correct[key], self.test_correct[key])
+            for name, p in params.items():
+                if name.startswith(key + "."):
+                    mask = better.view(better.shape + (1,) * (p.ndim - better.ndim))
+                    self.params[name] = torch.where(mask, p.detach(), self.params[name])
+        self.history.append(record)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _validate_inputs(
+    train: Split, val: Split, test: Split, concepts: ConceptSpace, num_classes: int, config: SweepConfig
+) -> None:
+    config.validate()
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        split.validate(num_classes, name)
+    dim = train.x.shape[1]
+    for name, split in (("val", val), ("test", test)):
+        if split.x.shape[1] != dim:
+            raise ValueError(
+                f"{name}.x feature dimension {split.x.shape[1]} does not match train.x dimension {dim}"
+            )
+    concepts.validate(dim)
+
+
+def _to_device(split: Split, device: str) -> Split:
+    return Split(split.x.to(device=device, dtype=torch.float32), split.y.to(device=device, dtype=torch.long))
+
+
+def sweep(
+    train: Split,
+    val: Split,
+    test: Split,
+    concepts: ConceptSpace,
+    num_classes: int,
+    config: SweepConfig,
+    progress: bool = True,
+) -> SweepResult:
+    """Train all probe and interpretation heads of the sweep together (METHOD §2-§4).
+
+    Every head is evaluated on val and test after every epoch; per head the epoch with
+    the best val accuracy is kept (earliest on ties), and per (seed, head, sparsity) the
+    learning rate with the best val accuracy (smaller lr on ties). Test accuracy is
+    reported, never used for selection.
+    """
+    _validate_inputs(train, val, test, concepts, num_classes, config)
+    dev = config.device
+    train, val, test = (_to_device(s, dev) for s in (train, val, test))
+    concepts = _concepts_to(concepts, dev)
+    heads = _BatchedHeads(concepts, config, train.x.shape[1], num_classes)
+    bases = {name: _precompute_base(s.x, concepts) for name, s in (("train", train), ("val", val), ("test", test))}
+    opt = _StackedAdam(heads.params, heads.lr_axis(), config.learning_rates)
+    data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
+    tracker = _BestTracker(heads, test.x.shape[0])
+    logger.info(
+        "sweep: %d probe + %d interp heads, kind=%s, M=%d, K=%d, N_train=%d",
+        int(np.prod(heads.shape_probe)), int(np.prod(heads.shape_interp)),
+        concepts.kind, heads.m, num_classes, train.x.shape[0],
+    )
+    for epoch in tqdm(range(1, config.epochs + 1), desc="sweep epochs", disable=not progress):
+        _train_epoch(heads, opt, train, bases["train"], data_gens, config.batch_size)
+        opt.decay(config.gamma)
+        vp, vi = heads.correct(val.x, val.y, bases["val"])
+        tp, ti = heads.correct(test.x, test.y, bases["test"])
+        tracker.update(epoch, {"probe": vp, "interp": vi}, {"probe": tp, "interp": ti}, heads.params)
+    return _build_result(tracker, heads, config, num_classes)
+
+
+def _train_epoch(
+    heads: _BatchedHeads,
+    opt: _StackedAdam,
+    train: Split,
+    base: torch.Tensor | None,
+    data_gens: list[torch.Generator],
+    batch_size: int,
+) -> None:
+    n = train.x.shape[0]
+    perms = torch.stack([torch.randperm(n, generator=g) for g in data_gens]).to(train.x.device)
+    for start in range(0, n, batch_size):
+        idx = perms[:, start : start + batch_size]  # (S, B)
+        xb = train.x[idx]
+        bb = None if base is None else base[idx]
+        yb = train.y[idx]
+        lp, li = heads.forward(xb, bb, train=True)
+        k = lp.shape[-1]
+        bsz = idx.shape[1]
+        loss = F.cross_entropy(lp.reshape(-1, k), yb[:, None].expand(lp.shape[:3]).reshape(-1), reduction="sum")
+        loss = loss + F.cross_entropy(
+            li.reshape(-1, k), yb[None, :, None].expand(li.shape[:4]).reshape(-1), reduction="sum"
+        )
+        opt.zero_grad()
+        (loss / bsz).backward()
+        opt.step()
+
+
+def _select_lr(val_acc: np.ndarray, lrs: np.ndarray) -> np.ndarray:
+    """Index of the best lr along the last axis of ``val_acc`` (ties -> smaller lr)."""
+    best = val_acc.max(-1, keepdims=True)
+    cand = np.where(val_acc >= best, lrs, np.inf)
+    return cand.argmin(-1)
+
+
+def _build_result(tracker: _BestTracker, heads: _BatchedHeads, config: SweepConfig, num_classes: int) -> SweepResult:
+    lrs = np.asarray(config.learning_rates, dtype=float)
+    pv, iv = tracker.val["probe"].cpu().numpy(), tracker.val["interp"].cpu().numpy()
+    sel_p = _select_lr(pv, lrs)  # (S,)
+    sel_i = _select_lr(iv, lrs)  # (P, S)
+    table = _head_table(tracker, config)
+    selected = _selected_table(tracker, config, sel_p, sel_i)
+    tc_p = tracker.test_correct["probe"].cpu().numpy()
+    tc_i = tracker.test_correct["interp"].cpu().numpy()
+    s_idx = np.arange(len(config.seeds))
+    probe_tc = tc_p[s_idx, sel_p]  # (S, N)
+    interp_tc = np.stack([tc_i[p, s_idx, sel_i[p]] for p in range(len(config.sparsities))], axis=1)
+    test_correct = np.concatenate([probe_tc[:, None], interp_tc], axis=1)
+    state = _selected_state(tracker.params, sel_p, sel_i)
+    return SweepResult(
+        config=config,
+        num_classes=int(num_classes),
+        m=heads.m,
+        table=table,
+        selected=selected,
+        test_correct=test_correct.astype(bool),
+        state=state,
+        history=_history_table(tracker, config),
+    )
+
+
+def _head_index(config: SweepConfig, head: HeadKind) -> pd.DataFrame:
+    """Seed/sparsity/lr columns in the flattened order of the stacked head tensors."""
+    seeds, lrs = list(config.seeds), list(config.learning_rates)
+    if head == "probe":
+        grid = [(s, np.nan, lr) for s in seeds for lr in lrs]
+    else:
+        grid = [(s, sp, lr) for sp in config.sparsities for s in seeds for lr in lrs]
+    df = pd.DataFrame(grid, columns=["seed", "sparsity", "lr"])
+    df.insert(0, "head", head)
+    return df
+
+
+def _head_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
+    parts = []
+    for head in ("probe", "interp"):
+        df = _head_index(config, head)
+        df["best_epoch"] = tracker.epoch[head].reshape(-1).cpu().numpy()
+        df["val_acc"] = tracker.val[head].reshape(-1).cpu().numpy().astype(float)
+        df["test_acc"] = tracker.test[head].reshape(-1).cpu().numpy().astype(float)
+        parts.append(df)
+    out = pd.concat(parts, ignore_index=True)
+    out["seed"] = out["seed"].astype(int)
+    return out.sort_values(["head", "seed", "sparsity", "lr"], ascending=[False, True, True, True], kind="stable").reset_index(drop=True)
+
+
+def _selected_table(tracker: _BestTracker, config: SweepConfig, sel_p: np.ndarray, sel_i: np.ndarray) -> pd.DataFrame:
+    rows = []
+    lrs = config.learning_rates
+    for si, seed in enumerate(config.seeds):
+        li = int(sel_p[si])
+        rows.append(_sel_row(tracker, "probe", (si, li), seed, np.nan, lrs[li]))
+        for pi, sp in enumerate(config.sparsities):
+            li = int(sel_i[pi, si])
+            rows.append(_sel_row(tracker, "interp", (pi, si, li), seed, sp, lrs[li]))
+    return pd.DataFrame(rows)
+
+
+def _sel_row(tracker: _BestTracker, head: str, index: tuple[int, ...], seed: int, sp: float, lr: float) -> dict:
+    return {
+        "seed": int(seed),
+        "head": head,
+        "sparsity": float(sp),
+        "lr": float(lr),
+        "val_acc": float(tracker.val[head][index]),
+        "test_acc": float(tracker.test[head][index]),
+        "best_epoch": int(tracker.epoch[head][index]),
+    }
+
+
+def _selected_state(params: dict[str, torch.Tensor], sel_p: np.ndarray, sel_i: np.ndarray) -> dict[str, torch.Tensor]:
+    s_idx = torch.arange(len(sel_p))
+    sp = torch.as_tensor(sel_p)
+    si = torch.as_tensor(sel_i)  # (P, S)
+    p_idx = torch.arange(si.shape[0])[:, None]
+    out = {}
+    for name, t in params.items():
+        t = t.detach().cpu()
+        if name.startswith("probe."):
+            out[name] = t[s_idx, sp].clone()
+        else:
+            out[name] = t[p_idx, s_idx[None, :], si].transpose(0, 1).contiguous()  # (S, P, ...)
+    return out
+
+
+def _history_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
+    parts = []
+    for epoch, rec in enumerate(tracker.history, start=1):
+        for head in ("probe", "interp"):
+            df = _head_index(config, head)
+            df["epoch"] = epoch
+            df["val_acc"] = rec[f"{head}.val"].reshape(-1).numpy().astype(float)
+            df["test_acc"] = rec[f"{head}.test"].reshape(-1).numpy().astype(float)
+            parts.append(df)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _sparsity_index(config: SweepConfig, sparsity: float) -> int:
+    for i, s in enumerate(config.sparsities):
+        if math.isclose(float(s), float(sparsity), rel_tol=0.0, abs_tol=1e-12):
+            return i
+    raise ValueError(f"sparsity must be one of the swept values {config.sparsities}, got {sparsity}")
+
+
+def explain(
+    result: SweepResult,
+    concepts: ConceptSpace,
+    z: torch.Tensor,
+    sparsity: float,
+    seed: int | None = None,
+    top: int = 5,
+) -> pd.DataFrame:
+    """Explain predictions of the selected interpretation head at ``sparsity``.
+
+    For each row of ``z`` (N, D): the predicted class and the ``top`` kept (non-masked)
+    concepts with the largest contribution ``a_m * W[pred, m]``. ``seed=None`` uses the
+    first seed of the sweep. Columns: sample, predicted, rank (1-based), concept,
+    activation, contribution. Rows with fewer kept concepts than ``top`` list them all.
+    """
+    cfg = result.config
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    if z.ndim != 2:
+        raise ValueError(f"z must be 2-D (N, D), got shape {tuple(z.shape)}")
+    concepts.validate(z.shape[1])
+    seed = cfg.seeds[0] if seed is None else seed
+    if seed not in cfg.seeds:
+        raise ValueError(f"seed must be one of the swept seeds {cfg.seeds}, got {seed}")
+    si, pi = list(cfg.seeds).index(seed), _sparsity_index(cfg, sparsity)
+    st = {k: v[si, pi] for k, v in result.state.items() if k.startswith("interp.")}
+    concepts = _concepts_to(concepts, "cpu")
+    with torch.no_grad():
+        a = _single_activations(z.float().cpu(), concepts, st)
+        mask = _keep_mask(a, n_dropped(cfg.sparsities[pi], a.shape[-1]))
+        logits = (a * mask) @ st["interp.weight"].T + st["interp.bias"]
+        pred = logits.argmax(-1)
+        contrib = torch.where(mask, a * st["interp.weight"][pred], float("-inf"))
+    return _explanation_frame(a, mask, contrib, pred, top)
+
+
+def _single_activations(z: torch.Tensor, concepts: ConceptSpace, st: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Activations of one (selected) interp head in evaluation mode."""
+    if concepts.kind == "projection":
+        assert concepts.projection is not None
+        return (z @ concepts.projection - concepts.mean) / concepts.std
+    if concepts.kind == "vectors":
+        assert concepts.vectors is not None
+        c = concepts.vectors
+    else:
+        assert concepts.elements is not None
+        c = _concepts_from_assignment(_hard_assignment(st["interp.q"], 1.0, None), concepts.elements)
+    return _layer_norm(z @ c.T) * st["interp.ln_weight"] + st["interp.ln_bias"]
+
+
+def _explanation_frame(
+    a: torch.Tensor, mask: torch.Tensor, contrib: torch.Tensor, pred: torch.Tensor, top: int
+) -> pd.DataFrame:
+    n_take = min(top, a.shape[-1])
+    vals, idx = torch.topk(contrib, n_take, dim=-1)
+    rows = []
+    for i in range(a.shape[0]):
+        for r in range(n_take):
+            c = int(idx[i, r])
+            if not bool(mask[i, c]):
+                break
+            rows.append(
+                {
+                    "sample": i,
+                    "predicted": int(pred[i]),
+                    "rank": r + 1,
+                    "concept": c,
+                    "activation": float(a[i, c]),
+                    "contribution": float(vals[i, r]),
+                }
+            )
+    cols = ["sample", "predicted", "rank", "concept", "activation", "contribution"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+class _ProbeModule(nn.Module):
+    """Plain linear probe ``W z + b`` (METHOD §2)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
+
+
+class _InterpModule(nn.Module):
+    """One interpretation head (METHOD §3), written plainly for reference."""
+
+    def __init__(
+        self, concepts: ConceptSpace, k: int, num_classes: int, tau: float, gen: torch.Generator | None, device: str
+    ) -> None:
+        super().__init__()
+        self.kind = concepts.kind
+        self.device_name = device
+        self.k = k
+        self.tau = tau
+        self.gen = gen
+        m = concepts.m
+        for name in ("vectors", "elements", "projection", "mean", "std"):
+            t = getattr(concepts, name)
+            self.register_buffer(name, None if t is None else t.clone())
+        self.ln = nn.LayerNorm(m) if concepts.has_affine else None
+        if self.kind == "end_to_end":
+            assert concepts.elements is not None
+            self.q = nn.Parameter(torch.empty(concepts.elements.shape[0], m))
+        self.linear = nn.Linear(m, num_classes)
+
+    def concept_matrix(self) -> torch.Tensor:
+        if self.kind == "vectors":
+            return self.vectors
+        noise = _gumbel_noise(tuple(self.q.shape), self.gen, self.device_name) if self.training else None
+        return _concepts_from_assignment(_hard_assignment(self.q, self.tau, noise), self.elements)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "projection":
+            a = (z @ self.projection - self.mean) / self.std
+        else:
+            a = self.ln(z @ self.concept_matrix().T)
+        return self.linear(sparsify(a, self.k))
+
+
+def train_single_head(
+    train: Split,
+    val: Split,
+    test: Split,
+    concepts: ConceptSpace | None,
+    num_classes: int,
+    *,
+    head: HeadKind,
+    seed: int,
+    lr: float,
+    sparsity: float | None = None,
+    config: SweepConfig = SweepConfig(),
+) -> SingleHeadResult:
+    """Reference: train ONE head alone with a plain PyTorch loop.
+
+    ``nn.Module`` + ``torch.optim.Adam`` + ``ExponentialLR(gamma)`` stepped per epoch, with
+    the same initialisation, data order (and Gumbel noise) as the batched :func:`sweep`
+    uses for this (seed, head, sparsity, lr). Returns per-epoch val/test accuracy and
+    the best epoch by val accuracy (earliest on ties).
+    """
+    dev = config.device
+    dim = train.x.shape[1]
+    train, val, test = (_to_device(s, dev) for s in (train, val, test))
+    model = _build_reference(head, concepts, num_classes, seed, sparsity, lr, dim, config)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
+    gen = _generator(_data_seed(seed), "cpu")
+    val_curve, test_curve, test_hist = [], [], []
+    for _ in range(config.epochs):
+        model.train()
+        perm = torch.randperm(train.x.shape[0], generator=gen).to(dev)
+        for start in range(0, perm.shape[0], config.batch_size):
+            idx = perm[start : start + config.batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(train.x[idx]), train.y[idx]).backward()
+            opt.step()
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            val_curve.append(float((model(val.x).argmax(-1) == val.y).cpu().numpy().mean()))
+            correct = (model(test.x).argmax(-1) == test.y).cpu().numpy()
+        test_curve.append(float(correct.mean()))
+        test_hist.append(correct)
+    best = int(np.argmax(val_curve))
+    return SingleHeadResult(
+        val_curve=np.asarray(val_curve),
+        test_curve=np.asarray(test_curve),
+        best_epoch=best + 1,
+        val_acc=val_curve[best],
+        test_acc=test_curve[best],
+        test_correct=test_hist[best],
+    )
+
+
+def _build_reference(
+    head: HeadKind,
+    concepts: ConceptSpace | None,
+    num_classes: int,
+    seed: int,
+    sparsity: float | None,
+    lr: float,
+    dim: int,
+    config: SweepConfig,
+) -> nn.Module:
+    dev = config.device
+    if head == "probe":
+        model: nn.Module = _ProbeModule(dim, num_classes)
+        init = _init_head("probe", seed, None, lr, dim, num_classes, None, dev)
+        lin = model.linear
+    elif head == "interp":
+        if concepts is None or sparsity is None:
+            raise ValueError("head='interp' needs concepts and sparsity")
+        concepts.validate(dim)
+        concepts = _concepts_to(concepts, dev)
+        m = concepts.m
+        e2e = concepts.kind == "end_to_end"
+        gen = _generator(_gumbel_seed(seed, sparsity, lr), dev) if e2e else None
+        model = _InterpModule(concepts, n_dropped(sparsity, m), num_classes, config.gumbel_tau, gen, dev)
+        n_el = int(concepts.elements.shape[0]) if e2e and concepts.elements is not None else None
+        init = _init_head("interp", seed, sparsity, lr, m, num_classes, n_el, dev)
+        lin = model.linear
+        with torch.no_grad():
+            if model.ln is not None:
+                model.ln.weight.copy_(init["ln_weight"])
+                model.ln.bias.copy_(init["ln_bias"])
+            if e2e:
+                model.q.copy_(init["q"])
+    else:
+        raise ValueError(f"head must be 'probe' or 'interp', got {head!r}")
+    with torch.no_grad():
+        lin.weight.copy_(init["weight"])
+        lin.bias.copy_(init["bias"])
+    return model.to(dev)

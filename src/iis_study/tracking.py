@@ -1,0 +1,165 @@
+"""MLflow tracking of a study run, in one place (a Kedro hook).
+
+One parent run per ``kedro run``; one nested run per backbone holding its parameters (backbone,
+weights source, dataset, concept types, M, grids, seeds, feature cache key), its metrics
+(``<concept_type>.accuracy_linear_probe``, ``<concept_type>.iis``, ``<concept_type>.iis_chance_corrected``
+and ``<concept_type>.accuracy`` with the sparsity in percent as the step) and artifacts (its
+curve and gallery plots, its rows of the result tables). The parent run holds the correlation
+JSON and the study-level plots.
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else SQLite at ``<project>/mlflow.db``
+(MLflow 3 no longer accepts the old ``./mlruns`` file store). Logging goes through
+``MlflowClient`` with explicit run ids, so nested runs stay correct whatever order nodes finish in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def tracking_uri(project_path: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` or SQLite in the project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(project_path or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _flat(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return {prefix: text[:6000]}
+
+
+def sparsity_step(s: float) -> int:
+    """MLflow steps are integers: the sparsity in percent (0.95 -> 95)."""
+    return int(round(float(s) * 100))
+
+
+class StudyTracker:
+    """The state of one tracked run: a client, the parent run and one nested run per backbone."""
+
+    def __init__(self, params: dict[str, Any], project_path: str | Path, run_name: str, env: str | None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.params = params
+        self.uri = tracking_uri(project_path)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        cfg = params.get("tracking") or {}
+        name = cfg.get("experiment", "iis_study")
+        exp = self.client.get_experiment_by_name(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.parent = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={"kedro.env": str(env), "iis_study.level": "study"}
+        ).info.run_id
+        self.children: dict[str, str] = {}
+        study = {
+            "dataset": params.get("dataset"),
+            "splits": params.get("splits"),
+            "backbones": sorted((params.get("backbones") or {}).keys()),
+            "concept_types": (params.get("concepts") or {}).get("types"),
+            "m": (params.get("concepts") or {}).get("m"),
+            "sparsities": (params.get("sweep") or {}).get("sparsities"),
+            "learning_rates": (params.get("sweep") or {}).get("learning_rates"),
+            "seeds": (params.get("sweep") or {}).get("seeds"),
+            "epochs": (params.get("sweep") or {}).get("epochs"),
+        }
+        self._log_params(self.parent, _flat("", study))
+        logger.info("MLflow: run %s in experiment %r at %s", self.parent, name, self.uri)
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def child(self, backbone: str) -> str:
+        """The nested run of ``backbone`` (created with its parameters on first use)."""
+        if backbone not in self.children:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=backbone,
+                tags={"mlflow.parentRunId": self.parent, "iis_study.level": "backbone", "backbone": backbone},
+            )
+            rid = run.info.run_id
+            self.children[backbone] = rid
+            spec = (self.params.get("backbones") or {}).get(backbone, {})
+            concepts = self.params.get("concepts") or {}
+            sweep = self.params.get("sweep") or {}
+            self._log_params(
+                rid,
+                _flat(
+                    "",
+                    {
+                        "backbone": backbone,
+                        "model": spec.get("model"),
+                        "weights": spec.get("weights", "offline"),
+                        "input_size": spec.get("input_size"),
+                        "dataset": (self.params.get("dataset") or {}).get("kind"),
+                        "dataset_root": (self.params.get("dataset") or {}).get("root"),
+                        "concept_types": concepts.get("types"),
+                        "m": concepts.get("m"),
+                        "sparsities": sweep.get("sparsities"),
+                        "learning_rates": sweep.get("learning_rates"),
+                        "seeds": sweep.get("seeds"),
+                        "epochs": sweep.get("epochs"),
+                    },
+                ),
+            )
+        return self.children[backbone]
+
+    def log_feature_info(self, backbone: str, info: dict[str, Any]) -> None:
+        keep = ("cache_key", "weights_fingerprint", "dim", "n_train", "n_val", "n_test", "n_skipped")
+        self._log_params(self.child(backbone), {f"features.{k}": str(info[k]) for k in keep if k in info})
+        if info.get("n_skipped"):
+            self.client.log_metric(self.child(backbone), "images_skipped", float(info["n_skipped"]))
+
+    def log_scores(self, backbone: str, concept_type: str, scores: dict[str, Any], curve) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        rid = self.child(backbone)
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"{concept_type}.{k}", float(scores[k]), now, 0)
+            for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected")
+            if scores.get(k) is not None
+        ]
+        mean_curve = curve.groupby("sparsity", as_index=False)[["accuracy", "arr"]].mean()
+        for row in mean_curve.itertuples():
+            step = sparsity_step(row.sparsity)
+            metrics.append(Metric(f"{concept_type}.accuracy", float(row.accuracy), now, step))
+            metrics.append(Metric(f"{concept_type}.arr", float(row.arr), now, step))
+        self.client.log_batch(rid, metrics=metrics)
+
+    def log_figure(self, run_id: str, figure, path: str) -> None:
+        self.client.log_figure(run_id, figure, path)
+
+    def log_table(self, run_id: str, frame, path: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(path).name
+            frame.to_csv(p, index=False)
+            self.client.log_artifact(run_id, str(p), str(Path(path).parent) if Path(path).parent != Path(".") else None)
+
+    def log_dict(self, run_id: str, data: dict, path: str) -> None:
+        self.client.log_dict(run_id, data, path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        for rid in self.children.values():
+            self.client.set_terminated(rid, status)
+        self.client.set_terminated(self.parent, status)

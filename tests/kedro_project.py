@@ -1,0 +1,101 @@
+"""Make an isolated copy of this Kedro project (conf + pyproject) in a temporary folder and run it.
+
+The copy shares the installed ``iis_study`` package; its ``data/`` is empty; a ``test`` env
+overrides parameters with tiny settings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "dataset": {"kind": "digits", "image_size": 32},
+    "splits": {"fractions": [0.6, 0.2, 0.2], "seed": 0, "max_per_class": 30},
+    "backbones": {
+        "lite0": {"model": "tf_efficientnet_lite0", "weights": "offline", "input_size": 32},
+        "lite0_random": {"model": "tf_efficientnet_lite0", "weights": "random", "input_size": 32},
+        "lite1": {"model": "tf_efficientnet_lite1", "weights": "offline", "input_size": 32},
+    },
+    "extraction": {"device": "cpu", "batch_size": 64, "num_workers": 0, "cache_dir": "data/04_feature/cache", "progress": False},
+    "concepts": {
+        "types": ["prototype", "cluster", "end_to_end"],
+        "m": 12,
+        "seed": 0,
+        "images_per_class": 2,
+        "element_size": 32,
+        "element_kinds": ["patches", "segments"],
+        "patches": {"grid": 4},
+        "segments": {"n_segments": [10, 20], "compactness": 10.0, "sigma": 1.0, "max_per_setting": 3,
+                     "iou_threshold": 0.5, "min_area": 0.001, "fill": 117, "n_jobs": 1},
+        "cluster_max_elements": 20000,
+        "end_to_end_max_elements": 100,
+        "textual": {"model": "ViT-B-16", "pretrained": None, "checkpoint": None, "words": "digits",
+                    "top5_threshold": -1.0, "similarity_threshold": -1.0, "max_images": 200, "tiny_random_clip": True},
+    },
+    "sweep": {"sparsities": [0.0, 0.5, 0.9], "learning_rates": [0.01, 0.1], "seeds": [0, 1], "epochs": 3,
+              "batch_size": 64, "gamma": 0.99, "gumbel_tau": 0.1, "device": "cpu"},
+    "scoring": {"n_boot": 50, "seed": 0, "ci": 0.95},
+    "correlation": {"scores": ["iis", "iis_chance_corrected"], "n_boot": 50, "seed": 0, "ci": 0.95},
+}
+
+
+def make_project(dest: Path, overrides: dict[str, Any] | None = None, env: str = "test") -> Path:
+    """Copy ``conf/`` and ``pyproject.toml`` into ``dest`` and write the ``env`` parameters."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "conf", dest / "conf", dirs_exist_ok=True)
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    (dest / "conf" / "local").mkdir(exist_ok=True)
+    (dest / "src").mkdir(exist_ok=True)  # the package itself is installed (pip install -e .)
+    for sub in ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input", "06_models",
+                "07_model_output", "08_reporting"):
+        (dest / "data" / sub).mkdir(parents=True, exist_ok=True)
+    if overrides is not None:
+        (dest / "conf" / env).mkdir(exist_ok=True)
+        (dest / "conf" / env / "parameters.yml").write_text(yaml.safe_dump(overrides, sort_keys=False))
+    return dest
+
+
+@contextmanager
+def chdir(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_in_process(project: Path, env: str = "test", pipeline: str | None = None, **kwargs: Any) -> dict:
+    """Run the project's pipeline with a Kedro session in this process."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from iis_study import study_config
+
+    study_config.forget()
+    with chdir(project):
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env=env) as session:
+            return session.run(pipeline_names=[pipeline] if pipeline else None, **kwargs)
+
+
+def kedro_cli(project: Path, *args: str, env: str | None = "test", timeout: float = 1800,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``kedro <args>`` in ``project`` as a subprocess (the real CLI)."""
+    cmd = [str(Path(sys.executable).with_name("kedro")), *args]
+    if env:
+        cmd += ["--env", env]
+    e = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **(extra_env or {})}
+    e.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    return subprocess.run(cmd, cwd=project, env=e, capture_output=True, text=True, timeout=timeout)
