@@ -61,30 +61,90 @@ def make_data(sizes: Sizes, seed: int = 0) -> tuple[Split, Split, Split, torch.T
     return split(sizes.n_train), split(sizes.n_val), split(sizes.n_test), concepts
 
 
-def run_batched(data, concepts: ConceptSpace, cfg: SweepConfig, classes: int) -> tuple[float, dict]:
+HeadKey = tuple  # (head, seed, sparsity or None, lr)
+
+
+@dataclass
+class HeadRun:
+    """Per-epoch val/test accuracy of one head and its best (by val) epoch."""
+
+    val_curve: np.ndarray
+    test_curve: np.ndarray
+    best_epoch: int
+    test_acc: float
+
+
+def run_batched(
+    data, concepts: ConceptSpace, cfg: SweepConfig, classes: int, table_csv: str | None = None
+) -> tuple[float, dict[HeadKey, HeadRun]]:
     train, val, test = data
     t0 = time.perf_counter()
     result = sweep(train, val, test, concepts, classes, cfg, progress=False)
     elapsed = time.perf_counter() - t0
-    accs = {}
+    if table_csv:
+        result.table.to_csv(table_csv, index=False)
+    runs = {}
+    hist = result.history
     for row in result.table.itertuples():
         sp = None if np.isnan(row.sparsity) else float(row.sparsity)
-        accs[(row.head, row.seed, sp, float(row.lr))] = float(row.test_acc)
-    return elapsed, accs
+        sel = (hist["head"] == row.head) & (hist["seed"] == row.seed) & np.isclose(hist["lr"], row.lr)
+        sel &= hist["sparsity"].isna() if sp is None else np.isclose(hist["sparsity"], sp)
+        h = hist[sel].sort_values("epoch")
+        runs[(row.head, row.seed, sp, float(row.lr))] = HeadRun(
+            h["val_acc"].to_numpy(), h["test_acc"].to_numpy(), int(row.best_epoch), float(row.test_acc)
+        )
+    return elapsed, runs
 
 
-def run_baseline(data, concepts: ConceptSpace, cfg: SweepConfig, classes: int) -> tuple[float, dict]:
+def run_baseline(
+    data, concepts: ConceptSpace, cfg: SweepConfig, classes: int
+) -> tuple[float, dict[HeadKey, HeadRun]]:
     train, val, test = data
     heads = [("probe", s, None, lr) for s in cfg.seeds for lr in cfg.learning_rates]
     heads += [("interp", s, sp, lr) for s in cfg.seeds for sp in cfg.sparsities for lr in cfg.learning_rates]
-    accs = {}
+    runs = {}
     t0 = time.perf_counter()
-    for head, seed, sp, lr in heads:
+    for i, (head, seed, sp, lr) in enumerate(heads, start=1):
+        t_head = time.perf_counter()
         res = train_single_head(
             train, val, test, concepts, classes, head=head, seed=seed, lr=lr, sparsity=sp, config=cfg
         )
-        accs[(head, seed, sp, float(lr))] = res.test_acc
-    return time.perf_counter() - t0, accs
+        runs[(head, seed, sp, float(lr))] = HeadRun(
+            res.val_curve, res.test_curve, res.best_epoch, res.test_acc
+        )
+        logger.info(
+            "baseline head %d/%d (%s, s=%s, lr=%g): %.2f s",
+            i,
+            len(heads),
+            head,
+            sp,
+            lr,
+            time.perf_counter() - t_head,
+        )
+    return time.perf_counter() - t0, runs
+
+
+def report_agreement(batched: dict[HeadKey, HeadRun], base: dict[HeadKey, HeadRun]) -> np.ndarray:
+    """Print how far the two runs agree; returns |test acc difference| per head."""
+    diffs, first_div = [], []
+    for key, ref in base.items():
+        b = batched[key]
+        diffs.append(abs(b.test_acc - ref.test_acc))
+        differ = np.flatnonzero((b.val_curve != ref.val_curve) | (b.test_curve != ref.test_curve))
+        first_div.append(int(differ[0]) + 1 if differ.size else None)
+        if differ.size or b.best_epoch != ref.best_epoch:
+            logger.info(
+                "  differs: %s  curves first differ at epoch %s; best epoch %d vs %d; test acc %.4f vs %.4f",
+                key,
+                first_div[-1],
+                b.best_epoch,
+                ref.best_epoch,
+                b.test_acc,
+                ref.test_acc,
+            )
+    n_same = sum(f is None for f in first_div)
+    print(f"{'identical per-epoch curves':<28}{n_same:>7d}/{len(first_div)}")
+    return np.asarray(diffs)
 
 
 def main() -> None:
@@ -93,37 +153,54 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     parser.add_argument("--skip-baseline", action="store_true", help="time only the batched sweep")
+    parser.add_argument("--device", default="cpu", help="torch device for both runs (default cpu)")
+    parser.add_argument("--table-csv", default=None, help="write the batched sweep's per-head table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     sizes = QUICK if args.quick else FULL
     epochs = args.epochs or sizes.epochs
-    cfg = SweepConfig(seeds=tuple(range(args.seeds)), epochs=epochs, batch_size=1024)
+    cfg = SweepConfig(seeds=tuple(range(args.seeds)), epochs=epochs, batch_size=1024, device=args.device)
     train, val, test, vectors = make_data(sizes)
     concepts = ConceptSpace("vectors", vectors=vectors)
     data = (train, val, test)
     n_heads = len(cfg.seeds) * len(cfg.learning_rates) * (1 + len(cfg.sparsities))
     logger.info(
-        "N_train=%d N_val=%d N_test=%d D=%d K=%d M=%d epochs=%d batch=%d seeds=%d heads=%d torch threads=%d",
-        sizes.n_train, sizes.n_val, sizes.n_test, sizes.dim, sizes.classes, sizes.concepts,
-        epochs, cfg.batch_size, len(cfg.seeds), n_heads, torch.get_num_threads(),
+        "N_train=%d N_val=%d N_test=%d D=%d K=%d M=%d epochs=%d batch=%d seeds=%d heads=%d "
+        "device=%s torch threads=%d",
+        sizes.n_train,
+        sizes.n_val,
+        sizes.n_test,
+        sizes.dim,
+        sizes.classes,
+        sizes.concepts,
+        epochs,
+        cfg.batch_size,
+        len(cfg.seeds),
+        n_heads,
+        args.device,
+        torch.get_num_threads(),
     )
 
-    t_batched, acc_batched = run_batched(data, concepts, cfg, sizes.classes)
+    t_batched, batched = run_batched(data, concepts, cfg, sizes.classes, args.table_csv)
     print(f"{'method':<28}{'time [s]':>10}")
     print(f"{'batched sweep':<28}{t_batched:>10.2f}")
     if args.skip_baseline:
         return
-    t_base, acc_base = run_baseline(data, concepts, cfg, sizes.classes)
-    diffs = np.array([abs(acc_batched[k] - acc_base[k]) for k in acc_base])
+    t_base, base = run_baseline(data, concepts, cfg, sizes.classes)
     print(f"{'one head at a time':<28}{t_base:>10.2f}")
     print(f"{'speed-up':<28}{t_base / t_batched:>9.1f}x")
+    diffs = report_agreement(batched, base)
     print(f"{'max |test acc diff| [pt]':<28}{100 * diffs.max():>10.3f}")
+    print(f"{'mean |test acc diff| [pt]':<28}{100 * diffs.mean():>10.3f}")
     print(f"{'heads with any difference':<28}{int((diffs > 0).sum()):>7d}/{len(diffs)}")
-    probe = [v for k, v in acc_batched.items() if k[0] == "probe"]
-    interp = {k[2]: v for k, v in acc_batched.items() if k[0] == "interp" and k[3] == 1e-2}
-    print(f"(sanity: probe test acc {min(probe):.3f}-{max(probe):.3f}; interp @lr=1e-2 by s: "
-          + ", ".join(f"{s:g}:{a:.3f}" for s, a in sorted(interp.items())) + ")")
+    probe = [r.test_acc for k, r in batched.items() if k[0] == "probe"]
+    interp = {k[2]: r.test_acc for k, r in batched.items() if k[0] == "interp" and k[3] == 1e-2}
+    print(
+        f"(sanity: probe test acc {min(probe):.3f}-{max(probe):.3f}; interp @lr=1e-2 by s: "
+        + ", ".join(f"{s:g}:{a:.3f}" for s, a in sorted(interp.items()))
+        + ")"
+    )
 
 
 if __name__ == "__main__":

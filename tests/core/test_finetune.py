@@ -7,6 +7,7 @@ with a plain cross-entropy loop written here from torch primitives.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 
@@ -24,8 +25,20 @@ from iis_study.core.heads import SweepConfig, n_dropped
 
 NUM_CLASSES = 10
 SPEC = BackboneSpec(name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=32)
-SWEEP = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0,), epochs=3, batch_size=64)
-BASE = dict(m=16, batch_size=16, lr_backbone=1e-3, lr_heads=1e-2, amp=False, channels_last=False, device="cpu")
+SWEEP = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-1,), seeds=(0,), epochs=10, batch_size=64)
+BASE = {
+    "m": 16, "batch_size": 16, "lr_backbone": 1e-4, "lr_heads": 1e-2,
+    "amp": False, "channels_last": False, "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one intra-op thread is as fast, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +121,8 @@ def test_unknown_backbone_is_an_error(data, tmp_path):
     images, elements = data
     spec = BackboneSpec(name="mystery", model="resnet_does_not_exist", weights="random")
     with pytest.raises(ValueError, match=r"backbones\.mystery\.model"):
-        ft.finetune(spec, images, elements, ft.FinetuneConfig(**BASE), tmp_path, SWEEP, NUM_CLASSES, progress=False)
+        ft.finetune(spec, images, elements, ft.FinetuneConfig(**BASE), tmp_path, SWEEP, NUM_CLASSES,
+                    progress=False)
 
 
 def test_wrong_architecture_checkpoint_is_an_error(data, tmp_path):
@@ -154,7 +168,7 @@ def test_data_order_is_seeded_per_epoch_and_covers_the_images():
 def test_schedule_warms_up_then_decays_to_zero():
     f = [ft.lr_factor(s, 10, 2) for s in range(10)]
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
-    assert all(b < a for a, b in zip(f[2:], f[3:]))
+    assert all(b < a for a, b in itertools.pairwise(f[2:]))
     assert ft.lr_factor(10, 10, 2) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -166,7 +180,7 @@ def test_heads_come_from_their_own_generators():
     h3, _ = ft.init_heads(12, 5, 3, seed=1)
     assert torch.equal(h1.weight, h2.weight) and torch.equal(i1.linear.weight, i2.linear.weight)
     assert not torch.equal(h1.weight, h3.weight)
-    assert float(h1.weight.abs().max()) <= 1 / math.sqrt(12)
+    assert float(h1.weight.detach().abs().max()) <= 1 / math.sqrt(12)
 
 
 def test_interpretation_loss_reaches_the_backbone_and_vanishes_at_lambda_0(data):
@@ -216,7 +230,10 @@ def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
         p.requires_grad_(True)
     h_std, _ = ft.init_heads(rep.dim, cfg.m, NUM_CLASSES, cfg.seed)
     opt = torch.optim.AdamW(
-        [{"params": list(model.parameters()), "lr": cfg.lr_backbone}, {"params": list(h_std.parameters()), "lr": cfg.lr_heads}],
+        [
+            {"params": list(model.parameters()), "lr": cfg.lr_backbone},
+            {"params": list(h_std.parameters()), "lr": cfg.lr_heads},
+        ],
         weight_decay=cfg.weight_decay,
         fused=True,
     )
@@ -256,7 +273,8 @@ def test_lambda_0_is_bit_identical_to_plain_cross_entropy(data, tmp_path):
     got, _ = load_tensors(tmp_path / "backbone.safetensors")
     ref = ref_model.state_dict()
     assert set(got) == set(ref)
-    assert all(torch.equal(got[k], ref[k]) for k in ref), [k for k in ref if not torch.equal(got[k], ref[k])][:5]
+    differ = [k for k in ref if not torch.equal(got[k], ref[k])]
+    assert not differ, differ[:5]
     ck, _ = load_tensors(tmp_path / "epoch_001.safetensors")
     assert torch.equal(ck["h_std.weight"], ref_head.weight) and torch.equal(ck["h_std.bias"], ref_head.bias)
     assert history[-1].accuracy_val == ref_acc["val"] and history[-1].accuracy_test == ref_acc["test"]
@@ -267,7 +285,7 @@ def test_lambda_0_is_bit_identical_to_plain_cross_entropy(data, tmp_path):
 
 
 def test_history_records_every_epoch_and_scores_the_chosen_ones(run_lam1):
-    cfg, out, history, _ = run_lam1
+    _, out, history, _ = run_lam1
     assert [r.epoch for r in history] == [0, 1, 2, 3]
     assert all(r.lam == 1.0 and r.seed == 0 for r in history)
     assert history[0].train_loss is None and all(math.isfinite(r.train_loss) for r in history[1:])
@@ -275,12 +293,12 @@ def test_history_records_every_epoch_and_scores_the_chosen_ones(run_lam1):
         scored = r.epoch in (0, 3)
         assert (r.iis is not None) == scored and (r.accuracy_linear_probe is not None) == scored
         assert 0.0 <= r.accuracy_test <= 1.0 and 0.0 <= r.accuracy_val <= 1.0
-    assert 0.0 < history[3].iis <= 0.5 + 1e-9  # grid (0, 0.5): a perfect score is 0.5
+    assert all(0.0 < history[e].iis < 1.0 for e in (0, 3))
     # the jointly trained probe head learns: the loss falls and accuracy leaves chance
     assert history[3].train_loss < history[1].train_loss
     assert history[3].accuracy_test > history[0].accuracy_test
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["backbone.safetensors", "epoch_001.safetensors", "epoch_002.safetensors", "epoch_003.safetensors"]
+    assert names == ["backbone.safetensors"] + [f"epoch_{e:03d}.safetensors" for e in (1, 2, 3)]
 
 
 def test_backbone_file_reloads_through_build_with_the_same_features(run_lam1, data):

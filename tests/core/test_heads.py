@@ -175,8 +175,16 @@ def _table_row(result, head, seed, lr, sparsity=None):
 
 def _assert_matches_reference(result, toy, concepts, cfg, head, seed, lr, sparsity=None):
     ref = train_single_head(
-        toy["train"], toy["val"], toy["test"], concepts, 4,
-        head=head, seed=seed, lr=lr, sparsity=sparsity, config=cfg,
+        toy["train"],
+        toy["val"],
+        toy["test"],
+        concepts,
+        4,
+        head=head,
+        seed=seed,
+        lr=lr,
+        sparsity=sparsity,
+        config=cfg,
     )
     val, test = _history_curve(result, head, seed, lr, sparsity)
     tol = 1.0 / 150 + 1e-9  # at most one sample may flip through float rounding
@@ -190,8 +198,9 @@ def _assert_matches_reference(result, toy, concepts, cfg, head, seed, lr, sparsi
 
 @pytest.fixture(scope="module")
 def vector_sweep(toy):
-    cfg = SweepConfig(sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-2), seeds=(0, 1),
-                      epochs=4, batch_size=64)
+    cfg = SweepConfig(
+        sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-2), seeds=(0, 1), epochs=4, batch_size=64
+    )
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
     return cfg, concepts, sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
 
@@ -217,8 +226,12 @@ def test_batched_end_to_end_matches_reference(toy):
 
 def test_batched_projection_matches_reference(toy):
     g = torch.Generator().manual_seed(9)
-    concepts = ConceptSpace("projection", projection=torch.randn(24, 8, generator=g),
-                            mean=torch.randn(8, generator=g), std=torch.rand(8, generator=g) + 0.5)
+    concepts = ConceptSpace(
+        "projection",
+        projection=torch.randn(24, 8, generator=g),
+        mean=torch.randn(8, generator=g),
+        std=torch.rand(8, generator=g) + 0.5,
+    )
     cfg = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0,), epochs=3, batch_size=64)
     result = sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
     _assert_matches_reference(result, toy, concepts, cfg, "interp", seed=0, lr=1e-2, sparsity=0.5)
@@ -255,7 +268,9 @@ def test_result_shapes_and_selected_consistency(vector_sweep):
 def test_init_does_not_depend_on_other_heads(toy):
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
     small = _BatchedHeads(concepts, SweepConfig(sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
-    big = _BatchedHeads(concepts, SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-3, 1e-2), seeds=(0, 1)), 24, 4)
+    big = _BatchedHeads(
+        concepts, SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-3, 1e-2), seeds=(0, 1)), 24, 4
+    )
     torch.testing.assert_close(small.params["interp.weight"][0, 0, 0], big.params["interp.weight"][1, 1, 1])
     torch.testing.assert_close(small.params["probe.weight"][0, 0], big.params["probe.weight"][1, 1])
     assert not torch.equal(big.params["probe.weight"][0, 1], big.params["probe.weight"][1, 1])
@@ -317,7 +332,9 @@ def test_config_validation_names_parameter(kwargs, match):
 
 def test_concept_space_dimension_mismatch_message():
     c = ConceptSpace("vectors", vectors=F.normalize(torch.randn(5, 1280), dim=1))
-    with pytest.raises(ValueError, match="feature dimension 512 does not match concept vectors of dimension 1280"):
+    with pytest.raises(
+        ValueError, match="feature dimension 512 does not match concept vectors of dimension 1280"
+    ):
         c.validate(512)
     with pytest.raises(ValueError, match="L2-normalised"):
         ConceptSpace("vectors", vectors=torch.ones(3, 4)).validate(4)
@@ -328,15 +345,22 @@ def test_concept_space_dimension_mismatch_message():
 def test_sweep_rejects_bad_labels(toy):
     bad = Split(toy["val"].x, toy["val"].y + 10)
     with pytest.raises(ValueError, match=r"val.y labels must lie in \[0, 4\)"):
-        sweep(toy["train"], bad, toy["test"], ConceptSpace("vectors", vectors=toy["vectors"]), 4,
-              SweepConfig(epochs=1), progress=False)
+        sweep(
+            toy["train"],
+            bad,
+            toy["test"],
+            ConceptSpace("vectors", vectors=toy["vectors"]),
+            4,
+            SweepConfig(epochs=1),
+            progress=False,
+        )
 
 
 # --------------------------------------------------------------------------- explain
 
 
 def test_explain_lists_kept_concepts_by_contribution(toy, vector_sweep):
-    cfg, concepts, result = vector_sweep
+    _cfg, concepts, result = vector_sweep
     z = toy["test"].x[:6]
     df = explain(result, concepts, z, sparsity=0.5, seed=1, top=3)
     assert list(df.columns) == ["sample", "predicted", "rank", "concept", "activation", "contribution"]
@@ -353,8 +377,12 @@ def test_explain_lists_kept_concepts_by_contribution(toy, vector_sweep):
         for _, r in rows.iterrows():
             c = int(r["concept"])
             assert kept[i, c] != 0  # only kept concepts explain
-            assert r["contribution"] == pytest.approx(float(kept[i, c] * st["interp.weight"][pred[i], c]), rel=1e-5)
-        contrib_all = torch.where(kept[i] != 0, kept[i] * st["interp.weight"][pred[i]], torch.tensor(-math.inf))
+            assert r["contribution"] == pytest.approx(
+                float(kept[i, c] * st["interp.weight"][pred[i], c]), rel=1e-5
+            )
+        contrib_all = torch.where(
+            kept[i] != 0, kept[i] * st["interp.weight"][pred[i]], torch.tensor(-math.inf)
+        )
         assert rows["contribution"].iloc[0] == pytest.approx(float(contrib_all.max()), rel=1e-5)
     with pytest.raises(ValueError, match="sparsity must be one of"):
         explain(result, concepts, z, sparsity=0.3)

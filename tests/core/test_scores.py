@@ -22,7 +22,6 @@ from iis_study.core.scores import (
     score_sweep,
 )
 
-
 # --------------------------------------------------------------------------- iis
 
 
@@ -53,7 +52,11 @@ def test_iis_custom_grid():
 
 @pytest.mark.parametrize(
     "grid, arr, match",
-    [([0.0, 0.5], [1.0], "one value per sparsity"), ([0.5, 0.1], [1, 1], "strictly increasing"), ([0.1], [1], "at least 2")],
+    [
+        ([0.0, 0.5], [1.0], "one value per sparsity"),
+        ([0.5, 0.1], [1, 1], "strictly increasing"),
+        ([0.1], [1], "at least 2"),
+    ],
 )
 def test_iis_rejects_bad_input(grid, arr, match):
     with pytest.raises(ValueError, match=match):
@@ -88,8 +91,13 @@ def test_accuracy_retention_rejects_zero_std():
 def _hand_result(correct: np.ndarray, sparsities=(0.0, 0.5, 0.9), seeds=(0, 1), k=4) -> SweepResult:
     cfg = SweepConfig(sparsities=sparsities, learning_rates=(1e-2,), seeds=seeds)
     return SweepResult(
-        config=cfg, num_classes=k, m=10, table=pd.DataFrame(), selected=pd.DataFrame(),
-        test_correct=correct, state={},
+        config=cfg,
+        num_classes=k,
+        m=10,
+        table=pd.DataFrame(),
+        selected=pd.DataFrame(),
+        test_correct=correct,
+        state={},
     )
 
 

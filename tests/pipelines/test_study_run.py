@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
-import numpy as np
 import pandas as pd
-import pytest
 
 from iis_study.core import features as F
-from tests.kedro_project import TINY, make_project, run_in_process
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("study"), TINY)
-    import os
-
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    try:
-        run_in_process(project)
-        yield project
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+from tests.kedro_project import TINY, run_in_process
 
 
 def test_registry_namespaces_one_copy_per_backbone(tiny_run):

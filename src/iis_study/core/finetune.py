@@ -15,8 +15,8 @@ the run is bit-identical to plain cross-entropy fine-tuning with the same seed.
 
 Design choices (the authors published no code for this part; this is our reference):
 
-* Optimiser: AdamW (fused implementation) with a lower learning rate for the backbone than for the heads, weight
-  decay on every trained tensor; a linear warm-up (optional) then a cosine schedule to 0,
+* Optimiser: AdamW (fused implementation) with a lower learning rate for the backbone than for
+  the heads, weight decay on every trained tensor; a linear warm-up (optional) then a cosine schedule to 0,
   stepped once per optimiser step. Gradient accumulation divides each micro-batch loss by
   ``accumulation_steps``; a trailing incomplete group at the end of an epoch still steps.
 * Data: no random augmentation (deterministic runs). Images are decoded and resized to the
@@ -47,13 +47,15 @@ import logging
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -105,7 +107,9 @@ class FinetuneConfig:
         allowed = set(cls.__dataclass_fields__)
         unknown = set(params) - allowed
         if unknown:
-            raise ValueError(f"fine_tuning: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+            raise ValueError(
+                f"fine_tuning: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}"
+            )
         p = dict(params)
         if p.get("eval_epochs") is not None:
             p["eval_epochs"] = tuple(int(e) for e in p["eval_epochs"])
@@ -119,7 +123,8 @@ class FinetuneConfig:
         _check_real(self.sparsity, "sparsity", lo=0.0)
         if not float(self.sparsity) < 1.0:
             raise ValueError(f"fine_tuning.sparsity must lie in [0, 1), got {self.sparsity!r}")
-        for name, lo in (("m", 1), ("epochs", 1), ("batch_size", 2), ("accumulation_steps", 1), ("num_workers", 0)):
+        minimum = {"m": 1, "epochs": 1, "batch_size": 2, "accumulation_steps": 1, "num_workers": 0}
+        for name, lo in minimum.items():
             _check_int(getattr(self, name), name, lo)
         _check_int(self.seed, "seed", None)
         for name in ("lr_backbone", "lr_heads"):
@@ -136,7 +141,9 @@ class FinetuneConfig:
             raise ValueError(f"fine_tuning.device must be one of {list(DEVICES)}, got {self.device!r}")
         for name in ("amp", "channels_last"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"fine_tuning.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(  # noqa: TRY004 - configuration errors are ValueErrors throughout
+                    f"fine_tuning.{name} must be true or false, got {getattr(self, name)!r}"
+                )
         if self.eval_epochs is not None:
             bad = [e for e in self.eval_epochs if isinstance(e, bool) or not isinstance(e, (int, np.integer))
                    or not 0 <= int(e) <= self.epochs]
@@ -190,7 +197,9 @@ class EpochRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (NaN kept as ``None``)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EpochRecord:
@@ -224,15 +233,19 @@ def _fill_linear(linear: nn.Linear, gen: torch.Generator) -> None:
         linear.bias.copy_(b)
 
 
+def _head_generator(head: str, seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed("finetune", head, int(seed)))
+
+
 def init_heads(dim: int, m: int, num_classes: int, seed: int) -> tuple[nn.Linear, InterpretationHead]:
     """``h_std`` (D -> K) and ``h_interp`` (M -> K), each initialised from its own generator.
 
     No global RNG is read, so creating ``h_interp`` cannot change anything else in a run.
     """
     h_std = nn.utils.skip_init(nn.Linear, dim, num_classes)
-    _fill_linear(h_std, torch.Generator().manual_seed(derive_seed("finetune", "h_std", int(seed))))
+    _fill_linear(h_std, _head_generator("h_std", seed))
     h_interp = InterpretationHead(m, num_classes)
-    _fill_linear(h_interp.linear, torch.Generator().manual_seed(derive_seed("finetune", "h_interp", int(seed))))
+    _fill_linear(h_interp.linear, _head_generator("h_interp", seed))
     return h_std, h_interp
 
 
@@ -321,7 +334,7 @@ def make_optimizer(
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=_use_fused(model))
     per_epoch = steps_per_epoch(n_train, cfg.batch_size, cfg.accumulation_steps)
     total = per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * per_epoch))
+    warmup = round(cfg.warmup_epochs * per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_lr_lambda, total=total, warmup=warmup))
     return opt, sched
 
@@ -344,7 +357,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("fine_tuning.device = 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'")
+        raise ValueError(
+            "fine_tuning.device = 'cuda' but this machine has no CUDA device; use 'auto' or 'cpu'"
+        )
     return torch.device(device)
 
 
@@ -379,7 +394,9 @@ def set_train_mode(model: nn.Module, bn_mode: str) -> None:
             bn.eval()
 
 
-def model_input(rep: Representation, batch_uint8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def model_input(
+    rep: Representation, batch_uint8: torch.Tensor, device: torch.device, channels_last: bool
+) -> torch.Tensor:
     """uint8 CHW batch -> normalised float input on ``device``."""
     x = rep.normalise(batch_uint8.to(device, non_blocking=True))
     return x if channels_last else x.contiguous()
@@ -409,12 +426,29 @@ def concept_vectors(
 
 
 def score_features(
-    feats: dict[str, Features], concepts: torch.Tensor, sweep_config: SweepConfig, num_classes: int, progress: bool = False
+    feats: dict[str, Features],
+    concepts: torch.Tensor,
+    sweep_config: SweepConfig,
+    num_classes: int,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """IIS of features: :func:`~iis_study.core.heads.sweep` + :func:`~iis_study.core.scores.score_sweep`."""
+    """IIS of features: :func:`~iis_study.core.heads.sweep` + :func:`~iis_study.core.scores.score_sweep`.
+
+    Zero concept vectors (elements the backbone maps to 0) are left out, with a warning.
+    """
     splits = {s: Split(x=feats[s].x, y=feats[s].y) for s in SPLIT_NAMES}
-    space = ConceptSpace(kind="vectors", vectors=concepts.float().cpu())
-    result = sweep(splits["train"], splits["val"], splits["test"], space, num_classes, sweep_config, progress=progress)
+    vectors = concepts.float().cpu()
+    zero = vectors.norm(dim=1) == 0
+    if bool(zero.any()):  # a concept element the backbone maps to 0 (e.g. dead ReLUs on a blank patch)
+        logger.warning("scoring: %d of %d concept vectors are zero (their elements embed to 0); scoring with "
+                       "the other %d", int(zero.sum()), len(vectors), int((~zero).sum()))
+        vectors = vectors[~zero]
+        if len(vectors) == 0:
+            raise ValueError("all concept elements embed to the zero vector; cannot score this representation")
+    space = ConceptSpace(kind="vectors", vectors=vectors)
+    result = sweep(
+        splits["train"], splits["val"], splits["test"], space, num_classes, sweep_config, progress=progress
+    )
     summary, _ = score_sweep(result)
     return summary
 
@@ -467,7 +501,9 @@ def _accuracy(h_std: nn.Module, feats: Features, device: torch.device) -> float:
 def _element_images(elements: np.ndarray | Elements) -> np.ndarray:
     arr = elements.images if isinstance(elements, Elements) else np.asarray(elements)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"elements must be an (E, S, S, 3) uint8 array, got shape {arr.shape} and dtype {arr.dtype}")
+        raise ValueError(
+            f"elements must be an (E, S, S, 3) uint8 array, got shape {arr.shape} and dtype {arr.dtype}"
+        )
     return arr
 
 
@@ -482,7 +518,9 @@ def _check_images(images: dict[str, ImageSet], num_classes: int) -> None:
         if len(lab) < 1:
             raise ValueError(f"images[{s!r}] is empty")
         if lab.min() < 0 or lab.max() >= num_classes:
-            raise ValueError(f"images[{s!r}] has labels outside [0, {num_classes}): range [{lab.min()}, {lab.max()}]")
+            raise ValueError(
+                f"images[{s!r}] has labels outside [0, {num_classes}): range [{lab.min()}, {lab.max()}]"
+            )
     if len(images["train"]) < 2:
         raise ValueError("images['train'] needs at least 2 images")
 
@@ -665,14 +703,14 @@ def _resume(checkpoint_dir: Path, run_id: str, state: _State) -> tuple[int, list
     for epoch, path in reversed(list_checkpoints(checkpoint_dir)):
         try:
             found = _checkpoint_hash(path)
-        except Exception as exc:  # unreadable file: an older checkpoint may still serve
+        except (OSError, ValueError, SafetensorError) as exc:  # unreadable: an older one may still serve
             logger.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
             continue
         if found != run_id:
             raise ValueError(
                 f"fine-tuning checkpoint_dir {str(checkpoint_dir)!r} holds checkpoints of another run "
-                f"({path.name}: run hash {found}, this run {run_id}): fine_tuning settings, backbone, data or "
-                "sweep differ. Use another checkpoint_dir or delete the old checkpoints."
+                f"({path.name}: run hash {found}, this run {run_id}): fine_tuning settings, backbone, "
+                "data or sweep differ. Use another checkpoint_dir or delete the old checkpoints."
             )
         done, history = load_checkpoint_state(path, state)
         logger.info("resuming fine-tuning from %s (epoch %d)", path, done)
@@ -760,8 +798,8 @@ def _evaluate_epoch(
     iis_txt = "" if rec.iis is None else f", probe {rec.accuracy_linear_probe:.3f}, IIS {rec.iis:.4f}"
     logger.info(
         "fine-tune %s lam=%g seed=%d epoch %d/%d: loss %s, val %.3f, test %.3f%s",
-        state.rep.spec.name, cfg.lam, cfg.seed, epoch, cfg.epochs, loss_txt, rec.accuracy_val, rec.accuracy_test,
-        iis_txt,
+        state.rep.spec.name, cfg.lam, cfg.seed, epoch, cfg.epochs, loss_txt,
+        rec.accuracy_val, rec.accuracy_test, iis_txt,
     )
     return rec
 
@@ -812,16 +850,19 @@ def finetune(
     ckpt_dir = Path(checkpoint_dir)
     state = _new_state(rep, cfg, num_classes, len(images["train"]), device)
     done, history = _resume(ckpt_dir, run_id, state)
+    evaluate = functools.partial(
+        _evaluate_epoch, state, images, elements, cfg, sweep_config, num_classes, device, progress=progress
+    )
     if done == 0:
-        history = [_evaluate_epoch(state, images, elements, cfg, sweep_config, num_classes, device, 0, None, progress)]
+        history = [evaluate(epoch=0, train_loss=None)]
     dataset = _LabelledImages(images["train"], rep.input_size, rep.interpolation)
     k = n_dropped(cfg.sparsity, cfg.m)
     for epoch in range(done + 1, cfg.epochs + 1):
-        concepts = concept_vectors(rep, elements, cfg.m, cfg.seed, cfg.num_workers).to(device) if cfg.lam > 0 else None
+        concepts = None
+        if cfg.lam > 0:  # re-embedded with the current backbone; λ = 0 never touches the concepts
+            concepts = concept_vectors(rep, elements, cfg.m, cfg.seed, cfg.num_workers).to(device)
         loss = _train_epoch(state, dataset, concepts, k, cfg, device, epoch, progress)
-        history.append(
-            _evaluate_epoch(state, images, elements, cfg, sweep_config, num_classes, device, epoch, loss, progress)
-        )
+        history.append(evaluate(epoch=epoch, train_loss=loss))
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.safetensors", state, epoch, history, run_id, cfg)
     rep.model.eval()
     save_backbone(ckpt_dir / "backbone.safetensors", rep.model, {
@@ -853,18 +894,18 @@ def finetuned_spec(spec: BackboneSpec, checkpoint_dir: str | Path, name: str | N
 
 
 __all__ = [
-    "FinetuneConfig",
     "EpochRecord",
+    "FinetuneConfig",
     "InterpretationHead",
-    "init_heads",
-    "finetune_loss",
-    "epoch_batches",
-    "lr_factor",
-    "make_optimizer",
     "concept_vectors",
-    "score_features",
+    "epoch_batches",
     "evaluate_representation",
     "finetune",
+    "finetune_loss",
     "finetuned_spec",
+    "init_heads",
+    "lr_factor",
+    "make_optimizer",
     "save_backbone",
+    "score_features",
 ]

@@ -29,13 +29,15 @@ we do not reproduce that.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -91,7 +93,7 @@ class SweepConfig:
             raise ValueError(f"sweep.sparsities must all lie in [0, 1), got {tuple(sp)}")
         if len(set(sp)) != len(sp):
             raise ValueError(f"sweep.sparsities must not contain duplicates, got {tuple(sp)}")
-        if any(b <= a for a, b in zip(sp, sp[1:])):
+        if any(b <= a for a, b in itertools.pairwise(sp)):
             raise ValueError(f"sweep.sparsities must be strictly increasing, got {tuple(sp)}")
         lrs = [float(lr) for lr in self.learning_rates]
         if len(lrs) < 1:
@@ -102,7 +104,7 @@ class SweepConfig:
             raise ValueError(f"sweep.learning_rates must not contain duplicates, got {tuple(lrs)}")
         if len(self.seeds) < 1:
             raise ValueError("sweep.seeds must contain at least one seed")
-        if len(set(int(s) for s in self.seeds)) != len(self.seeds):
+        if len({int(s) for s in self.seeds}) != len(self.seeds):
             raise ValueError(f"sweep.seeds must not contain duplicates, got {tuple(self.seeds)}")
         if int(self.epochs) < 1:
             raise ValueError(f"sweep.epochs must be >= 1, got {self.epochs}")
@@ -137,9 +139,7 @@ class Split:
             raise ValueError(f"{name}.y must be an integer tensor, got {self.y.dtype}")
         lo, hi = int(self.y.min()), int(self.y.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"{name}.y labels must lie in [0, {num_classes}), got range [{lo}, {hi}]"
-            )
+            raise ValueError(f"{name}.y labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
         if not bool(torch.isfinite(self.x).all()):
             raise ValueError(f"{name}.x contains non-finite values")
 
@@ -226,9 +226,7 @@ class ConceptSpace:
         if e is None:
             raise ValueError("concepts.elements is required for kind='end_to_end'")
         if e.ndim != 2 or e.shape[0] < 1:
-            raise ValueError(
-                f"concepts.elements must be 2-D (E, D) with E >= 1, got shape {tuple(e.shape)}"
-            )
+            raise ValueError(f"concepts.elements must be 2-D (E, D) with E >= 1, got shape {tuple(e.shape)}")
         if e.shape[1] != dim:
             raise ValueError(
                 f"feature dimension {dim} does not match concept elements of dimension {e.shape[1]}"
@@ -467,8 +465,7 @@ def sparsify(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     if isinstance(k, torch.Tensor) and k.ndim > 0:
         if k.ndim >= a.ndim or tuple(k.shape) != tuple(a.shape[: k.ndim]):
             raise ValueError(
-                f"k must have a shape that prefixes a.shape[:-1]={tuple(a.shape[:-1])}, "
-                f"got {tuple(k.shape)}"
+                f"k must have a shape that prefixes a.shape[:-1]={tuple(a.shape[:-1])}, got {tuple(k.shape)}"
             )
         flat = a.reshape((k.numel(),) + tuple(a.shape[k.ndim :]))
         keep = _grouped_keep(flat.detach().contiguous(), [int(x) for x in k.reshape(-1).tolist()])
@@ -669,9 +666,7 @@ class _StackedAdam:
 class _BatchedHeads:
     """All heads of a sweep as stacked tensors: probe (S, L, ...), interp (P, S, L, ...)."""
 
-    def __init__(
-        self, concepts: ConceptSpace, config: SweepConfig, dim: int, num_classes: int
-    ) -> None:
+    def __init__(self, concepts: ConceptSpace, config: SweepConfig, dim: int, num_classes: int) -> None:
         self.concepts = concepts
         self.config = config
         self.device = config.device
@@ -687,12 +682,18 @@ class _BatchedHeads:
         e = None if self.concepts.elements is None else int(self.concepts.elements.shape[0])
         e = e if self.concepts.kind == "end_to_end" else None
         probe = [
-            [_init_head("probe", s, None, lr, dim, num_classes, None, self.device) for lr in cfg.learning_rates]
+            [
+                _init_head("probe", s, None, lr, dim, num_classes, None, self.device)
+                for lr in cfg.learning_rates
+            ]
             for s in cfg.seeds
         ]
         interp = [
             [
-                [_init_head("interp", s, sp, lr, self.m, num_classes, e, self.device) for lr in cfg.learning_rates]
+                [
+                    _init_head("interp", s, sp, lr, self.m, num_classes, e, self.device)
+                    for lr in cfg.learning_rates
+                ]
                 for s in cfg.seeds
             ]
             for sp in cfg.sparsities
@@ -762,7 +763,9 @@ class _BatchedHeads:
         return probe, interp
 
     @torch.no_grad()
-    def correct(self, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def correct(
+        self, x: torch.Tensor, y: torch.Tensor, base: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample correctness of every head on one split (no grad, chunked).
 
         Returns bool tensors probe (S, L, N) and interp (P, S, L, N).
@@ -875,14 +878,20 @@ def sweep(
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
     concepts = _concepts_to(concepts, dev)
     heads = _BatchedHeads(concepts, config, train.x.shape[1], num_classes)
-    bases = {name: _precompute_base(s.x, concepts) for name, s in (("train", train), ("val", val), ("test", test))}
+    bases = {
+        name: _precompute_base(s.x, concepts) for name, s in (("train", train), ("val", val), ("test", test))
+    }
     opt = _StackedAdam(heads.params, heads.lr_axis(), config.learning_rates)
     data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
     tracker = _BestTracker(heads, test.x.shape[0])
     logger.info(
         "sweep: %d probe + %d interp heads, kind=%s, M=%d, K=%d, N_train=%d",
-        int(np.prod(heads.shape_probe)), int(np.prod(heads.shape_interp)),
-        concepts.kind, heads.m, num_classes, train.x.shape[0],
+        int(np.prod(heads.shape_probe)),
+        int(np.prod(heads.shape_interp)),
+        concepts.kind,
+        heads.m,
+        num_classes,
+        train.x.shape[0],
     )
     for epoch in tqdm(range(1, config.epochs + 1), desc="sweep epochs", disable=not progress):
         _train_epoch(heads, opt, train, bases["train"], data_gens, config.batch_size)
@@ -911,7 +920,9 @@ def _train_epoch(
         lp, li = heads.forward(xb, bb, train=True)
         k = lp.shape[-1]
         bsz = idx.shape[1]
-        loss = F.cross_entropy(lp.reshape(-1, k), yb[:, None].expand(lp.shape[:3]).reshape(-1), reduction="sum")
+        loss = F.cross_entropy(
+            lp.reshape(-1, k), yb[:, None].expand(lp.shape[:3]).reshape(-1), reduction="sum"
+        )
         loss = loss + F.cross_entropy(
             li.reshape(-1, k), yb[None, :, None].expand(li.shape[:4]).reshape(-1), reduction="sum"
         )
@@ -927,7 +938,9 @@ def _select_lr(val_acc: np.ndarray, lrs: np.ndarray) -> np.ndarray:
     return cand.argmin(-1)
 
 
-def _build_result(tracker: _BestTracker, heads: _BatchedHeads, config: SweepConfig, num_classes: int) -> SweepResult:
+def _build_result(
+    tracker: _BestTracker, heads: _BatchedHeads, config: SweepConfig, num_classes: int
+) -> SweepResult:
     lrs = np.asarray(config.learning_rates, dtype=float)
     pv, iv = tracker.val["probe"].cpu().numpy(), tracker.val["interp"].cpu().numpy()
     sel_p = _select_lr(pv, lrs)  # (S,)
@@ -975,10 +988,14 @@ def _head_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
         parts.append(df)
     out = pd.concat(parts, ignore_index=True)
     out["seed"] = out["seed"].astype(int)
-    return out.sort_values(["head", "seed", "sparsity", "lr"], ascending=[False, True, True, True], kind="stable").reset_index(drop=True)
+    return out.sort_values(
+        ["head", "seed", "sparsity", "lr"], ascending=[False, True, True, True], kind="stable"
+    ).reset_index(drop=True)
 
 
-def _selected_table(tracker: _BestTracker, config: SweepConfig, sel_p: np.ndarray, sel_i: np.ndarray) -> pd.DataFrame:
+def _selected_table(
+    tracker: _BestTracker, config: SweepConfig, sel_p: np.ndarray, sel_i: np.ndarray
+) -> pd.DataFrame:
     rows = []
     lrs = config.learning_rates
     for si, seed in enumerate(config.seeds):
@@ -990,7 +1007,9 @@ def _selected_table(tracker: _BestTracker, config: SweepConfig, sel_p: np.ndarra
     return pd.DataFrame(rows)
 
 
-def _sel_row(tracker: _BestTracker, head: str, index: tuple[int, ...], seed: int, sp: float, lr: float) -> dict:
+def _sel_row(
+    tracker: _BestTracker, head: str, index: tuple[int, ...], seed: int, sp: float, lr: float
+) -> dict:
     return {
         "seed": int(seed),
         "head": head,
@@ -1002,7 +1021,9 @@ def _sel_row(tracker: _BestTracker, head: str, index: tuple[int, ...], seed: int
     }
 
 
-def _selected_state(params: dict[str, torch.Tensor], sel_p: np.ndarray, sel_i: np.ndarray) -> dict[str, torch.Tensor]:
+def _selected_state(
+    params: dict[str, torch.Tensor], sel_p: np.ndarray, sel_i: np.ndarray
+) -> dict[str, torch.Tensor]:
     s_idx = torch.arange(len(sel_p))
     sp = torch.as_tensor(sel_p)
     si = torch.as_tensor(sel_i)  # (P, S)
@@ -1132,7 +1153,13 @@ class _InterpModule(nn.Module):
     """One interpretation head (METHOD §3), written plainly for reference."""
 
     def __init__(
-        self, concepts: ConceptSpace, k: int, num_classes: int, tau: float, gen: torch.Generator | None, device: str
+        self,
+        concepts: ConceptSpace,
+        k: int,
+        num_classes: int,
+        tau: float,
+        gen: torch.Generator | None,
+        device: str,
     ) -> None:
         super().__init__()
         self.kind = concepts.kind

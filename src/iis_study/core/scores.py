@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -68,9 +69,7 @@ def accuracy_retention(acc: np.ndarray, acc_std: float | np.ndarray) -> np.ndarr
     return a / std
 
 
-def chance_corrected_retention(
-    acc: np.ndarray, acc_std: float | np.ndarray, num_classes: int
-) -> np.ndarray:
+def chance_corrected_retention(acc: np.ndarray, acc_std: float | np.ndarray, num_classes: int) -> np.ndarray:
     """Chance-corrected retention ``(A(s) - 1/K) / (A_std - 1/K)`` (METHOD §7).
 
     Where ``A_std <= 1/K`` (a probe no better than chance) the ratio is undefined:
@@ -81,12 +80,15 @@ def chance_corrected_retention(
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     chance = 1.0 / int(num_classes)
     a = np.asarray(acc, dtype=float)
-    std = np.broadcast_to(np.asarray(acc_std, dtype=float), np.broadcast_shapes(np.shape(a), np.shape(acc_std)))
+    std = np.broadcast_to(
+        np.asarray(acc_std, dtype=float), np.broadcast_shapes(np.shape(a), np.shape(acc_std))
+    )
     bad = std <= chance
     if np.any(bad):
         logger.warning(
             "chance_corrected_retention: A_std <= 1/K (= %.4g) for %d value(s); returning NaN there",
-            chance, int(np.count_nonzero(bad)),
+            chance,
+            int(np.count_nonzero(bad)),
         )
     with np.errstate(divide="ignore", invalid="ignore"):
         out = (a - chance) / (std - chance)
@@ -140,7 +142,7 @@ def _bootstrap_iis(correct: np.ndarray, s: np.ndarray, n_boot: int, rng: np.rand
 
 
 def score_sweep(
-    result: "SweepResult", n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+    result: SweepResult, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
 ) -> tuple[dict, pd.DataFrame]:
     """IIS of a sweep: point estimates over seeds and a bootstrap interval over test samples.
 

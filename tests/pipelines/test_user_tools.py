@@ -1,0 +1,79 @@
+"""What users open after a run: Kedro-Viz and the comparison notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.kedro_project import ROOT, TINY
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kedro_viz_serves_the_study(tiny_run):
+    port = _free_port()
+    kedro = str(Path(sys.executable).with_name("kedro"))
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "test"}
+    proc = subprocess.Popen(
+        [kedro, "viz", "run", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
+        cwd=tiny_run,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        data = None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/main", timeout=5) as r:
+                    data = json.load(r)
+                break
+            except OSError:
+                time.sleep(1)
+        assert data is not None, proc.stdout.read().decode() if proc.poll() is not None else "viz did not answer"
+        pipelines = {p["id"] for p in data["pipelines"]}
+        assert {"__default__", "data_processing", "feature_extraction", "concepts", "interpretability",
+                "reporting"} <= pipelines
+        names = {n["name"] for n in data["nodes"]}
+        for b in TINY["backbones"]:
+            assert f"{b}.features" in names
+        assert {"iis_scores", "correlation", "iis_vs_accuracy_plot"} <= names
+        assert set(TINY["backbones"]) <= set(data["modular_pipelines"])  # one collapsible namespace per backbone
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode is not None
+
+
+def test_notebook_runs_on_a_finished_study(tiny_run):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "compare_backbones.ipynb", as_version=4)
+    env_before = dict(os.environ)
+    os.environ.update({"IIS_PROJECT": str(tiny_run), "KEDRO_ENV": "test",
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_run / 'mlflow.db'}"})
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tiny_run)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = json.dumps(outputs)
+    assert "lite0_random" in text and "iis" in text
