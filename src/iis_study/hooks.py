@@ -24,6 +24,23 @@ class StudyConfigHook:
         study_config.remember(context.config_loader["parameters"])
 
 
+class ValidationHook:
+    """Check every parameter before the first node runs (see :mod:`iis_study.validation`)."""
+
+    def __init__(self) -> None:
+        self._params: dict[str, Any] = {}
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._params = context.config_loader["parameters"]
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from .validation import validate_study
+
+        validate_study(self._params, set(run_params.get("pipeline_names") or ["__default__"]))
+
+
 class MlflowTrackingHook:
     """Track every ``kedro run`` in MLflow (see :mod:`iis_study.tracking`)."""
 
@@ -91,6 +108,8 @@ class MlflowTrackingHook:
                 self.tracker.log_figure(self.tracker.child(bb), fig, "plots/sparsity_curves.png")
         elif base == "collect_fine_tuning":
             self.tracker.log_fine_tuning(outputs["fine_tuning_results"])
+        elif base == "plot_fine_tuning":
+            self.tracker.log_figure(self.tracker.parent, outputs["fine_tuning_plot"], "plots/fine_tuning.png")
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], run_result: Any, pipeline: Any, catalog: Any) -> None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from .pipelines import concepts, data_processing, feature_extraction, interpretability, reporting
+from .pipelines import (
+    concepts,
+    data_processing,
+    feature_extraction,
+    fine_tuning,
+    interpretability,
+    reporting,
+)
+from .pipelines.concepts import pipeline as concepts_pipeline
 from .study_config import backbone_names, concept_types, study_parameters
 
 
@@ -23,4 +31,12 @@ def register_pipelines() -> dict[str, Pipeline]:
         ),
     }
     pipes["__default__"] = sum(pipes.values(), Pipeline([]))
+    # fine-tuning trains backbones (hours on real data): its own pipeline, not part of the default run
+    # (unknown names are reported by the validation hook when this pipeline runs)
+    ft = [b for b in (params.get("fine_tuning") or {}).get("backbones") or [] if b in names]
+    pipes["fine_tuning"] = (
+        data_processing.create_pipeline()
+        + concepts_pipeline.elements_pipeline()
+        + fine_tuning.create_pipeline(ft)
+    )
     return pipes

@@ -4,12 +4,13 @@ import warnings
 
 from kedro.config import OmegaConfigLoader
 
-from iis_study.hooks import MlflowTrackingHook, StudyConfigHook
+from iis_study.hooks import MlflowTrackingHook, StudyConfigHook, ValidationHook
 
 # The reporting pipeline gathers namespaced outputs ("lite0.scores_prototype") on purpose.
 warnings.filterwarnings("ignore", message=r".*dataset names contain '\.' characters.*")
 
-HOOKS = (StudyConfigHook(), MlflowTrackingHook())
+# pluggy calls the last registered hook first: validation runs before tracking opens a run
+HOOKS = (StudyConfigHook(), MlflowTrackingHook(), ValidationHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}

@@ -159,6 +159,36 @@ class StudyTracker:
     def log_dict(self, run_id: str, data: dict, path: str) -> None:
         self.client.log_dict(run_id, data, path)
 
+    def log_fine_tuning(self, results) -> None:
+        """One nested run per (backbone, λ, seed): metrics per epoch (step = epoch), the checkpoint."""
+        from mlflow.entities import Metric
+        import math
+        import time
+
+        now = int(time.time() * 1000)
+        for (bb, lam, seed), g in results.groupby(["backbone", "lam", "seed"]):
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{bb} fine-tuning λ={lam:g} seed={seed}",
+                tags={"mlflow.parentRunId": self.parent, "iis_study.level": "fine_tuning", "backbone": bb},
+            )
+            rid = run.info.run_id
+            self.children[f"fine_tuning:{bb}:{lam:g}:{seed}"] = rid
+            ft = self.params.get("fine_tuning") or {}
+            self._log_params(rid, _flat("", {"backbone": bb, "lam": lam, "seed": seed, "train": ft.get("train", {})}))
+            metrics = []
+            for row in g.itertuples():
+                for col in ("accuracy_test", "accuracy_val", "train_loss", "accuracy_linear_probe", "iis",
+                            "iis_chance_corrected"):
+                    v = getattr(row, col, None)
+                    if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                        metrics.append(Metric(col, float(v), now, int(row.epoch)))
+            for i in range(0, len(metrics), 500):
+                self.client.log_batch(rid, metrics=metrics[i : i + 500])
+            ckpt = Path(str(g["checkpoint"].iloc[-1])) if "checkpoint" in g else None
+            if ckpt is not None and ckpt.is_file():
+                self.client.log_artifact(rid, str(ckpt), "checkpoint")
+
     def finish(self, status: str = "FINISHED") -> None:
         for rid in self.children.values():
             self.client.set_terminated(rid, status)

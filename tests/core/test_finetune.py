@@ -67,7 +67,8 @@ class _Spy:
 def run_lam1(data, tmp_path_factory):
     """λ = 1, 3 epochs, IIS scored at epochs 0 and 3; keeps the in-memory model at the end."""
     images, elements = data
-    cfg = ft.FinetuneConfig(lam=1.0, epochs=3, eval_epochs=(0, 3), **BASE)
+    # channels_last: the resume test then also covers optimiser state stored contiguous
+    cfg = ft.FinetuneConfig(lam=1.0, epochs=3, eval_epochs=(0, 3), **{**BASE, "channels_last": True})
     out = tmp_path_factory.mktemp("ft_lam1")
     spy = _Spy(ft.save_backbone)
     with pytest.MonkeyPatch.context() as mp:
@@ -181,6 +182,21 @@ def test_heads_come_from_their_own_generators():
     assert torch.equal(h1.weight, h2.weight) and torch.equal(i1.linear.weight, i2.linear.weight)
     assert not torch.equal(h1.weight, h3.weight)
     assert float(h1.weight.detach().abs().max()) <= 1 / math.sqrt(12)
+
+
+def test_bn_modes():
+    rep = build(SPEC)
+    bns = ft._batchnorms(rep.model)
+    assert bns
+    ft._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="frozen"))
+    ft.set_train_mode(rep.model, "frozen")
+    assert all(not p.requires_grad for bn in bns for p in bn.parameters())
+    assert all(not bn.training for bn in bns) and rep.model.conv_stem.training
+    ft._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="eval"))
+    ft.set_train_mode(rep.model, "eval")
+    assert all(p.requires_grad for p in rep.model.parameters()) and not any(bn.training for bn in bns)
+    ft.set_train_mode(rep.model, "train")
+    assert all(bn.training for bn in bns)
 
 
 def test_interpretation_loss_reaches_the_backbone_and_vanishes_at_lambda_0(data):

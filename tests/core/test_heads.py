@@ -386,3 +386,29 @@ def test_explain_lists_kept_concepts_by_contribution(toy, vector_sweep):
         assert rows["contribution"].iloc[0] == pytest.approx(float(contrib_all.max()), rel=1e-5)
     with pytest.raises(ValueError, match="sparsity must be one of"):
         explain(result, concepts, z, sparsity=0.3)
+
+
+def test_end_to_end_through_elements_matches_reference(toy):
+    """Few elements (E < D): the batched sweep takes the (z·Eᵀ)·A / ‖AᵀE‖ path; it must still
+    reproduce the plain single-head reference, which forms C = normalise(AᵀE) explicitly."""
+    cfg = SweepConfig(sparsities=(0.5,), learning_rates=(1e-2,), seeds=(3,), epochs=3, batch_size=64)
+    concepts = ConceptSpace("end_to_end", elements=toy["elements"][:8], n_concepts=6)
+    result = sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
+    _assert_matches_reference(result, toy, concepts, cfg, "interp", seed=3, lr=1e-2, sparsity=0.5)
+
+
+def test_end_to_end_score_paths_agree():
+    from iis_study.core.heads import _BatchedHeads, _concepts_from_assignment, _hard_assignment
+
+    g = torch.Generator().manual_seed(0)
+    elements = torch.randn(10, 32, generator=g)
+    cfg = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=1, batch_size=8)
+    heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=4), cfg, 4, 3)
+    assign = _hard_assignment(heads.params["interp.q"], 0.1, heads._gumbel())
+    x = torch.randn(2, 8, 32, generator=g)
+    via = heads._end_to_end_scores(x, assign)
+    direct = torch.einsum("sbd,pslmd->pslbm", x, _concepts_from_assignment(assign, elements))
+    torch.testing.assert_close(via, direct, rtol=1e-4, atol=1e-5)
+    gv = torch.autograd.grad(via.square().sum(), heads.params["interp.q"], retain_graph=True)[0]
+    gd = torch.autograd.grad(direct.square().sum(), heads.params["interp.q"])[0]
+    torch.testing.assert_close(gv, gd, rtol=1e-3, atol=1e-4)

@@ -335,7 +335,8 @@ def make_optimizer(
     per_epoch = steps_per_epoch(n_train, cfg.batch_size, cfg.accumulation_steps)
     total = per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_lr_lambda, total=total, warmup=warmup))
+    schedule = functools.partial(lr_factor, total_steps=total, warmup_steps=warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return opt, sched
 
 
@@ -343,10 +344,6 @@ def _use_fused(model: nn.Module) -> bool:
     """Fused AdamW (one kernel per step, several times faster) where torch has it for the device."""
     dev = next(model.parameters()).device.type
     return dev in ("cpu", "cuda")
-
-
-def _lr_lambda(step: int, total: int, warmup: int) -> float:
-    return lr_factor(step, total, warmup)
 
 
 # --------------------------------------------------------------------------- devices and modes
@@ -444,7 +441,7 @@ def score_features(
                        "the other %d", int(zero.sum()), len(vectors), int((~zero).sum()))
         vectors = vectors[~zero]
         if len(vectors) == 0:
-            raise ValueError("all concept elements embed to the zero vector; cannot score this representation")
+            raise ValueError("every concept element embeds to 0; cannot score this representation")
     space = ConceptSpace(kind="vectors", vectors=vectors)
     result = sweep(
         splits["train"], splits["val"], splits["test"], space, num_classes, sweep_config, progress=progress
@@ -661,6 +658,21 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
             _, idx, key = name.split(".", 2)
             state.setdefault(int(idx), {})[key] = t
     opt.load_state_dict({"state": state, "param_groups": groups})
+    _match_memory_format(opt)
+
+
+def _match_memory_format(opt: torch.optim.Optimizer) -> None:
+    """Give each optimiser state tensor its parameter's strides (e.g. channels_last).
+
+    Checkpoints store contiguous tensors; the fused AdamW kernel walks parameter and state
+    memory in step, so state in another layout than its parameter would be updated wrongly.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for key, t in st.items():
+                if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 def load_checkpoint_state(path: Path, state: _State) -> tuple[int, list[EpochRecord]]:
@@ -791,17 +803,26 @@ def _evaluate_epoch(
     if scored:
         c = concept_vectors(state.rep, elements, cfg.m, cfg.seed, cfg.num_workers)
         summary = score_features(feats, c, sweep_config, num_classes, progress)
-        rec.accuracy_linear_probe = float(summary["accuracy_linear_probe"])
-        rec.iis = float(summary["iis"])
-        rec.iis_chance_corrected = float(summary["iis_chance_corrected"])
-    loss_txt = "-" if train_loss is None else f"{train_loss:.4f}"
-    iis_txt = "" if rec.iis is None else f", probe {rec.accuracy_linear_probe:.3f}, IIS {rec.iis:.4f}"
+        rec.accuracy_linear_probe = _finite_or_none(summary["accuracy_linear_probe"])
+        rec.iis = _finite_or_none(summary["iis"])
+        rec.iis_chance_corrected = _finite_or_none(summary["iis_chance_corrected"])
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    loss_txt = fmt(train_loss)
+    iis_txt = f", probe {fmt(rec.accuracy_linear_probe)}, IIS {fmt(rec.iis)}" if scored else ""
     logger.info(
         "fine-tune %s lam=%g seed=%d epoch %d/%d: loss %s, val %.3f, test %.3f%s",
         state.rep.spec.name, cfg.lam, cfg.seed, epoch, cfg.epochs, loss_txt,
         rec.accuracy_val, rec.accuracy_test, iis_txt,
     )
     return rec
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A score, or ``None`` where it is undefined (NaN, e.g. chance correction of a chance-level probe)."""
+    v = float(value)
+    return v if math.isfinite(v) else None
 
 
 def _new_state(rep: Representation, cfg: FinetuneConfig, num_classes: int, n_train: int,

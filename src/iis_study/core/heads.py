@@ -713,6 +713,33 @@ class _BatchedHeads:
             p.requires_grad_(True)
         return params
 
+    def _end_to_end_scores(self, x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+        """``z · Cᵀ`` with ``C = L2-normalise(Aᵀ·E)`` for every head: (S, B, D), (P, S, L, E, M) -> (P, S, L, B, M).
+
+        Two equal ways to compute it; the cheaper one for these sizes is used:
+
+        * direct: ``C = normalise(AᵀE)`` (E·M·D per head), then ``z·Cᵀ`` (B·M·D per head);
+        * through the elements: ``(z·Eᵀ)·A / ‖AᵀE‖`` with ``z·Eᵀ`` shared by all heads of a seed
+          (B·E·M per head) and the norms from the Gram matrix ``E·Eᵀ`` (E²·M per head), which is
+          much cheaper when E is not much larger than D.
+        """
+        elements = self.concepts.elements
+        assert elements is not None
+        n_el, dim = elements.shape
+        b, m = x.shape[1], assign.shape[-1]
+        direct = n_el * m * dim + b * m * dim
+        via_elements = b * n_el * m + n_el * n_el * m
+        if direct <= via_elements:
+            c = _concepts_from_assignment(assign, elements)
+            return torch.einsum("sbd,pslmd->pslbm", x, c)
+        if getattr(self, "_gram", None) is None:
+            self._gram = elements @ elements.T
+        zp = torch.einsum("sbd,ed->sbe", x, elements)  # (S, B, E), shared across heads
+        raw = torch.einsum("sbe,pslem->pslbm", zp, assign)
+        norm2 = (torch.matmul(self._gram, assign) * assign).sum(-2)  # ‖AᵀE‖² per concept, (P, S, L, M)
+        norm = norm2.clamp_min(1e-24).sqrt().clamp_min(1e-12)  # F.normalize's eps
+        return raw / norm.unsqueeze(-2)
+
     def _gumbel_generators(self) -> list[torch.Generator]:
         if self.concepts.kind != "end_to_end":
             return []
@@ -746,8 +773,7 @@ class _BatchedHeads:
             assert self.concepts.elements is not None
             noise = self._gumbel() if train else None
             assign = _hard_assignment(p["interp.q"], self.config.gumbel_tau, noise)
-            c = _concepts_from_assignment(assign, self.concepts.elements)
-            base5 = _layer_norm(torch.einsum("sbd,pslmd->pslbm", x, c))
+            base5 = _layer_norm(self._end_to_end_scores(x, assign))
         else:
             assert base is not None
             base5 = base[None, :, None]

@@ -1,0 +1,54 @@
+"""The fine-tuning pipeline: per listed backbone, λ > 0 and the λ = 0 control over seeds."""
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Pipeline, node
+
+from .nodes import collect_fine_tuning, fine_tune_backbone, plot_fine_tuning, summarise_fine_tuning
+
+
+def base_pipeline() -> Pipeline:
+    """The per-backbone template."""
+    return Pipeline(
+        [
+            node(
+                fine_tune_backbone,
+                ["splits", "concept_elements", "params:dataset", "params:backbone", "params:fine_tuning"],
+                "fine_tuning_history",
+                name="fine_tune_backbone",
+            )
+        ]
+    )
+
+
+def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
+    """``kedro run --pipeline fine_tuning``: fine-tune, collect, summarise, plot."""
+    backbones = list(backbones)
+    per_backbone = sum(
+        (
+            Pipeline(
+                base_pipeline(),
+                namespace=name,
+                inputs={"splits", "concept_elements"},
+                parameters={
+                    "params:backbone": f"params:backbones.{name}",
+                    "params:dataset": "params:dataset",
+                    "params:fine_tuning": "params:fine_tuning",
+                },
+            )
+            for name in backbones
+        ),
+        Pipeline([]),
+    )
+    return per_backbone + Pipeline(
+        [
+            node(
+                collect_fine_tuning,
+                ["params:fine_tuning.backbones", *[f"{b}.fine_tuning_history" for b in backbones]],
+                "fine_tuning_results",
+                name="collect_fine_tuning",
+            ),
+            node(summarise_fine_tuning, "fine_tuning_results", "fine_tuning_summary", name="summarise_fine_tuning"),
+            node(plot_fine_tuning, "fine_tuning_results", "fine_tuning_plot", name="plot_fine_tuning"),
+        ]
+    )

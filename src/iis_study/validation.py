@@ -1,0 +1,95 @@
+"""Check the whole study's parameters before any node runs, so a mistake costs seconds, not hours.
+
+Every check raises ``ValueError`` (or a subclass) whose message names the parameter and what was
+expected. Called by a hook before the pipeline runs; usable alone: ``validate_study(params)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) -> None:
+    """Validate every parameter block the study uses."""
+    from .core.backbones import BackboneSpec
+    from .core.data import DatasetSpec
+
+    dataset = DatasetSpec.from_params(dict(params.get("dataset") or {}))
+    if dataset.kind == "imagefolder":
+        root = Path(dataset.root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"dataset.root {str(root)!r} does not exist or is not a folder; expected root/<class>/*.jpg"
+            )
+        if not any(p.is_dir() for p in root.iterdir()):
+            raise ValueError(f"dataset.root {str(root)!r} has no class folders; expected root/<class>/*.jpg")
+
+    splits = params.get("splits") or {}
+    fr = splits.get("fractions", [0.6, 0.2, 0.2])
+    if len(fr) != 3 or any(not isinstance(f, (int, float)) or f <= 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+        raise ValueError(f"splits.fractions must be three positive numbers (train, val, test) summing to 1, got {fr}")
+    mpc = splits.get("max_per_class")
+    if mpc is not None and (not isinstance(mpc, int) or isinstance(mpc, bool) or mpc < 3):
+        raise ValueError(f"splits.max_per_class must be an integer >= 3 or null, got {mpc!r}")
+
+    backbones = params.get("backbones") or {}
+    if not backbones:
+        raise ValueError("backbones: the study needs at least one backbone")
+    for name, spec in backbones.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"backbones.{name} must be a mapping like {{model: resnet50, weights: hub}}, got {spec!r}")
+        BackboneSpec.from_params(name, {k: v for k, v in spec.items() if k != "name"})
+
+    extraction = params.get("extraction") or {}
+    bs = extraction.get("batch_size", 128)
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"extraction.batch_size must be a positive integer, got {bs!r}")
+    _check_device(extraction.get("device", "auto"), "extraction.device")
+
+    concepts = params.get("concepts") or {}
+    m = concepts.get("m", 200)
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ValueError(f"concepts.m must be a positive integer, got {m!r}")
+    types = concepts.get("types", [])
+    known = {"prototype", "cluster", "end_to_end", "textual"}
+    if not types or set(types) - known:
+        raise ValueError(f"concepts.types must be a non-empty subset of {sorted(known)}, got {types}")
+    ipc = concepts.get("images_per_class", 10)
+    if not isinstance(ipc, int) or ipc < 1:
+        raise ValueError(f"concepts.images_per_class must be a positive integer, got {ipc!r}")
+
+    from .pipelines.interpretability.nodes import sweep_config
+
+    sweep = dict(params.get("sweep") or {})
+    _check_device(sweep.get("device", "auto"), "sweep.device")
+    sweep_config(sweep)
+
+    ft = params.get("fine_tuning")
+    if ft and (pipelines is None or "fine_tuning" in pipelines):
+        from .core.finetune import FinetuneConfig
+        from .pipelines.fine_tuning.nodes import arms
+
+        unknown = [b for b in ft.get("backbones") or [] if b not in backbones]
+        if unknown:
+            raise ValueError(f"fine_tuning.backbones: {unknown} are not in `backbones` ({sorted(backbones)})")
+        for lam, seed in arms(ft):
+            FinetuneConfig.from_params({**dict(ft.get("train") or {}), "lam": lam, "seed": seed})
+        _check_device((ft.get("train") or {}).get("device", "auto"), "fine_tuning.train.device")
+        sweep_config(dict(ft.get("sweep") or {}))
+    logger.info("parameters checked: %d backbones, concept types %s", len(backbones), types)
+
+
+def _check_device(device: str, where: str) -> None:
+    import torch
+
+    if device in (None, "auto", "cpu"):
+        return
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where} = {device!r}, but this machine has no CUDA GPU; use 'cpu' or 'auto'")
+        return
+    raise ValueError(f"{where} must be 'auto', 'cpu' or 'cuda', got {device!r}")

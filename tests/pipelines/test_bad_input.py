@@ -1,0 +1,49 @@
+"""Bad parameters fail in seconds, before any node runs, with a message naming the parameter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tests.kedro_project import TINY, make_project, run_in_process
+
+
+def _with(**changes):
+    params = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        block, _, key = dotted.partition("__")
+        if key:
+            params[block][key] = value
+        else:
+            params[block] = value
+    return params
+
+
+CASES = [
+    (_with(backbones={"x": {"model": "tf_efficientnet_lite", "weights": "random"}}), "did you mean"),
+    (_with(backbones={"x": {"model": "resnet18", "weights": "offline"}}), "checkpoint"),
+    (_with(dataset={"kind": "imagefolder", "root": "/no/such/folder"}), "dataset.root"),
+    (_with(sweep__sparsities=[0.0, 0.5, 0.3]), "sweep.sparsities"),
+    (_with(sweep__sparsities=[0.0, 1.0]), "sweep.sparsities"),
+    (_with(concepts__m=0), "concepts.m"),
+    (_with(splits__fractions=[0.5, 0.5]), "splits.fractions"),
+    (_with(extraction__device="tpu"), "extraction.device"),
+]
+
+
+@pytest.mark.parametrize("params,message", CASES, ids=[c[1] for c in CASES])
+def test_bad_parameters_fail_before_any_node(tmp_path, params, message):
+    project = make_project(tmp_path, params)
+    with pytest.raises(Exception, match=message):
+        run_in_process(project)
+    assert not (project / "data" / "02_intermediate" / "splits.csv").exists()
+
+
+def test_m_larger_than_elements_names_the_parameter(tmp_path):
+    params = _with(concepts__m=5000)
+    params["backbones"] = {"lite0": TINY["backbones"]["lite0"]}
+    project = make_project(tmp_path, params)
+    run_in_process(project, pipeline="data_processing")
+    with pytest.raises(Exception, match="concepts.m"):
+        run_in_process(project, pipeline="concepts")

@@ -1,0 +1,34 @@
+"""The fine-tuning pipeline on tiny data: both arms, IIS along training, MLflow runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tests.kedro_project import TINY, run_in_process
+
+
+def test_fine_tuning_pipeline(tiny_run):
+    run_in_process(tiny_run, pipeline="fine_tuning")
+    table = pd.read_csv(tiny_run / "data" / "08_reporting" / "fine_tuning.csv")
+    assert set(table["lam"]) == {0.0, 1.0}
+    assert set(table["epoch"]) == {0, 1}
+    assert {"backbone", "lam", "seed", "epoch", "accuracy_test", "accuracy_linear_probe", "iis"} <= set(table)
+    assert table["iis"].notna().all() and table["accuracy_test"].between(0, 1).all()
+    # both arms start from the same pre-trained backbone: identical epoch-0 scores
+    start = table[table["epoch"] == 0].set_index("lam")
+    assert start.loc[0.0, "accuracy_linear_probe"] == start.loc[1.0, "accuracy_linear_probe"]
+    summary = pd.read_csv(tiny_run / "data" / "08_reporting" / "fine_tuning_summary.csv")
+    assert len(summary) == 2
+    ckpts = list((tiny_run / "data" / "06_models" / "fine_tuning").rglob("backbone.safetensors"))
+    assert len(ckpts) == 2
+    assert list((tiny_run / "data" / "08_reporting" / "fine_tuning.png").iterdir())
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("iis_study")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`iis_study.level` = 'fine_tuning'")
+    assert len(runs) == 2 * len(TINY["fine_tuning"]["seeds"])
+    hist = client.get_metric_history(runs[0].info.run_id, "accuracy_test")
+    assert sorted(h.step for h in hist) == [0, 1]
+    assert client.list_artifacts(runs[0].info.run_id, "checkpoint")
