@@ -97,12 +97,13 @@ def extract(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
+    amp_dtype = autocast_dtype(device)
     feats, oks = [], []
     bar = _progress(total=len(images), desc=desc, enabled=progress)
     for batch, ok in loader:
         batch = batch.to(device, non_blocking=True)
         FORWARD_PASSES["count"] += 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = rep.forward_uint8(batch)
         feats.append(out.float().cpu())
         oks.append(ok)
@@ -111,6 +112,13 @@ def extract(
     x = torch.cat(feats) if feats else torch.zeros(0, rep.dim)
     ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
     return Features(x=x.contiguous(), y=torch.as_tensor(images.labels, dtype=torch.int64), ok=ok)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for inference on CUDA: bf16 where supported, else fp16; none on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _progress(total: int, desc: str, enabled: bool):
