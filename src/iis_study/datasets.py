@@ -1,7 +1,10 @@
-"""Kedro datasets of this project: tensors, concept elements, sweep results.
+"""Kedro datasets of this project: tensors, concept elements, sweep results, tables.
 
 Every ``save`` writes to a temporary name in the target folder and renames it into place, so
-an interrupted run never leaves a half-written file that a later run would trust.
+an interrupted run never leaves a half-written file that a later run would trust (``kedro run
+--only-missing-outputs`` skips a node whose outputs exist: existing must mean complete).
+:class:`AtomicCSVDataset` and :class:`AtomicJSONDataset` are kedro-datasets' ``pandas.CSVDataset``
+and ``json.JSONDataset`` with that write-then-rename on the local filesystem.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 from kedro.io import AbstractDataset, DatasetError
+from kedro.io.core import get_filepath_str
+from kedro_datasets.json import JSONDataset
+from kedro_datasets.pandas import CSVDataset
 
 from .core.features import load_tensors, save_tensors
 
@@ -54,7 +60,12 @@ class TensorDictDataset(AbstractDataset[dict, dict]):
     def load(self) -> dict[str, Any]:
         if not self._filepath.is_file():
             raise DatasetError(f"{self._filepath} does not exist; run the pipeline that produces it first")
-        tensors, meta = load_tensors(self._filepath)
+        try:
+            tensors, meta = load_tensors(self._filepath)
+        except Exception as exc:  # not a file this project wrote completely
+            raise DatasetError(
+                f"{self._filepath} is not a readable safetensors file ({exc}); delete it and re-run"
+            ) from exc
         out: dict[str, Any] = dict(tensors)
         out["__metadata__"] = meta
         return out
@@ -162,3 +173,44 @@ class SweepResultDataset(AbstractDataset):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._path)}
+
+
+class _AtomicLocalSave:
+    """Mixin for fsspec-based kedro-datasets: on the local filesystem, write a temporary file in
+    the target folder and rename it into place (other protocols save as the base class does)."""
+
+    _protocol: str
+
+    def _write(self, data: Any, stream: Any) -> None:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def save(self, data: Any) -> None:
+        if self._protocol != "file":
+            super().save(data)  # type: ignore[misc]
+            return
+        target = Path(get_filepath_str(self._get_save_path(), self._protocol))  # type: ignore[attr-defined]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with self._fs.open(tmp, **self._fs_open_args_save) as stream:  # type: ignore[attr-defined]
+                self._write(data, stream)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._invalidate_cache()  # type: ignore[attr-defined]
+
+
+class AtomicCSVDataset(_AtomicLocalSave, CSVDataset):
+    """``pandas.CSVDataset`` whose local saves are write-then-rename (same arguments)."""
+
+    def _write(self, data: pd.DataFrame, stream: Any) -> None:
+        data.to_csv(path_or_buf=stream, **self._save_args)
+
+
+class AtomicJSONDataset(_AtomicLocalSave, JSONDataset):
+    """``json.JSONDataset`` whose local saves are write-then-rename (same arguments)."""
+
+    def _write(self, data: Any, stream: Any) -> None:
+        json.dump(data, stream, **self._save_args)

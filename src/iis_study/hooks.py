@@ -23,6 +23,21 @@ class StudyConfigHook:
     def after_context_created(self, context: Any) -> None:
         study_config.remember(context.config_loader["parameters"])
 
+    @hook_impl
+    def after_catalog_created(self, catalog: Any, parameters: dict[str, Any]) -> None:
+        """Make the catalog's ``params:backbones`` (and ``params:backbones.<name>``) the expanded
+        representations, family members included (see :func:`study_config.expand_representations`)."""
+        params = parameters.get("parameters") or {}
+        if not params.get("families"):
+            return
+        expanded = study_config.expanded_parameters(params)
+        catalog["parameters"] = expanded
+        catalog["params:backbones"] = expanded["backbones"]
+        catalog["params:families"] = {}
+        for name, entry in expanded["backbones"].items():
+            if f"params:backbones.{name}" not in parameters:
+                catalog[f"params:backbones.{name}"] = entry
+
 
 class ValidationHook:
     """Check every parameter before the first node runs (see :mod:`iis_study.validation`)."""
@@ -53,6 +68,10 @@ class MlflowTrackingHook:
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         self._params = context.config_loader["parameters"]
+        try:  # family members get their own nested run (an invalid block is reported by validation)
+            self._params = study_config.expanded_parameters(self._params)
+        except ValueError:
+            pass
         self._project_path = Path(context.project_path)
         self._env = context.env
 
@@ -99,6 +118,8 @@ class MlflowTrackingHook:
             self.tracker.log_table(self.tracker.parent, curves, "tables/sparsity_curves.csv")
         elif base == "correlate_scores":
             self.tracker.log_dict(self.tracker.parent, outputs["correlation"], "correlation.json")
+            if "correlation_scopes" in outputs:
+                self.tracker.log_dict(self.tracker.parent, outputs["correlation_scopes"], "correlation_scopes.json")
         elif base == "plot_iis_vs_accuracy":
             self.tracker.log_figure(self.tracker.parent, outputs["iis_vs_accuracy_plot"], "plots/iis_vs_accuracy.png")
         elif base == "plot_sparsity_curves":

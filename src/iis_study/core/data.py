@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import struct
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,15 @@ SPLITS = ("train", "val", "test")
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be decoded."""
+    """An image file that cannot be decoded (unreadable, truncated, unsupported pixel format)."""
+
+
+# what Pillow raises on broken files: OSError (truncated, decoder errors), SyntaxError ("broken PNG
+# file"), EOFError, struct.error (bad headers), ValueError and DecompressionBombError (huge images)
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error,
+                  Image.DecompressionBombError)
+_STRICT_LOAD = threading.Lock()
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,34 @@ class ImageSet:
     name: str = ""
     skipped: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that labels are integers, one per item, within ``[0, len(classes))``.
+
+        Raises ``ValueError`` naming the first offending item and its label.
+        """
+        what = f"dataset {self.name!r}" if self.name else "dataset"
+        if self.labels.ndim != 1 or len(self.labels) != len(self.items):
+            raise ValueError(
+                f"{what}: need one label per image, got {self.labels.shape} labels for {len(self.items)} images"
+            )
+        if len(self.labels) == 0:
+            return
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise ValueError(f"{what}: labels must be integers, got dtype {self.labels.dtype}")
+        upper = len(self.classes) if self.classes else None
+        bad = (self.labels < 0) if upper is None else (self.labels < 0) | (self.labels >= upper)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            expected = "a label >= 0" if upper is None else f"labels in [0, {upper}) for classes {self.classes}"
+            raise ValueError(
+                f"{what}: label {int(self.labels[i])} of image {self.items[i]!r} is out of range; "
+                f"expected {expected} ({int(bad.sum())} image(s) out of range)"
+            )
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -97,6 +135,13 @@ class ImageSet:
     def subset(self, indices: Sequence[int]) -> ImageSet:
         """The images at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
+        n = len(self.labels)
+        out_of_range = (idx < 0) | (idx >= n)
+        if out_of_range.any():
+            raise ValueError(
+                f"image index {int(idx[out_of_range][0])} is out of range for dataset {self.name!r} with {n} "
+                "images: the split table was written for another dataset; re-run the data_processing pipeline"
+            )
         return ImageSet(
             classes=self.classes,
             labels=self.labels[idx],
@@ -126,13 +171,45 @@ class ImageSet:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read one image file as RGB uint8, raising :class:`BadImageError` that names the file."""
+    """Read one image file as an ``(H, W, 3)`` uint8 RGB array.
+
+    Grey, palette, CMYK and RGBA images are converted to RGB (alpha dropped); 16-bit images are
+    scaled to 8 bits (not clipped). A truncated file raises even where another library has set
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` (which would pad it with grey). Any failure raises
+    :class:`BadImageError` naming the file.
+    """
     try:
         with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+            _load_strict(im)
+            return _to_rgb(im)
+    except BadImageError as exc:
         raise BadImageError(f"cannot read image file {str(path)!r}: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise BadImageError(f"cannot read image file {str(path)!r}: {exc}") from exc
+
+
+def _load_strict(im: Image.Image) -> None:
+    """Decode ``im`` fully; a truncated file raises ``OSError`` whatever the global Pillow setting."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        im.load()
+        return
+    with _STRICT_LOAD:  # the flag is process-wide: restore it for whoever set it
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """RGB uint8 pixels of a decoded image (16-bit scaled down, float rejected)."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(im, dtype=np.float64)
+        grey = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":
+        raise BadImageError("floating-point pixels (mode 'F') are not supported; convert the file to 8-bit")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def array_image_set(images: np.ndarray, labels: Sequence[int] | None = None, name: str = "arrays") -> ImageSet:
@@ -140,7 +217,7 @@ def array_image_set(images: np.ndarray, labels: Sequence[int] | None = None, nam
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"expected images of shape (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
-    lab = np.zeros(len(images), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    lab = np.zeros(len(images), dtype=np.int64) if labels is None else np.asarray(labels)
     return ImageSet(classes=[], labels=lab, items=[str(i) for i in range(len(images))], arrays=images, name=name)
 
 
@@ -231,12 +308,15 @@ def stratified_split(
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
     seed: int = 0,
     max_per_class: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Deterministic stratified train/val/test split.
 
     Within each class the images are shuffled with a generator seeded by ``seed``, optionally
     cut to ``max_per_class`` and divided by ``fractions``. Every class gets at least one image
-    in every split, so a class can't be present in train and absent from test.
+    in every split, so a class can't be present in train and absent from test. ``class_names``
+    (optional, one per label) makes errors name the class, and makes a class with no image at
+    all an error too.
 
     Returns a frame with columns ``index`` (position in the dataset), ``label`` and ``split``,
     sorted by split then index.
@@ -249,6 +329,7 @@ def stratified_split(
         )
     if max_per_class is not None and (not isinstance(max_per_class, int) or max_per_class < 3):
         raise ValueError(f"splits.max_per_class must be an integer >= 3 or null, got {max_per_class!r}")
+    _check_labels_cover(labels, class_names)
     rng = np.random.default_rng(seed)
     rows = []
     for c in np.unique(labels):
@@ -258,7 +339,10 @@ def stratified_split(
             idx = idx[:max_per_class]
         n = len(idx)
         if n < 3:
-            raise ValueError(f"class {int(c)} has {n} image(s); each class needs at least 3 (one per split)")
+            raise ValueError(
+                f"class {_class_label(int(c), class_names)} has {n} image(s); each class needs at least 3 "
+                "(one per split: train, val, test)"
+            )
         n_val = max(1, int(round(fr[1] * n)))
         n_test = max(1, int(round(fr[2] * n)))
         n_train = n - n_val - n_test
@@ -272,3 +356,62 @@ def stratified_split(
     out = out.sort_values(["split", "index"]).reset_index(drop=True)
     out["split"] = out["split"].astype(str)
     return out
+
+
+def _class_label(c: int, class_names: Sequence[str] | None) -> str:
+    """``'dog' (label 1)`` when names are known, else ``1``."""
+    if class_names is not None and 0 <= c < len(class_names):
+        return f"{class_names[c]!r} (label {c})"
+    return str(c)
+
+
+def _check_labels_cover(labels: np.ndarray, class_names: Sequence[str] | None) -> None:
+    """With ``class_names``: every label in range and every class present at least once."""
+    if class_names is None:
+        return
+    k = len(class_names)
+    bad = (labels < 0) | (labels >= k)
+    if bad.any():
+        raise ValueError(
+            f"label {int(labels[bad][0])} is out of range for {k} classes {list(class_names)} "
+            f"({int(bad.sum())} label(s) out of range)"
+        )
+    counts = np.bincount(labels, minlength=k)
+    empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"class(es) {empty} have no images; each class needs at least 3 (one per split)")
+
+
+def check_class_coverage(
+    split_labels: Mapping[str, np.ndarray | Sequence[int]],
+    class_names: Sequence[str],
+    splits: Sequence[str] = SPLITS,
+) -> None:
+    """Raise ``ValueError`` naming every class absent from a split where it is expected.
+
+    Use after images were dropped (``dataset.on_bad_image: skip``): a class present in train but
+    absent from test (or the other way round) would otherwise silently change what the reported
+    accuracy measures. ``split_labels`` maps a split name to the labels of its remaining images.
+    """
+    k = len(class_names)
+    present = {}
+    for name in splits:
+        if name not in split_labels:
+            raise ValueError(f"split {name!r} is missing; got splits {sorted(split_labels)}")
+        lab = np.asarray(split_labels[name], dtype=np.int64)
+        if lab.size and (lab.min() < 0 or lab.max() >= k):
+            raise ValueError(
+                f"{name} split: labels must lie in [0, {k}) for classes {list(class_names)}, "
+                f"got range [{int(lab.min())}, {int(lab.max())}]"
+            )
+        present[name] = np.bincount(lab, minlength=k) > 0
+    missing = []
+    for name in splits:
+        for c in np.flatnonzero(~present[name]):
+            elsewhere = [o for o in splits if o != name and present[o][c]]
+            missing.append(f"class {class_names[c]!r} has no images in {name} (present in {', '.join(elsewhere) or 'none'})")
+    if missing:
+        raise ValueError(
+            "; ".join(missing) + ". Every class needs at least one readable image in every split: "
+            "replace the unreadable files or add images to these classes"
+        )

@@ -128,7 +128,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def cache_key(rep: Representation, images_fingerprint: str, extra: dict[str, Any] | None = None) -> str:
-    """Hash of weights, architecture, preprocessing and data: equal key, equal features."""
+    """Hash of weights, architecture, layer, pooling, preprocessing (resolution included) and data:
+    equal key, equal features. The default representation (penultimate layer, average pooling) keeps
+    the key format of earlier versions, so existing cache entries stay valid."""
     payload = {
         "version": CACHE_VERSION,
         "model": rep.spec.model,
@@ -137,6 +139,10 @@ def cache_key(rep: Representation, images_fingerprint: str, extra: dict[str, Any
         "images": images_fingerprint,
         "extra": extra or {},
     }
+    layer, pooling = getattr(rep, "layer", "penultimate"), getattr(rep, "pooling", "avg")
+    if (layer, pooling) != ("penultimate", "avg"):
+        payload["layer"] = layer
+        payload["pooling"] = pooling
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -184,7 +190,7 @@ def extract_cached(
     if path.is_file():
         try:
             t, _ = load_tensors(path)
-            logger.info("features of %s: cache hit %s", rep.spec.name, path)
+            logger.info("features of %s: cache hit %s", rep.spec.display_name, path)
             return Features(x=t["x"], y=t["y"], ok=t["ok"].bool()), key
         except Exception as exc:  # a corrupt entry is recomputed, never trusted
             logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
@@ -192,7 +198,7 @@ def extract_cached(
     save_tensors(
         path,
         {"x": feats.x, "y": feats.y, "ok": feats.ok.to(torch.uint8)},
-        {"backbone": rep.spec.name, "model": rep.spec.model, "key": key},
+        {"backbone": rep.spec.display_name, "model": rep.spec.model, "layer": rep.layer, "key": key},
     )
     return feats, key
 

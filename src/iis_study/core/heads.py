@@ -757,8 +757,12 @@ class _BatchedHeads:
     def _gumbel(self) -> torch.Tensor:
         q = self.params["interp.q"]
         shape = tuple(q.shape[3:])
-        noise = torch.stack([_gumbel_noise(shape, g, self.device) for g in self.gumbel_gens])
-        return noise.view(q.shape)
+        # one buffer, filled head by head from each head's own generator (the same numbers as
+        # _gumbel_noise per head), then one in-place -log over all of it
+        noise = torch.empty((len(self.gumbel_gens), *shape), device=self.device)
+        for i, g in enumerate(self.gumbel_gens):
+            noise[i].exponential_(generator=g)
+        return noise.log_().neg_().view(q.shape)
 
     def forward(
         self, x: torch.Tensor, base: torch.Tensor | None, train: bool

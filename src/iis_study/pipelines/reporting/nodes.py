@@ -14,9 +14,13 @@ logger = logging.getLogger(__name__)
 
 SCORE_COLUMNS = [
     "backbone",
+    "representation",
     "concept_type",
     "model",
     "weights",
+    "family",
+    "layer",
+    "input_size",
     "accuracy_linear_probe",
     "accuracy_linear_probe_std",
     "iis",
@@ -48,9 +52,13 @@ def collect_scores(
             rows.append(
                 {
                     "backbone": name,
+                    "representation": spec.get("label") or name,
                     "concept_type": ctype,
                     "model": spec.get("model"),
                     "weights": spec.get("weights", "offline"),
+                    "family": spec.get("family"),
+                    "layer": spec.get("layer", "penultimate"),
+                    "input_size": spec.get("input_size"),
                     **scores,
                 }
             )
@@ -63,34 +71,126 @@ def collect_scores(
     return table, pd.concat(curves, ignore_index=True)
 
 
-def correlate_scores(iis_scores: pd.DataFrame, correlation: dict[str, Any]) -> dict[str, Any]:
-    """Pearson, Spearman and Kendall coefficients between linear-probe accuracy and IIS (and the
-    chance-corrected IIS), per concept type, with p-values and bootstrap intervals over backbones."""
+CORRELATION_GROUPS = ("all", "pretrained", "family")
+
+
+def correlation_groups(correlation: dict[str, Any]) -> list[str]:
+    """The scopes of ``correlation.groups`` (default: all three), checked.
+
+    - ``all``: every representation of the study (random-init controls included);
+    - ``pretrained``: every representation whose weights are not ``random``;
+    - ``family``: within each family (same weights, varying layer and/or resolution); representations
+      without a ``family`` take part in no family group.
+    """
+    groups = correlation.get("groups", list(CORRELATION_GROUPS))
+    if isinstance(groups, str):
+        groups = [groups]
+    if not isinstance(groups, (list, tuple)) or not groups or set(groups) - set(CORRELATION_GROUPS):
+        raise ValueError(
+            f"correlation.groups must be a non-empty subset of {list(CORRELATION_GROUPS)}, got {groups!r}"
+        )
+    return list(dict.fromkeys(groups))
+
+
+def _correlate_table(table: pd.DataFrame, correlation: dict[str, Any], scope: str, group: str) -> dict[str, Any]:
+    """``{concept_type: {score: coefficients}}`` over the rows of ``table``."""
     out: dict[str, Any] = {}
-    for ctype, group in iis_scores.groupby("concept_type", sort=False):
+    for ctype, rows in table.groupby("concept_type", sort=False):
         out[ctype] = {}
         for score in correlation.get("scores", ["iis", "iis_chance_corrected"]):
             res = correlate(
-                group["accuracy_linear_probe"].to_numpy(),
-                group[score].to_numpy(),
+                rows["accuracy_linear_probe"].to_numpy(),
+                rows[score].to_numpy(),
                 n_boot=int(correlation.get("n_boot", 2000)),
                 seed=int(correlation.get("seed", 0)),
                 ci=float(correlation.get("ci", 0.95)),
             )
-            n = int(res.pop("n", len(group)))
-            entry = {k: {kk: _clean(vv) for kk, vv in v.items()} for k, v in res.items()}
+            n = int(res.pop("n", len(rows)))
+            entry: dict[str, Any] = {k: {kk: _clean(vv) for kk, vv in v.items()} for k, v in res.items()}
             entry["n_backbones"] = n
+            entry["scope"] = scope
             out[ctype][score] = entry
             logger.info(
-                "%s / %s over %d backbones: Pearson %.3f, Spearman %.3f, Kendall %.3f",
+                "[%s %s] %s / %s over %d representations: Pearson %s, Spearman %s, Kendall %s",
+                scope,
+                group,
                 ctype,
                 score,
                 n,
-                entry["pearson"]["r"],
-                entry["spearman"]["r"],
-                entry["kendall"]["r"],
+                *(_fmt(entry[m]["r"]) for m in ("pearson", "spearman", "kendall")),
             )
     return out
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def _scope_tables(iis_scores: pd.DataFrame, groups: list[str]) -> list[tuple[str, str, pd.DataFrame]]:
+    """(scope, group, rows) for every requested scope."""
+    out = []
+    for scope in groups:
+        if scope == "all":
+            out.append(("all", "all", iis_scores))
+        elif scope == "pretrained":
+            out.append(("pretrained", "pretrained", iis_scores[iis_scores["weights"].astype(str) != "random"]))
+        elif scope == "family" and "family" in iis_scores:
+            fam = iis_scores["family"]
+            for name in pd.unique(fam[fam.notna()]):
+                out.append(("family", str(name), iis_scores[fam == name]))
+    return out
+
+
+def correlate_scores(iis_scores: pd.DataFrame, correlation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pearson, Spearman and Kendall coefficients between linear-probe accuracy and IIS (and the
+    chance-corrected IIS), per concept type, with p-values and bootstrap intervals over representations.
+
+    Returns:
+        ``correlation``: over all representations, ``{concept_type: {score: {"pearson": {"r", "p",
+        "ci_low", "ci_high"}, "spearman": ..., "kendall": ..., "n_backbones": n, "scope": "all"}}}``;
+        ``correlation_scopes``: ``{"groups": [{"scope", "group", "representations", "n_representations",
+        "correlation": {concept_type: {score: ...}}}, ...]}``, one record per scope of
+        ``correlation.groups`` (``all``; ``pretrained``; ``family``: one record per family).
+    """
+    groups = correlation_groups(correlation)
+    records = []
+    for scope, group, rows in _scope_tables(iis_scores, groups):
+        names = list(pd.unique(rows["representation"] if "representation" in rows else rows["backbone"]))
+        records.append(
+            {
+                "scope": scope,
+                "group": group,
+                "representations": [str(n) for n in names],
+                "n_representations": len(names),
+                "correlation": _correlate_table(rows, correlation, scope, group),
+            }
+        )
+    everything = next((r["correlation"] for r in records if r["scope"] == "all"), None)
+    if everything is None:
+        everything = _correlate_table(iis_scores, correlation, "all", "all")
+    return everything, {"groups": records}
+
+
+def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:
+    """The scoped correlations as one long table: scope, group, concept_type, score, method, r, p,
+    ci_low, ci_high, n (for notebooks and reports)."""
+    rows = []
+    for rec in correlation_scopes.get("groups", []):
+        for ctype, by_score in rec["correlation"].items():
+            for score, entry in by_score.items():
+                for method in ("pearson", "spearman", "kendall"):
+                    rows.append(
+                        {
+                            "scope": rec["scope"],
+                            "group": rec["group"],
+                            "concept_type": ctype,
+                            "score": score,
+                            "method": method,
+                            **entry[method],
+                            "n": entry["n_backbones"],
+                        }
+                    )
+    return pd.DataFrame(rows)
 
 
 def _clean(v: Any) -> Any:

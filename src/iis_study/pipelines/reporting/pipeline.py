@@ -1,4 +1,5 @@
-"""The reporting pipeline: tables over all backbones, correlation analysis, plots."""
+"""The reporting pipeline: tables over all representations, correlation analysis (over all
+representations, the pretrained ones, and within each family), plots."""
 
 from collections.abc import Iterable
 
@@ -52,7 +53,12 @@ def create_pipeline(
                 ["iis_scores", "sparsity_curves"],
                 name="collect_scores",
             ),
-            node(correlate_scores, ["iis_scores", "params:correlation"], "correlation", name="correlate_scores"),
+            node(
+                correlate_scores,
+                ["iis_scores", "params:correlation"],
+                ["correlation", "correlation_scopes"],
+                name="correlate_scores",
+            ),
             node(plot_iis_vs_accuracy, ["iis_scores", "correlation"], "iis_vs_accuracy_plot", name="plot_iis_vs_accuracy"),
             node(plot_sparsity_curves, "sparsity_curves", "sparsity_curves_plot", name="plot_sparsity_curves"),
         ]
