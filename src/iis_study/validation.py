@@ -72,6 +72,12 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
         unknown = [b for b in ft.get("backbones") or [] if b not in backbones]
         if unknown:
             raise ValueError(f"fine_tuning.backbones: {unknown} are not in `backbones` ({sorted(backbones)})")
+        staged = [b for b in ft.get("backbones") or [] if backbones[b].get("layer", "penultimate") != "penultimate"]
+        if staged:
+            raise ValueError(
+                f"fine_tuning.backbones: {staged} are stage-layer representations; fine-tuning trains the "
+                "whole backbone and exports it as a checkpoint, so name a `penultimate` representation"
+            )
         for lam, seed in arms(ft):
             FinetuneConfig.from_params({**dict(ft.get("train") or {}), "lam": lam, "seed": seed})
         _check_device((ft.get("train") or {}).get("device", "auto"), "fine_tuning.train.device")

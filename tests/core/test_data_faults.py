@@ -52,7 +52,7 @@ def test_truncated_image_raises_naming_the_file(tmp_path, monkeypatch, fmt, suff
     path = tmp_path / f"cut.{suffix}"
     path.write_bytes(data[: int(len(data) * keep)])
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", lenient_pillow)
-    with pytest.raises(BadImageError, match=r"cut\.%s.*truncated" % suffix):
+    with pytest.raises(BadImageError, match=rf"cut\.{suffix}.*truncated"):
         read_image(path)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is lenient_pillow  # the global setting is restored
 

@@ -17,7 +17,7 @@ import torch
 
 from iis_study.core import concepts as C
 from iis_study.core.backbones import BackboneSpec, build
-from iis_study.core.data import DatasetSpec, array_image_set, load_dataset
+from iis_study.core.data import BadImageError, DatasetSpec, array_image_set, load_dataset
 from iis_study.core.features import extract_cached
 from iis_study.pipelines.feature_extraction.nodes import _strip_name, resolve_device
 
@@ -43,8 +43,17 @@ def select_concept_sources(splits: pd.DataFrame, concepts: dict[str, Any]) -> pd
 def build_concept_elements(sources: pd.DataFrame, dataset: dict[str, Any], concepts: dict[str, Any]):
     """Patches and/or SLIC segments of every source image, with provenance for display."""
     images = load_dataset(DatasetSpec.from_params(dataset))
-    arrays = [images.load(int(i)) for i in sources["index"]]
-    ids = [int(i) for i in sources["index"]]
+    arrays, ids, skipped = [], [], 0
+    for i in sources["index"]:
+        try:
+            arrays.append(images.load(int(i)))
+            ids.append(int(i))
+        except BadImageError:
+            if dataset.get("on_bad_image", "error") != "skip":
+                raise
+            skipped += 1
+    if skipped:
+        logger.warning("%d unreadable concept source image(s) skipped (dataset.on_bad_image = skip)", skipped)
     size = int(concepts.get("element_size", 64))
     kinds = concepts.get("element_kinds", ["patches", "segments"])
     parts = []
@@ -156,9 +165,12 @@ def textual_concepts(
     rng = np.random.default_rng(int(concepts.get("seed", 0)))
     parts = {}
     for split in ("train", "val"):
-        rows = np.flatnonzero(splits["split"].to_numpy() == split)
-        pick = np.sort(rng.choice(len(rows), size=min(max_images, len(rows)), replace=False))
-        parts[split] = (splits.iloc[rows[pick]]["index"].to_numpy(), pick)
+        if f"{split}.index" in features:  # dataset indices of the feature rows (skipped images left out)
+            index = features[f"{split}.index"].numpy()
+        else:
+            index = splits.loc[splits["split"] == split, "index"].to_numpy()
+        pick = np.sort(rng.choice(len(index), size=min(max_images, len(index)), replace=False))
+        parts[split] = (index[pick], pick)
     words = T.read_words(cfg.get("words", "digits"))
     result = T.textual_concepts(
         bundle,

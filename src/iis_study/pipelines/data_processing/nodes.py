@@ -29,6 +29,7 @@ def make_splits(dataset: dict[str, Any], splits: dict[str, Any]) -> pd.DataFrame
         fractions=splits.get("fractions", (0.6, 0.2, 0.2)),
         seed=int(splits.get("seed", 0)),
         max_per_class=splits.get("max_per_class"),
+        class_names=images.classes,
     )
     table["class_name"] = [images.classes[c] for c in table["label"]]
     table["item"] = [images.items[i] for i in table["index"]]

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from iis_study.core.backbones import BackboneSpec, build
-from iis_study.core.data import SPLITS, DatasetSpec, load_dataset
+from iis_study.core.data import SPLITS, DatasetSpec, check_class_coverage, load_dataset
 from iis_study.core.features import extract_cached, split_features
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,17 @@ def extract_features(
     if not bool(keep.all()):
         logger.warning("%d unreadable image(s) skipped (dataset.on_bad_image = skip)", int((~keep).sum()))
     parts = split_features(feats, splits["split"].to_numpy(), SPLITS)
+    split_names = splits["split"].to_numpy()
+    dataset_index = splits["index"].to_numpy()
     out: dict[str, Any] = {}
     for name, f in parts.items():
         ok = f.ok.bool()
         out[f"{name}.x"] = f.x[ok].contiguous()
         out[f"{name}.y"] = f.y[ok].contiguous()
+        # dataset indices of the images kept (skipped unreadable files are left out everywhere downstream)
+        out[f"{name}.index"] = torch.as_tensor(dataset_index[split_names == name], dtype=torch.int64)[ok].contiguous()
+    if not bool(keep.all()):
+        check_class_coverage({s: out[f"{s}.y"].numpy() for s in SPLITS}, images.classes)
     info = {
         "model": spec.model,
         "weights": spec.weights,

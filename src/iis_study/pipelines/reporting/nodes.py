@@ -236,6 +236,8 @@ def plot_concept_gallery(
 
     space = to_space(concept_space)
     test_rows = splits[splits["split"] == "test"].reset_index(drop=True)
+    if "test.index" in features:  # keep only the images that have features (skipped files left out)
+        test_rows = test_rows.set_index("index").loc[features["test.index"].numpy()].reset_index()
     n = min(int(gallery.get("n_images", 6)), len(test_rows))
     rng = np.random.default_rng(int(gallery.get("seed", 0)))
     pick = np.sort(rng.choice(len(test_rows), size=n, replace=False))
