@@ -29,8 +29,8 @@ Weight sources (``BackboneSpec.weights``):
 from __future__ import annotations
 
 import difflib
-import hashlib
 import functools
+import hashlib
 import importlib
 import logging
 import re
@@ -170,7 +170,7 @@ def _architecture_feature_info(model: str) -> tuple[StageInfo, ...]:
     try:
         with torch.device("meta"):
             net = timm.create_model(model, pretrained=False)
-    except Exception:  # a model that cannot be built on meta: build it for real, once
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # not buildable on meta: build it once
         net = timm.create_model(model, pretrained=False)
     info = getattr(net, "feature_info", None) or []
     return tuple(
@@ -198,7 +198,7 @@ def layer_names(model: str) -> list[str]:
 def _layer_hint(model: str) -> str:
     try:
         names = layer_names(model)
-    except Exception:  # an unknown model is reported by the model check
+    except (RuntimeError, ValueError, KeyError):  # an unknown model is reported by the model check
         names = [PENULTIMATE]
     return f"{model!r} has the layers {names}"
 
