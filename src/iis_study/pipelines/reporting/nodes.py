@@ -203,9 +203,12 @@ def _clean(v: Any) -> Any:
 
 
 def plot_iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: dict[str, Any]):
-    """IIS against linear-probe accuracy, one point per backbone, per concept type."""
+    """IIS against linear-probe accuracy, one point per representation (labelled with its readable
+    name, e.g. ``lite0@96/stage3``), per concept type."""
     from iis_study.core import plots
 
+    if "representation" in iis_scores:
+        iis_scores = iis_scores.assign(backbone=iis_scores["representation"].fillna(iis_scores["backbone"]))
     return plots.iis_vs_accuracy(iis_scores, correlation, score="iis")
 
 
