@@ -82,7 +82,57 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
             FinetuneConfig.from_params({**dict(ft.get("train") or {}), "lam": lam, "seed": seed})
         _check_device((ft.get("train") or {}).get("device", "auto"), "fine_tuning.train.device")
         sweep_config(dict(ft.get("sweep") or {}))
+    _validate_reporting(params, types)
     logger.info("parameters checked: %d backbones, concept types %s", len(backbones), types)
+
+
+def _int(value: Any, where: str, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{where} must be an integer >= {lo}, got {value!r}")
+
+
+def _fraction(value: Any, where: str, lo: float = 0.0, hi: float = 1.0) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < float(value) < hi:
+        raise ValueError(f"{where} must be a number in ({lo}, {hi}), got {value!r}")
+
+
+def _validate_reporting(params: dict[str, Any], types: list[str]) -> None:
+    """Scoring, correlation, gallery, tracking and the remaining extraction settings."""
+    extraction = params.get("extraction") or {}
+    workers = extraction.get("num_workers")
+    if workers is not None:
+        _int(workers, "extraction.num_workers", 0)
+    if not isinstance(extraction.get("cache_dir", "data/04_feature/cache"), str):
+        raise ValueError(f"extraction.cache_dir must be a folder path, got {extraction.get('cache_dir')!r}")
+    scoring = params.get("scoring") or {}
+    _int(scoring.get("n_boot", 1000), "scoring.n_boot", 1)
+    _int(scoring.get("seed", 0), "scoring.seed", 0)
+    _fraction(scoring.get("ci", 0.95), "scoring.ci")
+    correlation = params.get("correlation") or {}
+    _int(correlation.get("n_boot", 2000), "correlation.n_boot", 1)
+    _int(correlation.get("seed", 0), "correlation.seed", 0)
+    _fraction(correlation.get("ci", 0.95), "correlation.ci")
+    scores = correlation.get("scores", ["iis", "iis_chance_corrected"])
+    if not scores or set(scores) - {"iis", "iis_chance_corrected"}:
+        raise ValueError(
+            f"correlation.scores must be a non-empty subset of ['iis', 'iis_chance_corrected'], got {scores!r}"
+        )
+    gallery = params.get("gallery")
+    if gallery:
+        ctype = gallery.get("concept_type", "prototype")
+        if ctype not in ("prototype", "cluster"):
+            raise ValueError(f"gallery.concept_type must be 'prototype' or 'cluster', got {ctype!r}")
+        s = gallery.get("sparsity", 0.9)
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"gallery.sparsity must be in [0, 1), got {s!r}")
+        sweep_grid = (params.get("sweep") or {}).get("sparsities", [])
+        if sweep_grid and not any(abs(float(s) - float(g)) < 1e-9 for g in sweep_grid):
+            raise ValueError(f"gallery.sparsity = {s} is not on the sweep grid sweep.sparsities = {list(sweep_grid)}")
+        _int(gallery.get("n_images", 6), "gallery.n_images", 1)
+        _int(gallery.get("top", 5), "gallery.top", 1)
+    tracking = params.get("tracking") or {}
+    if not isinstance(tracking.get("enabled", True), bool):
+        raise ValueError(f"tracking.enabled must be true or false, got {tracking.get('enabled')!r}")
 
 
 def _validate_representations(params: dict[str, Any]) -> dict[str, Any]:
