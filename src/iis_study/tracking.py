@@ -136,8 +136,9 @@ class StudyTracker:
             self.client.log_metric(self.child(backbone), "images_skipped", float(info["n_skipped"]))
 
     def log_scores(self, backbone: str, concept_type: str, scores: dict[str, Any], curve) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         rid = self.child(backbone)
         now = int(time.time() * 1000)
@@ -167,9 +168,10 @@ class StudyTracker:
 
     def log_fine_tuning(self, results) -> None:
         """One nested run per (backbone, λ, seed): metrics per epoch (step = epoch), the checkpoint."""
-        from mlflow.entities import Metric
         import math
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         for (bb, lam, seed), g in results.groupby(["backbone", "lam", "seed"]):

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .params import reject_unknown_keys
+
 logger = logging.getLogger(__name__)
 
 # offline ImageNet weights: timm name -> (module, file name inside the module's ``models`` folder)
@@ -95,12 +97,7 @@ class BackboneSpec:
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> BackboneSpec:
         """Build from a parameter mapping; unknown keys are an error naming the backbone."""
-        allowed = set(cls.__dataclass_fields__) - {"name"}
-        unknown = set(params) - allowed
-        if unknown:
-            raise ValueError(
-                f"backbones.{name}: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}"
-            )
+        reject_unknown_keys(params, set(cls.__dataclass_fields__) - {"name"}, f"backbones.{name}")
         p = dict(params)
         for key in ("mean", "std"):
             if p.get(key) is not None:

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from .params import reject_unknown_keys
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -60,12 +62,7 @@ class DatasetSpec:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DatasetSpec:
         """Build a spec from a parameter mapping, rejecting unknown keys."""
-        allowed = set(cls.__dataclass_fields__)
-        unknown = set(params) - allowed
-        if unknown:
-            raise ValueError(
-                f"dataset: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}"
-            )
+        reject_unknown_keys(params, cls.__dataclass_fields__, "dataset")
         spec = cls(**params)
         spec.validate()
         return spec

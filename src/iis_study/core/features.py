@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,12 +213,3 @@ def split_features(
         idx = torch.from_numpy(np.flatnonzero(order_arr == s))
         out[s] = Features(x=feats.x[idx], y=feats.y[idx], ok=feats.ok[idx])
     return out
-
-
-def throughput(fn: Callable[[], int], repeats: int = 1) -> float:
-    """Images per second of ``fn`` (which returns the number of images it processed)."""
-    import time
-
-    t0 = time.perf_counter()
-    n = sum(fn() for _ in range(repeats))
-    return n / (time.perf_counter() - t0)

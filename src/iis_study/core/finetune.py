@@ -64,6 +64,7 @@ from .concepts import Elements, prototype_indices
 from .data import ImageSet, array_image_set
 from .features import Features, _Resized, extract, load_tensors, save_tensors
 from .heads import ConceptSpace, Split, SweepConfig, derive_seed, n_dropped, sparsify, sweep
+from .params import reject_unknown_keys
 from .scores import score_sweep
 
 logger = logging.getLogger(__name__)
@@ -104,12 +105,7 @@ class FinetuneConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FinetuneConfig:
         """Build from a parameter mapping; unknown keys are an error."""
-        allowed = set(cls.__dataclass_fields__)
-        unknown = set(params) - allowed
-        if unknown:
-            raise ValueError(
-                f"fine_tuning: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}"
-            )
+        reject_unknown_keys(params, cls.__dataclass_fields__, "fine_tuning")
         p = dict(params)
         if p.get("eval_epochs") is not None:
             p["eval_epochs"] = tuple(int(e) for e in p["eval_epochs"])

@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
+from ..namespaces import per_backbone
 from .nodes import (
     build_concept_elements,
     cluster_concepts,
@@ -59,20 +60,9 @@ def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] 
     """Concept elements, then for every backbone its concept spaces."""
     concept_types = list(concept_types)
     textual = "textual" in concept_types
-    parameters = {
-        "params:backbone": "params:backbones.{name}",
-        "params:extraction": "params:extraction",
-        "params:concepts": "params:concepts",
-    }
-    if textual:
-        parameters["params:dataset"] = "params:dataset"
-    per_backbone = [
-        Pipeline(
-            base_pipeline(concept_types),
-            namespace=name,
-            inputs={"concept_elements", "splits"} if textual else {"concept_elements"},
-            parameters={k: v.format(name=name) for k, v in parameters.items()},
-        )
-        for name in backbones
-    ]
-    return elements_pipeline() + sum(per_backbone, Pipeline([]))
+    return elements_pipeline() + per_backbone(
+        base_pipeline(concept_types),
+        backbones,
+        inputs={"concept_elements", "splits"} if textual else {"concept_elements"},
+        shared_params=("extraction", "concepts", "dataset") if textual else ("extraction", "concepts"),
+    )

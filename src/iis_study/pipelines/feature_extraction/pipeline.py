@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
+from ..namespaces import per_backbone
 from .nodes import extract_features
 
 
@@ -23,19 +24,4 @@ def base_pipeline() -> Pipeline:
 
 def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
     """``splits`` -> ``<backbone>.features`` for every backbone."""
-    return sum(
-        (
-            Pipeline(
-                base_pipeline(),
-                namespace=name,
-                inputs={"splits"},
-                parameters={
-                    "params:backbone": f"params:backbones.{name}",
-                    "params:dataset": "params:dataset",
-                    "params:extraction": "params:extraction",
-                },
-            )
-            for name in backbones
-        ),
-        Pipeline([]),
-    )
+    return per_backbone(base_pipeline(), backbones, inputs={"splits"}, shared_params=("dataset", "extraction"))

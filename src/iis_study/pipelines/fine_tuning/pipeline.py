@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
+from ..namespaces import per_backbone
 from .nodes import collect_fine_tuning, fine_tune_backbone, plot_fine_tuning, summarise_fine_tuning
 
 
@@ -24,23 +25,13 @@ def base_pipeline() -> Pipeline:
 def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
     """``kedro run --pipeline fine_tuning``: fine-tune, collect, summarise, plot."""
     backbones = list(backbones)
-    per_backbone = sum(
-        (
-            Pipeline(
-                base_pipeline(),
-                namespace=name,
-                inputs={"splits", "concept_elements"},
-                parameters={
-                    "params:backbone": f"params:backbones.{name}",
-                    "params:dataset": "params:dataset",
-                    "params:fine_tuning": "params:fine_tuning",
-                },
-            )
-            for name in backbones
-        ),
-        Pipeline([]),
+    fine_tuned = per_backbone(
+        base_pipeline(),
+        backbones,
+        inputs={"splits", "concept_elements"},
+        shared_params=("dataset", "fine_tuning"),
     )
-    return per_backbone + Pipeline(
+    return fine_tuned + Pipeline(
         [
             node(
                 collect_fine_tuning,

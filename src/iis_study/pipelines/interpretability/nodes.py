@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from iis_study.core.heads import ConceptSpace, Split, SweepConfig, SweepResult, sweep
+from iis_study.core.params import reject_unknown_keys
 from iis_study.core.scores import score_sweep
 
 logger = logging.getLogger(__name__)
@@ -17,10 +18,7 @@ logger = logging.getLogger(__name__)
 
 def sweep_config(params: dict[str, Any]) -> SweepConfig:
     """A validated :class:`SweepConfig` from the ``sweep`` parameter block."""
-    allowed = set(SweepConfig.__dataclass_fields__)
-    unknown = set(params) - allowed
-    if unknown:
-        raise ValueError(f"sweep: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+    reject_unknown_keys(params, SweepConfig.__dataclass_fields__, "sweep")
     p = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     if p.get("device") == "auto":
         p["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,10 +61,6 @@ def train_interpreters(
         len(cfg.seeds),
         cfg.epochs,
     )
-    return _run_sweep(splits, space, num_classes, cfg)
-
-
-def _run_sweep(splits: dict[str, Split], space: ConceptSpace, num_classes: int, cfg: SweepConfig) -> SweepResult:
     return sweep(splits["train"], splits["val"], splits["test"], space, num_classes, cfg)
 
 

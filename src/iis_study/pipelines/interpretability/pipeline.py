@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
+from ..namespaces import per_backbone
 from .nodes import score_interpreters, train_interpreters
 
 
@@ -30,15 +31,4 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
 
 def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
     """For every backbone and concept type: ``sweep_<type>``, ``scores_<type>``, ``curve_<type>``."""
-    concept_types = list(concept_types)
-    return sum(
-        (
-            Pipeline(
-                base_pipeline(concept_types),
-                namespace=name,
-                parameters={"params:sweep", "params:scoring"},
-            )
-            for name in backbones
-        ),
-        Pipeline([]),
-    )
+    return per_backbone(base_pipeline(list(concept_types)), backbones, shared_params=("sweep", "scoring"))

@@ -5,6 +5,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
+from ..namespaces import per_backbone
 from .nodes import (
     collect_scores,
     correlate_scores,
@@ -64,16 +65,10 @@ def create_pipeline(
         ]
     )
     if gallery_type and gallery_type in concept_types:
-        study += sum(
-            (
-                Pipeline(
-                    gallery_pipeline(gallery_type),
-                    namespace=name,
-                    inputs={"concept_elements", "splits"},
-                    parameters={"params:dataset", "params:gallery"},
-                )
-                for name in backbones
-            ),
-            Pipeline([]),
+        study += per_backbone(
+            gallery_pipeline(gallery_type),
+            backbones,
+            inputs={"concept_elements", "splits"},
+            shared_params=("dataset", "gallery"),
         )
     return study
