@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, SweepResult, sweep
+from iis_study.core.heads import ConceptSpace, Split, SweepConfig, SweepResult
+from iis_study.core.heads import sweep as run_sweep  # the node's `sweep` argument is the parameter block
 from iis_study.core.params import reject_unknown_keys
 from iis_study.core.scores import score_sweep
 
@@ -61,7 +62,7 @@ def train_interpreters(
         len(cfg.seeds),
         cfg.epochs,
     )
-    return sweep(splits["train"], splits["val"], splits["test"], space, num_classes, cfg)
+    return run_sweep(splits["train"], splits["val"], splits["test"], space, num_classes, cfg)
 
 
 def score_interpreters(result: SweepResult, scoring: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
