@@ -412,3 +412,12 @@ def test_end_to_end_score_paths_agree():
     gv = torch.autograd.grad(via.square().sum(), heads.params["interp.q"], retain_graph=True)[0]
     gd = torch.autograd.grad(direct.square().sum(), heads.params["interp.q"])[0]
     torch.testing.assert_close(gv, gd, rtol=1e-3, atol=1e-4)
+
+
+def test_flush_denormals_zeroes_only_subnormal_entries():
+    from iis_study.core.heads import flush_denormals
+
+    g = torch.tensor([1e-40, -1e-39, 1.2e-38, -3.0, 0.0, 1e-45])
+    out = flush_denormals(g)
+    assert out.tolist() == [0.0, 0.0, pytest.approx(1.2e-38), -3.0, 0.0, 0.0]
+    assert g[0].item() != 0.0  # input left unchanged

@@ -352,6 +352,21 @@ def _generator(seed: int, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def flush_denormals(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with subnormal entries set to zero (a tensor hook for logits).
+
+    Once a head is confident, the cross-entropy gradient ``softmax - onehot`` holds
+    probabilities below the smallest normal float. Matrix products over subnormals run
+    tens of times slower on x86 CPUs (measured: 48 ms instead of 1 ms for the probe's
+    weight gradient), and ``torch.set_flush_denormal`` reaches only the calling thread,
+    not the BLAS/OpenMP workers. Zeroing them changes each gradient by < 1.2e-38.
+    """
+    if not grad.is_floating_point():
+        return grad
+    tiny = torch.finfo(grad.dtype).tiny
+    return grad.masked_fill(grad.abs() < tiny, 0.0)
+
+
 def _check_k(k: int, m: int) -> None:
     if k < 0 or k > m:
         raise ValueError(f"k (entries to drop) must lie in [0, {m}], got {k}")
@@ -948,6 +963,8 @@ def _train_epoch(
         bb = None if base is None else base[idx]
         yb = train.y[idx]
         lp, li = heads.forward(xb, bb, train=True)
+        lp.register_hook(flush_denormals)
+        li.register_hook(flush_denormals)
         k = lp.shape[-1]
         bsz = idx.shape[1]
         loss = F.cross_entropy(
@@ -1255,7 +1272,9 @@ def train_single_head(
         for start in range(0, perm.shape[0], config.batch_size):
             idx = perm[start : start + config.batch_size]
             opt.zero_grad()
-            F.cross_entropy(model(train.x[idx]), train.y[idx]).backward()
+            logits = model(train.x[idx])
+            logits.register_hook(flush_denormals)
+            F.cross_entropy(logits, train.y[idx]).backward()
             opt.step()
         sched.step()
         model.eval()
