@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .store import ShardedArray
+
 logger = logging.getLogger(__name__)
 
 HeadKind = Literal["probe", "interp"]
@@ -118,9 +120,13 @@ class SweepConfig:
 
 @dataclass
 class Split:
-    """Features of one split: ``x`` (N, D) float32 representations, ``y`` (N,) int64 labels."""
+    """Features of one split: ``x`` (N, D) float32 representations, ``y`` (N,) int64 labels.
 
-    x: torch.Tensor
+    ``x`` may be a :class:`~iis_study.core.store.ShardedArray` (features on disk): the sweep
+    then streams it shard by shard and never holds more than one shard per seed in memory.
+    """
+
+    x: torch.Tensor | ShardedArray
     y: torch.Tensor
 
     def validate(self, num_classes: int, name: str = "split") -> None:
@@ -133,14 +139,18 @@ class Split:
             )
         if self.x.shape[0] < 1:
             raise ValueError(f"{name} must contain at least one sample")
-        if not torch.is_floating_point(self.x):
+        if not isinstance(self.x, ShardedArray) and not torch.is_floating_point(self.x):
             raise ValueError(f"{name}.x must be a floating-point tensor, got {self.x.dtype}")
         if torch.is_floating_point(self.y) or self.y.dtype == torch.bool:
             raise ValueError(f"{name}.y must be an integer tensor, got {self.y.dtype}")
         lo, hi = int(self.y.min()), int(self.y.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name}.y labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
-        if not bool(torch.isfinite(self.x).all()):
+        if isinstance(self.x, ShardedArray):
+            for start, rows in self.x.iter_blocks():
+                if not bool(torch.isfinite(rows).all()):
+                    raise ValueError(f"{name}.x contains non-finite values (shard starting at row {start})")
+        elif not bool(torch.isfinite(self.x).all()):
             raise ValueError(f"{name}.x contains non-finite values")
 
 
@@ -766,6 +776,14 @@ class _BatchedHeads:
             for lr in cfg.learning_rates
         ]
 
+    def base_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Shared activations of a batch ``x`` (..., D) -> (..., M); None for end-to-end concepts."""
+        if self.concepts.kind == "end_to_end":
+            return None
+        flat = _precompute_base(x.reshape(-1, x.shape[-1]), self.concepts)
+        assert flat is not None
+        return flat.reshape(tuple(x.shape[:-1]) + (flat.shape[-1],))
+
     def lr_axis(self) -> dict[str, int]:
         return {k: (1 if k.startswith("probe.") else 2) for k in self.params}
 
@@ -817,10 +835,15 @@ class _BatchedHeads:
         """
         s = self.shape_probe[0]
         probe_parts, interp_parts = [], []
-        for start in range(0, x.shape[0], _EVAL_CHUNK):
-            sl = slice(start, start + _EVAL_CHUNK)
-            xs = x[sl].unsqueeze(0).expand(s, -1, -1)
-            bs = None if base is None else base[sl].unsqueeze(0).expand(s, -1, -1)
+        for start, rows in _eval_chunks(x):
+            sl = slice(start, start + rows.shape[0])
+            rows = rows.to(self.device)
+            xs = rows.unsqueeze(0).expand(s, -1, -1)
+            if base is not None:
+                bs = base[sl].unsqueeze(0).expand(s, -1, -1)
+            else:
+                b1 = self.base_of(rows)
+                bs = None if b1 is None else b1.unsqueeze(0).expand(s, -1, -1)
             lp, li = self.forward(xs, bs, train=False)
             probe_parts.append(lp.argmax(-1) == y[sl])
             interp_parts.append(li.argmax(-1) == y[sl])
@@ -899,7 +922,51 @@ def _validate_inputs(
 
 
 def _to_device(split: Split, device: str) -> Split:
-    return Split(split.x.to(device=device, dtype=torch.float32), split.y.to(device=device, dtype=torch.long))
+    """Labels (and in-memory features) on ``device``; sharded features stay on disk."""
+    y = split.y.to(device=device, dtype=torch.long)
+    if isinstance(split.x, ShardedArray):
+        return Split(split.x, y)
+    return Split(split.x.to(device=device, dtype=torch.float32), y)
+
+
+def _shard_batches(
+    x: ShardedArray, y: torch.Tensor, gen: torch.Generator, batch_size: int, device: str
+) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of minibatches ``(x, y)`` of a sharded split for one seed.
+
+    The data order: the shards in a random order, and the rows of each shard in a random
+    order (rows left over at the end of a shard open the next batch). Only the shard being
+    read (plus fewer than ``batch_size`` leftover rows) is in memory. With a single shard this
+    is exactly the in-memory order ``randperm(N)``.
+    """
+    blocks = x.blocks()
+    order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
+    carry_x: torch.Tensor | None = None
+    carry_y: torch.Tensor | None = None
+    for b in order:
+        start, stop = blocks[b]
+        perm = torch.randperm(stop - start, generator=gen)
+        rows = x.read(start, stop)[perm].to(device)
+        labels = y[start:stop][perm.to(y.device)]
+        if carry_x is not None:
+            rows, labels = torch.cat([carry_x, rows]), torch.cat([carry_y, labels])
+        full = (rows.shape[0] // batch_size) * batch_size
+        for i in range(0, full, batch_size):
+            yield rows[i : i + batch_size], labels[i : i + batch_size]
+        carry_x, carry_y = (rows[full:], labels[full:]) if full < rows.shape[0] else (None, None)
+    if carry_x is not None:
+        yield carry_x, carry_y
+
+
+def _eval_chunks(x: torch.Tensor | ShardedArray) -> Sequence[tuple[int, torch.Tensor]]:
+    """``(start, rows)`` chunks of at most ``_EVAL_CHUNK`` rows, in order (shard by shard)."""
+    if isinstance(x, ShardedArray):
+        for start, rows in x.iter_blocks():
+            for i in range(0, rows.shape[0], _EVAL_CHUNK):
+                yield start + i, rows[i : i + _EVAL_CHUNK]
+    else:
+        for i in range(0, x.shape[0], _EVAL_CHUNK):
+            yield i, x[i : i + _EVAL_CHUNK]
 
 
 def sweep(
@@ -923,8 +990,10 @@ def sweep(
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
     concepts = _concepts_to(concepts, dev)
     heads = _BatchedHeads(concepts, config, train.x.shape[1], num_classes)
+    # activations shared by all heads, once per sample; on the fly per batch for sharded splits
     bases = {
-        name: _precompute_base(s.x, concepts) for name, s in (("train", train), ("val", val), ("test", test))
+        name: None if isinstance(s.x, ShardedArray) else _precompute_base(s.x, concepts)
+        for name, s in (("train", train), ("val", val), ("test", test))
     }
     opt = _StackedAdam(heads.params, heads.lr_axis(), config.learning_rates)
     data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
@@ -955,18 +1024,12 @@ def _train_epoch(
     data_gens: list[torch.Generator],
     batch_size: int,
 ) -> None:
-    n = train.x.shape[0]
-    perms = torch.stack([torch.randperm(n, generator=g) for g in data_gens]).to(train.x.device)
-    for start in range(0, n, batch_size):
-        idx = perms[:, start : start + batch_size]  # (S, B)
-        xb = train.x[idx]
-        bb = None if base is None else base[idx]
-        yb = train.y[idx]
+    for xb, bb, yb in _seed_batches(heads, train, base, data_gens, batch_size):
         lp, li = heads.forward(xb, bb, train=True)
         lp.register_hook(flush_denormals)
         li.register_hook(flush_denormals)
         k = lp.shape[-1]
-        bsz = idx.shape[1]
+        bsz = yb.shape[1]
         loss = F.cross_entropy(
             lp.reshape(-1, k), yb[:, None].expand(lp.shape[:3]).reshape(-1), reduction="sum"
         )
@@ -976,6 +1039,27 @@ def _train_epoch(
         opt.zero_grad()
         (loss / bsz).backward()
         opt.step()
+
+
+def _seed_batches(
+    heads: _BatchedHeads,
+    train: Split,
+    base: torch.Tensor | None,
+    data_gens: list[torch.Generator],
+    batch_size: int,
+):
+    """Minibatches stacked over seeds: ``x`` (S, B, D), ``base`` (S, B, M) or None, ``y`` (S, B)."""
+    if not isinstance(train.x, ShardedArray):
+        n = train.x.shape[0]
+        perms = torch.stack([torch.randperm(n, generator=g) for g in data_gens]).to(train.y.device)
+        for start in range(0, n, batch_size):
+            idx = perms[:, start : start + batch_size]  # (S, B)
+            yield train.x[idx], None if base is None else base[idx], train.y[idx]
+        return
+    streams = [_shard_batches(train.x, train.y, g, batch_size, heads.device) for g in data_gens]
+    for parts in zip(*streams, strict=True):
+        xb = torch.stack([p[0] for p in parts])
+        yield xb, heads.base_of(xb), torch.stack([p[1] for p in parts])
 
 
 def _select_lr(val_acc: np.ndarray, lrs: np.ndarray) -> np.ndarray:
@@ -1266,21 +1350,33 @@ def train_single_head(
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
     gen = _generator(_data_seed(seed), "cpu")
     val_curve, test_curve, test_hist = [], [], []
-    for _ in range(config.epochs):
-        model.train()
+    def batches():
+        if isinstance(train.x, ShardedArray):
+            yield from _shard_batches(train.x, train.y, gen, config.batch_size, dev)
+            return
         perm = torch.randperm(train.x.shape[0], generator=gen).to(dev)
         for start in range(0, perm.shape[0], config.batch_size):
             idx = perm[start : start + config.batch_size]
+            yield train.x[idx], train.y[idx]
+
+    def predict(x: torch.Tensor | ShardedArray) -> torch.Tensor:
+        if isinstance(x, ShardedArray):
+            return torch.cat([model(rows.to(dev)).argmax(-1) for _, rows in _eval_chunks(x)])
+        return model(x).argmax(-1)
+
+    for _ in range(config.epochs):
+        model.train()
+        for xb, yb in batches():
             opt.zero_grad()
-            logits = model(train.x[idx])
+            logits = model(xb)
             logits.register_hook(flush_denormals)
-            F.cross_entropy(logits, train.y[idx]).backward()
+            F.cross_entropy(logits, yb).backward()
             opt.step()
         sched.step()
         model.eval()
         with torch.no_grad():
-            val_curve.append(float((model(val.x).argmax(-1) == val.y).cpu().numpy().mean()))
-            correct = (model(test.x).argmax(-1) == test.y).cpu().numpy()
+            val_curve.append(float((predict(val.x) == val.y).cpu().numpy().mean()))
+            correct = (predict(test.x) == test.y).cpu().numpy()
         test_curve.append(float(correct.mean()))
         test_hist.append(correct)
     best = int(np.argmax(val_curve))
