@@ -25,6 +25,9 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 
 from .core.features import load_tensors, save_tensors
+from .core.store import ShardedArray, link_or_copy, open_store
+
+_SHARDED_KEYS = "__sharded_keys__"
 
 
 def _atomic_dir(target: Path):
@@ -51,6 +54,9 @@ class TensorDictDataset(AbstractDataset[dict, dict]):
     """A ``dict[str, torch.Tensor]`` stored as one safetensors file.
 
     String metadata rides along under the reserved key ``"__metadata__"`` (a ``dict[str, str]``).
+    Out-of-core entries (:class:`~iis_study.core.store.ShardedArray`) are kept as shard files in
+    ``<filepath>.shards/<key>/`` (hard links to the extraction cache, so no second copy) and
+    come back as ``ShardedArray``.
     """
 
     def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
@@ -67,15 +73,39 @@ class TensorDictDataset(AbstractDataset[dict, dict]):
                 f"{self._filepath} is not a readable safetensors file ({exc}); delete it and re-run"
             ) from exc
         out: dict[str, Any] = dict(tensors)
+        for key in json.loads(meta.pop(_SHARDED_KEYS, "[]")):
+            try:
+                out[key] = open_store(self._shards_dir / key)
+            except Exception as exc:
+                raise DatasetError(
+                    f"{self._filepath}: entry {key!r} lives in {self._shards_dir / key}, which is missing or "
+                    f"damaged ({exc}); re-run the pipeline that produces it"
+                ) from exc
         out["__metadata__"] = meta
         return out
 
+    @property
+    def _shards_dir(self) -> Path:
+        return self._filepath.with_name(self._filepath.name + ".shards")
+
     def save(self, data: dict[str, Any]) -> None:
         meta = {k: str(v) for k, v in (data.get("__metadata__") or {}).items()}
-        tensors = {k: v for k, v in data.items() if k != "__metadata__"}
+        tensors = {k: v for k, v in data.items() if k != "__metadata__" and not isinstance(v, ShardedArray)}
+        sharded = {k: v for k, v in data.items() if isinstance(v, ShardedArray)}
         for k, v in tensors.items():
             if not isinstance(v, torch.Tensor):
                 raise DatasetError(f"{self._filepath}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if sharded:
+            # out-of-core entries: the shard files are hard-linked (no copy) into <file>.shards/<key>/
+            tmp, commit, abort = _atomic_dir(self._shards_dir)
+            try:
+                for k, v in sharded.items():
+                    link_or_copy(v, tmp / k)
+                commit()
+            except BaseException:
+                abort()
+                raise
+            meta[_SHARDED_KEYS] = json.dumps(sorted(sharded))
         save_tensors(self._filepath, tensors, meta)
 
     def _exists(self) -> bool:

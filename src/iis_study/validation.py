@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .core.store import check_storage
+
 logger = logging.getLogger(__name__)
 
 
@@ -104,6 +106,12 @@ def _validate_reporting(params: dict[str, Any], types: list[str]) -> None:
         _int(workers, "extraction.num_workers", 0)
     if not isinstance(extraction.get("cache_dir", "data/04_feature/cache"), str):
         raise ValueError(f"extraction.cache_dir must be a folder path, got {extraction.get('cache_dir')!r}")
+    storage = extraction.get("storage", "memory")
+    if storage not in ("memory", "sharded"):
+        raise ValueError(f"extraction.storage must be 'memory' or 'sharded', got {storage!r}")
+    shard_rows = extraction.get("shard_rows", 16384)
+    _int(shard_rows, "extraction.shard_rows", 1)
+    check_storage(extraction.get("storage_dtype", "float32"), shard_rows)
     scoring = params.get("scoring") or {}
     _int(scoring.get("n_boot", 1000), "scoring.n_boot", 1)
     _int(scoring.get("seed", 0), "scoring.seed", 0)

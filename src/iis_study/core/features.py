@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Representation
 from .data import BadImageError, ImageSet
+from .store import ShardedArray, ShardWriter, atomic_save_npy, check_storage
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,29 @@ def extract(
     on_bad_image: str = "error",
 ) -> Features:
     """Run ``rep`` over every image of ``images``; returns features in the same order."""
+    feats, oks = [], []
+    for out, ok in extract_batches(rep, images, batch_size, num_workers, progress, desc, on_bad_image):
+        feats.append(out)
+        oks.append(ok)
+    x = torch.cat(feats) if feats else torch.zeros(0, rep.dim)
+    ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+    return Features(x=x.contiguous(), y=torch.as_tensor(images.labels, dtype=torch.int64), ok=ok)
+
+
+def extract_batches(
+    rep: Representation,
+    images: ImageSet,
+    batch_size: int = 128,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str = "features",
+    on_bad_image: str = "error",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Features of ``images`` batch by batch, in order: ``(x (B, D) float32 on the CPU, ok (B,) bool)``.
+
+    DataLoader workers decode and resize (pinned memory on CUDA); the model runs under
+    autocast (bf16 where supported) on CUDA with non-blocking host-to-device copies.
+    """
     device = next(rep.model.parameters()).device
     workers = _default_workers() if num_workers is None else num_workers
     loader = DataLoader(
@@ -98,20 +122,17 @@ def extract(
         persistent_workers=False,
     )
     amp_dtype = autocast_dtype(device)
-    feats, oks = [], []
     bar = _progress(total=len(images), desc=desc, enabled=progress)
-    for batch, ok in loader:
-        batch = batch.to(device, non_blocking=True)
-        FORWARD_PASSES["count"] += 1
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            out = rep.forward_uint8(batch)
-        feats.append(out.float().cpu())
-        oks.append(ok)
-        bar.update(len(batch))
-    bar.close()
-    x = torch.cat(feats) if feats else torch.zeros(0, rep.dim)
-    ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
-    return Features(x=x.contiguous(), y=torch.as_tensor(images.labels, dtype=torch.int64), ok=ok)
+    try:
+        for batch, ok in loader:
+            batch = batch.to(device, non_blocking=True)
+            FORWARD_PASSES["count"] += 1
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                out = rep.forward_uint8(batch)
+            bar.update(len(batch))
+            yield out.float().cpu(), ok
+    finally:
+        bar.close()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -201,6 +222,60 @@ def extract_cached(
         {"backbone": rep.spec.display_name, "model": rep.spec.model, "layer": rep.layer, "key": key},
     )
     return feats, key
+
+
+def extract_sharded_cached(
+    rep: Representation,
+    images: ImageSet,
+    cache_dir: str | Path,
+    storage_dtype: str = "float32",
+    shard_rows: int = 16384,
+    extra_key: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[ShardedArray, torch.Tensor, torch.Tensor, str]:
+    """Features of ``images`` as a sharded on-disk store (out-of-core), from the cache when present.
+
+    The store lives in the cache (``<cache_dir>/<key>.<dtype>.shards/``); nothing of size N is
+    held in memory: batches go straight to shard files. An interrupted extraction resumes at
+    the first shard not yet on disk. Returns ``(x, y, ok, key)`` with ``x`` the
+    :class:`ShardedArray` of all images (unreadable ones included as zero rows, ``ok`` False).
+    """
+    check_storage(storage_dtype, shard_rows)
+    key = cache_key(rep, images.fingerprint(), extra_key)
+    root = Path(cache_dir) / f"{key}.{storage_dtype}.shards"
+    n = len(images)
+    if (root / "manifest.json").is_file():
+        try:
+            x = ShardedArray(root)
+            ok = torch.from_numpy(np.load(root / "ok.npy")).bool()
+            if len(x) == n and ok.numel() == n:
+                logger.info("features of %s: cache hit %s", rep.spec.display_name, root)
+                return x, torch.as_tensor(images.labels, dtype=torch.int64), ok, key
+        except Exception as exc:  # a damaged store is rebuilt, never trusted
+            logger.warning("ignoring unreadable feature store %s (%s)", root, exc)
+        (root / "manifest.json").unlink(missing_ok=True)
+    writer = ShardWriter(root, rep.dim, dtype=storage_dtype, shard_rows=shard_rows, resume=True)
+    done = writer.rows_done
+    oks_path = root / "ok.partial.npy"
+    oks = [np.load(oks_path)[:done]] if done and oks_path.is_file() else []
+    if done and (not oks or oks[0].size != done):
+        writer = ShardWriter(root, rep.dim, dtype=storage_dtype, shard_rows=shard_rows, resume=False)
+        done, oks = 0, []
+    if done:
+        logger.info("features of %s: resuming at image %d of %d (%d shards on disk)", rep.spec.display_name, done, n, len(writer.shards))
+    rest = images.subset(np.arange(done, n)) if done else images
+    kwargs.setdefault("desc", rep.spec.display_name)
+    for out, ok in extract_batches(rep, rest, **kwargs):
+        writer.append(out)
+        oks.append(ok.numpy())
+        if writer.rows_done > done:  # a shard was written: record its ok flags
+            done = writer.rows_done
+            atomic_save_npy(oks_path, np.concatenate(oks)[:done])
+    ok_all = np.concatenate(oks) if oks else np.zeros(0, dtype=bool)
+    atomic_save_npy(root / "ok.npy", ok_all)
+    x = writer.close({"backbone": rep.spec.display_name, "model": rep.spec.model, "key": key})
+    oks_path.unlink(missing_ok=True)
+    return x, torch.as_tensor(images.labels, dtype=torch.int64), torch.from_numpy(ok_all).bool(), key
 
 
 def split_features(

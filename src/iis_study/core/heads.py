@@ -941,21 +941,33 @@ def _shard_batches(
     """
     blocks = x.blocks()
     order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
-    carry_x: torch.Tensor | None = None
-    carry_y: torch.Tensor | None = None
+    carry: tuple[torch.Tensor, torch.Tensor] | None = None
     for b in order:
         start, stop = blocks[b]
         perm = torch.randperm(stop - start, generator=gen)
-        rows = x.read(start, stop)[perm].to(device)
-        labels = y[start:stop][perm.to(y.device)]
-        if carry_x is not None:
-            rows, labels = torch.cat([carry_x, rows]), torch.cat([carry_y, labels])
-        full = (rows.shape[0] // batch_size) * batch_size
-        for i in range(0, full, batch_size):
-            yield rows[i : i + batch_size], labels[i : i + batch_size]
-        carry_x, carry_y = (rows[full:], labels[full:]) if full < rows.shape[0] else (None, None)
-    if carry_x is not None:
-        yield carry_x, carry_y
+        rows = x.read(start, stop).to(device)  # the one shard in memory; batches are gathered from it
+        labels = y[start:stop].to(device)
+        perm = perm.to(device)
+        pos = 0
+        if carry is not None:  # rows left over from the previous shard open this shard's first batch
+            take = perm[: batch_size - carry[0].shape[0]]
+            pos = take.shape[0]
+            xb, yb = torch.cat([carry[0], rows[take]]), torch.cat([carry[1], labels[take]])
+            if xb.shape[0] < batch_size:
+                carry = (xb, yb)
+                continue
+            carry = None
+            yield xb, yb
+        while pos + batch_size <= perm.shape[0]:
+            take = perm[pos : pos + batch_size]
+            pos += batch_size
+            yield rows[take], labels[take]
+        if pos < perm.shape[0]:
+            take = perm[pos:]
+            carry = (rows[take], labels[take])
+        del rows
+    if carry is not None:
+        yield carry
 
 
 def _eval_chunks(x: torch.Tensor | ShardedArray) -> Sequence[tuple[int, torch.Tensor]]:

@@ -34,7 +34,7 @@ def _shard_name(i: int) -> str:
     return f"x.{i:05d}.npy"
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -127,7 +127,7 @@ class ShardWriter:
 
     def _flush(self, n: int) -> None:
         block = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        _atomic_save_npy(self.root / _shard_name(len(self.shards)), np.ascontiguousarray(block[:n]))
+        atomic_save_npy(self.root / _shard_name(len(self.shards)), np.ascontiguousarray(block[:n]))
         self.shards.append(n)
         rest = block[n:]
         self._buffer = [rest] if rest.shape[0] else []
