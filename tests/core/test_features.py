@@ -80,3 +80,51 @@ def test_unreadable_image_is_named_or_skipped(rep, tmp_path):
         F.extract(rep, ds, num_workers=0, progress=False)
     f = F.extract(rep, ds, num_workers=0, progress=False, on_bad_image="skip")
     assert f.ok.tolist() == [True, True, False]
+
+
+def test_sharded_extraction_matches_in_memory_and_hits_the_cache(rep, images, tmp_path):
+    mem = F.extract(rep, images, batch_size=4, num_workers=0, progress=False)
+    x, y, ok, key = F.extract_sharded_cached(
+        rep, images, tmp_path, shard_rows=3, batch_size=4, num_workers=0, progress=False
+    )
+    assert len(x.blocks()) == 4 and ok.all() and y.tolist() == mem.y.tolist()
+    torch.testing.assert_close(x.to_tensor(), mem.x, rtol=0, atol=0)
+    before = F.FORWARD_PASSES["count"]
+    x2, *_ = F.extract_sharded_cached(rep, images, tmp_path, shard_rows=3, batch_size=4, num_workers=0, progress=False)
+    assert F.FORWARD_PASSES["count"] == before and x2.root == x.root
+    h, *_ = F.extract_sharded_cached(
+        rep, images, tmp_path, storage_dtype="float16", shard_rows=3, num_workers=0, progress=False
+    )
+    torch.testing.assert_close(h.to_tensor(), mem.x.half().float(), rtol=0, atol=0)
+
+
+def test_interrupted_sharded_extraction_resumes_at_the_first_missing_shard(rep, images, tmp_path, monkeypatch):
+    seen = []
+    real = F.extract_batches
+
+    def dying(rep_, imgs, *a, **kw):
+        for i, out in enumerate(real(rep_, imgs, *a, **kw)):
+            seen.append(len(imgs))
+            if i == 2:  # 2 batches of 2 images appended: one full shard of 3 rows is on disk
+                raise KeyboardInterrupt
+            yield out
+
+    monkeypatch.setattr(F, "extract_batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        F.extract_sharded_cached(rep, images, tmp_path, shard_rows=3, batch_size=2, num_workers=0, progress=False)
+    store = next(tmp_path.glob("*.shards"))
+    assert not (store / "manifest.json").exists()
+    assert sorted(p.name for p in store.glob("x.*.npy")) == ["x.00000.npy"]  # rows 0-2 (row 3-5 incomplete)
+    monkeypatch.setattr(F, "extract_batches", real)
+    calls = []
+
+    def counting(rep_, imgs, *a, **kw):
+        calls.append(len(imgs))
+        yield from real(rep_, imgs, *a, **kw)
+
+    monkeypatch.setattr(F, "extract_batches", counting)
+    x, _, ok, _ = F.extract_sharded_cached(rep, images, tmp_path, shard_rows=3, batch_size=2, num_workers=0, progress=False)
+    assert calls == [7]  # only the 7 images after the complete shard are extracted again
+    mem = F.extract(rep, images, batch_size=4, num_workers=0, progress=False)
+    torch.testing.assert_close(x.to_tensor(), mem.x, rtol=1e-5, atol=1e-5)
+    assert ok.all() and not list(store.glob(".*.tmp"))
