@@ -26,9 +26,10 @@ run: setup  ## the whole default study, offline (digits, EfficientNet-Lites and 
 test: setup  ## the whole test suite
 	$(BIN)/python -m pytest
 
-bench: setup  ## benchmarks (scripts, not tests): extraction and sweep throughput
+bench: setup  ## benchmarks (scripts, not tests): extraction, sweep speed-up, sweep scale (time and memory vs N)
 	$(BIN)/python scripts/bench_extraction.py
 	$(BIN)/python scripts/bench_sweep.py
+	$(BIN)/python scripts/bench_scale.py --in-memory
 
 viz: setup
 	$(BIN)/kedro viz run --host 127.0.0.1
