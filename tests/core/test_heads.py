@@ -421,3 +421,17 @@ def test_flush_denormals_zeroes_only_subnormal_entries():
     out = flush_denormals(g)
     assert out.tolist() == [0.0, 0.0, pytest.approx(1.2e-38), -3.0, 0.0, 0.0]
     assert g[0].item() != 0.0  # input left unchanged
+
+
+def test_gumbel_assignment_divides_logits_not_noise():
+    """METHOD §5.3: hard Gumbel-softmax of LN(q)/0.1, i.e. argmax(LN(q)/0.1 + g)."""
+    from iis_study.core.heads import _hard_assignment
+
+    q = torch.tensor([[3.0, 1.0]], requires_grad=True)  # LN over M=2 -> [1, -1] (up to eps)
+    noise = torch.tensor([[0.0, 2.5]])
+    hard = _hard_assignment(q, 0.1, noise)
+    # logits/0.1 + noise = [10, -7.5] -> concept 0 (dividing the noise too would pick concept 1)
+    assert hard.detach().tolist() == [[1.0, 0.0]]
+    assert _hard_assignment(q, 0.1, None).tolist() == [[1.0, 0.0]]
+    hard[0, 0].backward()  # straight-through: gradients reach q
+    assert q.grad is not None and torch.isfinite(q.grad).all()
