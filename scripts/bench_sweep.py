@@ -48,8 +48,10 @@ FULL = Sizes(n_train=10_000, n_val=2_000, n_test=2_000, dim=1280, classes=10, co
 QUICK = Sizes(n_train=2_000, n_val=500, n_test=500, dim=256, classes=10, concepts=50, epochs=5)
 
 
-def make_data(sizes: Sizes, seed: int = 0) -> tuple[Split, Split, Split, torch.Tensor]:
-    """Gaussian blobs in ``dim`` dimensions (learnable, not separable) and unit concept vectors."""
+def make_data(sizes: Sizes, seed: int = 0, concepts: str = "random") -> tuple[Split, Split, Split, torch.Tensor]:
+    """Gaussian blobs in ``dim`` dimensions (learnable, not separable) and unit concept vectors:
+    ``random`` directions, or ``prototype``: embeddings of M held-out samples (as METHOD's
+    prototype concepts are embeddings of image parts)."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(sizes.classes, sizes.dim, generator=g) * 0.12
 
@@ -57,8 +59,11 @@ def make_data(sizes: Sizes, seed: int = 0) -> tuple[Split, Split, Split, torch.T
         y = torch.randint(0, sizes.classes, (n,), generator=g)
         return Split(means[y] + torch.randn(n, sizes.dim, generator=g), y)
 
-    concepts = F.normalize(torch.randn(sizes.concepts, sizes.dim, generator=g), dim=1)
-    return split(sizes.n_train), split(sizes.n_val), split(sizes.n_test), concepts
+    random_dirs = F.normalize(torch.randn(sizes.concepts, sizes.dim, generator=g), dim=1)
+    train, val, test = split(sizes.n_train), split(sizes.n_val), split(sizes.n_test)
+    if concepts == "prototype":
+        return train, val, test, F.normalize(split(sizes.concepts).x, dim=1)
+    return train, val, test, random_dirs
 
 
 HeadKey = tuple  # (head, seed, sparsity or None, lr)
@@ -155,13 +160,17 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true", help="time only the batched sweep")
     parser.add_argument("--device", default="cpu", help="torch device for both runs (default cpu)")
     parser.add_argument("--table-csv", default=None, help="write the batched sweep's per-head table here")
+    parser.add_argument(
+        "--concepts", default="random", choices=["random", "prototype"],
+        help="concept vectors: random unit directions (default) or embeddings of held-out samples",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     sizes = QUICK if args.quick else FULL
     epochs = args.epochs or sizes.epochs
     cfg = SweepConfig(seeds=tuple(range(args.seeds)), epochs=epochs, batch_size=1024, device=args.device)
-    train, val, test, vectors = make_data(sizes)
+    train, val, test, vectors = make_data(sizes, concepts=args.concepts)
     concepts = ConceptSpace("vectors", vectors=vectors)
     data = (train, val, test)
     n_heads = len(cfg.seeds) * len(cfg.learning_rates) * (1 + len(cfg.sparsities))

@@ -435,3 +435,18 @@ def test_gumbel_assignment_divides_logits_not_noise():
     assert _hard_assignment(q, 0.1, None).tolist() == [[1.0, 0.0]]
     hard[0, 0].backward()  # straight-through: gradients reach q
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_sum_cross_entropy_matches_torch():
+    from iis_study.core.heads import _SumCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (5 * torch.randn(3, 2, 7, 4, generator=g)).requires_grad_(True)
+    y = torch.randint(0, 4, (7,), generator=g)
+    target = y[None, None, :, None].expand(3, 2, 7, 1)
+    loss = _SumCrossEntropy.apply(logits, target)
+    ref = F.cross_entropy(logits.reshape(-1, 4), y.repeat(6), reduction="sum")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    (g1,) = torch.autograd.grad(loss * 0.5, logits)
+    (g2,) = torch.autograd.grad(ref * 0.5, logits)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)

@@ -1088,19 +1088,40 @@ def _train_epoch(
 ) -> None:
     for xb, bb, yb in _seed_batches(heads, train, base, data_gens, batch_size):
         lp, li = heads.forward(xb, bb, train=True)
-        lp.register_hook(flush_denormals)
-        li.register_hook(flush_denormals)
-        k = lp.shape[-1]
         bsz = yb.shape[1]
-        loss = F.cross_entropy(
-            lp.reshape(-1, k), yb[:, None].expand(lp.shape[:3]).reshape(-1), reduction="sum"
-        )
-        loss = loss + F.cross_entropy(
-            li.reshape(-1, k), yb[None, :, None].expand(li.shape[:4]).reshape(-1), reduction="sum"
-        )
+        # sums of per-sample cross-entropies; probe logits (S, L, B, K), interp (P, S, L, B, K)
+        loss = _SumCrossEntropy.apply(lp, yb[:, None, :, None].expand(lp.shape[:-1] + (1,)))
+        loss = loss + _SumCrossEntropy.apply(li, yb[None, :, None, :, None].expand(li.shape[:-1] + (1,)))
         opt.zero_grad()
         (loss / bsz).backward()
         opt.step()
+
+
+class _SumCrossEntropy(torch.autograd.Function):
+    """``sum(cross_entropy(logits, target))`` over all leading axes, for many heads at once.
+
+    The same value and gradient (``softmax - onehot``) as ``F.cross_entropy(..., reduction="sum")``
+    up to float rounding, computed in a handful of element-wise passes: with K = 10 classes
+    ``log_softmax`` over a (heads x batch, 10) matrix is slow on CPU (2.7 ms against 0.7 ms for
+    forward and backward of 24 heads x 1024 samples). Subnormal probabilities in the gradient
+    are zeroed, as :func:`flush_denormals` does for the reference loop.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        z = logits - logits.amax(-1, keepdim=True)
+        e = z.exp()
+        total = e.sum(-1, keepdim=True)
+        loss = (total.log() - z.gather(-1, target)).sum()
+        grad = e.div_(total)
+        grad.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return flush_denormals(grad * g), None
 
 
 def _seed_batches(
@@ -1116,7 +1137,10 @@ def _seed_batches(
         perms = torch.stack([torch.randperm(n, generator=g) for g in data_gens]).to(train.y.device)
         for start in range(0, n, batch_size):
             idx = perms[:, start : start + batch_size]  # (S, B)
-            yield train.x[idx], None if base is None else base[idx], train.y[idx]
+            flat = idx.reshape(-1)  # index_select: a faster gather than x[idx] on CPU
+            xb = torch.index_select(train.x, 0, flat).view(*idx.shape, train.x.shape[1])
+            bb = None if base is None else torch.index_select(base, 0, flat).view(*idx.shape, base.shape[1])
+            yield xb, bb, train.y[idx]
         return
     streams = [_shard_batches(train.x, train.y, g, batch_size, heads.device) for g in data_gens]
     for parts in zip(*streams, strict=True):
