@@ -37,7 +37,7 @@ def _generate(root: Path, n: int, seed: int, shard_rows: int, dtype: str) -> Non
     from iis_study.core.store import ShardWriter
 
     g = torch.Generator().manual_seed(1234)
-    means = torch.randn(CLASSES, DIM, generator=g) * 0.06
+    means = torch.randn(CLASSES, DIM, generator=g) * 0.15
     g.manual_seed(seed)
     w = ShardWriter(root, DIM, dtype=dtype, shard_rows=shard_rows, resume=False)
     labels = []
