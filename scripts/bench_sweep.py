@@ -7,6 +7,7 @@ unit concept vectors. Times
   (b) the baseline: the same heads trained one after another with ``train_single_head``
       (plain nn.Module + torch.optim.Adam + ExponentialLR), in the same process;
 
+after a warm-up (numba import and kernel load, tiny runs of both methods; timed and printed apart)
 and prints both times, the speed-up and the largest |test accuracy difference| over the
 heads (each head at its own best-val epoch). Targets: speed-up >= 10x, difference <= 1
 point. ``torch.set_num_threads`` is left at its default.
@@ -191,14 +192,27 @@ def main() -> None:
         torch.get_num_threads(),
     )
 
+    # one-time costs, paid once per process (a Kedro run pays them once for all its sweeps): importing numba and
+    # loading the cached fused kernel; timed and printed apart, then both methods are timed warm
+    t0 = time.perf_counter()
+    tiny = make_data(QUICK)
+    tiny_cfg = SweepConfig(seeds=(0,), epochs=1, batch_size=256, device=args.device)
+    sweep(*tiny[:3], ConceptSpace("vectors", vectors=tiny[3]), QUICK.classes, tiny_cfg, progress=False)
+    train_single_head(
+        *tiny[:3], ConceptSpace("vectors", vectors=tiny[3]), QUICK.classes,
+        head="interp", seed=0, lr=1e-2, sparsity=0.5, config=tiny_cfg,
+    )
+    t_warm = time.perf_counter() - t0
     t_batched, batched = run_batched(data, concepts, cfg, sizes.classes, args.table_csv)
     print(f"{'method':<28}{'time [s]':>10}")
+    print(f"{'one-time warm-up':<28}{t_warm:>10.2f}   (numba import + kernel load, tiny runs of both methods)")
     print(f"{'batched sweep':<28}{t_batched:>10.2f}")
     if args.skip_baseline:
         return
     t_base, base = run_baseline(data, concepts, cfg, sizes.classes)
     print(f"{'one head at a time':<28}{t_base:>10.2f}")
     print(f"{'speed-up':<28}{t_base / t_batched:>9.1f}x")
+    print(f"{'speed-up, warm-up charged':<28}{t_base / (t_batched + t_warm):>9.1f}x   (the whole warm-up added to the batched sweep)")
     diffs = report_agreement(batched, base)
     print(f"{'max |test acc diff| [pt]':<28}{100 * diffs.max():>10.3f}")
     print(f"{'mean |test acc diff| [pt]':<28}{100 * diffs.mean():>10.3f}")

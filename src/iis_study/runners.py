@@ -83,6 +83,14 @@ FORWARDED_LOGGERS = ("kedro", "iis_study")
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:
@@ -315,6 +323,11 @@ class DaskRunner(AbstractRunner):
         from distributed import Client, LocalCluster
 
         with ExitStack() as stack:
+            # starting local workers leaves OMP/MKL/OpenBLAS_NUM_THREADS=1 in this process's environment (Dask's
+            # pre-spawn settings); put the environment back afterwards, or later subprocesses (another `kedro run`
+            # from the same Python session, DataLoader workers) would compute with 1 thread and round differently
+            saved_env = {k: os.environ.get(k) for k in _THREAD_VARIABLES}
+            stack.callback(_restore_environ, saved_env)
             # the scheduler's and workers' own INFO lines would drown the run's log
             quiet = logging.getLogger("distributed")
             stack.callback(quiet.setLevel, quiet.level)

@@ -36,6 +36,24 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _keep_thread_environment():
+    """A ``LocalCluster`` started with Dask's default settings (as an "existing" cluster here)
+    writes ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` into this process's environment (the nanny's
+    pre-spawn settings); later ``kedro run`` subprocesses of the test session would then compute
+    with 1 thread and round differently from in-process runs. Put the environment back."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARIABLES}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def dask_run(tiny_run, tmp_path_factory):
     """The tiny study (the project ``tiny_run`` ran sequentially) run again with the DaskRunner on a
