@@ -84,3 +84,17 @@ def test_notebook_runs_on_a_finished_study(tiny_run):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = json.dumps(outputs)
     assert "lite0_random" in text and "iis" in text
+
+
+def test_every_shipped_environment_validates_for_every_pipeline():
+    """`kedro run --env cifar10 --pipeline fine_tuning` must not stop on a backbone key that the
+    environment's families renamed (base names `lite0`, cifar10 expands it to `lite0_r96_...`)."""
+    from pathlib import Path
+
+    from iis_study.study_config import study_parameters
+    from iis_study.validation import validate_study
+
+    root = Path(__file__).resolve().parents[2]
+    for env in ("base", "cifar10"):
+        params = study_parameters(env=None if env == "base" else env, conf_source=str(root / "conf"))
+        validate_study(params)  # checks fine_tuning.backbones against the expanded representations
