@@ -450,3 +450,17 @@ def test_sum_cross_entropy_matches_torch():
     (g1,) = torch.autograd.grad(loss * 0.5, logits)
     (g2,) = torch.autograd.grad(ref * 0.5, logits)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_path_leaves_a_full_size_base_untouched(monkeypatch):
+    """No affine (projection concepts) and a full-size contiguous base: the in-place mask
+    multiplication must work on a copy, not on the caller's tensor."""
+    from iis_study.core.heads import _InterpHeads
+
+    monkeypatch.setenv("IIS_FUSED", "0")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 1, 1, 8, 6, generator=g)
+    before = base.clone()
+    weight, bias = torch.randn(2, 1, 1, 3, 6, generator=g), torch.zeros(2, 1, 1, 3)
+    _InterpHeads.apply(base, None, None, weight, bias, (3, 5))
+    assert torch.equal(base, before)

@@ -531,6 +531,8 @@ class _InterpHeads(torch.autograd.Function):
         else:
             shape = tuple(weight.shape[:-2]) + tuple(base.shape[-2:])
             sparse = base.expand(shape).contiguous()
+            if sparse.data_ptr() == base.data_ptr():  # already full-size: copy, mul_ below must not touch the input
+                sparse = sparse.clone()
         keep = _grouped_keep(sparse, ks)
         sparse.mul_(keep)
         logits = torch.matmul(sparse, weight.transpose(-1, -2)).add_(bias.unsqueeze(-2))
