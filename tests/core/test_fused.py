@@ -15,6 +15,7 @@ pytest.importorskip("numba")
 
 from iis_study.core import fused_heads
 from iis_study.core.heads import _InterpHeads
+from tests.core.reference import ranked_keep
 
 NAMES = ("base", "ln_weight", "ln_bias", "weight", "bias")
 
@@ -142,17 +143,6 @@ def test_fused_matches_torch_path(monkeypatch, calls, shape, affine, shared_base
             _close(grads[n], ref_grads[n], f"grad of {n}, needs={sorted(needs)}")
 
 
-def _reference_keep(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Rank by (-|a|, index), keep the first M - k (brute force, one row at a time)."""
-    m = a.shape[-1]
-    rows = a.reshape(-1, m).tolist()
-    keep = torch.zeros(len(rows), m, dtype=torch.bool)
-    for r, row in enumerate(rows):
-        order = sorted(range(m), key=lambda j: (-abs(row[j]), j))
-        keep[r, order[: m - k]] = True
-    return keep.reshape(a.shape)
-
-
 def _fused_keep(monkeypatch, base: torch.Tensor, ks: tuple[int, ...], n_cls: int = 3) -> torch.Tensor:
     """The kernel's keep-mask, read off the gradient into ``base`` (no affine, unit weights:
     ``d sum(logits) / d base = n_cls * keep``)."""
@@ -194,7 +184,7 @@ def test_fused_keep_mask_exact(monkeypatch, calls, kind):
     assert calls["forward"] == 1 and calls["backward"] == 1
     for i, k in enumerate(ks):
         assert bool((keep[i].sum(-1) == m - k).all()), f"k={k}: kept counts {keep[i].sum(-1).tolist()}"
-        assert torch.equal(keep[i], _reference_keep(base[i], k)), f"k={k}"
+        assert torch.equal(keep[i], ranked_keep(base[i], k)), f"k={k}"
 
 
 def test_fused_rows_follow_each_other(monkeypatch):
@@ -207,7 +197,7 @@ def test_fused_rows_follow_each_other(monkeypatch):
     ks = (100, 196)
     keep = _fused_keep(monkeypatch, base, ks)
     for i, k in enumerate(ks):
-        assert torch.equal(keep[i], _reference_keep(base[i], k))
+        assert torch.equal(keep[i], ranked_keep(base[i], k))
 
 
 @pytest.mark.parametrize("shared_base", [True, False])

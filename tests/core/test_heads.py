@@ -23,6 +23,7 @@ from iis_study.core.heads import (
     sweep,
     train_single_head,
 )
+from tests.core.reference import ranked_keep
 
 GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
 GRID_PERCENT = (0, 10, 30, 50, 70, 90, 95, 98)  # the same grid as exact integers
@@ -53,17 +54,6 @@ def toy():
     }
 
 
-def _ranked_keep(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Brute-force reference mask: rank by (-|a|, index), keep the first M - k."""
-    m = a.shape[-1]
-    rows = a.reshape(-1, m).tolist()
-    keep = torch.zeros(len(rows), m, dtype=torch.bool)
-    for r, row in enumerate(rows):
-        order = sorted(range(m), key=lambda j: (-abs(row[j]), j))
-        keep[r, order[: m - k]] = True
-    return keep.reshape(a.shape)
-
-
 # --------------------------------------------------------------------------- n_dropped / sparsify
 
 
@@ -85,7 +75,7 @@ def test_sparsify_keeps_exactly_m_minus_k_with_ties(m):
     for s in GRID:
         k = n_dropped(s, m)
         out = sparsify(a, k)
-        expected = _ranked_keep(a, k)
+        expected = ranked_keep(a, k)
         torch.testing.assert_close(out, a * expected, rtol=0, atol=0)
         # count kept positions through the gradient, which also sees kept zeros
         a_req = a.clone().requires_grad_(True)
@@ -99,7 +89,7 @@ def test_sparsify_gradient_only_through_kept_entries():
     up = torch.randn(5, 200, generator=g)
     k = n_dropped(0.95, 200)
     sparsify(a, k).backward(up)
-    keep = _ranked_keep(a.detach(), k)
+    keep = ranked_keep(a.detach(), k)
     torch.testing.assert_close(a.grad, up * keep, rtol=0, atol=0)
     assert bool((a.grad[~keep] == 0).all()) and bool((a.grad[keep] == up[keep]).all())
 

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Representation
 from .data import BadImageError, ImageSet
-from .store import ShardedArray, ShardWriter, atomic_save_npy, check_storage
+from .store import ShardedArray, ShardWriter, atomic_path, atomic_save_npy, check_storage
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +172,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata or {})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -785,12 +785,7 @@ def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor
     with _LOCK:
         numba.set_num_threads(_threads())
         _forward_kernel(
-            p.base3.numpy(),
-            p.base_idx.numpy(),
-            p.lnw2.numpy(),
-            p.lnb2.numpy(),
-            p.affine,
-            p.weight3.numpy(),
+            *_inputs(p),
             p.bias2.numpy(),
             p.ks,
             n_sparse,
@@ -799,6 +794,11 @@ def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor
             idx.numpy(),
         )
     return logits.view(p.lead + (p.n_rows, n_cls)), ((state, idx) if save_state else None)
+
+
+def _inputs(p: Plan) -> tuple:
+    """The kernels' leading arguments: base, base index, LayerNorm weight and bias, affine flag, weight."""
+    return (p.base3.numpy(), p.base_idx.numpy(), p.lnw2.numpy(), p.lnb2.numpy(), p.affine, p.weight3.numpy())
 
 
 def backward(
@@ -827,12 +827,7 @@ def backward(
     with _LOCK:
         numba.set_num_threads(_threads())
         _backward_kernel(
-            p.base3.numpy(),
-            p.base_idx.numpy(),
-            p.lnw2.numpy(),
-            p.lnb2.numpy(),
-            p.affine,
-            p.weight3.numpy(),
+            *_inputs(p),
             p.ks,
             _n_sparse(m, n_cls),
             state.numpy(),

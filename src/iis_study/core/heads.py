@@ -33,7 +33,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -983,7 +983,7 @@ def _to_device(split: Split, device: str) -> Split:
 
 def _shard_batches(
     x: ShardedArray, y: torch.Tensor, gen: torch.Generator, batch_size: int, device: str
-) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of minibatches ``(x, y)`` of a sharded split for one seed.
 
     The data order: the shards in a random order, and the rows of each shard in a random
@@ -1022,7 +1022,7 @@ def _shard_batches(
         yield carry
 
 
-def _eval_chunks(x: torch.Tensor | ShardedArray) -> Sequence[tuple[int, torch.Tensor]]:
+def _eval_chunks(x: torch.Tensor | ShardedArray) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, rows)`` chunks of at most ``_EVAL_CHUNK`` rows, in order (shard by shard)."""
     if isinstance(x, ShardedArray):
         for start, rows in x.iter_blocks():
@@ -1132,7 +1132,7 @@ def _seed_batches(
     base: torch.Tensor | None,
     data_gens: list[torch.Generator],
     batch_size: int,
-):
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Minibatches stacked over seeds: ``x`` (S, B, D), ``base`` (S, B, M) or None, ``y`` (S, B)."""
     if not isinstance(train.x, ShardedArray):
         n = train.x.shape[0]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +35,28 @@ def _shard_name(i: int) -> str:
     return f"x.{i:05d}.npy"
 
 
-def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path``; renamed onto ``path`` if the block finishes, removed otherwise."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
 
 
 def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
 
 
 def check_storage(dtype: str, shard_rows: int) -> None:
@@ -270,10 +273,6 @@ class ShardedArray:
 
     def files(self) -> list[Path]:
         return [self.root / f for f in self._files] + [self.root / MANIFEST]
-
-
-def is_sharded(x: Any) -> bool:
-    return isinstance(x, ShardedArray)
 
 
 def link_or_copy(src: ShardedArray, dest: str | Path) -> ShardedArray:
