@@ -253,6 +253,32 @@ def test_fused_is_deterministic_across_thread_counts(monkeypatch):
         assert torch.equal(g1[name], g2[name]), name
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_heads", [1, 5, 24])
+def test_head_order_is_a_permutation(threads, n_heads):
+    order = fused_heads._order(n_heads, threads)
+    assert sorted(order.tolist()) == list(range(n_heads))
+    if threads == 2 and n_heads == 24:  # neighbouring heads (same sparsity) go to different threads
+        assert order[:12].tolist() == list(range(0, 24, 2))
+
+
+def test_fused_inference_saves_no_state(monkeypatch, calls):
+    """Under ``torch.no_grad`` (evaluation) the forward pass keeps no mask state; same logits."""
+    shape = (4, 1, 3, 64, 50, 10)
+    inputs = _inputs(shape, True, True, {"ln_weight", "ln_bias", "weight", "bias"}, False, 11)
+    ks = (0, 10, 25, 46)
+    monkeypatch.setenv("IIS_FUSED", "1")
+    saved = []
+    orig = fused_heads.forward
+    monkeypatch.setattr(fused_heads, "forward", lambda p, save_state: (saved.append(save_state), orig(p, save_state))[1])
+    args = [inputs[n] for n in NAMES]
+    with_grad = _InterpHeads.apply(*args, ks, True)
+    with torch.no_grad():
+        without = _InterpHeads.apply(*args, ks, False)
+    assert saved == [True, False]
+    assert torch.equal(with_grad.detach(), without)
+
+
 def _forked_child_check(inputs: dict, ks: tuple[int, ...], expected: torch.Tensor) -> None:
     # as torch's DataLoader workers do: torch's own OpenMP pool is unusable after a fork
     torch.set_num_threads(1)

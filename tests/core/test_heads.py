@@ -427,19 +427,48 @@ def test_gumbel_assignment_divides_logits_not_noise():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_sum_cross_entropy_matches_torch():
+@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("scale", [1.0, 1 / 7])
+def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
+    """Value and gradient of ``scale * sum of cross-entropies`` (fused kernel and torch path)
+    against ``F.cross_entropy``; an incoming gradient other than 1 is applied as well."""
+    from iis_study.core import fused_heads
     from iis_study.core.heads import _SumCrossEntropy
 
+    monkeypatch.setenv("IIS_FUSED", fused)
+    calls = []
+    orig = fused_heads._cross_entropy_kernel
+    monkeypatch.setattr(fused_heads, "_cross_entropy_kernel", lambda *a: (calls.append(1), orig(*a))[1])
     g = torch.Generator().manual_seed(0)
     logits = (5 * torch.randn(3, 2, 7, 4, generator=g)).requires_grad_(True)
     y = torch.randint(0, 4, (7,), generator=g)
     target = y[None, None, :, None].expand(3, 2, 7, 1)
-    loss = _SumCrossEntropy.apply(logits, target)
-    ref = F.cross_entropy(logits.reshape(-1, 4), y.repeat(6), reduction="sum")
+    loss = _SumCrossEntropy.apply(logits, target, scale)
+    assert bool(calls) == (fused == "1" and fused_heads.numba is not None)
+    ref = scale * F.cross_entropy(logits.reshape(-1, 4), y.repeat(6), reduction="sum")
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    (g1,) = torch.autograd.grad(loss * 0.5, logits)
-    (g2,) = torch.autograd.grad(ref * 0.5, logits)
-    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    for up in (1.0, 0.5):
+        (g1,) = torch.autograd.grad(loss * up if up != 1.0 else loss, logits, retain_graph=True)
+        (g2,) = torch.autograd.grad(ref * up, logits, retain_graph=True)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
+    """A confident row's softmax holds probabilities below the smallest normal float: they
+    must come back as exact zeros (subnormals slow the BLAS calls down tens of times)."""
+    from iis_study.core.heads import _SumCrossEntropy
+
+    monkeypatch.setenv("IIS_FUSED", fused)
+    logits = torch.tensor([[0.0, -100.0, -87.5, 3.0]], requires_grad=True)
+    loss = _SumCrossEntropy.apply(logits, torch.tensor([[0]]), 0.25)
+    (grad,) = torch.autograd.grad(loss, logits)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((grad != 0) & (grad.abs() < tiny)).any()
+    assert grad[0, 1] == 0.0 and grad[0, 2] == 0.0  # exp(-103) and exp(-90.5): subnormal or zero
+    p = torch.softmax(logits.detach().double(), -1)[0]
+    assert grad[0, 3].item() == pytest.approx(0.25 * p[3].item(), rel=1e-5)
+    assert grad[0, 0].item() == pytest.approx(0.25 * (p[0].item() - 1), rel=1e-5)
 
 
 def test_torch_path_leaves_a_full_size_base_untouched(monkeypatch):

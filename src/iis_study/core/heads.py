@@ -516,15 +516,16 @@ class _InterpHeads(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base, ln_weight, ln_bias, weight, bias, ks):  # type: ignore[override]
+    def forward(ctx, base, ln_weight, ln_bias, weight, bias, ks, track=True):  # type: ignore[override]
         plan = _InterpHeads._fused_plan(base, ln_weight, ln_bias, weight, bias, ks)
         ctx.fused = plan is not None
         if plan is not None:
             from . import fused_heads
 
-            logits, saved = fused_heads.forward(plan, save_state=any(ctx.needs_input_grad[:5]))
+            # ``track``: whether grad mode was on at the call (inside forward it is always off)
+            logits, saved = fused_heads.forward(plan, save_state=track and any(ctx.needs_input_grad[:5]))
             ctx.save_for_backward(base, ln_weight, ln_bias, weight, bias, *(saved or (None, None)))
-            ctx.ks = ks
+            ctx.plan = plan if track else None  # flattened views of the saved inputs, reused by backward
             return logits
         if ln_weight is not None:
             sparse = torch.addcmul(ln_bias, base, ln_weight)
@@ -562,7 +563,7 @@ class _InterpHeads(torch.autograd.Function):
                 # its input unchanged when nothing is reduced, e.g. a minibatch of one)
                 aliased = any(t is not None and t.data_ptr() == gs.data_ptr() for t in (g_lnb, g_base))
                 g_lnw = (gs * base if aliased else gs.mul_(base)).sum_to_size(ln_weight.shape)
-        return g_base, g_lnw, g_lnb, g_w, g_b, None
+        return g_base, g_lnw, g_lnb, g_w, g_b, None, None
 
     @staticmethod
     def _fused_plan(base, ln_weight, ln_bias, weight, bias, ks):
@@ -579,8 +580,9 @@ class _InterpHeads(torch.autograd.Function):
     def _fused_backward(ctx, grad):
         from . import fused_heads
 
+        # reading saved_tensors also checks that no input was modified in place since forward
         base, ln_weight, ln_bias, weight, bias, state, idx = ctx.saved_tensors
-        plan = fused_heads.flatten(base, ln_weight, ln_bias, weight, bias, ctx.ks)
+        plan = ctx.plan
         shapes = (
             base.shape,
             None if ln_weight is None else ln_weight.shape,
@@ -589,7 +591,7 @@ class _InterpHeads(torch.autograd.Function):
             bias.shape,
         )
         grads = fused_heads.backward(plan, state, idx, grad, tuple(ctx.needs_input_grad[:5]), shapes)
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -719,15 +721,24 @@ class _StackedAdam:
         bc1 = 1 - beta1**t
         bc2_sqrt = (1 - beta2**t) ** 0.5
         neg_steps = [-(lr / bc1) for lr in self.lrs]
-        for name, p in self.params.items():
-            grad = p.grad
-            if grad is None:
-                continue
-            m, v = self.exp_avg[name], self.exp_avg_sq[name]
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / bc2_sqrt).add_(_ADAM_EPS)
-            p.add_(m * self._lr_view(name, neg_steps) / denom)
+        names = [name for name, p in self.params.items() if p.grad is not None]
+        if not names:
+            return
+        # the element-wise operations of torch.optim.Adam's single-tensor path, in the same
+        # order, applied to all parameters per call (foreach): identical results, fewer calls
+        params = [self.params[n] for n in names]
+        grads = [p.grad for p in params]
+        ms = [self.exp_avg[n] for n in names]
+        vs = [self.exp_avg_sq[n] for n in names]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, _ADAM_EPS)
+        update = torch._foreach_mul(ms, [self._lr_view(n, neg_steps) for n in names])
+        torch._foreach_div_(update, denom)
+        torch._foreach_add_(params, update)
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -874,6 +885,7 @@ class _BatchedHeads:
             p["interp.weight"],
             p["interp.bias"],
             tuple(self.k),
+            torch.is_grad_enabled(),
         )
         return probe, interp
 
@@ -1092,38 +1104,53 @@ def _train_epoch(
         lp, li = heads.forward(xb, bb, train=True)
         bsz = yb.shape[1]
         # sums of per-sample cross-entropies; probe logits (S, L, B, K), interp (P, S, L, B, K)
-        loss = _SumCrossEntropy.apply(lp, yb[:, None, :, None].expand(lp.shape[:-1] + (1,)))
-        loss = loss + _SumCrossEntropy.apply(li, yb[None, :, None, :, None].expand(li.shape[:-1] + (1,)))
+        # (minibatch means: scale 1/B, applied inside so that the gradients need no further pass)
+        loss = _SumCrossEntropy.apply(lp, yb[:, None, :, None].expand(lp.shape[:-1] + (1,)), 1.0 / bsz)
+        loss = loss + _SumCrossEntropy.apply(
+            li, yb[None, :, None, :, None].expand(li.shape[:-1] + (1,)), 1.0 / bsz
+        )
         opt.zero_grad()
-        (loss / bsz).backward()
+        loss.backward()
         opt.step()
 
 
 class _SumCrossEntropy(torch.autograd.Function):
-    """``sum(cross_entropy(logits, target))`` over all leading axes, for many heads at once.
+    """``scale * sum(cross_entropy(logits, target))`` over all leading axes, for many heads at once.
 
-    The same value and gradient (``softmax - onehot``) as ``F.cross_entropy(..., reduction="sum")``
-    up to float rounding, computed in a handful of element-wise passes: with K = 10 classes
-    ``log_softmax`` over a (heads x batch, 10) matrix is slow on CPU (2.7 ms against 0.7 ms for
-    forward and backward of 24 heads x 1024 samples). Subnormal probabilities in the gradient
-    are zeroed, as :func:`flush_denormals` does for the reference loop.
+    The same value and gradient (``scale * (softmax - onehot)``) as
+    ``scale * F.cross_entropy(..., reduction="sum")`` up to float rounding. ``log_softmax`` over a
+    (heads x batch, 10) matrix is slow on CPU (2.7 ms for 24 heads x 1024 samples); on CPU float32
+    the fused kernel (:func:`.fused_heads.cross_entropy`) does value and gradient in one parallel
+    pass (0.5 ms), elsewhere a handful of element-wise torch passes (1.0 ms). The gradient is
+    computed in the forward pass with ``scale`` applied (a minibatch mean: ``scale = 1/B``) and
+    its subnormal entries zeroed, as :func:`flush_denormals` does for the reference loop; the
+    backward pass returns it as it is when the incoming gradient is 1 (``loss.backward()``).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        z = logits - logits.amax(-1, keepdim=True)
-        e = z.exp()
-        total = e.sum(-1, keepdim=True)
-        loss = (total.log() - z.gather(-1, target)).sum()
-        grad = e.div_(total)
-        grad.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> torch.Tensor:  # type: ignore[override]
+        from . import fused_heads
+
+        fused = fused_heads.cross_entropy(logits, target, scale)
+        if fused is not None:
+            loss, grad = fused
+        else:
+            z = logits - logits.amax(-1, keepdim=True)
+            e = z.exp()
+            total = e.sum(-1, keepdim=True)
+            loss = (total.log() - z.gather(-1, target)).sum() * scale
+            grad = e.div_(total)
+            grad.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
+            grad = flush_denormals(grad.mul_(scale))
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return flush_denormals(grad * g), None
+        if g.device.type == "cpu" and g.numel() == 1 and g.item() == 1.0:
+            return grad, None, None
+        return flush_denormals(grad * g), None, None
 
 
 def _seed_batches(
