@@ -36,9 +36,13 @@ def _small_study() -> dict:
     """TINY cut down: 2 backbones, 2 concept types, 15 images per class, patches only, no MLflow."""
     p = copy.deepcopy(TINY)
     p["splits"]["max_per_class"] = 15
-    p["backbones"] = {k: TINY["backbones"][k] for k in ("lite0", "lite0_random")}
+    p["backbones"] = {k: copy.deepcopy(TINY["backbones"][k]) for k in ("lite0", "lite0_random")}
+    # windows for the signals, wide against the test's 10 ms polling even on a loaded machine: the
+    # second backbone's extraction at 160 px takes ~1.2 s (the Ctrl-C lands in it), and each sweep
+    # ~0.3 s (the kill lands between two sweeps); at 32 px and 10 epochs both took ~0.06-0.2 s
+    p["backbones"]["lite0_random"]["input_size"] = 160
     p["concepts"].update(types=["prototype", "cluster"], images_per_class=1, element_kinds=["patches"])
-    p["sweep"]["epochs"] = 10  # long enough for a kill to land between two sweeps
+    p["sweep"]["epochs"] = 60
     p["tracking"] = {"enabled": False}
     return p
 
