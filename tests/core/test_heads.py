@@ -404,6 +404,39 @@ def test_end_to_end_score_paths_agree():
     torch.testing.assert_close(gv, gd, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_assigned_scores_match_the_dense_products(train):
+    """The one-hot shortcut of the through-elements scores (forward by summing each concept's
+    elements) gives the values and the straight-through gradients of the plain dense
+    formula ``(z·Eᵀ)·A / ‖AᵀE‖``, including a concept no element is assigned to (norm clamped)."""
+    from iis_study.core.heads import _AssignedScores, _hard_assignment_indexed
+
+    g = torch.Generator().manual_seed(4)
+    p_, s_, l_, n_el, m, b, d = 2, 2, 3, 9, 5, 7, 6
+    elements = torch.randn(n_el, d, generator=g)
+    gram = elements @ elements.T
+    zp = torch.randn(s_, b, d, generator=g) @ elements.T
+    q = torch.randn(p_, s_, l_, n_el, m, generator=g)
+    q[..., 4] -= 100.0  # concept 4 never wins: an empty concept in every head
+    q.requires_grad_(True)
+    noise = -torch.log(-torch.log(torch.rand(q.shape, generator=g))) if train else None
+    assign, idx = _hard_assignment_indexed(q, 0.1, noise)
+    assert not (idx == 4).any()
+    up = torch.randn(p_, s_, l_, b, m, generator=g)
+
+    fast = _AssignedScores.apply(zp, gram, assign, idx)
+    raw = torch.einsum("sbe,pslem->pslbm", zp, assign)
+    norm2 = (torch.matmul(gram, assign) * assign).sum(-2)
+    dense = raw / norm2.clamp_min(1e-24).sqrt().clamp_min(1e-12).unsqueeze(-2)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
+    assert (fast[..., 4] == 0).all()
+    if train:
+        (g_fast,) = torch.autograd.grad((fast * up).sum(), q, retain_graph=True)
+        (g_dense,) = torch.autograd.grad((dense * up).sum(), q)
+        torch.testing.assert_close(g_fast, g_dense, rtol=1e-4, atol=1e-5)
+        assert g_fast.abs().sum() > 0
+
+
 def test_flush_denormals_zeroes_only_subnormal_entries():
     from iis_study.core.heads import flush_denormals
 
