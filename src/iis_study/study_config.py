@@ -113,7 +113,9 @@ def expand_family(name: str, block: Any, backbones: dict[str, Any]) -> dict[str,
     base = backbones.get(base_name) or {}
     if not isinstance(base, dict):
         raise ValueError(f"backbones.{base_name} must be a mapping like {{model: resnet50, weights: hub}}, got {base!r}")
-    fields = {k: v for k, v in base.items() if k not in ("input_size", "layer", "label", "family", "name")}
+    fields = {
+        k: v for k, v in base.items() if k not in ("input_size", "layer", "label", "family", "family_layers", "name")
+    }
     fields.update({k: block[k] for k in _SPEC_KEYS if k in block})
     if not fields.get("model"):
         raise ValueError(f"{where}: no model; give `model:` or name a `backbones` entry with `base:`")
@@ -129,6 +131,7 @@ def expand_family(name: str, block: Any, backbones: dict[str, Any]) -> dict[str,
                 "layer": layer,
                 "label": representation_label(name, size, layer),
                 "family": name,
+                "family_layers": list(layers),
             }
     return out
 

@@ -88,7 +88,8 @@ def test_family_block_expands_to_the_right_names():
     lite0 = [f"lite0_r{r}_{layer}" for r in (32, 64, 96) for layer in ("stage3", "penultimate")]
     assert list(reps) == ["lite1", *lite0, "lite0_random_r64_stage2"]  # backbones.lite0 is replaced by its family
     assert reps["lite0_r96_stage3"] == {
-        **LITE0, "input_size": 96, "layer": "stage3", "label": "lite0@96/stage3", "family": "lite0"
+        **LITE0, "input_size": 96, "layer": "stage3", "label": "lite0@96/stage3", "family": "lite0",
+        "family_layers": ["stage3", "penultimate"],
     }
     ctrl = reps["lite0_random_r64_stage2"]
     assert (ctrl["model"], ctrl["weights"], ctrl["seed"], ctrl["label"]) == (LITE0["model"], "random", 3, "lite0_random@64/stage2")
@@ -213,3 +214,62 @@ def test_family_members_run_in_their_own_namespaces_and_mlflow_runs(tmp_path, mo
     assert {r.info.run_name for r in runs} >= {"lite0@32/stage2", "lite0@64/penultimate"}
     run = next(r for r in runs if r.info.run_name == "lite0@32/stage2")
     assert run.data.params["layer"] == "stage2" and run.data.params["family"] == "lite0"
+
+
+FAMILY_SPEC = {**LITE0, "input_size": 64, "layer": "stage4", "label": "lite0@64/stage4", "family": "lite0",
+               "family_layers": ["stage2", "stage4", "penultimate"]}
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_one_pass_for_all_layers_gives_each_layer_bit_for_bit(pooling):
+    """build_layers: one forward pass, pooled at every layer of the family; each layer's part,
+    fingerprint and preprocessing equal what build() gives for that layer alone."""
+    spec = B.BackboneSpec.from_params("lite0_r64_stage4", {**FAMILY_SPEC, "pooling": pooling})
+    combined, reps = B.build_layers(spec, spec.family_layers)
+    assert list(reps) == ["stage2", "stage4", "penultimate"]
+    assert combined.model.widths == [24, 112, 1280] and combined.dim == 24 + 112 + 1280
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    both = combined.forward_uint8(x)
+    start = 0
+    for layer, rep in reps.items():
+        alone = B.build(spec.sibling(layer))
+        assert rep.spec.label == f"lite0@64/{layer}" and rep.layer == layer
+        assert rep.weights_fingerprint == alone.weights_fingerprint
+        assert rep.preprocess_config() == alone.preprocess_config() and rep.dim == alone.dim
+        expected = alone.forward_uint8(x)
+        assert torch.equal(both[:, start : start + rep.dim], expected), layer
+        assert torch.equal(rep.forward_uint8(x), expected), layer
+        start += rep.dim
+
+
+def test_family_layers_are_extracted_in_one_pass_and_cached_per_layer(tmp_path):
+    """extract_cached_layers writes each layer under the key extract_cached uses for it alone
+    (a later single-layer extraction is a cache hit with the same values), runs the backbone once
+    per batch for all layers, and recomputes only what is missing from the cache."""
+    from iis_study.core import features as F
+
+    spec = B.BackboneSpec.from_params("lite0_r64_stage4", FAMILY_SPEC)
+    images = array_image_set(
+        np.random.default_rng(0).integers(0, 256, (10, 40, 40, 3), dtype=np.uint8), labels=np.arange(10) % 3
+    )
+    combined, reps = B.build_layers(spec, spec.family_layers)
+    before = F.FORWARD_PASSES["count"]
+    got = F.extract_cached_layers(combined, reps, images, cache_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
+    assert F.FORWARD_PASSES["count"] - before == 3  # 10 images, batches of 4: one pass for all three layers
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    for layer, (feats, key) in got.items():
+        alone = B.build(spec.sibling(layer))
+        mid = F.FORWARD_PASSES["count"]
+        single, single_key = F.extract_cached(alone, images, cache_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
+        assert F.FORWARD_PASSES["count"] == mid and single_key == key  # cache hit
+        assert torch.equal(single.x, feats.x) and feats.x.shape == (10, alone.dim)
+    # one layer's entry lost: one pass recomputes it, the others are read
+    lost = tmp_path / f"{got['stage2'][1]}.safetensors"
+    lost.unlink()
+    mid = F.FORWARD_PASSES["count"]
+    again = F.extract_cached_layers(combined, reps, images, cache_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
+    assert F.FORWARD_PASSES["count"] - mid == 3 and lost.is_file()
+    assert all(torch.equal(again[k][0].x, got[k][0].x) for k in got)
+    mid = F.FORWARD_PASSES["count"]
+    F.extract_cached_layers(combined, reps, images, cache_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
+    assert F.FORWARD_PASSES["count"] == mid  # everything cached: no pass at all

@@ -34,7 +34,7 @@ import hashlib
 import importlib
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,9 @@ class BackboneSpec:
     pooling: str = "avg"
     label: str | None = None
     family: str | None = None
+    # set by the ``families`` expansion: every layer of this member's family at its resolution, so
+    # that one forward pass can extract them all (see :func:`build_layers`)
+    family_layers: tuple[str, ...] | None = None
 
     @property
     def display_name(self) -> str:
@@ -102,6 +105,8 @@ class BackboneSpec:
         for key in ("mean", "std"):
             if p.get(key) is not None:
                 p[key] = tuple(float(v) for v in p[key])
+        if p.get("family_layers") is not None:
+            p["family_layers"] = tuple(str(v) for v in p["family_layers"])
         spec = cls(name=name, **p)
         spec.validate()
         return spec
@@ -131,6 +136,13 @@ class BackboneSpec:
         if self.pooling not in POOLINGS:
             raise ValueError(f"{self.field('pooling')} must be one of {list(POOLINGS)}, got {self.pooling!r}")
         self._validate_layer_and_size()
+
+    def sibling(self, layer: str) -> BackboneSpec:
+        """The same representation at another ``layer`` (a family member's label is renamed too)."""
+        label = self.label
+        if label and label.endswith("/" + self.layer):
+            label = label[: -len(self.layer)] + layer
+        return replace(self, layer=layer, label=label)
 
     def _validate_layer_and_size(self) -> None:
         if not isinstance(self.layer, str) or (self.layer != PENULTIMATE and not _STAGE.match(self.layer)):
@@ -459,36 +471,145 @@ def create_model(spec: BackboneSpec) -> nn.Module:
 
 def build(spec: BackboneSpec | dict[str, Any], name: str | None = None, device: str = "cpu") -> Representation:
     """Build the frozen :class:`Representation` of a backbone spec (its layer, pooling and resolution)."""
-    import timm
-
     if isinstance(spec, dict):
         spec = BackboneSpec.from_params(name or spec.get("model", "backbone"), spec)
     full = create_model(spec)
     fingerprint = representation_fingerprint(weights_fingerprint(full), spec.layer, spec.pooling)
+    preprocessing = _preprocessing(spec, full)
+    rep = Representation(
+        spec=spec,
+        model=_frozen(layer_model(full, spec), device),
+        weights_fingerprint=fingerprint,
+        layer=spec.layer,
+        pooling=spec.pooling,
+        **preprocessing,
+    )
+    logger.info("representation %s: %s, %d-d, %d px", rep.name, spec.layer, rep.dim, rep.input_size)
+    return rep
+
+
+def _preprocessing(spec: BackboneSpec, full: nn.Module) -> dict[str, Any]:
+    """Input size, mean, std and interpolation of a representation (spec values over timm's)."""
+    import timm
+
     cfg = timm.data.resolve_data_config({}, model=full)
-    # channels_last is faster for these convolutions on CPU (oneDNN) and GPU (tensor cores) alike
-    model = layer_model(full, spec).eval().to(device=device, memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    size = spec.input_size or int(cfg["input_size"][-1])
     mean = tuple(float(v) for v in (spec.mean or cfg["mean"]))
     std = tuple(float(v) for v in (spec.std or cfg["std"]))
     if spec.weights == "offline":  # the packaged Lite checkpoints expect mean = std = 0.5
         mean = spec.mean or (0.5, 0.5, 0.5)
         std = spec.std or (0.5, 0.5, 0.5)
-    rep = Representation(
+    return {
+        "input_size": spec.input_size or int(cfg["input_size"][-1]),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+    }
+
+
+def _frozen(model: nn.Module, device: str) -> nn.Module:
+    # channels_last is faster for these convolutions on CPU (oneDNN) and GPU (tensor cores) alike
+    model = model.eval().to(device=device, memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class MultiLayerPooled(nn.Module):
+    """One forward pass of a backbone pooled at several layers, concatenated ``(B, ΣC)`` in the
+    order of ``layers``. Each part equals what :func:`layer_model` computes for that layer alone
+    (same blocks, same pooling); the pass stops after the last stage needed unless the
+    penultimate layer is among them."""
+
+    def __init__(self, full: nn.Module, model: str, layers: list[str], pooling: str = "avg"):
+        super().__init__()
+        if not (hasattr(full, "forward_intermediates") and hasattr(full, "forward_head")):
+            raise ValueError(f"timm's {model!r} has no forward_intermediates: extract its layers one at a time")
+        if PENULTIMATE in layers and pooling != "avg":
+            full.reset_classifier(0, global_pool=pooling)
+        self.full = full
+        self.layers = list(layers)
+        self.pooling = pooling
+        self.stage_index = {lay: stage_info(model, lay).index for lay in layers if lay != PENULTIMATE}
+        self.widths = [
+            int(full.num_features) if lay == PENULTIMATE else stage_info(model, lay).channels for lay in layers
+        ]
+        self.num_features = sum(self.widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices = sorted(set(self.stage_index.values()))
+        penultimate = None
+        if PENULTIMATE in self.layers:
+            final, maps = self.full.forward_intermediates(x, indices=indices, intermediates_only=False)
+            penultimate = self.full.forward_head(final, pre_logits=True)
+        else:
+            maps = self.full.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
+        by_index = dict(zip(indices, maps, strict=True))
+        parts = []
+        for lay in self.layers:
+            if lay == PENULTIMATE:
+                parts.append(penultimate)
+            else:
+                fmap = by_index[self.stage_index[lay]]
+                parts.append(fmap.amax(dim=(2, 3)) if self.pooling == "max" else fmap.mean(dim=(2, 3)))
+        return torch.cat(parts, dim=1)
+
+
+class _LayerOf(nn.Module):
+    """One layer's columns of a :class:`MultiLayerPooled` (the per-layer view of a shared pass)."""
+
+    def __init__(self, multi: MultiLayerPooled, layer: str):
+        super().__init__()
+        self.multi = multi
+        i = multi.layers.index(layer)
+        self.start = sum(multi.widths[:i])
+        self.num_features = multi.widths[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.multi(x)[:, self.start : self.start + self.num_features]
+
+
+def build_layers(
+    spec: BackboneSpec, layers: list[str] | tuple[str, ...], device: str = "cpu"
+) -> tuple[Representation, dict[str, Representation]]:
+    """Several layers of one backbone at one resolution from a single forward pass.
+
+    Returns the combined representation (its features are the layers' pooled features side by
+    side, in the order of ``layers``; ``model.widths`` gives each width) and one
+    :class:`Representation` per layer with that layer's own fingerprint and cache identity, as
+    :func:`build` would give for ``spec.sibling(layer)``.
+    """
+    layers = list(dict.fromkeys(layers))
+    specs = {lay: spec.sibling(lay) for lay in layers}
+    for s in specs.values():
+        s.validate()
+    full = create_model(spec)
+    weights_fp = weights_fingerprint(full)
+    preprocessing = _preprocessing(spec, full)
+    multi = _frozen(MultiLayerPooled(full, spec.model, layers, spec.pooling), device)
+    reps = {
+        lay: Representation(
+            spec=s,
+            model=_LayerOf(multi, lay),
+            weights_fingerprint=representation_fingerprint(weights_fp, lay, spec.pooling),
+            layer=lay,
+            pooling=spec.pooling,
+            **preprocessing,
+        )
+        for lay, s in specs.items()
+    }
+    combined = Representation(
         spec=spec,
-        model=model,
-        input_size=size,
-        mean=tuple(mean),
-        std=tuple(std),
-        interpolation=str(cfg.get("interpolation", "bicubic")),
-        weights_fingerprint=fingerprint,
-        layer=spec.layer,
+        model=multi,
+        weights_fingerprint=weights_fp,
+        layer="+".join(layers),
         pooling=spec.pooling,
+        **preprocessing,
     )
-    logger.info("representation %s: %s, %d-d, %d px", rep.name, spec.layer, rep.dim, size)
-    return rep
+    logger.info(
+        "representation %s: layers %s in one pass, %s-d, %d px",
+        spec.display_name, layers, "+".join(str(w) for w in multi.widths), combined.input_size,
+    )
+    return combined, reps
 
 
 def spec_dict(spec: BackboneSpec) -> dict[str, Any]:

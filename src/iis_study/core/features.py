@@ -217,6 +217,55 @@ def extract_cached(
     return feats, key
 
 
+def extract_cached_layers(
+    combined: Representation,
+    reps: dict[str, Representation],
+    images: ImageSet,
+    cache_dir: str | Path,
+    **kwargs: Any,
+) -> dict[str, tuple[Features, str]]:
+    """Features of several layers of one backbone (:func:`~iis_study.core.backbones.build_layers`),
+    each cached under its own key exactly as :func:`extract_cached` would cache it alone.
+
+    Layers already in the cache are read from it; if any is missing, one forward pass over
+    ``images`` computes them all (the layers share the data loading, the resizing and the
+    blocks up to each layer) and the missing entries are written. Returns ``{layer: (features, key)}``.
+    """
+    fingerprint = images.fingerprint()
+    keys = {lay: cache_key(rep, fingerprint) for lay, rep in reps.items()}
+    out: dict[str, tuple[Features, str]] = {}
+    for lay, rep in reps.items():
+        path = Path(cache_dir) / f"{keys[lay]}.safetensors"
+        if path.is_file():
+            try:
+                t, _ = load_tensors(path)
+                out[lay] = Features(x=t["x"], y=t["y"], ok=t["ok"].bool()), keys[lay]
+            except Exception as exc:  # a corrupt entry is recomputed, never trusted
+                logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+    missing = [lay for lay in reps if lay not in out]
+    if out:
+        logger.info("features of %s: cache hit for layers %s", combined.spec.display_name, sorted(out))
+    if not missing:
+        return out
+    feats = extract(combined, images, **kwargs)
+    widths = dict(zip(combined.model.layers, combined.model.widths, strict=True))
+    start = 0
+    for lay in combined.model.layers:
+        stop = start + widths[lay]
+        if lay in missing:
+            layer_feats = Features(x=feats.x[:, start:stop].contiguous(), y=feats.y, ok=feats.ok)
+            rep = reps[lay]
+            save_tensors(
+                Path(cache_dir) / f"{keys[lay]}.safetensors",
+                {"x": layer_feats.x, "y": layer_feats.y, "ok": layer_feats.ok.to(torch.uint8)},
+                {"backbone": rep.spec.display_name, "model": rep.spec.model, "layer": rep.layer, "key": keys[lay]},
+            )
+            out[lay] = layer_feats, keys[lay]
+        start = stop
+    logger.info("features of %s: layers %s extracted in one pass", combined.spec.display_name, missing)
+    return out
+
+
 def extract_sharded_cached(
     rep: Representation,
     images: ImageSet,

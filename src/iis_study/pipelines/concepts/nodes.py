@@ -16,10 +16,9 @@ import pandas as pd
 import torch
 
 from iis_study.core import concepts as C
-from iis_study.core.backbones import BackboneSpec, build
+from iis_study.core.backbones import BackboneSpec
 from iis_study.core.data import BadImageError, DatasetSpec, array_image_set, load_dataset
-from iis_study.core.features import extract_cached
-from iis_study.pipelines.feature_extraction.nodes import _strip_name, resolve_device
+from iis_study.pipelines.feature_extraction.nodes import _strip_name, cached_features, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +74,10 @@ def build_concept_elements(sources: pd.DataFrame, dataset: dict[str, Any], conce
 def embed_concept_elements(elements, backbone: dict[str, Any], extraction: dict[str, Any]) -> dict[str, Any]:
     """Embeddings of the concept elements by the backbone (same code and cache as the features)."""
     spec = BackboneSpec.from_params(backbone.get("model", "backbone"), _strip_name(backbone))
-    rep = build(spec, device=resolve_device(extraction.get("device", "auto")))
-    feats, key = extract_cached(
-        rep,
+    feats, key, _ = cached_features(
+        spec,
         array_image_set(elements.images, name="concept_elements"),
+        resolve_device(extraction.get("device", "auto")),
         cache_dir=extraction.get("cache_dir", "data/04_feature/cache"),
         batch_size=int(extraction.get("batch_size", 128)),
         num_workers=extraction.get("num_workers"),
