@@ -81,6 +81,7 @@ def make_data(sizes: Sizes, seed: int = 0, concepts: str = "random") -> tuple[Sp
 
 
 HeadKey = tuple  # (head, seed, sparsity or None, lr)
+_POINT = 0.01 + 1e-9  # one accuracy point, with room for float rounding of the accuracies
 
 
 @dataclass
@@ -176,9 +177,8 @@ def report_floor(
         lo, hi = min(outcomes), max(outcomes)
         spread.append(hi - lo)
         b = batched[key].test_acc
-        within += abs(b - ref.test_acc) <= 0.01 + 1e-9
-        inside_range = lo - 0.01 - 1e-9 <= b <= hi + 0.01 + 1e-9
-        inside += abs(b - ref.test_acc) <= 0.01 + 1e-9 or inside_range
+        within += abs(b - ref.test_acc) <= _POINT
+        inside += lo - _POINT <= b <= hi + _POINT  # the baseline's own outcome is in [lo, hi]
         if hi - lo > 0.01 or abs(b - ref.test_acc) > 0.01:
             logger.info(
                 "  %s: baseline %.4f, re-runs %s, batched %.4f",
@@ -190,7 +190,7 @@ def report_floor(
     spread = np.asarray(spread)
     n = len(spread)
     print(f"{'baseline own spread [pt]':<28}{100 * spread.max():>10.3f}   (max over heads, baseline + {len(nudged)} re-runs: 1 thread / one-ulp nudges)")
-    print(f"{'heads nudge-sensitive > 1pt':<28}{int((spread > 0.01 + 1e-9).sum()):>7d}/{n}")
+    print(f"{'heads nudge-sensitive > 1pt':<28}{int((spread > _POINT).sum()):>7d}/{n}")
     print(f"{'batched within 1 pt':<28}{within:>7d}/{n}")
     print(f"{'... or in baseline range':<28}{inside:>7d}/{n}   (within 1 pt of the range of the baseline's own outcomes)")
 

@@ -33,8 +33,7 @@ nodes as Dask futures), with these choices:
 * **Threads.** The number of threads changes float rounding (oneDNN convolutions, scikit-learn's
   k-means, BLAS), and the sweep's hard top-k masks amplify such differences: on the default study,
   workers with 1 thread instead of 2 moved IIS by up to 0.009 (an interval bound by 0.017). So by
-  default the local
-  cluster's workers compute with the main process's thread settings: each task uses as many torch
+  default the local cluster's workers compute with the main process's thread settings: each task uses as many torch
   threads as a sequential run, and the workers inherit ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
   ``OPENBLAS_NUM_THREADS`` from the main process (Dask would set them to 1). The results then equal a
   sequential run's, at the cost of oversubscribing the cores when ``n_workers`` x threads exceeds them.
@@ -243,8 +242,6 @@ def _log_forwarded_record(event: tuple[float, dict[str, Any]]) -> None:
     _, attrs = event
     record = logging.makeLogRecord(attrs)
     logging.getLogger(record.name).handle(record)
-
-
 
 
 # -- what hooks see -------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import torch
 
 from iis_study.core import backbones as B
 from iis_study.core import features as F
-from iis_study.core.features import load_tensors
 from tests.kedro_project import TINY, make_project, run_in_process
 
 
@@ -36,7 +35,7 @@ def test_family_members_share_one_forward_pass(tmp_path):
     assert scores["iis"].notna().all()
     # each member's features are what extracting that layer alone gives
     spec = B.BackboneSpec.from_params("one", {**TINY["backbones"]["lite0"], "layer": "stage3"})
-    feats, _ = load_tensors(project / "data" / "04_feature" / "lite0_r32_stage3" / "features.safetensors")
+    feats, _ = F.load_tensors(project / "data" / "04_feature" / "lite0_r32_stage3" / "features.safetensors")
     alone = B.build(spec)
     assert feats["train.x"].shape[1] == alone.dim == 40
     info = (project / "data" / "04_feature" / "lite0_r32_stage3" / "feature_info.json").read_text()

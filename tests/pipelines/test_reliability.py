@@ -26,7 +26,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from iis_study.core.data import BadImageError
 from iis_study.core.features import load_tensors
 from iis_study.datasets import AtomicCSVDataset, AtomicJSONDataset, SweepResultDataset
 from tests.kedro_project import TINY, kedro_cli, make_project, run_in_process
@@ -36,7 +35,7 @@ def _small_study() -> dict:
     """TINY cut down: 2 backbones, 2 concept types, 15 images per class, patches only, no MLflow."""
     p = copy.deepcopy(TINY)
     p["splits"]["max_per_class"] = 15
-    p["backbones"] = {k: copy.deepcopy(TINY["backbones"][k]) for k in ("lite0", "lite0_random")}
+    p["backbones"] = {k: p["backbones"][k] for k in ("lite0", "lite0_random")}
     # windows for the signals, wide against the test's 10 ms polling on a loaded machine: the second
     # backbone's extraction at 160 px takes ~1.2 s (the Ctrl-C lands in it), and each sweep ~0.15 s
     # (the kill lands between two sweeps); at 32 px and 10 epochs they took ~0.2 s and ~0.06 s
@@ -77,20 +76,21 @@ def _start(project: Path, log_name: str, *args: str) -> tuple[subprocess.Popen, 
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
     }
-    cmd = [str(Path(sys.executable).with_name("kedro")), "run", "--env", "test", *args]
+    kedro = str(Path(sys.executable).with_name("kedro"))
+    cmd = [sys.executable, "-c", _DEFAULT_SIGINT_EXEC, kedro, "run", "--env", "test", *args]
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_default_sigint
-        )
+        proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
     return proc, log
 
 
-def _default_sigint() -> None:
-    """In the child, before exec: SIGINT back to its default action. A test session started as a
-    background job of a non-interactive shell (``make test &``) has SIGINT ignored, children inherit
-    that, and Python then installs no KeyboardInterrupt handler: the run would ignore Ctrl-C (seen
-    in clean-clone runs started that way: ``SigIgn`` had SIGINT set, the run finished with rc 0)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs the command in argv[1:] (same pid, via exec) with SIGINT at its default action. A test session
+# started as a background job of a non-interactive shell (``make test &``) has SIGINT ignored,
+# children inherit that, and Python then installs no KeyboardInterrupt handler: the run would
+# ignore Ctrl-C (seen in clean-clone runs started that way: ``SigIgn`` had SIGINT set, rc 0).
+# (Not ``preexec_fn``: it is unsafe in a process with threads, as this test process has.)
+_DEFAULT_SIGINT_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def _wait_for(proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 240) -> re.Match:

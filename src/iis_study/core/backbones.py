@@ -303,7 +303,12 @@ class StagePooled(nn.Module):
         fmap = self.trunk.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
         if fmap.ndim != 4:
             raise RuntimeError(f"stage{self.index + 1} gave a {tuple(fmap.shape)} tensor, expected (B, C, H, W)")
-        return fmap.amax(dim=(2, 3)) if self.pooling == "max" else fmap.mean(dim=(2, 3))
+        return _pool(fmap, self.pooling)
+
+
+def _pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    """A ``(B, C, H, W)`` feature map pooled over space to ``(B, C)`` (``avg`` or ``max``)."""
+    return fmap.amax(dim=(2, 3)) if pooling == "max" else fmap.mean(dim=(2, 3))
 
 
 def layer_model(full: nn.Module, spec: BackboneSpec) -> nn.Module:
@@ -526,17 +531,17 @@ class MultiLayerPooled(nn.Module):
             raise ValueError(f"timm's {model!r} has no forward_intermediates: extract its layers one at a time")
         if PENULTIMATE in layers and pooling != "avg":
             full.reset_classifier(0, global_pool=pooling)
+        stages = {lay: stage_info(model, lay) for lay in layers if lay != PENULTIMATE}
         self.full = full
         self.layers = list(layers)
         self.pooling = pooling
-        self.stage_index = {lay: stage_info(model, lay).index for lay in layers if lay != PENULTIMATE}
-        self.widths = [
-            int(full.num_features) if lay == PENULTIMATE else stage_info(model, lay).channels for lay in layers
-        ]
+        self.stage_index = {lay: st.index for lay, st in stages.items()}
+        self.indices = sorted(set(self.stage_index.values()))
+        self.widths = [stages[lay].channels if lay in stages else int(full.num_features) for lay in layers]
         self.num_features = sum(self.widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        indices = sorted(set(self.stage_index.values()))
+        indices = self.indices
         penultimate = None
         if PENULTIMATE in self.layers:
             final, maps = self.full.forward_intermediates(x, indices=indices, intermediates_only=False)
@@ -549,8 +554,7 @@ class MultiLayerPooled(nn.Module):
             if lay == PENULTIMATE:
                 parts.append(penultimate)
             else:
-                fmap = by_index[self.stage_index[lay]]
-                parts.append(fmap.amax(dim=(2, 3)) if self.pooling == "max" else fmap.mean(dim=(2, 3)))
+                parts.append(_pool(by_index[self.stage_index[lay]], self.pooling))
         return torch.cat(parts, dim=1)
 
 

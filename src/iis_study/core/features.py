@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Representation
+from .backbones import BackboneSpec, Representation, build, build_layers
 from .data import BadImageError, ImageSet
 from .store import ShardedArray, ShardWriter, atomic_path, atomic_save_npy, check_storage
 
@@ -201,20 +201,33 @@ def extract_cached(
     """
     key = cache_key(rep, images.fingerprint(), extra_key)
     path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            t, _ = load_tensors(path)
-            logger.info("features of %s: cache hit %s", rep.spec.display_name, path)
-            return Features(x=t["x"], y=t["y"], ok=t["ok"].bool()), key
-        except Exception as exc:  # a corrupt entry is recomputed, never trusted
-            logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+    feats = _read_entry(path)
+    if feats is not None:
+        logger.info("features of %s: cache hit %s", rep.spec.display_name, path)
+        return feats, key
     feats = extract(rep, images, **kwargs)
+    _write_entry(path, feats, rep, key)
+    return feats, key
+
+
+def _read_entry(path: Path) -> Features | None:
+    """A cache entry's features, or ``None`` when it is absent or unreadable (then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        t, _ = load_tensors(path)
+        return Features(x=t["x"], y=t["y"], ok=t["ok"].bool())
+    except Exception as exc:  # a corrupt entry is recomputed, never trusted
+        logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+        return None
+
+
+def _write_entry(path: Path, feats: Features, rep: Representation, key: str) -> None:
     save_tensors(
         path,
         {"x": feats.x, "y": feats.y, "ok": feats.ok.to(torch.uint8)},
         {"backbone": rep.spec.display_name, "model": rep.spec.model, "layer": rep.layer, "key": key},
     )
-    return feats, key
 
 
 def extract_cached_layers(
@@ -233,37 +246,46 @@ def extract_cached_layers(
     """
     fingerprint = images.fingerprint()
     keys = {lay: cache_key(rep, fingerprint) for lay, rep in reps.items()}
+    paths = {lay: Path(cache_dir) / f"{key}.safetensors" for lay, key in keys.items()}
     out: dict[str, tuple[Features, str]] = {}
-    for lay, rep in reps.items():
-        path = Path(cache_dir) / f"{keys[lay]}.safetensors"
-        if path.is_file():
-            try:
-                t, _ = load_tensors(path)
-                out[lay] = Features(x=t["x"], y=t["y"], ok=t["ok"].bool()), keys[lay]
-            except Exception as exc:  # a corrupt entry is recomputed, never trusted
-                logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+    for lay in reps:
+        feats = _read_entry(paths[lay])
+        if feats is not None:
+            out[lay] = feats, keys[lay]
     missing = [lay for lay in reps if lay not in out]
     if out:
         logger.info("features of %s: cache hit for layers %s", combined.spec.display_name, sorted(out))
     if not missing:
         return out
     feats = extract(combined, images, **kwargs)
-    widths = dict(zip(combined.model.layers, combined.model.widths, strict=True))
-    start = 0
-    for lay in combined.model.layers:
-        stop = start + widths[lay]
-        if lay in missing:
-            layer_feats = Features(x=feats.x[:, start:stop].contiguous(), y=feats.y, ok=feats.ok)
-            rep = reps[lay]
-            save_tensors(
-                Path(cache_dir) / f"{keys[lay]}.safetensors",
-                {"x": layer_feats.x, "y": layer_feats.y, "ok": layer_feats.ok.to(torch.uint8)},
-                {"backbone": rep.spec.display_name, "model": rep.spec.model, "layer": rep.layer, "key": keys[lay]},
-            )
-            out[lay] = layer_feats, keys[lay]
-        start = stop
+    for lay in missing:
+        cols = reps[lay].model  # the layer's columns of the combined features (backbones._LayerOf)
+        layer_feats = Features(
+            x=feats.x[:, cols.start : cols.start + cols.num_features].contiguous(), y=feats.y, ok=feats.ok
+        )
+        _write_entry(paths[lay], layer_feats, reps[lay], keys[lay])
+        out[lay] = layer_feats, keys[lay]
     logger.info("features of %s: layers %s extracted in one pass", combined.spec.display_name, missing)
     return out
+
+
+def cached_features(
+    spec: BackboneSpec, images: ImageSet, device: str, **kwargs: Any
+) -> tuple[Features, str, Representation]:
+    """Features of ``images`` for ``spec`` from the cache, else extracted and cached.
+
+    A family member (``family_layers`` set by the ``families`` expansion) is extracted together
+    with the other layers of its family at the same resolution, in one forward pass that caches
+    every layer (bit-identical to extracting each alone): the siblings' nodes then read the
+    cache instead of running the backbone again. Returns the features, cache key and representation.
+    """
+    if spec.family_layers is not None and len(set(spec.family_layers) | {spec.layer}) > 1:
+        combined, reps = build_layers(spec, [*spec.family_layers, spec.layer], device=device)
+        feats, key = extract_cached_layers(combined, reps, images, **kwargs)[spec.layer]
+        return feats, key, reps[spec.layer]
+    rep = build(spec, device=device)
+    feats, key = extract_cached(rep, images, **kwargs)
+    return feats, key, rep
 
 
 def extract_sharded_cached(

@@ -53,11 +53,8 @@ try:  # numba is optional: without it the torch path is used
     from numba import njit, prange, types
     from numba.core import cgutils
     from numba.extending import intrinsic
-
-    _NUMBA_ERROR: Exception | None = None
-except ImportError as err:  # pragma: no cover - exercised only without numba
+except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
-    _NUMBA_ERROR = err
 
 _BLOCK = 32  # rows per float32 partial sum before adding into the float64 totals
 _BLOCK_SPARSE = 128  # the same for sparse-path heads (few entries per row, a larger block)
@@ -69,6 +66,7 @@ _KP = 16  # the sparse path pads the classes to 16 lanes (used when K <= 16)
 # propagate as in torch. The selection works on integers and is unaffected.
 _FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
 _LOCK = threading.Lock()  # one kernel at a time (numba's workqueue layer is not thread-safe)
+_FORK_UNSAFE = False  # set in a forked child whose parent had started numba's GNU OpenMP pool
 
 
 def enabled() -> bool:
@@ -77,9 +75,6 @@ def enabled() -> bool:
     if numba is None or _FORK_UNSAFE:
         return False
     return os.environ.get("IIS_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-_FORK_UNSAFE = False  # set in a forked child whose parent had started numba's GNU OpenMP pool
 
 
 def _after_fork_in_child() -> None:
@@ -713,15 +708,10 @@ class Plan:
 def _broadcast(shapes) -> tuple[int, ...] | None:
     """numpy broadcasting of ``shapes`` (``None`` if incompatible); ``torch.broadcast_shapes``
     would import sympy on its first call (0.3 s)."""
-    n = max(len(sh) for sh in shapes)
-    out = [1] * n
-    for sh in shapes:
-        for i, d in enumerate(sh, start=n - len(sh)):
-            if d != 1:
-                if out[i] not in (1, d):
-                    return None
-                out[i] = int(d)
-    return tuple(out)
+    try:
+        return tuple(int(d) for d in np.broadcast_shapes(*(tuple(sh) for sh in shapes)))
+    except ValueError:
+        return None
 
 
 def plan(base, ln_weight, ln_bias, weight, bias, ks) -> Plan | None:
@@ -729,11 +719,6 @@ def plan(base, ln_weight, ln_bias, weight, bias, ks) -> Plan | None:
     (kernel disabled or unavailable, a tensor not CPU float32, unusual broadcasting)."""
     if not enabled():
         return None
-    return flatten(base, ln_weight, ln_bias, weight, bias, ks)
-
-
-def flatten(base, ln_weight, ln_bias, weight, bias, ks) -> Plan | None:
-    """:func:`plan` without the ``enabled`` check."""
     affine = ln_weight is not None
     tensors = [base, weight, bias] + ([ln_weight, ln_bias] if affine else [])
     if affine and ln_bias is None:
@@ -791,6 +776,13 @@ def _threads() -> int:
     return max(1, min(int(torch.get_num_threads()), int(numba.config.NUMBA_NUM_THREADS)))
 
 
+def _set_threads() -> int:
+    """Give numba the thread count torch uses (call holding ``_LOCK``); returns it."""
+    threads = _threads()
+    numba.set_num_threads(threads)
+    return threads
+
+
 @functools.lru_cache(maxsize=64)
 def _order(n_heads: int, threads: int) -> np.ndarray:
     """The order in which ``prange`` visits the heads: numba splits the range into one
@@ -819,13 +811,12 @@ def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor
     state = torch.empty(lead + (2,), dtype=torch.int32)
     idx = torch.empty(lead + (width,), dtype=torch.int32)
     with _LOCK:
-        numba.set_num_threads(_threads())
         _forward_kernel(
             *_inputs(p),
             p.bias2.numpy(),
             p.ks,
             n_sparse,
-            _order(n_heads, _threads()),
+            _order(n_heads, _set_threads()),
             logits.numpy(),
             state.numpy(),
             idx.numpy(),
@@ -862,12 +853,11 @@ def backward(
     g_lnb = buf((n_heads, m), need_lnb)
     g_base = buf((n_heads, p.n_rows, m), need_base)
     with _LOCK:
-        numba.set_num_threads(_threads())
         _backward_kernel(
             *_inputs(p),
             p.ks,
             _n_sparse(m, n_cls),
-            _order(n_heads, _threads()),
+            _order(n_heads, _set_threads()),
             state.numpy(),
             idx.numpy(),
             g.numpy(),
@@ -908,6 +898,6 @@ def cross_entropy(
     grad = torch.empty_like(flat)
     loss_rows = torch.empty(flat.shape[0], dtype=torch.float32)
     with _LOCK:
-        numba.set_num_threads(_threads())
+        _set_threads()
         _cross_entropy_kernel(flat.numpy(), tgt.numpy(), np.float32(scale), grad.numpy(), loss_rows.numpy())
     return loss_rows.sum() * scale, grad.view(logits.shape)

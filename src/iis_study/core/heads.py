@@ -511,8 +511,9 @@ class _InterpHeads(torch.autograd.Function):
     detached values), so gradients flow through kept entries only.
 
     On CPU float32 tensors, when numba imports, forward and backward run the fused kernel
-    of :mod:`.fused_heads` (one pass per head and row, two threads); ``IIS_FUSED=0`` in the
-    environment, CUDA tensors or other dtypes use the torch code below.
+    of :mod:`.fused_heads` (one pass per head and row, parallel over heads with torch's
+    thread count); ``IIS_FUSED=0`` in the environment, CUDA tensors or other dtypes use the
+    torch code below.
     """
 
     @staticmethod
@@ -531,9 +532,8 @@ class _InterpHeads(torch.autograd.Function):
             sparse = torch.addcmul(ln_bias, base, ln_weight)
         else:
             shape = tuple(weight.shape[:-2]) + tuple(base.shape[-2:])
-            sparse = base.expand(shape).contiguous()
-            if sparse.data_ptr() == base.data_ptr():  # already full-size: copy, mul_ below must not touch the input
-                sparse = sparse.clone()
+            # always a fresh copy: mul_ below must not touch the input
+            sparse = base.expand(shape).clone(memory_format=torch.contiguous_format)
         keep = _grouped_keep(sparse, ks)
         sparse.mul_(keep)
         logits = torch.matmul(sparse, weight.transpose(-1, -2)).add_(bias.unsqueeze(-2))
@@ -569,9 +569,7 @@ class _InterpHeads(torch.autograd.Function):
     def _fused_plan(base, ln_weight, ln_bias, weight, bias, ks):
         """Flattened inputs for the fused numba kernel (:mod:`.fused_heads`), or ``None`` to
         use the torch code above: on CUDA, for non-float32 tensors, without numba, or
-        with ``IIS_FUSED=0``."""
-        if base.device.type != "cpu" or os.environ.get("IIS_FUSED", "1").strip() == "0":
-            return None
+        with ``IIS_FUSED=0`` (:func:`.fused_heads.plan` decides)."""
         from . import fused_heads
 
         return fused_heads.plan(base, ln_weight, ln_bias, weight, bias, ks)
@@ -645,7 +643,7 @@ def _hard_assignment_indexed(
 
 def _one_hot(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Float one-hot of ``idx`` over the last axis of ``like`` (no int64 intermediate)."""
-    return torch.zeros_like(like, requires_grad=False).scatter_(-1, idx.unsqueeze(-1), 1.0)
+    return torch.zeros_like(like).scatter_(-1, idx.unsqueeze(-1), 1.0)
 
 
 def _concepts_from_assignment(assignment: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:

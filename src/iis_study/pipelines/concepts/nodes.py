@@ -18,7 +18,8 @@ import torch
 from iis_study.core import concepts as C
 from iis_study.core.backbones import BackboneSpec
 from iis_study.core.data import BadImageError, DatasetSpec, array_image_set, load_dataset
-from iis_study.pipelines.feature_extraction.nodes import _strip_name, cached_features, resolve_device
+from iis_study.core.features import cached_features
+from iis_study.pipelines.feature_extraction.nodes import _strip_name, resolve_device
 
 logger = logging.getLogger(__name__)
 

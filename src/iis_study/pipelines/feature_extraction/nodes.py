@@ -10,15 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iis_study.core.backbones import BackboneSpec, Representation, build, build_layers
-from iis_study.core.data import SPLITS, DatasetSpec, ImageSet, check_class_coverage, load_dataset
-from iis_study.core.features import (
-    Features,
-    extract_cached,
-    extract_cached_layers,
-    extract_sharded_cached,
-    split_features,
-)
+from iis_study.core.backbones import BackboneSpec, build
+from iis_study.core.data import SPLITS, DatasetSpec, check_class_coverage, load_dataset
+from iis_study.core.features import cached_features, extract_sharded_cached, split_features
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +41,6 @@ def extract_features(
     images = load_dataset(DatasetSpec.from_params(dataset))
     sharded = extraction.get("storage", "memory") == "sharded"
     device = resolve_device(extraction.get("device", "auto"))
-    rep = build(spec, device=device) if sharded or not _shares_pass(spec) else None
     common = {
         "cache_dir": extraction.get("cache_dir", "data/04_feature/cache"),
         "batch_size": int(extraction.get("batch_size", 128)),
@@ -61,7 +54,7 @@ def extract_features(
     out: dict[str, Any] = {}
     oks = []
     if sharded:
-        assert rep is not None
+        rep = build(spec, device=device)
         keys = []
         for name in SPLITS:
             rows = np.flatnonzero(split_names == name)
@@ -114,31 +107,6 @@ def extract_features(
     out["__metadata__"] = {"cache_key": key, "model": spec.model}
     logger.info("%s: %d-d features, cache key %s", spec.model, rep.dim, key)
     return out, info
-
-
-def _shares_pass(spec: BackboneSpec) -> bool:
-    """Whether the spec is a family member whose family has other layers at this resolution."""
-    return spec.family_layers is not None and len(set(spec.family_layers) | {spec.layer}) > 1
-
-
-def cached_features(
-    spec: BackboneSpec, images: ImageSet, device: str, **kwargs: Any
-) -> tuple[Features, str, Representation]:
-    """Features of ``images`` for ``spec`` from the cache, else extracted and cached.
-
-    A family member (``family_layers`` set by the ``families`` expansion) is extracted together
-    with the other layers of its family at the same resolution, in one forward pass that caches
-    every layer (bit-identical to extracting each alone): the siblings' nodes then read the
-    cache instead of running the backbone again. Returns the features, cache key and representation.
-    """
-    if _shares_pass(spec):
-        layers = list(dict.fromkeys([*(spec.family_layers or ()), spec.layer]))
-        combined, reps = build_layers(spec, layers, device=device)
-        feats, key = extract_cached_layers(combined, reps, images, **kwargs)[spec.layer]
-        return feats, key, reps[spec.layer]
-    rep = build(spec, device=device)
-    feats, key = extract_cached(rep, images, **kwargs)
-    return feats, key, rep
 
 
 def _strip_name(params: dict[str, Any]) -> dict[str, Any]:
