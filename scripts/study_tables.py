@@ -30,7 +30,7 @@ def representation_table(project: Path) -> str:
     scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
     label = "representation" if "representation" in scores else "backbone"
     types = list(pd.unique(scores["concept_type"]))
-    head = ["representation", "D", "A_std (test)"]
+    head = ["representation", "D", "A_std (test)", "steps", "probe: val / L-BFGS ref., converged"]
     for t in types:
         head += [f"IIS {t} [95% CI]", f"IIS_cc {t}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -39,11 +39,17 @@ def representation_table(project: Path) -> str:
         info = project / "data" / "04_feature" / str(first["backbone"]) / "feature_info.json"
         dim = json.loads(info.read_text())["dim"] if info.is_file() else "?"
         cells = [str(name), str(dim), f"{_f(first['accuracy_linear_probe'])} ± {_f(first['accuracy_linear_probe_std'])}"]
+        if "probe_converged" in rows:
+            conv = "yes" if rows["probe_converged"].astype(bool).all() else "**no**"
+            cells += [str(int(first["steps"])), f"{_f(first['probe_val_acc'])} / {_f(first['reference_val_acc'])}, {conv}"]
+        else:
+            cells += ["", ""]
         by_type = rows.set_index("concept_type")
         for t in types:
             if t in by_type.index:
                 r = by_type.loc[t]
-                cells += [f"{_f(r['iis'])} [{_f(r['iis_ci_low'])}, {_f(r['iis_ci_high'])}]", _f(r["iis_chance_corrected"])]
+                flat = "" if "heads_converged" not in r or bool(r["heads_converged"]) else " †"
+                cells += [f"{_f(r['iis'])} [{_f(r['iis_ci_low'])}, {_f(r['iis_ci_high'])}]{flat}", _f(r["iis_chance_corrected"])]
             else:
                 cells += ["", ""]
         lines.append("| " + " | ".join(cells) + " |")

@@ -42,7 +42,7 @@ TINY = {
         "textual": {"model": "ViT-B-16", "pretrained": None, "checkpoint": None, "words": "digits",
                     "top5_threshold": -1.0, "similarity_threshold": -1.0, "max_images": 200, "tiny_random_clip": True},
     },
-    "sweep": {"sparsities": [0.0, 0.5, 0.9], "learning_rates": [0.01, 0.1], "seeds": [0, 1], "epochs": 3,
+    "sweep": {"sparsities": [0.0, 0.5, 0.9], "learning_rates": [0.01, 0.1], "seeds": [0, 1], "epochs": 3, "steps": 1, "min_batches_per_epoch": 1,
               "batch_size": 64, "gamma": 0.99, "gumbel_tau": 0.1, "device": "cpu"},
     "scoring": {"n_boot": 50, "seed": 0, "ci": 0.95},
     "correlation": {"scores": ["iis", "iis_chance_corrected"], "n_boot": 50, "seed": 0, "ci": 0.95},
@@ -53,7 +53,7 @@ TINY = {
         "checkpoint_dir": "data/06_models/fine_tuning",
         "train": {"sparsity": 0.1, "m": 12, "epochs": 1, "batch_size": 32, "lr_backbone": 1e-4, "lr_heads": 1e-3,
                   "device": "cpu", "num_workers": 0, "eval_epochs": [0, 1]},
-        "sweep": {"sparsities": [0.0, 0.5, 0.9], "learning_rates": [0.01, 0.1], "seeds": [0], "epochs": 2,
+        "sweep": {"sparsities": [0.0, 0.5, 0.9], "learning_rates": [0.01, 0.1], "seeds": [0], "epochs": 2, "steps": 1, "min_batches_per_epoch": 1,
                   "batch_size": 64, "device": "cpu"},
     },
 }

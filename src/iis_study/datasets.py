@@ -161,7 +161,7 @@ class SweepResultDataset(AbstractDataset):
         self.metadata = metadata
 
     def load(self):
-        from .core.heads import SweepConfig, SweepResult
+        from .core.heads import Budget, SweepConfig, SweepResult
 
         meta_file = self._path / "meta.json"
         if not meta_file.is_file():
@@ -172,6 +172,7 @@ class SweepResultDataset(AbstractDataset):
             if isinstance(v, list):
                 cfg[k] = tuple(v)
         state, _ = load_tensors(self._path / "state.safetensors")
+        history = self._path / "history.csv"
         return SweepResult(
             config=SweepConfig(**cfg),
             num_classes=int(meta["num_classes"]),
@@ -180,6 +181,8 @@ class SweepResultDataset(AbstractDataset):
             selected=pd.read_csv(self._path / "selected.csv"),
             test_correct=np.load(self._path / "test_correct.npy", allow_pickle=False),
             state=state,
+            history=pd.read_csv(history) if history.is_file() else pd.DataFrame(),
+            budget=Budget(**meta["budget"]) if meta.get("budget") else None,
         )
 
     def save(self, data) -> None:
@@ -191,7 +194,10 @@ class SweepResultDataset(AbstractDataset):
             data.selected.to_csv(tmp / "selected.csv", index=False)
             np.save(tmp / "test_correct.npy", np.asarray(data.test_correct), allow_pickle=False)
             save_tensors(tmp / "state.safetensors", {k: v.detach().cpu() for k, v in data.state.items()})
+            data.history.to_csv(tmp / "history.csv", index=False)
             meta = {"config": asdict(data.config), "num_classes": data.num_classes, "m": data.m}
+            if data.budget is not None:
+                meta["budget"] = asdict(data.budget)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             commit()
         except BaseException:

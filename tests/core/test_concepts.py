@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -237,12 +239,48 @@ def test_end_to_end_elements() -> None:
     emb = embeddings(n=200)
     e, ids = end_to_end_elements(emb, max_elements=50, seed=0)
     assert e.shape == (50, 24) and e.dtype == torch.float32
-    np.testing.assert_array_equal(e.numpy(), emb[ids])  # raw, not normalised
+    ref = emb[ids] / np.linalg.norm(emb[ids].astype(np.float64), axis=1, keepdims=True)  # L2-normalised rows
+    np.testing.assert_allclose(e.numpy(), ref, rtol=1e-5, atol=1e-6)
     e2, ids2 = end_to_end_elements(emb, max_elements=50, seed=0)
     np.testing.assert_array_equal(ids, ids2)
     e_all, ids_all = end_to_end_elements(emb, max_elements=1000)
     np.testing.assert_array_equal(ids_all, np.arange(200))
-    np.testing.assert_array_equal(e_all.numpy(), emb)
+    np.testing.assert_allclose(e_all.numpy(), emb / np.linalg.norm(emb, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_cluster_concepts_ignore_element_norms() -> None:
+    """KMeans runs on L2-normalised embeddings (authors' code): rescaling elements changes nothing."""
+    emb = embeddings(n=120)
+    scales = np.random.default_rng(1).uniform(0.1, 50.0, size=(120, 1)).astype(np.float32)
+    c1, r1 = cluster_vectors(emb, m=6, seed=0)
+    c2, r2 = cluster_vectors(emb * scales, m=6, seed=0)
+    np.testing.assert_allclose(c1.numpy(), c2.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(r1, r2)
+
+
+def test_no_empty_end_to_end_concept_at_default_settings() -> None:
+    """With the default number of elements, M and sweep grid, every concept of every end-to-end head
+    has at least one element at initialisation (300 elements for M = 200 had left ~44 empty)."""
+    import yaml
+
+    from iis_study.core.heads import ConceptSpace, SweepConfig, _BatchedHeads
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "base"
+    concepts = yaml.safe_load((conf / "parameters_concepts.yml").read_text())["concepts"]
+    sweep = yaml.safe_load((conf / "parameters_interpretability.yml").read_text())["sweep"]
+    e, m = int(concepts["end_to_end_max_elements"]), int(concepts["m"])
+    elements = torch.nn.functional.normalize(torch.randn(e, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    cfg = SweepConfig(
+        sparsities=tuple(sweep["sparsities"]), learning_rates=tuple(sweep["learning_rates"]), seeds=tuple(sweep["seeds"])
+    )
+    heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=m), cfg, 16, 10)
+    assert heads.empty_at_init.shape == (8, 3, 3)
+    assert int(heads.empty_at_init.sum()) == 0
+    # and the count is right: with 300 elements many concepts start empty
+    few = _BatchedHeads(ConceptSpace("end_to_end", elements=elements[:300], n_concepts=m), cfg, 16, 10)
+    idx = torch.nn.functional.layer_norm(few.params["interp.q"], (m,)).argmax(-1)  # affine is identity at init
+    expected = torch.tensor([[[m - len(set(idx[p, s, l].tolist())) for l in range(3)] for s in range(3)] for p in range(8)])
+    assert torch.equal(few.empty_at_init, expected) and 20 < float(expected.float().mean()) < 70
 
 
 def test_check_m_message() -> None:

@@ -25,7 +25,7 @@ from iis_study.core.heads import SweepConfig, n_dropped
 
 NUM_CLASSES = 10
 SPEC = BackboneSpec(name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=32)
-SWEEP = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-1,), seeds=(0,), epochs=10, batch_size=64)
+SWEEP = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-1,), seeds=(0,), epochs=10, batch_size=64)
 BASE = {
     "m": 16, "batch_size": 16, "lr_backbone": 1e-4, "lr_heads": 1e-2,
     "amp": False, "channels_last": False, "device": "cpu",

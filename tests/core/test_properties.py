@@ -129,7 +129,7 @@ def sweep_outcomes(draw) -> tuple[SweepConfig, np.ndarray]:
         correct[s, 0, rng.permutation(n)[:n_probe]] = True
         for h in range(1, 1 + len(grid)):  # any samples, at most as many as the probe got right
             correct[s, h, rng.permutation(n)[: int(rng.integers(0, n_probe + 1))]] = True
-    cfg = SweepConfig(sparsities=grid, learning_rates=(0.01,), seeds=tuple(range(n_seeds)), epochs=1)
+    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=grid, learning_rates=(0.01,), seeds=tuple(range(n_seeds)), epochs=1)
     return cfg, correct
 
 

@@ -156,20 +156,22 @@ def test_correlation_over_all_pretrained_and_within_families(tmp_path):
     table = pd.read_csv(path)
     config = {"scores": ["iis", "iis_chance_corrected"], "n_boot": 50, "seed": 0, "ci": 0.95}
     corr, scopes = correlate_scores(table, {**config, "groups": ["all", "pretrained", "family"]})
-    assert set(corr) == {"prototype", "cluster"} and corr["prototype"]["iis"]["n_backbones"] == 8
-    assert corr["prototype"]["iis"]["scope"] == "all"
+    # the headline is the pretrained scope (METHOD §6 correlates across pretrained backbones)
+    assert set(corr) == {"prototype", "cluster"} and corr["prototype"]["iis"]["n_backbones"] == 6
+    assert corr["prototype"]["iis"]["scope"] == "pretrained"
     by = {(g["scope"], g["group"]): g for g in scopes["groups"]}
     assert set(by) == {("all", "all"), ("pretrained", "pretrained"), ("family", "a"), ("family", "b"), ("family", "r")}
     assert by[("pretrained", "pretrained")]["n_representations"] == 6
     assert by[("family", "a")]["correlation"]["prototype"]["iis"]["pearson"]["r"] == pytest.approx(1.0)
     assert by[("family", "b")]["correlation"]["cluster"]["iis"]["pearson"]["r"] == pytest.approx(-1.0)
     assert by[("family", "r")]["correlation"]["prototype"]["iis"]["pearson"]["r"] is None  # 2 members: undefined
-    assert by[("all", "all")]["correlation"] == corr
+    assert by[("pretrained", "pretrained")]["correlation"] == corr
+    assert by[("all", "all")]["correlation"]["prototype"]["iis"]["n_backbones"] == 8
     json.dumps(scopes, allow_nan=False)  # valid JSON, no NaN
     flat = correlation_table(scopes)
     assert set(flat["scope"]) == {"all", "pretrained", "family"} and len(flat) == 5 * 2 * 2 * 3
     only_all, scopes_all = correlate_scores(table, {**config, "groups": ["all"]})
-    assert only_all == corr and [g["scope"] for g in scopes_all["groups"]] == ["all"]
+    assert only_all == by[("all", "all")]["correlation"] and [g["scope"] for g in scopes_all["groups"]] == ["all"]
     with pytest.raises(ValueError, match="correlation.groups"):
         correlate_scores(table, {**config, "groups": ["everything"]})
 

@@ -92,7 +92,7 @@ def _sharded(tmp_path, split: Split, name: str, rows: int) -> Split:
     return Split(_write(tmp_path / name, split.x, shard_rows=rows), split.y)
 
 
-CFG = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=3, batch_size=32)
+CFG = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=3, batch_size=32)
 
 
 def test_sharded_sweep_matches_single_head_reference(tmp_path, problem):

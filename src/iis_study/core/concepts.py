@@ -443,8 +443,9 @@ def cluster_vectors(
     """Cluster concept vectors: KMeans centroids over element embeddings, L2-normalised.
 
     KMeans (``n_clusters=m``, ``random_state=seed``, ``n_init=1``, k-means++) runs
-    on the raw embeddings of at most ``max_elements`` elements (a seeded sample
-    when there are more).
+    on the **L2-normalised** embeddings of at most ``max_elements`` elements (a seeded
+    sample when there are more), as the authors' code does: clusters of directions, not
+    of magnitudes (a few large-norm elements would otherwise pull centroids).
 
     Returns:
         ``(C, representatives)``: ``C`` (M, D) float32 unit rows; for each concept
@@ -456,7 +457,7 @@ def cluster_vectors(
     emb = _to_numpy(embeddings)
     idx = _subsample(emb.shape[0], max_elements, seed)
     check_m(m, len(idx), "cluster")
-    data = emb[idx]
+    data = _l2_normalise(emb[idx]).numpy()
     km = KMeans(n_clusters=m, random_state=seed, n_init=1).fit(data)
     centroids = km.cluster_centers_.astype(np.float32)
     dist = _sq_dist(data, centroids)
@@ -482,9 +483,9 @@ def end_to_end_elements(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Element embeddings for the end-to-end assignment (METHOD §5.3).
 
-    The embeddings are returned **raw** (not L2-normalised), float32: METHOD
-    defines ``C = normalise(qᵀ · elements)`` on the element embeddings, so the
-    normalisation happens after the assignment (as for cluster centroids).
+    The embeddings are returned **L2-normalised**, float32, as in the authors' code:
+    ``C = normalise(qᵀ · elements)`` is then the normalised mean *direction* of a
+    concept's elements, not dominated by its largest-norm elements.
     At most ``max_elements`` are kept (a sorted seeded sample when there are more).
 
     Returns:
@@ -495,4 +496,4 @@ def end_to_end_elements(
     emb = _to_numpy(embeddings)
     idx = _subsample(emb.shape[0], max_elements, seed)
     logger.info("End-to-end concepts: %d of %d elements (seed %d)", len(idx), emb.shape[0], seed)
-    return torch.from_numpy(np.ascontiguousarray(emb[idx])), idx
+    return _l2_normalise(emb[idx]), idx

@@ -57,6 +57,7 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 _NORM_TOL = 1e-3
 _EVAL_CHUNK = 1024
+Q_INIT_STD = 0.02  # end-to-end assignment logits q: truncated normal, std 0.02 (authors' code)
 
 
 # --------------------------------------------------------------------------- config
@@ -70,9 +71,19 @@ class SweepConfig:
         sparsities: sparsity ratios ``s`` in ``[0, 1)``, strictly increasing.
         learning_rates: Adam learning rates tried for every head (selection on val).
         seeds: one full set of heads per seed (init, data order, Gumbel noise).
-        epochs: training epochs.
-        batch_size: minibatch size.
-        gamma: ``ExponentialLR`` factor, applied once per epoch.
+        steps: the budget: at least this many Adam steps for every head (METHOD §4 "Budget and
+            convergence"); the number of epochs follows from it and the training-set size.
+        epochs: at least this many epochs (the authors' 30).
+        batch_size: the largest minibatch (the authors' 1024).
+        min_batches_per_epoch: the minibatch shrinks to ``ceil(N / min_batches_per_epoch)`` on a
+            small training set, so that a small study gets many steps per epoch.
+        gamma: the authors' ``ExponentialLR`` factor per epoch over ``epochs`` epochs; when the
+            budget needs more epochs, the same total decay (``gamma ** epochs``, 0.74 by default) is
+            spread over all of them (:attr:`Budget.gamma` per epoch), so that a long budget does
+            not decay the learning rate to nothing.
+        probe_centering: the probe reads ``z - mean_train(z)`` (a reparametrisation of its bias,
+            ``W z + (b - W·mean)``: the same classifiers, better conditioned for Adam); the state
+            stored for the selected probe is converted back to raw features.
         gumbel_tau: the divisor of ``LN(q)`` before the hard Gumbel-softmax (METHOD's ``q / 0.1``;
             ``end_to_end`` only).
         device: torch device for all tensors.
@@ -81,11 +92,26 @@ class SweepConfig:
     sparsities: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
     learning_rates: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 4000
     epochs: int = 30
     batch_size: int = 1024
+    min_batches_per_epoch: int = 16
     gamma: float = 0.99
     gumbel_tau: float = 0.1
+    probe_centering: bool = True
     device: str = "cpu"
+
+    def plan(self, n_train: int) -> "Budget":
+        """The minibatch size and number of epochs for ``n_train`` training samples."""
+        n = int(n_train)
+        if n < 1:
+            raise ValueError(f"the training split is empty (n_train = {n_train})")
+        batch = max(1, min(int(self.batch_size), -(-n // int(self.min_batches_per_epoch))))
+        per_epoch = -(-n // batch)
+        epochs = max(int(self.epochs), -(-int(self.steps) // per_epoch))
+        # the authors' decay, gamma per epoch over `epochs` epochs, spread over the whole budget
+        decay = float(self.gamma) ** (int(self.epochs) / epochs)
+        return Budget(batch_size=batch, epochs=epochs, steps_per_epoch=per_epoch, n_train=n, gamma=decay)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending parameter if the config is invalid."""
@@ -113,10 +139,30 @@ class SweepConfig:
             raise ValueError(f"sweep.epochs must be >= 1, got {self.epochs}")
         if int(self.batch_size) < 1:
             raise ValueError(f"sweep.batch_size must be >= 1, got {self.batch_size}")
+        if int(self.steps) < 1:
+            raise ValueError(f"sweep.steps must be >= 1, got {self.steps}")
+        if int(self.min_batches_per_epoch) < 1:
+            raise ValueError(f"sweep.min_batches_per_epoch must be >= 1, got {self.min_batches_per_epoch}")
         if not (0.0 < float(self.gamma) <= 1.0):
             raise ValueError(f"sweep.gamma must lie in (0, 1], got {self.gamma}")
         if not (float(self.gumbel_tau) > 0.0):
             raise ValueError(f"sweep.gumbel_tau must be > 0, got {self.gumbel_tau}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a :class:`SweepConfig` means for one training set (see :meth:`SweepConfig.plan`)."""
+
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    n_train: int
+    gamma: float
+
+    @property
+    def steps(self) -> int:
+        """Adam steps every head takes."""
+        return self.epochs * self.steps_per_epoch
 
 
 @dataclass
@@ -290,6 +336,7 @@ class SweepResult:
             and, where applicable, ``interp.ln_weight`` / ``interp.ln_bias`` (S, P, M) and
             ``interp.q`` (S, P, E, M).
         history: per-epoch val/test accuracy of every head (long format).
+        budget: the minibatch size, epochs and Adam steps the heads were trained with.
     """
 
     config: SweepConfig
@@ -300,6 +347,7 @@ class SweepResult:
     test_correct: np.ndarray
     state: dict[str, torch.Tensor]
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    budget: Budget | None = None
 
 
 @dataclass
@@ -613,7 +661,13 @@ def _uniform_to_gumbel_(u: torch.Tensor) -> torch.Tensor:
     return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()
 
 
-def _hard_assignment(q: torch.Tensor, tau: float, noise: torch.Tensor | None) -> torch.Tensor:
+def _hard_assignment(
+    q: torch.Tensor,
+    tau: float,
+    noise: torch.Tensor | None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hard (straight-through) Gumbel-softmax of ``LayerNorm_M(q) / tau`` along M (METHOD §5.3).
 
     METHOD applies the Gumbel-softmax to ``q / 0.1``: the logits are divided by ``tau`` and
@@ -623,16 +677,27 @@ def _hard_assignment(q: torch.Tensor, tau: float, noise: torch.Tensor | None) ->
     assignment almost at random, and on digits the end-to-end heads stayed near chance (test
     accuracy 0.20 at s = 0 against 0.60 with the logits divided; 60 Adam steps, Lite0).
 
-    With ``noise=None`` (evaluation) the noise-free one-hot argmax is returned.
+    The LayerNorm on ``q`` has a learnable affine (``ln_weight``, ``ln_bias``, shape (..., M),
+    one per head), as in the authors' code. With ``noise=None`` (evaluation) the noise-free
+    one-hot argmax is returned.
     """
-    return _hard_assignment_indexed(q, tau, noise)[0]
+    return _hard_assignment_indexed(q, tau, noise, ln_weight, ln_bias)[0]
 
 
 def _hard_assignment_indexed(
-    q: torch.Tensor, tau: float, noise: torch.Tensor | None
+    q: torch.Tensor,
+    tau: float,
+    noise: torch.Tensor | None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_hard_assignment` and the index of each element's concept (``argmax`` over M)."""
-    logits = _layer_norm(q) / tau
+    logits = _layer_norm(q)
+    if ln_weight is not None:
+        logits = logits * ln_weight.unsqueeze(-2)
+    if ln_bias is not None:
+        logits = logits + ln_bias.unsqueeze(-2)
+    logits = logits / tau
     if noise is None:
         idx = logits.argmax(-1)
         return _one_hot(idx, q), idx
@@ -661,7 +726,11 @@ def _init_head(
     n_elements: int | None,
     device: str,
 ) -> dict[str, torch.Tensor]:
-    """Initial parameters of one head (``nn.Linear`` default distribution; q ~ N(0, 1))."""
+    """Initial parameters of one head (``nn.Linear`` default distribution).
+
+    End-to-end heads: ``q`` from a truncated normal with std 0.02 (``nn.init.trunc_normal_``, as
+    the authors' code), and the affine of the LayerNorm on ``q`` (ones, zeros).
+    """
     gen = _generator(_head_init_seed(seed, head, sparsity, lr), "cpu")
     bound = 1.0 / math.sqrt(d_in)
     out = {
@@ -672,7 +741,9 @@ def _init_head(
         out["ln_weight"] = torch.ones(d_in)
         out["ln_bias"] = torch.zeros(d_in)
         if n_elements is not None:
-            out["q"] = torch.randn(n_elements, d_in, generator=gen)
+            out["q"] = nn.init.trunc_normal_(torch.empty(n_elements, d_in), std=Q_INIT_STD, generator=gen)
+            out["q_ln_weight"] = torch.ones(d_in)
+            out["q_ln_bias"] = torch.zeros(d_in)
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -826,8 +897,16 @@ class _StackedAdam:
 class _BatchedHeads:
     """All heads of a sweep as stacked tensors: probe (S, L, ...), interp (P, S, L, ...)."""
 
-    def __init__(self, concepts: ConceptSpace, config: SweepConfig, dim: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        concepts: ConceptSpace,
+        config: SweepConfig,
+        dim: int,
+        num_classes: int,
+        probe_shift: torch.Tensor | None = None,
+    ) -> None:
         self.concepts = concepts
+        self.probe_shift = probe_shift
         self.config = config
         self.device = config.device
         self.m = concepts.m
@@ -836,6 +915,28 @@ class _BatchedHeads:
         self.shape_interp = (len(config.sparsities),) + self.shape_probe
         self.params = self._init_params(dim, num_classes)
         self.gumbel_gens = self._gumbel_generators()
+        if concepts.kind == "end_to_end":
+            self.empty_at_init = self.empty_concepts()
+            logger.info(
+                "end-to-end: %d elements for M = %d; empty concepts at initialisation: %d of %d heads have any "
+                "(at most %d empty)",
+                concepts.elements.shape[0] if concepts.elements is not None else 0,
+                self.m,
+                int((self.empty_at_init > 0).sum()),
+                self.empty_at_init.numel(),
+                int(self.empty_at_init.max()),
+            )
+
+    @torch.no_grad()
+    def empty_concepts(self) -> torch.Tensor:
+        """Per end-to-end head (P, S, L), the number of concepts no element is assigned to (noise-free)."""
+        p = self.params
+        idx = _hard_assignment_indexed(
+            p["interp.q"], self.config.gumbel_tau, None, p["interp.q_ln_weight"], p["interp.q_ln_bias"]
+        )[1]
+        counts = torch.zeros(idx.shape[:-1] + (self.m,), dtype=torch.long, device=idx.device)
+        counts.scatter_add_(-1, idx, torch.ones_like(idx))
+        return (counts == 0).sum(-1)
 
     def _init_params(self, dim: int, num_classes: int) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -868,7 +969,8 @@ class _BatchedHeads:
             params["interp.ln_weight"] = _stack3(interp, "ln_weight")
             params["interp.ln_bias"] = _stack3(interp, "ln_bias")
         if self.concepts.kind == "end_to_end":
-            params["interp.q"] = _stack3(interp, "q")
+            for name in ("q", "q_ln_weight", "q_ln_bias"):
+                params[f"interp.{name}"] = _stack3(interp, name)
         for p in params.values():
             p.requires_grad_(True)
         return params
@@ -943,11 +1045,14 @@ class _BatchedHeads:
         Returns probe logits (S, L, B, K) and interp logits (P, S, L, B, K).
         """
         p = self.params
-        probe = torch.einsum("sbd,slkd->slbk", x, p["probe.weight"]) + p["probe.bias"][:, :, None, :]
+        xp = x if self.probe_shift is None else x - self.probe_shift
+        probe = torch.einsum("sbd,slkd->slbk", xp, p["probe.weight"]) + p["probe.bias"][:, :, None, :]
         if self.concepts.kind == "end_to_end":
             assert self.concepts.elements is not None
             noise = self._gumbel() if train else None
-            assign, idx = _hard_assignment_indexed(p["interp.q"], self.config.gumbel_tau, noise)
+            assign, idx = _hard_assignment_indexed(
+                p["interp.q"], self.config.gumbel_tau, noise, p["interp.q_ln_weight"], p["interp.q_ln_bias"]
+            )
             base5 = _layer_norm(self._end_to_end_scores(x, assign, idx))
         else:
             assert base is not None
@@ -1140,7 +1245,9 @@ def sweep(
     dev = config.device
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
     concepts = _concepts_to(concepts, dev)
-    heads = _BatchedHeads(concepts, config, train.x.shape[1], num_classes)
+    budget = config.plan(train.x.shape[0])
+    shift = _train_mean(train.x, dev) if config.probe_centering else None
+    heads = _BatchedHeads(concepts, config, train.x.shape[1], num_classes, shift)
     # activations shared by all heads, once per sample; on the fly per batch for sharded splits
     bases = {
         name: None if isinstance(s.x, ShardedArray) else _precompute_base(s.x, concepts)
@@ -1150,21 +1257,34 @@ def sweep(
     data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
     tracker = _BestTracker(heads, test.x.shape[0])
     logger.info(
-        "sweep: %d probe + %d interp heads, kind=%s, M=%d, K=%d, N_train=%d",
+        "sweep: %d probe + %d interp heads, kind=%s, M=%d, K=%d, N_train=%d: batch %d, %d epochs, %d steps",
         int(np.prod(heads.shape_probe)),
         int(np.prod(heads.shape_interp)),
         concepts.kind,
         heads.m,
         num_classes,
         train.x.shape[0],
+        budget.batch_size,
+        budget.epochs,
+        budget.steps,
     )
-    for epoch in tqdm(range(1, config.epochs + 1), desc="sweep epochs", disable=not progress):
-        _train_epoch(heads, opt, train, bases["train"], data_gens, config.batch_size)
-        opt.decay(config.gamma)
+    for epoch in tqdm(range(1, budget.epochs + 1), desc="sweep epochs", disable=not progress):
+        _train_epoch(heads, opt, train, bases["train"], data_gens, budget.batch_size)
+        opt.decay(budget.gamma)
         vp, vi = heads.correct(val.x, val.y, bases["val"])
         tp, ti = heads.correct(test.x, test.y, bases["test"])
         tracker.update(epoch, {"probe": vp, "interp": vi}, {"probe": tp, "interp": ti}, heads.params)
-    return _build_result(tracker, heads, config, num_classes)
+    return _build_result(tracker, heads, config, num_classes, budget)
+
+
+def _train_mean(x: torch.Tensor | ShardedArray, device: str) -> torch.Tensor:
+    """Mean of the training features (D,), accumulated in float64 (shard by shard on disk)."""
+    if isinstance(x, ShardedArray):
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        for _, rows in x.iter_blocks():
+            total += torch.as_tensor(rows).to(torch.float64).sum(0)
+        return (total / x.shape[0]).to(device=device, dtype=torch.float32)
+    return x.to(torch.float64).mean(0).to(torch.float32)
 
 
 def _train_epoch(
@@ -1260,7 +1380,7 @@ def _select_lr(val_acc: np.ndarray, lrs: np.ndarray) -> np.ndarray:
 
 
 def _build_result(
-    tracker: _BestTracker, heads: _BatchedHeads, config: SweepConfig, num_classes: int
+    tracker: _BestTracker, heads: _BatchedHeads, config: SweepConfig, num_classes: int, budget: Budget
 ) -> SweepResult:
     lrs = np.asarray(config.learning_rates, dtype=float)
     pv, iv = tracker.val["probe"].cpu().numpy(), tracker.val["interp"].cpu().numpy()
@@ -1275,6 +1395,8 @@ def _build_result(
     interp_tc = np.stack([tc_i[p, s_idx, sel_i[p]] for p in range(len(config.sparsities))], axis=1)
     test_correct = np.concatenate([probe_tc[:, None], interp_tc], axis=1)
     state = _selected_state(tracker.params, sel_p, sel_i)
+    if heads.probe_shift is not None:  # the stored probe reads raw features: b - W·mean
+        state["probe.bias"] = state["probe.bias"] - state["probe.weight"] @ heads.probe_shift.cpu()
     return SweepResult(
         config=config,
         num_classes=int(num_classes),
@@ -1284,6 +1406,7 @@ def _build_result(
         test_correct=test_correct.astype(bool),
         state=state,
         history=_history_table(tracker, config),
+        budget=budget,
     )
 
 
@@ -1427,7 +1550,8 @@ def _single_activations(z: torch.Tensor, concepts: ConceptSpace, st: dict[str, t
         c = concepts.vectors
     else:
         assert concepts.elements is not None
-        c = _concepts_from_assignment(_hard_assignment(st["interp.q"], 1.0, None), concepts.elements)
+        assign = _hard_assignment(st["interp.q"], 1.0, None, st.get("interp.q_ln_weight"), st.get("interp.q_ln_bias"))
+        c = _concepts_from_assignment(assign, concepts.elements)
     return _layer_norm(z @ c.T) * st["interp.ln_weight"] + st["interp.ln_bias"]
 
 
@@ -1460,14 +1584,15 @@ def _explanation_frame(
 
 
 class _ProbeModule(nn.Module):
-    """Plain linear probe ``W z + b`` (METHOD §2)."""
+    """Plain linear probe ``W z + b`` (METHOD §2), reading ``z - shift`` when centred."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int, shift: torch.Tensor | None = None) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, num_classes)
+        self.register_buffer("shift", shift)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear(z)
+        return self.linear(z if self.shift is None else z - self.shift)
 
 
 class _InterpModule(nn.Module):
@@ -1496,13 +1621,15 @@ class _InterpModule(nn.Module):
         if self.kind == "end_to_end":
             assert concepts.elements is not None
             self.q = nn.Parameter(torch.empty(concepts.elements.shape[0], m))
+            self.q_ln = nn.LayerNorm(m)
         self.linear = nn.Linear(m, num_classes)
 
     def concept_matrix(self) -> torch.Tensor:
         if self.kind == "vectors":
             return self.vectors
         noise = _gumbel_noise(tuple(self.q.shape), self.gen, self.device_name) if self.training else None
-        return _concepts_from_assignment(_hard_assignment(self.q, self.tau, noise), self.elements)
+        assign = _hard_assignment(self.q, self.tau, noise, self.q_ln.weight, self.q_ln.bias)
+        return _concepts_from_assignment(assign, self.elements)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "projection":
@@ -1535,18 +1662,20 @@ def train_single_head(
     dev = config.device
     dim = train.x.shape[1]
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
-    model = _build_reference(head, concepts, num_classes, seed, sparsity, lr, dim, config)
+    budget = config.plan(train.x.shape[0])
+    shift = _train_mean(train.x, dev) if head == "probe" and config.probe_centering else None
+    model = _build_reference(head, concepts, num_classes, seed, sparsity, lr, dim, config, shift)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=budget.gamma)
     gen = _generator(_data_seed(seed), "cpu")
     val_curve, test_curve, test_hist = [], [], []
     def batches():
         if isinstance(train.x, ShardedArray):
-            yield from _shard_batches(train.x, train.y, gen, config.batch_size, dev)
+            yield from _shard_batches(train.x, train.y, gen, budget.batch_size, dev)
             return
         perm = torch.randperm(train.x.shape[0], generator=gen).to(dev)
-        for start in range(0, perm.shape[0], config.batch_size):
-            idx = perm[start : start + config.batch_size]
+        for start in range(0, perm.shape[0], budget.batch_size):
+            idx = perm[start : start + budget.batch_size]
             yield train.x[idx], train.y[idx]
 
     def predict(x: torch.Tensor | ShardedArray) -> torch.Tensor:
@@ -1554,7 +1683,7 @@ def train_single_head(
             return torch.cat([model(rows.to(dev)).argmax(-1) for _, rows in _eval_chunks(x)])
         return model(x).argmax(-1)
 
-    for _ in range(config.epochs):
+    for _ in range(budget.epochs):
         model.train()
         for xb, yb in batches():
             opt.zero_grad()
@@ -1589,10 +1718,11 @@ def _build_reference(
     lr: float,
     dim: int,
     config: SweepConfig,
+    shift: torch.Tensor | None = None,
 ) -> nn.Module:
     dev = config.device
     if head == "probe":
-        model: nn.Module = _ProbeModule(dim, num_classes)
+        model: nn.Module = _ProbeModule(dim, num_classes, shift)
         init = _init_head("probe", seed, None, lr, dim, num_classes, None, dev)
         lin = model.linear
     elif head == "interp":
@@ -1613,6 +1743,8 @@ def _build_reference(
                 model.ln.bias.copy_(init["ln_bias"])
             if e2e:
                 model.q.copy_(init["q"])
+                model.q_ln.weight.copy_(init["q_ln_weight"])
+                model.q_ln.bias.copy_(init["q_ln_bias"])
     else:
         raise ValueError(f"head must be 'probe' or 'interp', got {head!r}")
     with torch.no_grad():

@@ -186,10 +186,18 @@ def iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: Mapping[str, Any], sc
         ax.set_ylabel(_SCORE_LABELS.get(score, score))
         ax.margins(x=0.15, y=0.12)
     fig.get_layout_engine().execute(fig)  # final axes positions, so labels are placed in display space
+    flags = [c for c in ("probe_converged", "heads_converged") if c in iis_scores.columns]
+    any_unconverged = False
     for ax, ctype in zip(axes, types):
         group = iis_scores[iis_scores["concept_type"] == ctype]
-        _label_points(ax, group["accuracy_linear_probe"].to_numpy(float), group[score].to_numpy(float),
-                      group["backbone"].astype(str).tolist())
+        labels = group["backbone"].astype(str).tolist()
+        if flags:  # a score from an optimiser that had not converged is marked, never hidden
+            ok = group[flags].astype(bool).all(axis=1).to_numpy()
+            labels = [lab if good else f"{lab} †" for lab, good in zip(labels, ok)]
+            any_unconverged |= not ok.all()
+        _label_points(ax, group["accuracy_linear_probe"].to_numpy(float), group[score].to_numpy(float), labels)
+    if any_unconverged:
+        fig.text(0.01, 0.005, "† not converged at this budget (raise sweep.steps)", fontsize=_SMALL, ha="left")
     fig.legend(
         handles=_score_legend_handles(has_random, score),
         loc="outside lower center",

@@ -135,7 +135,7 @@ def end_to_end_concepts(element_embeddings: dict[str, Any], concepts: dict[str, 
     m = _m(concepts)
     C.check_m(m, len(emb), "end_to_end")
     elements, picked = C.end_to_end_elements(
-        emb, max_elements=int(concepts.get("end_to_end_max_elements", 2000)), seed=int(concepts.get("seed", 0))
+        emb, max_elements=int(concepts.get("end_to_end_max_elements", 2500)), seed=int(concepts.get("seed", 0))
     )
     return _space(
         "end_to_end",

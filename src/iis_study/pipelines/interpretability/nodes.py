@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from iis_study.core.convergence import convergence_report, reference_probe
 from iis_study.core.heads import ConceptSpace, Split, SweepConfig, SweepResult
 from iis_study.core.heads import sweep as run_sweep  # the node's `sweep` argument is the parameter block
 from iis_study.core.params import reject_unknown_keys
@@ -65,15 +66,44 @@ def train_interpreters(
     return run_sweep(splits["train"], splits["val"], splits["test"], space, num_classes, cfg)
 
 
-def score_interpreters(result: SweepResult, scoring: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
-    """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s)."""
+def fit_reference_probe(features: dict[str, Any], feature_info: dict[str, Any]) -> dict[str, Any]:
+    """The converged reference for the probe: full-batch L-BFGS logistic regression on the same
+    features, its L2 strength selected on val (METHOD §4, "Budget and convergence")."""
+    splits = [(features[f"{s}.x"], features[f"{s}.y"]) for s in ("train", "val", "test")]
+    ref = reference_probe(*splits, num_classes=int(feature_info["num_classes"]))
+    logger.info(
+        "reference probe (L-BFGS, C = %g): val %.4f, test %.4f", ref.c, ref.val_acc, ref.test_acc
+    )
+    return ref.to_dict()
+
+
+def score_interpreters(
+    result: SweepResult, probe_reference: dict[str, Any], scoring: dict[str, Any]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s), with the
+    training budget and the convergence record (probe against its reference, flat val curves)."""
     scores, curve = score_sweep(
         result,
         n_boot=int(scoring.get("n_boot", 1000)),
         seed=int(scoring.get("seed", 0)),
         ci=float(scoring.get("ci", 0.95)),
     )
-    scores = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in scores.items()}
+    if result.budget is not None:
+        scores.update(steps=result.budget.steps, batch_size=result.budget.batch_size, epochs=result.budget.epochs)
+    scores.update(convergence_report(result.selected, result.history, probe_reference))
+    scores = {k: (v if isinstance(v, bool) else float(v) if hasattr(v, "__float__") else v) for k, v in scores.items()}
+    if not scores["probe_converged"]:
+        logger.warning(
+            "the linear probe is NOT converged (val %.4f against the L-BFGS reference's %.4f): raise sweep.steps",
+            scores["probe_val_acc"],
+            scores["reference_val_acc"],
+        )
+    if not scores["heads_converged"]:
+        logger.warning(
+            "a selected interpretation head was still rising at the end of training (+%.1f points in the "
+            "last fifth): raise sweep.steps",
+            100 * scores["max_gain_selected"],
+        )
     logger.info(
         "A_std = %.4f, IIS = %.4f [%.4f, %.4f], chance-corrected IIS = %.4f",
         scores["accuracy_linear_probe"],

@@ -5,12 +5,14 @@ from collections.abc import Iterable
 from kedro.pipeline import Pipeline, node
 
 from ..namespaces import per_backbone
-from .nodes import score_interpreters, train_interpreters
+from .nodes import fit_reference_probe, score_interpreters, train_interpreters
 
 
 def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
     """The per-backbone template."""
-    nodes = []
+    nodes = [
+        node(fit_reference_probe, ["features", "feature_info"], "probe_reference", name="fit_reference_probe")
+    ]
     for ctype in concept_types:
         nodes += [
             node(
@@ -21,7 +23,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
             ),
             node(
                 score_interpreters,
-                [f"sweep_{ctype}", "params:scoring"],
+                [f"sweep_{ctype}", "probe_reference", "params:scoring"],
                 [f"scores_{ctype}", f"curve_{ctype}"],
                 name=f"score_{ctype}_interpreters",
             ),

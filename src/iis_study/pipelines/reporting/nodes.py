@@ -29,6 +29,12 @@ SCORE_COLUMNS = [
     "iis_ci_high",
     "iis_chance_corrected",
     "n_seeds",
+    "steps",
+    "batch_size",
+    "probe_converged",
+    "heads_converged",
+    "probe_val_acc",
+    "reference_val_acc",
 ]
 
 
@@ -68,6 +74,14 @@ def collect_scores(
             curves.append(c)
     table = pd.DataFrame(rows)
     table = table[[c for c in SCORE_COLUMNS if c in table] + [c for c in table if c not in SCORE_COLUMNS]]
+    for flag, what in (("probe_converged", "linear probe"), ("heads_converged", "interpretation heads")):
+        if flag in table and not table[flag].astype(bool).all():
+            bad = table.loc[~table[flag].astype(bool), ["representation", "concept_type"]]
+            logger.warning(
+                "NOT converged (%s): %s; their scores are marked in the plots -- raise sweep.steps",
+                what,
+                ", ".join(f"{r}/{c}" for r, c in bad.itertuples(index=False)),
+            )
     return table, pd.concat(curves, ignore_index=True)
 
 
@@ -98,9 +112,16 @@ def _correlate_table(table: pd.DataFrame, correlation: dict[str, Any], scope: st
     for ctype, rows in table.groupby("concept_type", sort=False):
         out[ctype] = {}
         for score in correlation.get("scores", ["iis", "iis_chance_corrected"]):
+            finite = rows[score].notna() & rows["accuracy_linear_probe"].notna()
+            if not finite.all():
+                left_out = rows.loc[~finite, "representation" if "representation" in rows else "backbone"]
+                logger.warning(
+                    "[%s %s] %s / %s: left out of the correlation (score undefined, e.g. A_std <= 1/K): %s",
+                    scope, group, ctype, score, ", ".join(map(str, left_out)),
+                )
             res = correlate(
-                rows["accuracy_linear_probe"].to_numpy(),
-                rows[score].to_numpy(),
+                rows.loc[finite, "accuracy_linear_probe"].to_numpy(),
+                rows.loc[finite, score].to_numpy(),
                 n_boot=int(correlation.get("n_boot", 2000)),
                 seed=int(correlation.get("seed", 0)),
                 ci=float(correlation.get("ci", 0.95)),
@@ -109,6 +130,7 @@ def _correlate_table(table: pd.DataFrame, correlation: dict[str, Any], scope: st
             entry: dict[str, Any] = {k: {kk: _clean(vv) for kk, vv in v.items()} for k, v in res.items()}
             entry["n_backbones"] = n
             entry["scope"] = scope
+            entry["left_out"] = [str(v) for v in rows.loc[~finite, "backbone"]]
             out[ctype][score] = entry
             logger.info(
                 "[%s %s] %s / %s over %d representations: Pearson %s, Spearman %s, Kendall %s",
@@ -146,8 +168,11 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: dict[str, Any]) -> t
     chance-corrected IIS), per concept type, with p-values and bootstrap intervals over representations.
 
     Returns:
-        ``correlation``: over all representations, ``{concept_type: {score: {"pearson": {"r", "p",
-        "ci_low", "ci_high"}, "spearman": ..., "kendall": ..., "n_backbones": n, "scope": "all"}}}``;
+        ``correlation``: the headline, over the pretrained representations (METHOD §6 correlates
+        across pretrained backbones; over all of them when the study has no pretrained one or the
+        scope is not requested), ``{concept_type: {score: {"pearson": {"r", "p", "ci_low",
+        "ci_high"}, "spearman": ..., "kendall": ..., "n_backbones": n, "scope": ..., "left_out":
+        [...]}}}``; a representation whose score is undefined (NaN) is left out with a warning;
         ``correlation_scopes``: ``{"groups": [{"scope", "group", "representations", "n_representations",
         "correlation": {concept_type: {score: ...}}}, ...]}``, one record per scope of
         ``correlation.groups`` (``all``; ``pretrained``; ``family``: one record per family).
@@ -165,10 +190,13 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: dict[str, Any]) -> t
                 "correlation": _correlate_table(rows, correlation, scope, group),
             }
         )
-    everything = next((r["correlation"] for r in records if r["scope"] == "all"), None)
-    if everything is None:
-        everything = _correlate_table(iis_scores, correlation, "all", "all")
-    return everything, {"groups": records}
+    # the headline: across pretrained representations (METHOD §6), else over all of them
+    headline = next((r["correlation"] for r in records if r["scope"] == "pretrained" and r["n_representations"]), None)
+    if headline is None:
+        headline = next((r["correlation"] for r in records if r["scope"] == "all"), None)
+    if headline is None:
+        headline = _correlate_table(iis_scores, correlation, "all", "all")
+    return headline, {"groups": records}
 
 
 def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:

@@ -1,0 +1,52 @@
+"""Measure how IIS, the probe and the convergence record move with the sweep budget (docs/convergence.md).
+
+Runs the study's sweep on an existing run's cached features and concepts (run `make run` first), for
+each representation and budget, and prints one row per (representation, budget):
+
+    .venv/bin/python scripts/convergence_budget.py --reps lite0,lite0_stage1 --steps 500,1000,2000,4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from iis_study.core.convergence import convergence_report, reference_probe
+from iis_study.core.heads import Split, SweepConfig, sweep
+from iis_study.core.scores import score_sweep
+from iis_study.datasets import TensorDictDataset
+from iis_study.pipelines.interpretability.nodes import concept_space
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--reps", default="lite0,lite0_stage1,lite0_random")
+    ap.add_argument("--steps", default="500,1000,2000,4000")
+    ap.add_argument("--concepts", default="prototype")
+    ap.add_argument("--seeds", default="0,1,2")
+    args = ap.parse_args()
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    print("| representation | steps | batch | probe acc (test) | probe val | reference val | IIS | "
+          "probe converged | heads flat (max gain, pt) | time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rep in args.reps.split(","):
+        f = TensorDictDataset(f"{args.data}/04_feature/{rep}/features.safetensors").load()
+        c = TensorDictDataset(f"{args.data}/05_model_input/{rep}/concepts_{args.concepts}.safetensors").load()
+        sp = {s: Split(f[f"{s}.x"], f[f"{s}.y"]) for s in ("train", "val", "test")}
+        ref = reference_probe(*((sp[s].x, sp[s].y) for s in ("train", "val", "test")), num_classes=int(sp["train"].y.max()) + 1)
+        for steps in (int(s) for s in args.steps.split(",")):
+            t = time.time()
+            r = sweep(sp["train"], sp["val"], sp["test"], concept_space(c), int(sp["train"].y.max()) + 1,
+                      SweepConfig(steps=steps, seeds=seeds), progress=False)
+            dt = time.time() - t
+            sc, _ = score_sweep(r)
+            cv = convergence_report(r.selected, r.history, ref.to_dict())
+            print(f"| {rep} | {r.budget.steps} | {r.budget.batch_size} | {sc['accuracy_linear_probe']:.3f} | "
+                  f"{cv['probe_val_acc']:.3f} | {cv['reference_val_acc']:.3f} | {sc['iis']:.3f} | "
+                  f"{'yes' if cv['probe_converged'] else 'no'} | {'yes' if cv['heads_converged'] else 'no'} "
+                  f"({100 * cv['max_gain_selected']:+.1f}) | {dt:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
