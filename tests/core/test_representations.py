@@ -275,3 +275,25 @@ def test_family_layers_are_extracted_in_one_pass_and_cached_per_layer(tmp_path):
     mid = F.FORWARD_PASSES["count"]
     F.extract_cached_layers(combined, reps, images, cache_dir=tmp_path, batch_size=4, num_workers=0, progress=False)
     assert F.FORWARD_PASSES["count"] == mid  # everything cached: no pass at all
+
+
+def test_undefined_chance_corrected_score_is_left_out_of_the_correlation(tmp_path, caplog):
+    """A representation whose probe is at or below chance has a NaN chance-corrected IIS: it is left out of
+    that correlation, named in a warning, and the rest is computed (this used to crash the reporting)."""
+    table = _scores({
+        "a": [("a@32", 0.5, 0.6, "offline"), ("a@64", 0.6, 0.7, "offline"), ("a@96", 0.7, 0.8, "offline"),
+              ("a@128", 0.8, 0.85, "offline")],
+    })
+    table.loc[table["representation"] == "a@32", "iis_chance_corrected"] = np.nan
+    path = tmp_path / "scores.csv"
+    table.to_csv(path, index=False)
+    table = pd.read_csv(path)
+    config = {"scores": ["iis", "iis_chance_corrected"], "n_boot": 50, "seed": 0, "ci": 0.95, "groups": ["all"]}
+    with caplog.at_level("WARNING"):
+        corr, _ = correlate_scores(table, config)
+    assert corr["prototype"]["iis"]["n_backbones"] == 4 and corr["prototype"]["iis"]["left_out"] == []
+    cc = corr["prototype"]["iis_chance_corrected"]
+    assert cc["n_backbones"] == 3 and cc["left_out"] == ["a_32"]
+    x, y = [0.6, 0.7, 0.8], [0.6, 0.7, 0.75]
+    assert cc["pearson"]["r"] == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
+    assert "a@32" in caplog.text and "left out" in caplog.text
