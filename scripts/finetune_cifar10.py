@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 
 from iis_study.core.backbones import BackboneSpec
-from iis_study.core.concepts import patch_elements
+from iis_study.core.concepts import patch_elements, prototype_indices
 from iis_study.core.data import ImageSet, load_dataset, stratified_split
-from iis_study.core.finetune import FinetuneConfig, finetune, list_checkpoints
+from iis_study.core.finetune import FinetuneConfig, finetune, list_checkpoints, prototype_images
 from iis_study.core.heads import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,8 @@ def main() -> None:
     t0 = time.perf_counter()
     images, num_classes = load_splits(args.root, args.per_class)
     elements = concept_elements(images["train"], args.sources_per_class, args.input_size)
-    logger.info("splits %s, %d concept elements, %d classes",
+    elements = prototype_images(elements, prototype_indices(len(elements), args.m, 0))  # M prototypes, seed 0
+    logger.info("splits %s, %d prototype elements, %d classes",
                 {k: len(v) for k, v in images.items()}, len(elements), num_classes)
     spec = BackboneSpec(
         name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=args.input_size
@@ -138,7 +139,7 @@ def main() -> None:
     for lam in args.lams:
         for seed in args.seeds:
             cfg = FinetuneConfig(
-                lam=lam, sparsity=args.sparsity, m=args.m, epochs=args.epochs, batch_size=args.batch_size,
+                lam=lam, sparsity=args.sparsity, epochs=args.epochs, batch_size=args.batch_size,
                 lr_backbone=args.lr_backbone, lr_heads=args.lr_heads, bn_mode=args.bn_mode, seed=seed,
                 num_workers=args.workers, eval_epochs=(0, args.epochs),
             )

@@ -118,11 +118,11 @@ def main() -> None:
     labels = rng.integers(0, 10, size=n_ft)
     imgs = array_image_set(src[:n_ft], labels=labels)
     parts = {"train": imgs, "val": imgs.subset(range(n_ft // 8)), "test": imgs.subset(range(n_ft // 8, n_ft // 4))}
-    elements = src[: 400 if DEV == "cuda" else 40, :64, :64]
+    elements = np.ascontiguousarray(src[: 200 if DEV == "cuda" else 20, :64, :64])  # the M prototype elements
     spec = BackboneSpec(name="gpu", model=args.model, weights="random", input_size=args.size)
     for lam in (1.0, 0.0):
         fcfg = FinetuneConfig(lam=lam, epochs=1, batch_size=128 if DEV == "cuda" else 16, device=DEV,
-                              num_workers=args.workers, eval_epochs=(), m=200 if DEV == "cuda" else 20)
+                              num_workers=args.workers, eval_epochs=())
         with tempfile.TemporaryDirectory() as tmp:
             _sync()
             t0 = time.perf_counter()

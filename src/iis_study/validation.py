@@ -80,6 +80,11 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
                 f"fine_tuning.backbones: {staged} are stage-layer representations; fine-tuning trains the "
                 "whole backbone and exports it as a checkpoint, so name a `penultimate` representation"
             )
+        if "prototype" not in types:
+            raise ValueError(
+                f"fine_tuning uses the study's prototype concepts, but concepts.types = {types} has no "
+                "'prototype': add it (the concepts pipeline draws the prototypes fine-tuning re-embeds)"
+            )
         for lam, seed in arms(ft):
             FinetuneConfig.from_params({**dict(ft.get("train") or {}), "lam": lam, "seed": seed})
         _check_device((ft.get("train") or {}).get("device", "auto"), "fine_tuning.train.device")

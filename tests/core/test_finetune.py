@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from iis_study.core import finetune as ft
 from iis_study.core.backbones import BackboneSpec, WeightsUnavailableError, build, weights_fingerprint
-from iis_study.core.concepts import patch_elements
+from iis_study.core.concepts import patch_elements, prototype_indices
 from iis_study.core.data import load_dataset, stratified_split
 from iis_study.core.features import extract, load_tensors, save_tensors
 from iis_study.core.heads import SweepConfig, n_dropped
@@ -26,8 +26,9 @@ from iis_study.core.heads import SweepConfig, n_dropped
 NUM_CLASSES = 10
 SPEC = BackboneSpec(name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=32)
 SWEEP = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-1,), seeds=(0,), epochs=10, batch_size=64)
+M = 16  # prototypes drawn from the 40 elements
 BASE = {
-    "m": 16, "batch_size": 16, "lr_backbone": 1e-4, "lr_heads": 1e-2,
+    "batch_size": 16, "lr_backbone": 1e-4, "lr_heads": 1e-2,
     "amp": False, "channels_last": False, "device": "cpu",
 }
 
@@ -47,7 +48,8 @@ def data():
     split = stratified_split(ds.labels, seed=0, max_per_class=9)  # 50 train, 20 val, 20 test
     images = {s: ds.subset(split.loc[split.split == s, "index"].to_numpy()) for s in ("train", "val", "test")}
     src = [images["train"].load(i) for i in range(10)]
-    elements = patch_elements(src, list(range(10)), grid=2, size=32).images  # 40 elements
+    all_elements = patch_elements(src, list(range(10)), grid=2, size=32).images  # 40 elements
+    elements = ft.prototype_images(all_elements, prototype_indices(len(all_elements), M, 0))  # the study's draw
     return images, elements
 
 
@@ -87,7 +89,6 @@ def run_lam1(data, tmp_path_factory):
         ("lam", float("nan")),
         ("sparsity", 1.0),
         ("sparsity", -0.01),
-        ("m", 0),
         ("epochs", 0),
         ("batch_size", 1),
         ("accumulation_steps", 0),
@@ -140,11 +141,27 @@ def test_wrong_architecture_checkpoint_is_an_error(data, tmp_path):
     assert not (tmp_path / "ck").exists()  # nothing written
 
 
-def test_m_larger_than_the_elements_is_an_error(data, tmp_path):
-    images, elements = data
-    cfg = ft.FinetuneConfig(**{**BASE, "m": len(elements) + 1})
-    with pytest.raises(ValueError, match=r"fine_tuning\.m"):
-        ft.finetune(SPEC, images, elements, cfg, tmp_path, SWEEP, NUM_CLASSES, progress=False)
+def test_m_is_not_a_fine_tuning_setting():
+    """M and the draw are the study's (concepts.m, concepts.seed): a second default would drift."""
+    with pytest.raises(ValueError, match=r"fine_tuning.*\bm\b"):
+        ft.FinetuneConfig.from_params({**BASE, "m": 16})
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [([], "non-empty"), ([[0, 1]], "1-d"), ([0.0, 1.0], "integer"), ([0, 40], r"\[0, 40\)"), ([-1, 2], r"\[0, 40\)"),
+     ([3, 3], "distinct")],
+)
+def test_prototype_ids_are_checked(ids, match):
+    elements = np.zeros((40, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=match):
+        ft.prototype_images(elements, np.asarray(ids))
+
+
+def test_prototype_images_are_the_study_elements_by_id():
+    elements = np.arange(40 * 2 * 2 * 3, dtype=np.uint8).reshape(40, 2, 2, 3)
+    ids = torch.tensor([5, 0, 39])
+    np.testing.assert_array_equal(ft.prototype_images(elements, ids), elements[[5, 0, 39]])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -204,7 +221,7 @@ def test_interpretation_loss_reaches_the_backbone_and_vanishes_at_lambda_0(data)
     rep = build(SPEC)
     ft._prepare_backbone(rep.model, ft.FinetuneConfig(channels_last=False))
     ft.set_train_mode(rep.model, "eval")  # BN statistics fixed: repeated forwards are identical
-    c = ft.concept_vectors(rep, elements, m=16, seed=0)
+    c = ft.concept_vectors(rep, elements)
     h_std, h_interp = ft.init_heads(rep.dim, 16, NUM_CLASSES, seed=0)
     x = torch.stack([torch.from_numpy(images["train"].load(i).copy()).permute(2, 0, 1) for i in range(8)])
     y = torch.as_tensor(images["train"].labels[:8])
@@ -244,7 +261,7 @@ def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
     model = rep.model.to(memory_format=torch.contiguous_format)
     for p in model.parameters():
         p.requires_grad_(True)
-    h_std, _ = ft.init_heads(rep.dim, cfg.m, NUM_CLASSES, cfg.seed)
+    h_std, _ = ft.init_heads(rep.dim, M, NUM_CLASSES, cfg.seed)
     opt = torch.optim.AdamW(
         [
             {"params": list(model.parameters()), "lr": cfg.lr_backbone},
@@ -339,7 +356,7 @@ def test_backbone_file_reloads_through_build_with_the_same_features(run_lam1, da
 def test_evaluate_representation_is_the_scoring_used_at_epoch_0(run_lam1, data):
     cfg, _, history, _ = run_lam1
     images, elements = data
-    summary = ft.evaluate_representation(build(SPEC), images, elements, cfg.m, cfg.seed, SWEEP, NUM_CLASSES)
+    summary = ft.evaluate_representation(build(SPEC), images, elements, SWEEP, NUM_CLASSES)
     assert summary["iis"] == pytest.approx(history[0].iis, abs=1e-12)
     assert summary["accuracy_linear_probe"] == pytest.approx(history[0].accuracy_linear_probe, abs=1e-12)
 

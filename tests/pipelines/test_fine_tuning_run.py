@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from tests.kedro_project import TINY, run_in_process
 
@@ -17,6 +18,12 @@ def test_fine_tuning_pipeline(tiny_run):
     # both arms start from the same pre-trained backbone: identical epoch-0 scores
     start = table[table["epoch"] == 0].set_index("lam")
     assert start.loc[0.0, "accuracy_linear_probe"] == start.loc[1.0, "accuracy_linear_probe"]
+    # ... and it is the study's own prototype score (same prototypes, same sweep settings)
+    assert TINY["fine_tuning"]["sweep"] == TINY["sweep"]
+    study = pd.read_csv(tiny_run / "data" / "08_reporting" / "iis_scores.csv")
+    study = study[(study["backbone"] == "lite0") & (study["concept_type"] == "prototype")].iloc[0]
+    assert start.loc[1.0, "iis"] == pytest.approx(study["iis"], abs=1e-9)
+    assert start.loc[1.0, "accuracy_linear_probe"] == pytest.approx(study["accuracy_linear_probe"], abs=1e-9)
     summary = pd.read_csv(tiny_run / "data" / "08_reporting" / "fine_tuning_summary.csv")
     assert len(summary) == 2
     ckpts = list((tiny_run / "data" / "06_models" / "fine_tuning").rglob("backbone.safetensors"))

@@ -5,9 +5,10 @@ The backbone ``f``, a linear probe head ``h_std`` (``D -> K``) and an interpreta
 
     L = CE(h_std(f(x)), y) + λ · CE(h_interp(sparse_s(LN_M(f(x) · Cᵀ))), y)
 
-where ``C`` holds M prototype concept vectors (elements chosen by
-:func:`~iis_study.core.concepts.prototype_indices`, L2-normalised) that are **re-embedded with
-the current backbone** (eval mode, no gradient) at the start of every epoch, so the
+where ``C`` holds the M prototype concept vectors **of the study** (the same elements the
+concepts pipeline drew for this representation, after the same filtering of elements that embed
+to zero: :func:`prototype_images` takes them by the study's element ids), L2-normalised and
+**re-embedded with the current backbone** (eval mode, no gradient) at the start of every epoch, so the
 interpretation lives in the current representation space; ``sparse_s`` is
 :func:`~iis_study.core.heads.sparsify` with ``k = floor(s·M)``. ``λ = 0`` is the control arm
 (METHOD §7): the interpretation branch is skipped entirely, concepts are not embedded, and
@@ -60,7 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import BackboneSpec, Representation, WeightsUnavailableError, build, spec_dict
-from .concepts import Elements, prototype_indices
+from .concepts import Elements
 from .data import ImageSet, array_image_set
 from .features import Features, _Resized, extract, load_tensors, save_tensors
 from .heads import ConceptSpace, Split, SweepConfig, derive_seed, n_dropped, sparsify, sweep
@@ -70,7 +71,7 @@ from .scores import score_sweep
 logger = logging.getLogger(__name__)
 
 FORMAT = "iis_study.finetune"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: concepts are the study's prototypes (by element id)
 BN_MODES = ("train", "eval", "frozen")
 DEVICES = ("auto", "cpu", "cuda")
 SPLIT_NAMES = ("train", "val", "test")
@@ -86,7 +87,6 @@ class FinetuneConfig:
 
     lam: float = 1.0
     sparsity: float = 0.1
-    m: int = 200
     epochs: int = 3
     batch_size: int = 64
     accumulation_steps: int = 1
@@ -105,6 +105,9 @@ class FinetuneConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FinetuneConfig:
         """Build from a parameter mapping; unknown keys are an error."""
+        if "m" in params:
+            raise ValueError("fine_tuning: m is not a fine-tuning setting: the concepts are the study's M prototypes "
+                             "(concepts.m, concepts.seed); remove fine_tuning.train.m")
         reject_unknown_keys(params, cls.__dataclass_fields__, "fine_tuning")
         p = dict(params)
         if p.get("eval_epochs") is not None:
@@ -119,7 +122,7 @@ class FinetuneConfig:
         _check_real(self.sparsity, "sparsity", lo=0.0)
         if not float(self.sparsity) < 1.0:
             raise ValueError(f"fine_tuning.sparsity must lie in [0, 1), got {self.sparsity!r}")
-        minimum = {"m": 1, "epochs": 1, "batch_size": 2, "accumulation_steps": 1, "num_workers": 0}
+        minimum = {"epochs": 1, "batch_size": 2, "accumulation_steps": 1, "num_workers": 0}
         for name, lo in minimum.items():
             _check_int(getattr(self, name), name, lo)
         _check_int(self.seed, "seed", None)
@@ -398,20 +401,33 @@ def model_input(
 # --------------------------------------------------------------------------- concepts and evaluation
 
 
-def concept_vectors(
-    rep: Representation, elements: np.ndarray, m: int, seed: int, num_workers: int = 0, batch_size: int = 128
-) -> torch.Tensor:
-    """Prototype concept vectors ``C`` (M, D) of ``rep``: the elements :func:`prototype_indices`
-    picks, embedded by the backbone as it is now (eval mode, no gradient), L2-normalised.
+def prototype_images(elements: np.ndarray | Elements, element_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The study's M prototype elements (M, S, S, 3): ``elements[element_ids]``, where
+    ``element_ids`` are the ids the concepts pipeline stored with its prototype concept space
+    (the same seeded draw, over the elements that do not embed to zero)."""
+    arr = _element_images(elements)
+    ids = np.asarray(element_ids.cpu().numpy() if isinstance(element_ids, torch.Tensor) else element_ids)
+    if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"prototype element_ids must be a non-empty 1-d integer array, got shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= len(arr) or len(np.unique(ids)) != len(ids):
+        raise ValueError(f"prototype element_ids must be distinct ids in [0, {len(arr)}) (the concept elements); "
+                         f"got ids in [{ids.min()}, {ids.max()}]: were the concepts built from other elements?")
+    return np.ascontiguousarray(arr[ids])
 
-    Equal to :func:`~iis_study.core.concepts.prototype_vectors` over all element embeddings,
-    but only the M chosen elements are embedded. The model's train/eval mode is restored.
+
+def concept_vectors(
+    rep: Representation, concept_images: np.ndarray, num_workers: int = 0, batch_size: int = 128
+) -> torch.Tensor:
+    """Prototype concept vectors ``C`` (M, D) of ``rep``: the M element images (from
+    :func:`prototype_images`) embedded by the backbone as it is now (eval mode, no gradient),
+    L2-normalised. For the pre-trained backbone these are the study's prototype vectors
+    (:func:`~iis_study.core.concepts.prototype_vectors`). The model's train/eval mode is restored.
     """
-    idx = prototype_indices(len(elements), m, seed)
     was_training = rep.model.training
     rep.model.eval()
     try:
-        feats = extract(rep, array_image_set(np.ascontiguousarray(elements[idx])), batch_size=batch_size,
+        feats = extract(rep, array_image_set(np.ascontiguousarray(concept_images)), batch_size=batch_size,
                         num_workers=num_workers, progress=False, desc="concepts")
     finally:
         rep.model.train(was_training)
@@ -461,24 +477,22 @@ def _extract_splits(
 def evaluate_representation(
     rep: Representation,
     images: dict[str, ImageSet],
-    elements: np.ndarray | Elements,
-    m: int,
-    concept_seed: int,
+    concept_images: np.ndarray,
     sweep_config: SweepConfig,
     num_classes: int,
     num_workers: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Score a representation as the study does: features of train/val/test, prototype concepts
-    (M elements chosen with ``concept_seed``) embedded by ``rep``, heads sweep, IIS.
+    """Score a representation as the study does: features of train/val/test, the prototype
+    elements ``concept_images`` (:func:`prototype_images`) embedded by ``rep``, heads sweep, IIS.
 
     Returns :func:`~iis_study.core.scores.score_sweep`'s summary (``accuracy_linear_probe``,
     ``iis``, ``iis_chance_corrected``, their std and interval, ...).
     """
     _check_images(images, num_classes)
-    elements = _element_images(elements)
+    concept_images = _element_images(concept_images)
     feats = _extract_splits(rep, images, SPLIT_NAMES, num_workers, progress)
-    c = concept_vectors(rep, elements, m, concept_seed, num_workers)
+    c = concept_vectors(rep, concept_images, num_workers)
     return score_features(feats, c, sweep_config, num_classes, progress)
 
 
@@ -543,7 +557,7 @@ def run_hash(
     spec: BackboneSpec,
     initial_fingerprint: str,
     images: dict[str, ImageSet],
-    elements: np.ndarray,
+    concept_images: np.ndarray,
     cfg: FinetuneConfig,
     device: torch.device,
     sweep_config: SweepConfig,
@@ -558,7 +572,7 @@ def run_hash(
         "config": c,
         "backbone": {**spec_dict(spec), "fingerprint": initial_fingerprint},
         "images": {s: images[s].fingerprint() for s in SPLIT_NAMES},
-        "elements": _array_hash(elements),
+        "concept_images": _array_hash(concept_images),
         "sweep": asdict(sweep_config),
         "num_classes": int(num_classes),
     }
@@ -778,7 +792,7 @@ def _train_epoch(
 def _evaluate_epoch(
     state: _State,
     images: dict[str, ImageSet],
-    elements: np.ndarray,
+    concept_images: np.ndarray,
     cfg: FinetuneConfig,
     sweep_config: SweepConfig,
     num_classes: int,
@@ -797,7 +811,7 @@ def _evaluate_epoch(
         accuracy_val=_accuracy(state.h_std, feats["val"], device),
     )
     if scored:
-        c = concept_vectors(state.rep, elements, cfg.m, cfg.seed, cfg.num_workers)
+        c = concept_vectors(state.rep, concept_images, cfg.num_workers)
         summary = score_features(feats, c, sweep_config, num_classes, progress)
         rec.accuracy_linear_probe = _finite_or_none(summary["accuracy_linear_probe"])
         rec.iis = _finite_or_none(summary["iis"])
@@ -821,10 +835,10 @@ def _finite_or_none(value: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _new_state(rep: Representation, cfg: FinetuneConfig, num_classes: int, n_train: int,
+def _new_state(rep: Representation, cfg: FinetuneConfig, m: int, num_classes: int, n_train: int,
                device: torch.device) -> _State:
     _prepare_backbone(rep.model, cfg)
-    h_std, h_interp = init_heads(rep.dim, cfg.m, num_classes, cfg.seed)
+    h_std, h_interp = init_heads(rep.dim, m, num_classes, cfg.seed)
     h_std, h_interp = h_std.to(device), h_interp.to(device)
     opt, sched = make_optimizer(rep.model, (h_std, h_interp), cfg, n_train)
     scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(device, cfg) == torch.float16)
@@ -840,7 +854,7 @@ def save_backbone(path: str | Path, model: nn.Module, metadata: dict[str, str] |
 def finetune(
     spec: BackboneSpec,
     images: dict[str, ImageSet],
-    elements: np.ndarray | Elements,
+    concept_images: np.ndarray,
     cfg: FinetuneConfig,
     checkpoint_dir: str | Path,
     sweep_config: SweepConfig,
@@ -848,6 +862,9 @@ def finetune(
     progress: bool = True,
 ) -> list[EpochRecord]:
     """Fine-tune ``spec``'s backbone with interpretability maximization (METHOD §6).
+
+    ``concept_images`` are the M prototype elements of the study (:func:`prototype_images`), so
+    the epoch-0 IIS is the study's prototype IIS of this representation at the same sweep settings.
 
     Trains for ``cfg.epochs`` epochs, checkpointing after each into
     ``checkpoint_dir/epoch_{e:03d}.safetensors`` and resuming from the last checkpoint of
@@ -858,26 +875,25 @@ def finetune(
     cfg.validate()
     sweep_config.validate()
     _check_images(images, num_classes)
-    elements = _element_images(elements)
-    if cfg.m > len(elements):
-        raise ValueError(f"fine_tuning.m = {cfg.m} exceeds the {len(elements)} concept elements available")
+    concept_images = _element_images(concept_images)
+    m = len(concept_images)
     device = resolve_device(cfg.device)
     rep = _build_backbone(spec, device)
-    run_id = run_hash(spec, rep.weights_fingerprint, images, elements, cfg, device, sweep_config, num_classes)
+    run_id = run_hash(spec, rep.weights_fingerprint, images, concept_images, cfg, device, sweep_config, num_classes)
     ckpt_dir = Path(checkpoint_dir)
-    state = _new_state(rep, cfg, num_classes, len(images["train"]), device)
+    state = _new_state(rep, cfg, m, num_classes, len(images["train"]), device)
     done, history = _resume(ckpt_dir, run_id, state)
     evaluate = functools.partial(
-        _evaluate_epoch, state, images, elements, cfg, sweep_config, num_classes, device, progress=progress
+        _evaluate_epoch, state, images, concept_images, cfg, sweep_config, num_classes, device, progress=progress
     )
     if done == 0:
         history = [evaluate(epoch=0, train_loss=None)]
     dataset = _LabelledImages(images["train"], rep.input_size, rep.interpolation)
-    k = n_dropped(cfg.sparsity, cfg.m)
+    k = n_dropped(cfg.sparsity, m)
     for epoch in range(done + 1, cfg.epochs + 1):
         concepts = None
         if cfg.lam > 0:  # re-embedded with the current backbone; λ = 0 never touches the concepts
-            concepts = concept_vectors(rep, elements, cfg.m, cfg.seed, cfg.num_workers).to(device)
+            concepts = concept_vectors(rep, concept_images, cfg.num_workers).to(device)
         loss = _train_epoch(state, dataset, concepts, k, cfg, device, epoch, progress)
         history.append(evaluate(epoch=epoch, train_loss=loss))
         save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.safetensors", state, epoch, history, run_id, cfg)
@@ -915,6 +931,7 @@ __all__ = [
     "FinetuneConfig",
     "InterpretationHead",
     "concept_vectors",
+    "prototype_images",
     "epoch_batches",
     "evaluate_representation",
     "finetune",

@@ -335,7 +335,7 @@ class SweepResult:
             ``probe.bias`` (S, K), ``interp.weight`` (S, P, K, M), ``interp.bias`` (S, P, K),
             and, where applicable, ``interp.ln_weight`` / ``interp.ln_bias`` (S, P, M) and
             ``interp.q`` (S, P, E, M).
-        history: per-epoch val/test accuracy of every head (long format).
+        history: per-epoch val accuracy of every head (long format).
         budget: the minibatch size, epochs and Adam steps the heads were trained with.
     """
 
@@ -1106,43 +1106,47 @@ def _stack3(blocks: list[list[list[dict[str, torch.Tensor]]]], key: str) -> torc
 
 
 class _BestTracker:
-    """Keeps, per head, the earliest epoch with the best val accuracy and its test outcome."""
+    """Keeps, per head, the earliest epoch with the best val accuracy and its parameters there;
+    the test outcome is computed once, from those parameters, when training ends
+    (:meth:`score_test`): the same numbers as evaluating test after every epoch, at half the
+    evaluation cost."""
 
-    def __init__(self, heads: _BatchedHeads, n_test: int) -> None:
+    def __init__(self, heads: _BatchedHeads) -> None:
         dev = heads.device
         self.shapes = {"probe": heads.shape_probe, "interp": heads.shape_interp}
         f64 = torch.float64
         self.val = {k: torch.full(s, -1.0, dtype=f64, device=dev) for k, s in self.shapes.items()}
         self.test = {k: torch.zeros(s, dtype=f64, device=dev) for k, s in self.shapes.items()}
         self.epoch = {k: torch.zeros(s, dtype=torch.long, device=dev) for k, s in self.shapes.items()}
-        self.test_correct = {
-            k: torch.zeros(s + (n_test,), dtype=torch.bool, device=dev) for k, s in self.shapes.items()
-        }
+        self.test_correct: dict[str, torch.Tensor] = {}  # filled by score_test
         self.params = {k: v.detach().clone() for k, v in heads.params.items()}
         self.history: list[dict[str, torch.Tensor]] = []
 
-    def update(
-        self,
-        epoch: int,
-        val_correct: dict[str, torch.Tensor],
-        test_correct: dict[str, torch.Tensor],
-        params: dict[str, torch.Tensor],
-    ) -> None:
+    def update(self, epoch: int, val_correct: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
         record = {}
         for key in self.shapes:
             val_acc = val_correct[key].sum(-1, dtype=torch.float64) / val_correct[key].shape[-1]
-            test_acc = test_correct[key].sum(-1, dtype=torch.float64) / test_correct[key].shape[-1]
-            record[f"{key}.val"], record[f"{key}.test"] = val_acc.cpu(), test_acc.cpu()
+            record[f"{key}.val"] = val_acc.cpu()
             better = val_acc > self.val[key]
             self.val[key] = torch.where(better, val_acc, self.val[key])
-            self.test[key] = torch.where(better, test_acc, self.test[key])
             self.epoch[key] = torch.where(better, torch.full_like(self.epoch[key], epoch), self.epoch[key])
-            self.test_correct[key] = torch.where(better[..., None], test_correct[key], self.test_correct[key])
             for name, p in params.items():
                 if name.startswith(key + "."):
                     mask = better.view(better.shape + (1,) * (p.ndim - better.ndim))
                     self.params[name] = torch.where(mask, p.detach(), self.params[name])
         self.history.append(record)
+
+    def score_test(self, heads: _BatchedHeads, test: Split, base: torch.Tensor | None) -> None:
+        """Test correctness of every head at its best-val epoch, from the kept parameters."""
+        live = heads.params
+        heads.params = self.params
+        try:
+            tp, ti = heads.correct(test.x, test.y, base)
+        finally:
+            heads.params = live
+        for key, correct in (("probe", tp), ("interp", ti)):
+            self.test_correct[key] = correct
+            self.test[key] = correct.sum(-1, dtype=torch.float64) / correct.shape[-1]
 
 
 # --------------------------------------------------------------------------- sweep
@@ -1236,10 +1240,10 @@ def sweep(
 ) -> SweepResult:
     """Train all probe and interpretation heads of the sweep together (METHOD §2-§4).
 
-    Every head is evaluated on val and test after every epoch; per head the epoch with
-    the best val accuracy is kept (earliest on ties), and per (seed, head, sparsity) the
-    learning rate with the best val accuracy (smaller lr on ties). Test accuracy is
-    reported, never used for selection.
+    Every head is evaluated on val after every epoch; per head the epoch with the best val
+    accuracy is kept (earliest on ties, with its parameters), and per (seed, head, sparsity)
+    the learning rate with the best val accuracy (smaller lr on ties). Test accuracy is
+    computed once, from each head's kept parameters: reported, never used for selection.
     """
     _validate_inputs(train, val, test, concepts, num_classes, config)
     dev = config.device
@@ -1255,7 +1259,7 @@ def sweep(
     }
     opt = _StackedAdam(heads.params, heads.lr_axis(), config.learning_rates)
     data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
-    tracker = _BestTracker(heads, test.x.shape[0])
+    tracker = _BestTracker(heads)
     logger.info(
         "sweep: %d probe + %d interp heads, kind=%s, M=%d, K=%d, N_train=%d: batch %d, %d epochs, %d steps",
         int(np.prod(heads.shape_probe)),
@@ -1272,8 +1276,8 @@ def sweep(
         _train_epoch(heads, opt, train, bases["train"], data_gens, budget.batch_size)
         opt.decay(budget.gamma)
         vp, vi = heads.correct(val.x, val.y, bases["val"])
-        tp, ti = heads.correct(test.x, test.y, bases["test"])
-        tracker.update(epoch, {"probe": vp, "interp": vi}, {"probe": tp, "interp": ti}, heads.params)
+        tracker.update(epoch, {"probe": vp, "interp": vi}, heads.params)
+    tracker.score_test(heads, test, bases["test"])
     return _build_result(tracker, heads, config, num_classes, budget)
 
 
@@ -1489,7 +1493,6 @@ def _history_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
             df = _head_index(config, head)
             df["epoch"] = epoch
             df["val_acc"] = rec[f"{head}.val"].reshape(-1).numpy().astype(float)
-            df["test_acc"] = rec[f"{head}.test"].reshape(-1).numpy().astype(float)
             parts.append(df)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from iis_study.core.backbones import BackboneSpec
 from iis_study.core.data import DatasetSpec, load_dataset
-from iis_study.core.finetune import FinetuneConfig, finetune
+from iis_study.core.finetune import FinetuneConfig, finetune, prototype_images
 from iis_study.pipelines.feature_extraction.nodes import _strip_name
 from iis_study.pipelines.interpretability.nodes import sweep_config
 
@@ -36,6 +36,7 @@ def arms(fine_tuning: dict[str, Any]) -> list[tuple[float, int]]:
 def fine_tune_backbone(
     splits: pd.DataFrame,
     concept_elements: Any,
+    concepts_prototype: dict[str, Any],
     dataset: dict[str, Any],
     backbone: dict[str, Any],
     fine_tuning: dict[str, Any],
@@ -43,7 +44,9 @@ def fine_tune_backbone(
     """Fine-tune one backbone for every (λ, seed), λ = 0 (cross-entropy only) included.
 
     Checkpoints go to ``fine_tuning.checkpoint_dir/<model>/lam<λ>_seed<seed>/``; an interrupted
-    run resumes from its last saved epoch. Returns one row per (λ, seed, epoch).
+    run resumes from its last saved epoch. The concepts are the study's prototypes of this
+    representation (``concepts_prototype``'s element ids), re-embedded as the backbone trains.
+    Returns one row per (λ, seed, epoch).
     """
     spec = BackboneSpec.from_params(backbone.get("model", "backbone"), _strip_name(backbone))
     images = load_dataset(DatasetSpec.from_params(dataset))
@@ -52,13 +55,14 @@ def fine_tune_backbone(
     train_params = dict(fine_tuning.get("train", {}))
     scoring_sweep = sweep_config(dict(fine_tuning.get("sweep", {})))
     root = Path(fine_tuning.get("checkpoint_dir", "data/06_models/fine_tuning"))
+    concept_images = prototype_images(concept_elements, concepts_prototype["element_ids"])
     rows = []
     for lam, seed in arms(fine_tuning):
         cfg = FinetuneConfig.from_params({**train_params, "lam": lam, "seed": seed})
         tag = f"{spec.model}-{spec.weights if spec.weights in ('offline', 'hub', 'random') else 'ckpt'}"
         ckpt = root / tag / f"lam{lam:g}_seed{seed}"
         logger.info("fine-tuning %s with λ = %g, seed %d -> %s", spec.model, lam, seed, ckpt)
-        records = finetune(spec, by_split, concept_elements, cfg, ckpt, scoring_sweep, num_classes)
+        records = finetune(spec, by_split, concept_images, cfg, ckpt, scoring_sweep, num_classes)
         for r in records:
             rows.append({**r.to_dict(), "model": spec.model, "checkpoint": str(ckpt / "backbone.safetensors")})
     return pd.DataFrame(rows)

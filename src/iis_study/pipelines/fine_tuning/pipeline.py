@@ -14,7 +14,7 @@ def base_pipeline() -> Pipeline:
         [
             node(
                 fine_tune_backbone,
-                ["splits", "concept_elements", "params:dataset", "params:backbone", "params:fine_tuning"],
+                ["splits", "concept_elements", "concepts_prototype", "params:dataset", "params:backbone", "params:fine_tuning"],
                 "fine_tuning_history",
                 name="fine_tune_backbone",
             )
