@@ -3,18 +3,18 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 
 export KEDRO_DISABLE_TELEMETRY := true
-export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+# MLflow store: MLFLOW_TRACKING_URI if set, else tracking.uri in conf/<env>/mlflow.yml, else sqlite:///mlflow.db
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test bench viz mlflow-ui clean
+.PHONY: setup run test test-fast bench viz mlflow-ui lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -26,6 +26,9 @@ run: setup  ## the whole default study, offline (digits, EfficientNet-Lites and 
 test: setup  ## the whole test suite
 	$(BIN)/python -m pytest
 
+test-fast: setup  ## the quick subset for development (tests not marked slow)
+	$(BIN)/python -m pytest -m "not slow"
+
 bench: setup  ## benchmarks (scripts, not tests): extraction, sweep speed-up, sweep scale (time and memory vs N)
 	$(BIN)/python scripts/bench_extraction.py
 	$(BIN)/python scripts/bench_sweep.py
@@ -35,7 +38,11 @@ viz: setup
 	$(BIN)/kedro viz run --host 127.0.0.1
 
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1
+
+lock: setup  ## after a dependency change: pin the versions now in .venv into requirements.lock
+	{ head -2 requirements.lock; $(BIN)/python -m pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:  ## remove computed data (keeps the .venv)
 	find data -mindepth 2 ! -name .gitkeep -delete

@@ -72,7 +72,11 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, env: str =
                 "07_model_output", "08_reporting"):
         (dest / "data" / sub).mkdir(parents=True, exist_ok=True)
     if overrides is not None:
+        overrides = dict(overrides)
         (dest / "conf" / env).mkdir(exist_ok=True)
+        if "tracking" in overrides:  # MLflow settings are not parameters: conf/<env>/mlflow.yml
+            tracking = overrides.pop("tracking")
+            (dest / "conf" / env / "mlflow.yml").write_text(yaml.safe_dump({"tracking": tracking}))
         (dest / "conf" / env / "parameters.yml").write_text(yaml.safe_dump(overrides, sort_keys=False))
     return dest
 

@@ -16,6 +16,28 @@ logger = logging.getLogger(__name__)
 _SCORE_NODE = re.compile(r"^score_(?P<ctype>\w+)_interpreters$")
 
 
+def mlflow_settings(config_loader: Any) -> dict[str, Any]:
+    """The ``tracking`` block of ``conf/<env>/mlflow.yml`` (``enabled``, ``experiment``, ``uri``),
+    checked: a misspelt key or a wrong type is an error naming the file."""
+    from kedro.config import MissingConfigException
+
+    try:
+        conf = config_loader["mlflow"]
+    except MissingConfigException:  # no mlflow.yml: the defaults apply (a YAML error is raised)
+        conf = {}
+    tracking = dict((conf or {}).get("tracking") or {})
+    unknown = set(tracking) - {"enabled", "experiment", "uri"}
+    if unknown:
+        raise ValueError(f"mlflow.yml: unknown key(s) {sorted(unknown)} under tracking; expected enabled, experiment, uri")
+    if not isinstance(tracking.get("enabled", True), bool):
+        raise ValueError(f"mlflow.yml: tracking.enabled must be true or false, got {tracking.get('enabled')!r}")
+    if not isinstance(tracking.get("experiment", "iis_study"), str):
+        raise ValueError(f"mlflow.yml: tracking.experiment must be a name, got {tracking.get('experiment')!r}")
+    if not isinstance(tracking.get("uri") or "", str):
+        raise ValueError(f"mlflow.yml: tracking.uri must be a tracking URI or null, got {tracking.get('uri')!r}")
+    return tracking
+
+
 class StudyConfigHook:
     """Give the pipeline registry the parameters of the environment being run."""
 
@@ -62,6 +84,7 @@ class MlflowTrackingHook:
     def __init__(self) -> None:
         self.tracker = None
         self._params: dict[str, Any] = {}
+        self._settings: dict[str, Any] = {}
         self._project_path: Path | None = None
         self._env: str | None = None
 
@@ -74,17 +97,19 @@ class MlflowTrackingHook:
             pass
         self._project_path = Path(context.project_path)
         self._env = context.env
+        self._settings = mlflow_settings(context.config_loader)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        if not (self._params.get("tracking") or {}).get("enabled", True):
+        if not self._settings.get("enabled", True):
             return
         from .tracking import StudyTracker
 
         names = run_params.get("pipeline_names") or ["__default__"]
         run_name = f"{'+'.join(names)} {run_params.get('run_id', '')}".strip()
         try:
-            self.tracker = StudyTracker(self._params, self._project_path or Path.cwd(), run_name, self._env)
+            self.tracker = StudyTracker(self._params, self._project_path or Path.cwd(), run_name, self._env,
+                                        settings=self._settings)
         except Exception as exc:  # tracking must never cost the user the computation
             logger.warning("MLflow tracking disabled for this run: %s", exc)
             self.tracker = None

@@ -71,6 +71,16 @@ from kedro.framework.hooks.manager import _NullPluginManager
 from kedro.io import MemoryDataset
 from kedro.runner import AbstractRunner
 
+def _require_distributed() -> None:
+    """A clear message, before any node runs, when the optional cluster dependencies are missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None or importlib.util.find_spec("dask") is None:
+        raise ImportError(
+            "DaskRunner needs dask and distributed, which are an optional extra: pip install 'iis_study[cluster]'"
+        )
+
+
 if TYPE_CHECKING:
     from distributed import Client, Future
     from kedro.io import CatalogProtocol
@@ -290,6 +300,7 @@ class DaskRunner(AbstractRunner):
         dashboard_address: str | None = None,
     ):
         super().__init__(is_async=is_async)
+        _require_distributed()
         self.scheduler_address = scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
         self.n_workers = _positive(n_workers if n_workers is not None else _env_int("DASK_N_WORKERS"),
                                    "n_workers") or 2

@@ -13,4 +13,9 @@ warnings.filterwarnings("ignore", message=r".*dataset names contain '\.' charact
 HOOKS = (StudyConfigHook(), MlflowTrackingHook(), ValidationHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # MLflow tracking settings (conf/<env>/mlflow.yml): not parameters of the study
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+}

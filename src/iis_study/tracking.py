@@ -1,11 +1,15 @@
 """MLflow tracking of a study run, in one place (a Kedro hook).
 
-One parent run per ``kedro run``; one nested run per backbone holding its parameters (backbone,
+One parent run per ``kedro run``; one nested run per backbone. Every run carries its lineage: the
+git commit (``mlflow.source.git.commit``) and whether the work tree was dirty, the source and user
+tags of MLflow's context providers, the full resolved parameters as ``params.yml`` (and flattened
+as ``params.*``), and the image set as an MLflow dataset input keyed by its fingerprint. A nested
+run holds its parameters (backbone,
 weights source, dataset, concept types, M, grids, seeds, feature cache key), its metrics
 (``<concept_type>.accuracy_linear_probe``, ``<concept_type>.iis``, ``<concept_type>.iis_chance_corrected``
 and ``<concept_type>.accuracy`` with the sparsity in percent as the step) and artifacts (its
-curve and gallery plots, its rows of the result tables). The parent run holds the correlation
-JSON and the study-level plots.
+curve and gallery plots, its rows of the result tables, as CSV and as MLflow tables). The parent
+run holds the correlation JSON, the study-level plots and the whole tables.
 
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else SQLite at ``<project>/mlflow.db``
 (MLflow 3 no longer accepts the old ``./mlruns`` file store). Logging goes through
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,9 +30,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def tracking_uri(project_path: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` or SQLite in the project root."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+def tracking_uri(project_path: str | Path | None = None, configured: str | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``tracking.uri`` of ``mlflow.yml``, else SQLite in the project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     if uri:
         return uri
     root = Path(project_path or Path.cwd()).resolve()
@@ -43,6 +49,40 @@ def _flat(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: text[:6000]}
 
 
+def git_state(path: str | Path) -> dict[str, str]:
+    """The commit of the git work tree at ``path`` and whether it has uncommitted changes to
+    tracked files (``{}`` outside a repository or without git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": "true" if dirty else "false", "branch": branch}
+
+
+def lineage_tags(project_path: str | Path) -> dict[str, str]:
+    """Tags every run gets: MLflow's context tags (user, source), the command line, the git state."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: str(v) for k, v in resolve_tags().items()}
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    command = " ".join(["kedro", *sys.argv[1:]]) if argv0 == "kedro" else " ".join(sys.argv) or "python"
+    tags["mlflow.source.name"] = command
+    tags["mlflow.source.type"] = "LOCAL"
+    # the project's repository, else the one the running code comes from (an editable install)
+    git = git_state(project_path) or git_state(Path(__file__).resolve().parent)
+    if git:
+        tags["mlflow.source.git.commit"] = git["commit"]
+        tags["mlflow.source.git.branch"] = git["branch"]
+        tags["iis_study.git.dirty"] = git["dirty"]
+    return tags
+
+
 def sparsity_step(s: float) -> int:
     """MLflow steps are integers: the sparsity in percent (0.95 -> 95)."""
     return int(round(float(s) * 100))
@@ -51,22 +91,26 @@ def sparsity_step(s: float) -> int:
 class StudyTracker:
     """The state of one tracked run: a client, the parent run and one nested run per backbone."""
 
-    def __init__(self, params: dict[str, Any], project_path: str | Path, run_name: str, env: str | None):
+    def __init__(self, params: dict[str, Any], project_path: str | Path, run_name: str, env: str | None,
+                 settings: dict[str, Any] | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.params = params
-        self.uri = tracking_uri(project_path)
+        cfg = settings or {}
+        self.uri = tracking_uri(project_path, cfg.get("uri"))
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        cfg = params.get("tracking") or {}
         name = cfg.get("experiment", "iis_study")
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.lineage = {**lineage_tags(project_path), "kedro.env": str(env)}
         self.parent = self.client.create_run(
-            self.experiment_id, run_name=run_name, tags={"kedro.env": str(env), "iis_study.level": "study"}
+            self.experiment_id, run_name=run_name, tags={**self.lineage, "iis_study.level": "study"}
         ).info.run_id
         self.children: dict[str, str] = {}
+        self._datasets: set[tuple[str, str]] = set()
+        self._log_resolved_params(self.parent, params)
         study = {
             "dataset": params.get("dataset"),
             "splits": params.get("splits"),
@@ -80,6 +124,11 @@ class StudyTracker:
         }
         self._log_params(self.parent, _flat("", study))
         logger.info("MLflow: run %s in experiment %r at %s", self.parent, name, self.uri)
+
+    def _log_resolved_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """The full resolved parameters: ``params.yml`` and flattened ``params.<path>``."""
+        self.client.log_dict(run_id, json.loads(json.dumps(params, default=str)), "params.yml")
+        self._log_params(run_id, _flat("params", params))
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -96,11 +145,13 @@ class StudyTracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=label,
-                tags={"mlflow.parentRunId": self.parent, "iis_study.level": "backbone", "backbone": backbone,
-                      "representation": label},
+                tags={**self.lineage, "mlflow.parentRunId": self.parent, "iis_study.level": "backbone",
+                      "backbone": backbone, "representation": label},
             )
             rid = run.info.run_id
             self.children[backbone] = rid
+            others = {k: v for k, v in self.params.items() if k not in ("backbones", "families")}
+            self._log_resolved_params(rid, {**others, "backbones": {backbone: spec}})
             concepts = self.params.get("concepts") or {}
             sweep = self.params.get("sweep") or {}
             self._log_params(
@@ -134,6 +185,22 @@ class StudyTracker:
         self._log_params(self.child(backbone), {f"features.{k}": str(info[k]) for k in keep if k in info})
         if info.get("n_skipped"):
             self.client.log_metric(self.child(backbone), "images_skipped", float(info["n_skipped"]))
+        if info.get("dataset_fingerprint"):
+            self.log_dataset(self.child(backbone), info["dataset_name"], info["dataset_fingerprint"])
+            self.log_dataset(self.parent, info["dataset_name"], info["dataset_fingerprint"])
+
+    def log_dataset(self, run_id: str, name: str, fingerprint: str) -> None:
+        """The image set (train + val + test of the split table) as an MLflow dataset input, its
+        digest the image set's fingerprint (paths, sizes, times and labels, or pixel contents)."""
+        if (run_id, fingerprint) in self._datasets:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = self.params.get("dataset") or {}
+        source = json.dumps({"dataset.kind": str(ds.get("kind")), "dataset.root": str(ds.get("root"))})
+        entity = Dataset(name=name, digest=fingerprint[:36], source_type="local", source=source)
+        self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train+val+test")])])
+        self._datasets.add((run_id, fingerprint))
 
     def log_scores(self, backbone: str, concept_type: str, scores: dict[str, Any], curve) -> None:
         import time
@@ -158,10 +225,12 @@ class StudyTracker:
         self.client.log_figure(run_id, figure, path)
 
     def log_table(self, run_id: str, frame, path: str) -> None:
+        """``path`` (a ``.csv``) as a CSV artifact and as an MLflow table (``.json``, shown by the UI)."""
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / Path(path).name
             frame.to_csv(p, index=False)
             self.client.log_artifact(run_id, str(p), str(Path(path).parent) if Path(path).parent != Path(".") else None)
+        self.client.log_table(run_id, frame.astype(object).where(frame.notna(), None), str(Path(path).with_suffix(".json")))
 
     def log_dict(self, run_id: str, data: dict, path: str) -> None:
         self.client.log_dict(run_id, data, path)
@@ -178,9 +247,11 @@ class StudyTracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{bb} fine-tuning λ={lam:g} seed={seed}",
-                tags={"mlflow.parentRunId": self.parent, "iis_study.level": "fine_tuning", "backbone": bb},
+                tags={**self.lineage, "mlflow.parentRunId": self.parent, "iis_study.level": "fine_tuning",
+                      "backbone": bb},
             )
             rid = run.info.run_id
+            self._log_resolved_params(rid, self.params)
             self.children[f"fine_tuning:{bb}:{lam:g}:{seed}"] = rid
             ft = self.params.get("fine_tuning") or {}
             self._log_params(rid, _flat("", {"backbone": bb, "lam": lam, "seed": seed, "train": ft.get("train", {})}))

@@ -53,6 +53,12 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
     known = {"prototype", "cluster", "end_to_end", "textual"}
     if not types or set(types) - known:
         raise ValueError(f"concepts.types must be a non-empty subset of {sorted(known)}, got {types}")
+    if "textual" in types and (pipelines is None or pipelines & {"__default__", "concepts"}):
+        import importlib.util
+
+        if importlib.util.find_spec("open_clip") is None:
+            raise ImportError("concepts.types has 'textual', which needs open_clip, an optional extra: "
+                              "pip install 'iis_study[textual]'")
     ipc = concepts.get("images_per_class", 10)
     if not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"concepts.images_per_class must be a positive integer, got {ipc!r}")
@@ -143,9 +149,9 @@ def _validate_reporting(params: dict[str, Any], types: list[str]) -> None:
             raise ValueError(f"gallery.sparsity = {s} is not on the sweep grid sweep.sparsities = {list(sweep_grid)}")
         _int(gallery.get("n_images", 6), "gallery.n_images", 1)
         _int(gallery.get("top", 5), "gallery.top", 1)
-    tracking = params.get("tracking") or {}
-    if not isinstance(tracking.get("enabled", True), bool):
-        raise ValueError(f"tracking.enabled must be true or false, got {tracking.get('enabled')!r}")
+    if "tracking" in params:
+        raise ValueError("tracking is not a parameter: MLflow settings live in conf/<env>/mlflow.yml "
+                         "(tracking: {enabled, experiment, uri})")
 
 
 def _validate_representations(params: dict[str, Any]) -> dict[str, Any]:

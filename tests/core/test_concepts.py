@@ -293,3 +293,27 @@ def test_check_m_message() -> None:
         prototype_vectors(embeddings(n=10), m=11)
     with pytest.raises(ValueError, match="concepts.m"):
         check_m(0, 10, "cluster")
+
+
+def test_elements_that_embed_to_zero_are_left_out_of_every_concept_type(caplog):
+    """A blank element embeds to the zero vector (no direction): no concept may use it, and the
+    ids the concept spaces store point at the non-zero elements of the full element list."""
+    from iis_study.pipelines.concepts.nodes import cluster_concepts, end_to_end_concepts, prototype_concepts
+
+    rng = np.random.default_rng(0)
+    emb = torch.from_numpy(rng.normal(size=(40, 8)).astype(np.float32))
+    zero = [0, 5, 17, 39]
+    emb[zero] = 0.0
+    params = {"m": 36, "seed": 0, "cluster_max_elements": 1000, "end_to_end_max_elements": 1000}
+    with caplog.at_level("INFO"):
+        proto = prototype_concepts({"x": emb}, params)
+    assert "4 of 40 concept elements embed to the zero vector" in caplog.text
+    ids = proto["element_ids"].tolist()
+    assert len(ids) == 36 and not set(ids) & set(zero)  # M = 36 = every non-zero element
+    assert torch.isfinite(proto["vectors"]).all()
+    torch.testing.assert_close(proto["vectors"], torch.nn.functional.normalize(emb[ids], dim=1))
+    clus = cluster_concepts({"x": emb}, {**params, "m": 10})
+    assert not set(clus["element_ids"].tolist()) & set(zero) and torch.isfinite(clus["vectors"]).all()
+    e2e = end_to_end_concepts({"x": emb}, {**params, "m": 10})
+    stored = [v for k, v in e2e.items() if k != "__metadata__" and v.ndim == 2]
+    assert stored and all(len(v) == 36 and torch.isfinite(v).all() for v in stored)

@@ -82,7 +82,6 @@ def test_torch_backward_equals_autograd_in_float64(monkeypatch, affine):
 def test_fused_backward_equals_float64_autograd(monkeypatch, affine):
     """The fused float32 kernel against the float64 autograd reference (float32 tolerance):
     the inputs are dyadic, so the mask is exact in float32 too."""
-    pytest.importorskip("numba")
     from iis_study.core import fused_heads
 
     monkeypatch.setenv("IIS_FUSED", "1")

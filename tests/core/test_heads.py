@@ -61,7 +61,7 @@ def toy():
 def test_n_dropped_exact_on_default_grid(m):
     for s, pct in zip(GRID, GRID_PERCENT):
         assert n_dropped(s, m) == (pct * m) // 100  # exact integer arithmetic
-    assert n_dropped(0.3, 10) == 3  # float 0.3 * 10 = 2.9999999999999996
+    assert n_dropped(0.7, 90) == 63  # the float product 0.7 * 90 is 62.99999999999999
     assert n_dropped(0.95, 200) == 190
     assert n_dropped(np.float64(0.7), 10) == 7
 

@@ -46,8 +46,10 @@ CASES = [
 
 @pytest.mark.parametrize("params,message", CASES, ids=[c[1] for c in CASES])
 def test_bad_parameters_fail_before_any_node(tmp_path, params, message):
+    """A ValueError (the failure-mode table's promise; a missing folder is a FileNotFoundError)."""
     project = make_project(tmp_path, params)
-    with pytest.raises(Exception, match=message):
+    expected = FileNotFoundError if message == "dataset.root" else ValueError
+    with pytest.raises(expected, match=message):
         run_in_process(project)
     assert not (project / "data" / "02_intermediate" / "splits.csv").exists()
 
@@ -59,3 +61,26 @@ def test_m_larger_than_elements_names_the_parameter(tmp_path):
     run_in_process(project, pipeline="data_processing")
     with pytest.raises(Exception, match="concepts.m"):
         run_in_process(project, pipeline="concepts")
+
+
+def test_mlflow_settings_live_in_mlflow_yml(tmp_path, monkeypatch):
+    """conf/<env>/mlflow.yml turns tracking off (no store is created); a misspelt key there, or a
+    `tracking` block left in the parameters, is an error naming the file, before any node."""
+    import yaml
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store would be <project>/mlflow.db
+    project = make_project(tmp_path / "off", {**TINY, "tracking": {"enabled": False}})
+    run_in_process(project, pipeline="data_processing")
+    assert (project / "data" / "02_intermediate" / "splits.csv").exists()
+    assert not (project / "mlflow.db").exists()
+
+    project = make_project(tmp_path / "typo", {**TINY, "tracking": {"enabeld": False}})
+    with pytest.raises(ValueError, match=r"mlflow.yml: unknown key\(s\) \['enabeld'\]"):
+        run_in_process(project, pipeline="data_processing")
+
+    project = make_project(tmp_path / "param", TINY)
+    params = yaml.safe_load((project / "conf" / "test" / "parameters.yml").read_text())
+    (project / "conf" / "test" / "parameters.yml").write_text(yaml.safe_dump({**params, "tracking": {"enabled": True}}))
+    with pytest.raises(ValueError, match=r"tracking is not a parameter.*mlflow.yml"):
+        run_in_process(project, pipeline="data_processing")
+    assert not (project / "data" / "02_intermediate" / "splits.csv").exists()

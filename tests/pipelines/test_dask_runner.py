@@ -24,6 +24,8 @@ from kedro.framework.hooks import hook_impl
 from iis_study.runners import DaskRunner
 from tests.kedro_project import TINY, chdir, make_project
 
+pytestmark = pytest.mark.slow  # whole Kedro runs
+
 # -- the study on a local cluster -------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import copy
 
 import pandas as pd
@@ -10,6 +12,8 @@ import torch
 from iis_study.core import backbones as B
 from iis_study.core import features as F
 from tests.kedro_project import TINY, make_project, run_in_process
+
+pytestmark = pytest.mark.slow  # whole Kedro runs
 
 
 def _family_study() -> dict:

@@ -7,6 +7,8 @@ import pytest
 
 from tests.kedro_project import TINY, run_in_process
 
+pytestmark = pytest.mark.slow  # whole Kedro runs
+
 
 def test_fine_tuning_pipeline(tiny_run):
     run_in_process(tiny_run, pipeline="fine_tuning")

@@ -14,6 +14,7 @@ CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
 
 pytestmark = [
     pytest.mark.realdata,
+    pytest.mark.slow,
     pytest.mark.skipif(not CIFAR.is_dir(), reason=f"{CIFAR} is absent"),
 ]
 

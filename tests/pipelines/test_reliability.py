@@ -30,6 +30,8 @@ from iis_study.core.features import load_tensors
 from iis_study.datasets import AtomicCSVDataset, AtomicJSONDataset, SweepResultDataset
 from tests.kedro_project import TINY, kedro_cli, make_project, run_in_process
 
+pytestmark = pytest.mark.slow  # whole Kedro runs
+
 
 def _small_study() -> dict:
     """TINY cut down: 2 backbones, 2 concept types, 15 images per class, patches only, no MLflow."""

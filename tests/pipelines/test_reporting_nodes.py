@@ -11,6 +11,8 @@ import pandas as pd
 from iis_study.pipelines.reporting.nodes import correlate_scores
 from tests.kedro_project import run_in_process
 
+pytestmark = pytest.mark.slow  # whole Kedro runs
+
 PARAMS = {"scores": ["iis", "iis_chance_corrected"], "n_boot": 200, "seed": 0, "ci": 0.95}
 
 

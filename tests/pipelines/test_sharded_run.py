@@ -13,6 +13,8 @@ from iis_study.core.store import ShardedArray
 from iis_study.datasets import TensorDictDataset
 from tests.kedro_project import TINY, make_project, run_in_process
 
+pytestmark = pytest.mark.slow  # whole Kedro runs
+
 
 def _params(storage: dict) -> dict:
     p = copy.deepcopy(TINY)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from iis_study.core import features as F
 from tests.kedro_project import TINY, run_in_process
+
+pytestmark = pytest.mark.slow  # whole Kedro runs
 
 
 def test_registry_namespaces_one_copy_per_backbone(tiny_run):
@@ -94,3 +98,107 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
         arts = {a.path for a in client.list_artifacts(child.info.run_id, "tables")}
         assert "tables/iis_scores.csv" in arts
     assert any(a.path == "correlation.json" for a in client.list_artifacts(parent.info.run_id))
+
+
+def _study_runs(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("iis_study")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("iis_study.level") == "study" and "__default__" in r.info.run_name][-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def test_mlflow_metrics_equal_the_csv_results(tiny_run):
+    """Every nested run's scores and A(s) curve are the numbers of iis_scores.csv / sparsity_curves.csv."""
+    client, _, children = _study_runs(tiny_run)
+    scores = pd.read_csv(tiny_run / "data" / "08_reporting" / "iis_scores.csv")
+    curves = pd.read_csv(tiny_run / "data" / "08_reporting" / "sparsity_curves.csv")
+    checked = 0
+    for child in children:
+        bb = child.data.tags["backbone"]
+        for ctype in TINY["concepts"]["types"]:
+            row = scores[(scores["backbone"] == bb) & (scores["concept_type"] == ctype)].iloc[0]
+            for key in ("iis", "iis_chance_corrected", "accuracy_linear_probe"):
+                assert child.data.metrics[f"{ctype}.{key}"] == pytest.approx(row[key], rel=1e-12, abs=1e-12, nan_ok=True), (
+                    bb, ctype, key)
+            curve = curves[(curves["backbone"] == bb) & (curves["concept_type"] == ctype)]
+            expected = {int(round(100 * s)): a for s, a in curve.groupby("sparsity")["accuracy"].mean().items()}
+            logged = {h.step: h.value for h in client.get_metric_history(child.info.run_id, f"{ctype}.accuracy")}
+            assert logged.keys() == expected.keys()
+            for step, value in expected.items():
+                assert logged[step] == pytest.approx(value, rel=1e-12, abs=1e-12, nan_ok=True), (bb, ctype, step)
+            checked += 1
+    assert checked == len(TINY["backbones"]) * len(TINY["concepts"]["types"])
+
+
+def test_mlflow_runs_carry_their_lineage(tiny_run):
+    """Commit, source, resolved parameters and the dataset on the parent and every nested run."""
+    import subprocess
+
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    client, parent, children = _study_runs(tiny_run)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    for run in [parent, *children]:
+        tags = run.data.tags
+        assert tags.get("iis_study.git.dirty") in ("true", "false")
+        assert tags.get("mlflow.source.git.commit") == head  # the tiny project is a copy: the code's repository
+        assert tags.get("mlflow.source.name") and tags.get("mlflow.user")
+        params = yaml.safe_load(Path(download_artifacts(run_id=run.info.run_id, artifact_path="params.yml",
+                                                        tracking_uri=client._tracking_client.tracking_uri)).read_text())
+        assert params["sweep"]["sparsities"] == TINY["sweep"]["sparsities"]
+        assert run.data.params["params.concepts.m"] == "12"
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 1 and inputs[0].dataset.name.startswith("digits@")
+        assert len(inputs[0].dataset.digest) >= 16
+    digests = {r.inputs.dataset_inputs[0].dataset.digest for r in [parent, *children]}
+    assert len(digests) == 1  # one image set behind every representation
+    tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert {"tables/iis_scores.json", "tables/iis_scores.csv"} <= tables
+
+
+def test_val_and_test_are_wired_to_their_own_splits(tiny_run):
+    """From the split table to the sweep: features are those of the table's images, and the stored
+    probe's accuracy on the *test* rows is the reported test accuracy (on the val rows, the val
+    accuracy). A swap of val and test anywhere in between changes one of these numbers."""
+    import numpy as np
+    import torch
+
+    from iis_study.core.backbones import build
+    from iis_study.core.data import DatasetSpec, load_dataset
+    from iis_study.core.features import extract
+    from iis_study.datasets import SweepResultDataset, TensorDictDataset
+
+    data = tiny_run / "data"
+    splits = pd.read_csv(data / "02_intermediate" / "splits.csv")
+    feats = TensorDictDataset(filepath=str(data / "04_feature" / "lite0" / "features.safetensors")).load()
+    for name in ("train", "val", "test"):
+        rows = splits[splits["split"] == name]
+        assert feats[f"{name}.index"].tolist() == rows["index"].tolist(), name
+        assert feats[f"{name}.y"].tolist() == rows["label"].tolist(), name
+    # the features of the first test images are the backbone's features of exactly those images
+    images = load_dataset(DatasetSpec.from_params(TINY["dataset"]))
+    rep = build(TINY["backbones"]["lite0"], name="lite0")
+    first = feats["test.index"][:4].numpy()
+    direct = extract(rep, images.subset(first), batch_size=4, num_workers=0, progress=False).x
+    torch.testing.assert_close(direct, feats["test.x"][:4], rtol=1e-4, atol=1e-5)
+
+    result = SweepResultDataset(filepath=str(data / "06_models" / "lite0" / "sweep_prototype")).load()
+    probes = result.selected[result.selected["head"] == "probe"].sort_values("seed")
+    w, b = result.state["probe.weight"].double(), result.state["probe.bias"].double()
+    differs = 0
+    for i, row in enumerate(probes.itertuples()):
+        acc = {s: float(((feats[f"{s}.x"].double() @ w[i].T + b[i]).argmax(1) == feats[f"{s}.y"]).double().mean())
+               for s in ("val", "test")}
+        assert acc["test"] == pytest.approx(row.test_acc, abs=1e-9), (row.seed, acc, row.test_acc)
+        assert acc["val"] == pytest.approx(row.val_acc, abs=1e-9), (row.seed, acc, row.val_acc)
+        differs += acc["val"] != acc["test"]
+    assert differs, "precondition: val and test accuracies must differ for a swap to show"
+    assert np.isclose(pd.read_csv(data / "08_reporting" / "iis_scores.csv").query(
+        "backbone == 'lite0' and concept_type == 'prototype'")["accuracy_linear_probe"].item(),
+        probes["test_acc"].mean(), atol=1e-12)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import copy
 
 import pandas as pd
 
 from tests.kedro_project import TINY, make_project, run_in_process
+
+pytestmark = pytest.mark.slow  # whole Kedro runs
 
 
 def test_textual_concepts_pipeline(tmp_path, monkeypatch):

@@ -16,6 +16,8 @@ import pytest
 
 from tests.kedro_project import ROOT, TINY
 
+pytestmark = pytest.mark.slow  # whole Kedro runs
+
 
 def _free_port() -> int:
     """A free port outside the ephemeral range (Kedro-Viz probes a few ports from the one asked)."""

@@ -57,8 +57,9 @@ POOLINGS = ("avg", "max")
 _STAGE = re.compile(r"^stage([1-9][0-9]*)$")
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Weights that cannot be had (offline, missing file, wrong architecture)."""
+class WeightsUnavailableError(ValueError, RuntimeError):
+    """Weights that cannot be had (offline, missing file, wrong architecture): a bad ``weights``
+    parameter, so a ``ValueError`` (and a ``RuntimeError``, as it was before)."""
 
 
 @dataclass(frozen=True)

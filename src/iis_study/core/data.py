@@ -91,6 +91,7 @@ class ImageSet:
     arrays: np.ndarray | None = None
     name: str = ""
     skipped: list[str] = field(default_factory=list)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels)
@@ -148,7 +149,13 @@ class ImageSet:
         )
 
     def fingerprint(self) -> str:
-        """A hash of the images' identities and labels (file paths or array contents)."""
+        """A hash of the images' identities and labels (file paths or array contents), computed
+        once per image set (an ImageNet folder is ~1.3 M ``stat`` calls)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.name.encode())
         h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())

@@ -368,8 +368,9 @@ class SingleHeadResult:
 def n_dropped(sparsity: float, m: int) -> int:
     """``k = floor(s * M)`` computed exactly on the decimal value of ``s``.
 
-    ``floor(0.3 * 10)`` is 3 here, whereas the float product ``0.3 * 10`` is
-    2.9999999999999996. The shortest decimal representation of the float is used
+    ``floor(0.7 * 90)`` is 63 here, whereas the float product ``0.7 * 90`` is
+    62.99999999999999 (on the default grid, 34 values of M up to 2,000 round the wrong way
+    in float). The shortest decimal representation of the float is used
     (``Fraction(repr(float(s)))``), so grid values written in decimal are exact.
     """
     s = float(sparsity)

@@ -185,26 +185,26 @@ def iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: Mapping[str, Any], sc
         ax.set_xlabel("linear-probe accuracy $A_{std}$ (test)")
         ax.set_ylabel(_SCORE_LABELS.get(score, score))
         ax.margins(x=0.15, y=0.12)
-    fig.get_layout_engine().execute(fig)  # final axes positions, so labels are placed in display space
     flags = [c for c in ("probe_converged", "heads_converged") if c in iis_scores.columns]
-    any_unconverged = False
-    for ax, ctype in zip(axes, types):
-        group = iis_scores[iis_scores["concept_type"] == ctype]
-        labels = group["backbone"].astype(str).tolist()
-        if flags:  # a score from an optimiser that had not converged is marked, never hidden
-            ok = group[flags].astype(bool).all(axis=1).to_numpy()
-            labels = [lab if good else f"{lab} †" for lab, good in zip(labels, ok)]
-            any_unconverged |= not ok.all()
-        _label_points(ax, group["accuracy_linear_probe"].to_numpy(float), group[score].to_numpy(float), labels)
-    if any_unconverged:
-        fig.text(0.01, 0.005, "† not converged at this budget (raise sweep.steps)", fontsize=_SMALL, ha="left")
+    converged = (iis_scores[flags].astype(bool).all(axis=1) if flags
+                 else pd.Series(True, index=iis_scores.index))
+    handles = _score_legend_handles(has_random, score)
+    if not converged.all():  # a legend entry (not loose text, which the legend would overlap)
+        handles.append(Line2D([], [], linestyle="none", marker="$†$", color="0.2",
+                              label="not converged at this budget (raise sweep.steps)"))
     fig.legend(
-        handles=_score_legend_handles(has_random, score),
+        handles=handles,
         loc="outside lower center",
-        ncols=4,
+        ncols=3,
         fontsize=_SMALL,
         frameon=False,
     )
+    fig.get_layout_engine().execute(fig)  # final axes positions (legend included): labels in display space
+    for ax, ctype in zip(axes, types):
+        group = iis_scores[iis_scores["concept_type"] == ctype]
+        # a score from an optimiser that had not converged is marked, never hidden
+        labels = [lab if converged[i] else f"{lab} †" for i, lab in zip(group.index, group["backbone"].astype(str))]
+        _label_points(ax, group["accuracy_linear_probe"].to_numpy(float), group[score].to_numpy(float), labels)
     label = _SCORE_LABELS.get(score, score)
     fig.suptitle(f"{label} vs classifiability across backbones", fontsize=_FONT + 1)
     logger.debug("iis_vs_accuracy: %d panels, score %s", len(types), score)

@@ -109,6 +109,8 @@ class ShardWriter:
         for p in self.root.glob("x.*.npy"):
             if int(p.name.split(".")[1]) >= len(self.shards):
                 p.unlink()
+        for p in self.root.glob(".*.tmp"):  # files half written when a process was killed (write-then-rename)
+            p.unlink()
         _atomic_write_json(settings, wanted)
 
     @property

@@ -99,7 +99,7 @@ def load_clip(
         RuntimeError: the weights could not be obtained (e.g. offline), with
             instructions for passing a local checkpoint.
     """
-    import open_clip
+    open_clip = require_open_clip()
 
     dev = torch.device(device)
     if checkpoint is not None:
@@ -132,13 +132,24 @@ def load_clip(
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, device=dev)
 
 
+def require_open_clip():
+    """The ``open_clip`` module, or an ``ImportError`` naming the extra that installs it."""
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ImportError(
+            "textual concepts need open_clip, an optional extra: pip install 'iis_study[textual]'"
+        ) from err
+    return open_clip
+
+
 def tiny_clip(seed: int = 0, image_size: int = 32, embed_dim: int = 32) -> ClipBundle:
     """A small randomly initialised CLIP (1-layer ViT and text transformer), for tests and demos.
 
     Offline: uses open_clip's bundled BPE tokenizer with context length 16. The
     global torch RNG state is left untouched.
     """
-    import open_clip
+    open_clip = require_open_clip()
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
     from open_clip.tokenizer import SimpleTokenizer

@@ -50,6 +50,7 @@ def extract_features(
     }
     split_names = splits["split"].to_numpy()
     dataset_index = splits["index"].to_numpy()
+    all_images = images.subset(dataset_index)
     labels = torch.as_tensor(splits["label"].to_numpy(), dtype=torch.int64)
     out: dict[str, Any] = {}
     oks = []
@@ -76,7 +77,7 @@ def extract_features(
         key = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
     else:
         feats, key, rep = cached_features(
-            spec, images.subset(dataset_index), device, desc=f"{spec.model} ({spec.weights})", **common
+            spec, all_images, device, desc=f"{spec.model} ({spec.weights})", **common
         )
         if not torch.equal(feats.y, labels):
             raise ValueError("extracted labels do not match the split table: the dataset changed under the cache")
@@ -95,6 +96,8 @@ def extract_features(
     info = {
         "model": spec.model,
         "weights": spec.weights,
+        "dataset_name": images.name,
+        "dataset_fingerprint": all_images.fingerprint(),  # memoised: the in-memory cache key hashed it already
         "cache_key": key,
         "weights_fingerprint": rep.weights_fingerprint,
         "dim": rep.dim,
