@@ -9,7 +9,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 # MLflow store: MLFLOW_TRACKING_URI if set, else tracking.uri in conf/<env>/mlflow.yml, else sqlite:///mlflow.db
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-fast bench viz mlflow-ui lock clean
+.PHONY: setup run test test-fast bench viz notebook mlflow-ui lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: setup  ## benchmarks (scripts, not tests): extraction, sweep speed-up, sw
 
 viz: setup
 	$(BIN)/kedro viz run --host 127.0.0.1
+
+notebook: setup  ## JupyterLab on 127.0.0.1 with the project's kernel (kedro jupyter lab); open notebooks/
+	$(BIN)/kedro jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1

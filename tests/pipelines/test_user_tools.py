@@ -69,6 +69,36 @@ def test_kedro_viz_serves_the_study(tiny_run):
     assert proc.returncode is not None
 
 
+def test_kedro_jupyter_lab_serves_the_project_kernel(tiny_run):
+    """`kedro jupyter lab` (what `make notebook` runs) starts a server on 127.0.0.1 whose default kernel
+    is the project's (Kedro creates the `kedro_iis_study` kernel spec)."""
+    port, token = _free_port(), "iis-test-token"
+    kedro = str(Path(sys.executable).with_name("kedro"))
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "test"}
+    proc = subprocess.Popen(
+        [kedro, "jupyter", "lab", "--ip", "127.0.0.1", "--port", str(port), "--no-browser",
+         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        specs = None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={token}", timeout=5) as r:
+                    specs = json.load(r)
+                break
+            except OSError:
+                time.sleep(1)
+        assert specs is not None, proc.stdout.read().decode() if proc.poll() is not None else "no answer"
+        assert specs["default"] == "kedro_iis_study" and "kedro_iis_study" in specs["kernelspecs"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def test_notebook_runs_on_a_finished_study(tiny_run):
     import nbformat
     from nbclient import NotebookClient
