@@ -147,6 +147,9 @@ class MlflowTrackingHook:
                 self.tracker.log_dict(self.tracker.parent, outputs["correlation_scopes"], "correlation_scopes.json")
         elif base == "plot_iis_vs_accuracy":
             self.tracker.log_figure(self.tracker.parent, outputs["iis_vs_accuracy_plot"], "plots/iis_vs_accuracy.png")
+        elif base == "plot_iis_vs_accuracy_scopes":
+            for name, fig in outputs["iis_vs_accuracy_scopes_plot"].items():
+                self.tracker.log_figure(self.tracker.parent, fig, f"plots/iis_vs_accuracy_{name}")
         elif base == "plot_sparsity_curves":
             fig = outputs["sparsity_curves_plot"]
             self.tracker.log_figure(self.tracker.parent, fig, "plots/sparsity_curves.png")

@@ -19,6 +19,7 @@ from iis_study.core.plots import (  # noqa: E402
     concept_gallery,
     fine_tuning_curves,
     iis_vs_accuracy,
+    iis_vs_accuracy_by_scope,
     sparsity_curves,
 )
 
@@ -373,3 +374,48 @@ def test_figures_leave_rcparams_alone(scores, correlation) -> None:
     iis_vs_accuracy(scores, correlation)
     sparsity_curves(curves_table(["a"], ["prototype"], seeds=[0]))
     assert dict(matplotlib.rcParams) == before
+
+
+def test_iis_vs_accuracy_at_study_scale_uses_a_legend_and_fits_the_pretrained_scope() -> None:
+    """24 representations from families: colour by family, marker by layer, size by resolution in a
+    legend, no per-point labels (they would pile up), and the fit over the pretrained points only."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for fam, weights in (("lite0", "offline"), ("lite1", "offline"), ("lite2", "offline"), ("lite0_random", "random")):
+        for layer in ("stage3", "stage4", "penultimate"):
+            for size in (32, 96):
+                acc = rng.uniform(0.2, 0.3) if weights == "random" else rng.uniform(0.4, 0.7)
+                rows.append({"backbone": f"{fam}@{size}/{layer}", "concept_type": "prototype", "weights": weights,
+                             "family": fam, "layer": layer, "input_size": size, "accuracy_linear_probe": acc,
+                             "iis": 0.5 + 0.5 * acc if weights != "random" else 0.99})
+    scores = pd.DataFrame(rows)
+    fig = iis_vs_accuracy(scores, {"prototype": {"iis": None}})
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    texts = {t.get_text() for t in legend.get_texts()}
+    assert {"lite0", "lite1", "lite2", "lite0_random", "stage3", "penultimate", "32 px", "96 px"} <= texts
+    assert not [t for t in ax.texts if t.get_text().startswith("lite")]  # no per-point labels at 24 points
+    fits = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(fits) == 1
+    xs, ys = fits[0].get_data()
+    slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+    assert slope == pytest.approx(0.5, abs=1e-9)  # the random controls (IIS 0.99) are not in the fit
+    assert "representations" in fig._suptitle.get_text()
+
+
+def test_iis_vs_accuracy_by_scope_one_figure_per_scope_with_its_members() -> None:
+    scores = pd.DataFrame({
+        "backbone": ["a", "b", "c", "r"] * 1, "concept_type": ["prototype"] * 4,
+        "weights": ["offline", "offline", "offline", "random"], "accuracy_linear_probe": [0.5, 0.6, 0.7, 0.2],
+        "iis": [0.8, 0.85, 0.9, 0.95],
+    })
+    scopes = {"groups": [
+        {"scope": "all", "group": "all", "representations": ["a", "b", "c", "r"], "correlation": {}},
+        {"scope": "pretrained", "group": "pretrained", "representations": ["a", "b", "c"], "correlation": {}},
+        {"scope": "family", "group": "lite0", "representations": ["a", "b"], "correlation": {}},
+    ]}
+    figs = iis_vs_accuracy_by_scope(scores, scopes)
+    assert list(figs) == ["all", "pretrained", "family_lite0"]
+    labels = {name: {t.get_text().rstrip(" †") for t in fig.axes[0].texts} for name, fig in figs.items()}
+    assert labels == {"all": {"a", "b", "c", "r"}, "pretrained": {"a", "b", "c"}, "family_lite0": {"a", "b"}}
+    assert "family lite0 scope (2 representations)" in figs["family_lite0"]._suptitle.get_text()

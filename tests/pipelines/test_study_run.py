@@ -62,6 +62,11 @@ def test_outputs_of_the_study(tiny_run):
         assert list((tiny_run / "data" / "08_reporting" / b / "concept_gallery.png").iterdir())
     assert list((rep / "iis_vs_accuracy.png").iterdir())
     assert list((rep / "sparsity_curves.png").iterdir())
+    # one figure per correlation scope (versioned folder of <scope>.png)
+    (version,) = list((rep / "iis_vs_accuracy_scopes").iterdir())
+    scopes = json.loads((rep / "correlation_scopes.json").read_text())["groups"]
+    assert len(scopes) >= 2 and sorted(p.name for p in (version / "iis_vs_accuracy_scopes").iterdir()) == sorted(
+        f"{g['scope'] if g['group'] == g['scope'] else g['scope'] + '_' + g['group']}.png" for g in scopes)
 
 
 def test_pretrained_beats_random_control_on_probe(tiny_run):

@@ -140,7 +140,9 @@ def _fmt_p(value: Any) -> str:
 # --------------------------------------------------------------------------- IIS vs accuracy
 
 
-def iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: Mapping[str, Any], score: str = "iis") -> Figure:
+def iis_vs_accuracy(
+    iis_scores: pd.DataFrame, correlation: Mapping[str, Any], score: str = "iis", scope: str | None = None
+) -> Figure:
     """The correlation plot: ``score`` against linear-probe accuracy, one panel per concept type.
 
     Each backbone is a labelled point with its ±std accuracy error bar (over seeds) and, for
@@ -172,12 +174,19 @@ def iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: Mapping[str, Any], sc
             f"got {type(correlation).__name__}"
         )
     types = _ordered_unique(iis_scores["concept_type"])
-    fig, axes = _panel_figure(len(types), extra_height=0.5)
+    by_family = _has_families(iis_scores)
+    fig, axes = _panel_figure(len(types), extra_width=2.2 if by_family else 0.0, extra_height=0.5)
     has_random = bool((iis_scores["weights"].astype(str) == "random").any())
-    for ax, ctype in zip(axes, types):
+    families = _ordered_unique(iis_scores["family"].astype(str)) if by_family else []
+    for i, (ax, ctype) in enumerate(zip(axes, types)):
         group = iis_scores[iis_scores["concept_type"] == ctype]
-        _scatter_scores(ax, group, score)
-        _fit_line(ax, group["accuracy_linear_probe"].to_numpy(float), group[score].to_numpy(float))
+        if by_family:  # study scale: colour by family, marker by layer, size by resolution; a legend, not labels
+            _scatter_families(ax, group, score, families, legend=i == len(types) - 1)
+        else:
+            _scatter_scores(ax, group, score)
+        # the fit of the headline scope (the pretrained representations, as correlation.json)
+        fit = group[group["weights"].astype(str) != "random"] if by_family and scope is None else group
+        _fit_line(ax, fit["accuracy_linear_probe"].to_numpy(float), fit[score].to_numpy(float))
         if score == "iis":
             ax.axhline(PERFECT_IIS, color=_FIT_COLOR, linestyle=":", linewidth=0.9)
         title = _correlation_title(ctype, correlation.get(ctype), score, len(group))
@@ -188,7 +197,14 @@ def iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: Mapping[str, Any], sc
     flags = [c for c in ("probe_converged", "heads_converged") if c in iis_scores.columns]
     converged = (iis_scores[flags].astype(bool).all(axis=1) if flags
                  else pd.Series(True, index=iis_scores.index))
-    handles = _score_legend_handles(has_random, score)
+    if by_family:  # markers are in the seaborn legend; here the lines and what the error bars mean
+        err = "grey bars: ±std acc., bootstrap CI of IIS" if score == "iis" else "grey bars: ±std acc."
+        handles = [Line2D([], [], color=_FIT_COLOR, linestyle="--", label="least-squares fit, pretrained"),
+                   Line2D([], [], color="0.75", label=err)]
+        if score == "iis":
+            handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"perfect IIS ({PERFECT_IIS})"))
+    else:
+        handles = _score_legend_handles(has_random, score)
     if not converged.all():  # a legend entry (not loose text, which the legend would overlap)
         handles.append(Line2D([], [], linestyle="none", marker="$†$", color="0.2",
                               label="not converged at this budget (raise sweep.steps)"))
@@ -202,13 +218,78 @@ def iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: Mapping[str, Any], sc
     fig.get_layout_engine().execute(fig)  # final axes positions (legend included): labels in display space
     for ax, ctype in zip(axes, types):
         group = iis_scores[iis_scores["concept_type"] == ctype]
+        if by_family and len(group) > _MAX_LABELS:
+            continue  # too many points to label without collisions: the legend names them
         # a score from an optimiser that had not converged is marked, never hidden
         labels = [lab if converged[i] else f"{lab} †" for i, lab in zip(group.index, group["backbone"].astype(str))]
         _label_points(ax, group["accuracy_linear_probe"].to_numpy(float), group[score].to_numpy(float), labels)
     label = _SCORE_LABELS.get(score, score)
-    fig.suptitle(f"{label} vs classifiability across backbones", fontsize=_FONT + 1)
+    if scope is not None:
+        what = f"the {scope} scope ({iis_scores['backbone'].nunique()} representations)"
+    else:
+        what = "representations (coefficients and fit: the pretrained scope)" if by_family else "backbones"
+    fig.suptitle(f"{label} vs classifiability across {what}", fontsize=_FONT + 1)
     logger.debug("iis_vs_accuracy: %d panels, score %s", len(types), score)
     return fig
+
+
+_MAX_LABELS = 8  # more points than this in a panel: no per-point labels (they would pile up)
+
+
+def iis_vs_accuracy_by_scope(
+    iis_scores: pd.DataFrame, correlation_scopes: Mapping[str, Any], score: str = "iis"
+) -> dict[str, Figure]:
+    """One :func:`iis_vs_accuracy` figure per correlation scope (``all``, ``pretrained``,
+    ``family_<name>``, ...): the scope's representations, its coefficients, its fit.
+
+    ``iis_scores`` names representations in ``backbone`` (readable names); ``correlation_scopes``
+    is ``correlation_scopes.json`` (``groups``: scope, group, representations, correlation).
+    """
+    figures = {}
+    for entry in correlation_scopes.get("groups", []):
+        members = set(entry.get("representations") or [])
+        sub = iis_scores[iis_scores["backbone"].isin(members)]
+        if sub.empty:
+            continue
+        scope, group = str(entry.get("scope")), str(entry.get("group"))
+        name = scope if group == scope else f"{scope}_{group}"
+        figures[name] = iis_vs_accuracy(sub, entry.get("correlation") or {}, score=score,
+                                        scope=name.replace("_", " "))
+    return figures
+
+
+def _has_families(scores: pd.DataFrame) -> bool:
+    """Whether the representations come from families (layers x resolutions of a few backbones)."""
+    return "family" in scores.columns and scores["family"].notna().any() and scores["family"].nunique() > 1
+
+
+def _scatter_families(ax: Axes, group: pd.DataFrame, score: str, families: list[str], legend: bool) -> None:
+    """seaborn's scatterplot: hue = family, style = layer, size = input resolution; grey error bars."""
+    x = group["accuracy_linear_probe"].to_numpy(float)
+    y = group[score].to_numpy(float)
+    yerr = None
+    if score == "iis" and {"iis_ci_low", "iis_ci_high"} <= set(group.columns):
+        yerr = np.stack([np.nan_to_num(y - group["iis_ci_low"].to_numpy(float), nan=0.0).clip(min=0),
+                         np.nan_to_num(group["iis_ci_high"].to_numpy(float) - y, nan=0.0).clip(min=0)])
+    ax.errorbar(x, y, xerr=_column_or_zero(group, "accuracy_linear_probe_std"), yerr=yerr, fmt="none",
+                ecolor="0.75", elinewidth=0.7, capsize=0, zorder=1)
+    data = group.assign(family=group["family"].astype(str), layer=group["layer"].astype(str))
+    size, sizes = None, None
+    if "input_size" in data and data["input_size"].nunique() > 1:  # resolutions as categories: "32 px", "96 px"
+        px = sorted(int(v) for v in data["input_size"].dropna().unique())
+        data = data.assign(resolution=data["input_size"].map(lambda v: f"{int(v)} px" if pd.notna(v) else "?"))
+        size, sizes = "resolution", {f"{v} px": 30 + 60 * i / max(len(px) - 1, 1) for i, v in enumerate(px)}
+    sns.scatterplot(
+        data=data, x="accuracy_linear_probe", y=score, hue="family", hue_order=families,
+        palette=_palette(families), style="layer", size=size, sizes=sizes,
+        size_order=list(sizes) if sizes else None,
+        edgecolor="white", linewidth=0.5, zorder=3, ax=ax, legend="brief" if legend else False,
+    )
+    if legend:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=_SMALL,
+                        title=None)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
 
 
 def _scatter_scores(ax: Axes, group: pd.DataFrame, score: str) -> None:
@@ -398,11 +479,18 @@ def sparsity_curves(curves: pd.DataFrame, value: str = "arr") -> Figure:
     y_top = float(np.nanmax(stats["mean"] + stats["std"].fillna(0))) * 1.03
     y_max = max(1.05 if value != "accuracy" else 0.0, y_top)
     for ax, ctype in zip(axes, types):
-        for backbone in backbones:
-            sel = (stats["concept_type"] == ctype) & (stats["backbone"] == backbone)
-            line = stats[sel].sort_values("sparsity")
-            if not line.empty:
-                _mean_band(ax, line, colors[backbone], str(backbone))
+        data = curves[curves["concept_type"] == ctype].assign(sparsity=lambda d: d["sparsity"].astype(float))
+        order = [b for b in backbones if b in set(data["backbone"])]
+        several_seeds = data["seed"].nunique() > 1
+        before = len(ax.lines)
+        # seaborn's own mean line and ±std band over seeds (no band with a single seed)
+        sns.lineplot(
+            data=data, x="sparsity", y=value, hue="backbone", hue_order=order, palette=colors, estimator="mean",
+            errorbar="sd" if several_seeds else None, marker="o", markersize=4, markeredgewidth=0,
+            linewidth=1.4, err_kws={"alpha": 0.2, "linewidth": 0}, legend=False, zorder=3, ax=ax,
+        )
+        for line, backbone in zip(ax.lines[before:], order):  # seaborn draws one line per hue level, in order
+            line.set_label(str(backbone))
         if value != "accuracy":
             ax.axhline(1.0, color=_FIT_COLOR, linestyle="--", linewidth=1.0, zorder=1)
         _sparsity_ticks(ax, grid)
@@ -425,17 +513,6 @@ def sparsity_curves(curves: pd.DataFrame, value: str = "arr") -> Figure:
     )
     fig.suptitle(f"{_VALUE_LABELS[value]} vs sparsity (mean over seeds)", fontsize=_FONT + 1)
     return fig
-
-
-def _mean_band(ax: Axes, line: pd.DataFrame, color: Any, label: str) -> None:
-    """A mean line with markers and a ±std band where the std is defined."""
-    x = line["sparsity"].to_numpy(float)
-    mean = line["mean"].to_numpy(float)
-    ax.plot(x, mean, color=color, marker="o", markersize=3, linewidth=1.4, label=label, zorder=3)
-    std = line["std"].to_numpy(float)
-    if np.isfinite(std).any():
-        std = np.nan_to_num(std, nan=0.0)
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0, zorder=2)
 
 
 def _sparsity_ticks(ax: Axes, grid: np.ndarray) -> None:

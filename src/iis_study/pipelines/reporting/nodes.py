@@ -240,6 +240,16 @@ def plot_iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: dict[str, Any]):
     return plots.iis_vs_accuracy(iis_scores, correlation, score="iis")
 
 
+def plot_iis_vs_accuracy_scopes(iis_scores: pd.DataFrame, correlation_scopes: dict[str, Any]):
+    """One IIS-vs-accuracy figure per correlation scope (all, pretrained, each family, ...)."""
+    from iis_study.core import plots
+
+    if "representation" in iis_scores:
+        iis_scores = iis_scores.assign(backbone=iis_scores["representation"].fillna(iis_scores["backbone"]))
+    figures = plots.iis_vs_accuracy_by_scope(iis_scores, correlation_scopes, score="iis")
+    return {f"{name}.png": fig for name, fig in figures.items()}  # file names in the dataset's folder
+
+
 def plot_sparsity_curves(sparsity_curves: pd.DataFrame):
     """ARR against sparsity for every backbone, per concept type."""
     from iis_study.core import plots

@@ -11,6 +11,7 @@ from .nodes import (
     correlate_scores,
     plot_concept_gallery,
     plot_iis_vs_accuracy,
+    plot_iis_vs_accuracy_scopes,
     plot_sparsity_curves,
 )
 
@@ -61,6 +62,12 @@ def create_pipeline(
                 name="correlate_scores",
             ),
             node(plot_iis_vs_accuracy, ["iis_scores", "correlation"], "iis_vs_accuracy_plot", name="plot_iis_vs_accuracy"),
+            node(
+                plot_iis_vs_accuracy_scopes,
+                ["iis_scores", "correlation_scopes"],
+                "iis_vs_accuracy_scopes_plot",
+                name="plot_iis_vs_accuracy_scopes",
+            ),
             node(plot_sparsity_curves, "sparsity_curves", "sparsity_curves_plot", name="plot_sparsity_curves"),
         ]
     )
