@@ -389,7 +389,7 @@ def test_iis_vs_accuracy_at_study_scale_uses_a_legend_and_fits_the_pretrained_sc
                              "family": fam, "layer": layer, "input_size": size, "accuracy_linear_probe": acc,
                              "iis": 0.5 + 0.5 * acc if weights != "random" else 0.99})
     scores = pd.DataFrame(rows)
-    fig = iis_vs_accuracy(scores, {"prototype": {"iis": None}})
+    fig = iis_vs_accuracy(scores, {"prototype": {"iis": {"scope": "pretrained", "n_backbones": 18}}})
     ax = fig.axes[0]
     legend = ax.get_legend()
     texts = {t.get_text() for t in legend.get_texts()}

@@ -69,14 +69,18 @@ def test_kedro_viz_serves_the_study(tiny_run):
     assert proc.returncode is not None
 
 
-def test_kedro_jupyter_lab_serves_the_project_kernel(tiny_run):
+def test_kedro_jupyter_lab_serves_the_project_kernel(tiny_run, tmp_path):
     """`kedro jupyter lab` (what `make notebook` runs) starts a server on 127.0.0.1 whose default kernel
     is the project's (Kedro creates the `kedro_iis_study` kernel spec)."""
     port, token = _free_port(), "iis-test-token"
     kedro = str(Path(sys.executable).with_name("kedro"))
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "test"}
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "test",
+           # kernel specs, settings and runtime files in the test's folder, not the user's home
+           "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     proc = subprocess.Popen(
         [kedro, "jupyter", "lab", "--ip", "127.0.0.1", "--port", str(port), "--no-browser",
+         "--ServerApp.port_retries=0",
          f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
          *(["--allow-root"] if os.geteuid() == 0 else [])],
         cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -96,7 +100,11 @@ def test_kedro_jupyter_lab_serves_the_project_kernel(tiny_run):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def test_notebook_runs_on_a_finished_study(tiny_run):

@@ -141,7 +141,11 @@ def _fmt_p(value: Any) -> str:
 
 
 def iis_vs_accuracy(
-    iis_scores: pd.DataFrame, correlation: Mapping[str, Any], score: str = "iis", scope: str | None = None
+    iis_scores: pd.DataFrame,
+    correlation: Mapping[str, Any],
+    score: str = "iis",
+    scope: str | None = None,
+    family_order: Sequence[str] | None = None,
 ) -> Figure:
     """The correlation plot: ``score`` against linear-probe accuracy, one panel per concept type.
 
@@ -175,17 +179,21 @@ def iis_vs_accuracy(
         )
     types = _ordered_unique(iis_scores["concept_type"])
     by_family = _has_families(iis_scores)
+    fit_pretrained = scope is None and _scope_of(correlation, score) == "pretrained"
     fig, axes = _panel_figure(len(types), extra_width=2.2 if by_family else 0.0, extra_height=0.5)
     has_random = bool((iis_scores["weights"].astype(str) == "random").any())
-    families = _ordered_unique(iis_scores["family"].astype(str)) if by_family else []
+    if by_family:  # one colour per family, the same in every figure of a study
+        families = list(family_order) if family_order is not None else _ordered_unique(_family_names(iis_scores))
+    else:
+        families = []
     for i, (ax, ctype) in enumerate(zip(axes, types)):
         group = iis_scores[iis_scores["concept_type"] == ctype]
         if by_family:  # study scale: colour by family, marker by layer, size by resolution; a legend, not labels
             _scatter_families(ax, group, score, families, legend=i == len(types) - 1)
         else:
             _scatter_scores(ax, group, score)
-        # the fit of the headline scope (the pretrained representations, as correlation.json)
-        fit = group[group["weights"].astype(str) != "random"] if by_family and scope is None else group
+        # the fit over the representations the panel's coefficients are computed over
+        fit = group[group["weights"].astype(str) != "random"] if fit_pretrained else group
         _fit_line(ax, fit["accuracy_linear_probe"].to_numpy(float), fit[score].to_numpy(float))
         if score == "iis":
             ax.axhline(PERFECT_IIS, color=_FIT_COLOR, linestyle=":", linewidth=0.9)
@@ -199,12 +207,13 @@ def iis_vs_accuracy(
                  else pd.Series(True, index=iis_scores.index))
     if by_family:  # markers are in the seaborn legend; here the lines and what the error bars mean
         err = "grey bars: ±std acc., bootstrap CI of IIS" if score == "iis" else "grey bars: ±std acc."
-        handles = [Line2D([], [], color=_FIT_COLOR, linestyle="--", label="least-squares fit, pretrained"),
+        handles = [Line2D([], [], color=_FIT_COLOR, linestyle="--",
+                          label="least-squares fit" + (", pretrained" if fit_pretrained else "")),
                    Line2D([], [], color="0.75", label=err)]
         if score == "iis":
             handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"perfect IIS ({PERFECT_IIS})"))
     else:
-        handles = _score_legend_handles(has_random, score)
+        handles = _score_legend_handles(has_random, score, fit_pretrained)
     if not converged.all():  # a legend entry (not loose text, which the legend would overlap)
         handles.append(Line2D([], [], linestyle="none", marker="$†$", color="0.2",
                               label="not converged at this budget (raise sweep.steps)"))
@@ -246,6 +255,7 @@ def iis_vs_accuracy_by_scope(
     is ``correlation_scopes.json`` (``groups``: scope, group, representations, correlation).
     """
     figures = {}
+    order = _ordered_unique(_family_names(iis_scores)) if "family" in iis_scores.columns else None
     for entry in correlation_scopes.get("groups", []):
         members = set(entry.get("representations") or [])
         sub = iis_scores[iis_scores["backbone"].isin(members)]
@@ -254,8 +264,21 @@ def iis_vs_accuracy_by_scope(
         scope, group = str(entry.get("scope")), str(entry.get("group"))
         name = scope if group == scope else f"{scope}_{group}"
         figures[name] = iis_vs_accuracy(sub, entry.get("correlation") or {}, score=score,
-                                        scope=name.replace("_", " "))
+                                        scope=name.replace("_", " "), family_order=order)
     return figures
+
+
+def _scope_of(correlation: Mapping[str, Any], score: str) -> str | None:
+    """The scope the coefficients were computed over (``correlation.json`` records it per entry)."""
+    for entry in correlation.values() if isinstance(correlation, Mapping) else []:
+        stats = entry.get(score) if isinstance(entry, Mapping) else None
+        if isinstance(stats, Mapping) and stats.get("scope"):
+            return str(stats["scope"])
+    return None
+
+
+def _family_names(scores: pd.DataFrame) -> pd.Series:
+    return scores["family"].fillna("none").astype(str)
 
 
 def _has_families(scores: pd.DataFrame) -> bool:
@@ -273,9 +296,10 @@ def _scatter_families(ax: Axes, group: pd.DataFrame, score: str, families: list[
                          np.nan_to_num(group["iis_ci_high"].to_numpy(float) - y, nan=0.0).clip(min=0)])
     ax.errorbar(x, y, xerr=_column_or_zero(group, "accuracy_linear_probe_std"), yerr=yerr, fmt="none",
                 ecolor="0.75", elinewidth=0.7, capsize=0, zorder=1)
-    data = group.assign(family=group["family"].astype(str), layer=group["layer"].astype(str))
+    data = group.assign(family=_family_names(group), layer=group["layer"].fillna("penultimate").astype(str))
     size, sizes = None, None
-    if "input_size" in data and data["input_size"].nunique() > 1:  # resolutions as categories: "32 px", "96 px"
+    if "input_size" in data and data["input_size"].notna().all() and data["input_size"].nunique() > 1:
+        # resolutions as categories: "32 px", "96 px"
         px = sorted(int(v) for v in data["input_size"].dropna().unique())
         data = data.assign(resolution=data["input_size"].map(lambda v: f"{int(v)} px" if pd.notna(v) else "?"))
         size, sizes = "resolution", {f"{v} px": 30 + 60 * i / max(len(px) - 1, 1) for i, v in enumerate(px)}
@@ -419,7 +443,7 @@ def _correlation_title(ctype: str, entry: Any, score: str, n_rows: int) -> str:
     return "\n".join(lines)
 
 
-def _score_legend_handles(has_random: bool, score: str) -> list[Any]:
+def _score_legend_handles(has_random: bool, score: str, fit_pretrained: bool = False) -> list[Any]:
     """Legend entries for the marker kinds, the fit and the reference line."""
     err = "±std acc., bootstrap CI of IIS" if score == "iis" else "±std acc."
     handles: list[Any] = [
@@ -437,7 +461,8 @@ def _score_legend_handles(has_random: bool, score: str) -> list[Any]:
                 label="random-init control",
             )
         )
-    handles.append(Line2D([], [], color=_FIT_COLOR, linestyle="--", label="least-squares fit"))
+    handles.append(Line2D([], [], color=_FIT_COLOR, linestyle="--",
+                          label="least-squares fit" + (", pretrained" if fit_pretrained else "")))
     if score == "iis":
         handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"perfect IIS ({PERFECT_IIS})"))
     return handles
@@ -480,6 +505,7 @@ def sparsity_curves(curves: pd.DataFrame, value: str = "arr") -> Figure:
     y_max = max(1.05 if value != "accuracy" else 0.0, y_top)
     for ax, ctype in zip(axes, types):
         data = curves[curves["concept_type"] == ctype].assign(sparsity=lambda d: d["sparsity"].astype(float))
+        data = data.dropna(subset=["sparsity", value])  # seaborn skips an all-NaN level: labels would shift
         order = [b for b in backbones if b in set(data["backbone"])]
         several_seeds = data["seed"].nunique() > 1
         before = len(ax.lines)

@@ -247,6 +247,12 @@ def plot_iis_vs_accuracy_scopes(iis_scores: pd.DataFrame, correlation_scopes: di
     if "representation" in iis_scores:
         iis_scores = iis_scores.assign(backbone=iis_scores["representation"].fillna(iis_scores["backbone"]))
     figures = plots.iis_vs_accuracy_by_scope(iis_scores, correlation_scopes, score="iis")
+    if not figures:  # e.g. correlation.groups: [family] without families; a versioned save needs a file
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no correlation scope with representations", ha="center", va="center")
+        figures = {"none": fig}
     return {f"{name}.png": fig for name, fig in figures.items()}  # file names in the dataset's folder
 
 
