@@ -70,3 +70,13 @@ def test_the_core_study_imports_without_the_extras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_the_registry_reads_the_environment_of_a_kedro_command_line():
+    from iis_study.study_config import cli_env
+
+    assert cli_env(["/venv/bin/kedro", "viz", "run", "--env", "cifar10"]) == "cifar10"
+    assert cli_env(["/venv/bin/kedro", "run", "--env=imagenet", "--pipeline", "x"]) == "imagenet"
+    assert cli_env(["kedro", "run", "-e", "test"]) == "test"
+    assert cli_env(["kedro", "run"]) is None
+    assert cli_env(["/usr/bin/python", "script.py", "--env", "x"]) is None  # only a kedro command line

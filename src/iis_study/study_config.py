@@ -2,8 +2,10 @@
 
 Pipelines are expanded from parameters (one namespace per backbone, one branch per concept
 type), so the registry needs the parameters of the environment being run. A hook records the
-context's config loader (``kedro run --env cifar10`` included); outside a session (tests,
-notebooks) the configuration is read from ``conf/`` with ``KEDRO_ENV`` or the default env.
+context's config loader (``kedro run --env cifar10`` included); otherwise (Kedro-Viz, which runs
+no project hooks; tests; notebooks) the configuration is read from ``conf/`` for the environment
+named on the Kedro command line (``kedro viz run --env cifar10``), else ``KEDRO_ENV``, else the
+default env.
 
 Representations: the ``backbones`` block lists explicit entries (one representation each); the
 optional ``families`` block expands a backbone into layers x resolutions::
@@ -25,6 +27,7 @@ and the catalog's ``params:backbones.<name>`` entries all use it.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,25 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def remember(params: dict[str, Any]) -> None:
     """Record the parameters of the running context (called by a hook)."""
     _STATE["params"] = params
+
+
+def cli_env(argv: list[str] | None = None) -> str | None:
+    """The environment a ``kedro`` command line names (``--env X``, ``--env=X``, ``-e X``), or None.
+
+    Kedro-Viz runs no project hooks, so for ``kedro viz run --env cifar10`` this is how the registry
+    learns the environment (its server process is spawned with the parent's ``sys.argv``). Only a
+    ``kedro`` command line is read; a flag beats ``KEDRO_ENV``, as in Kedro itself.
+    """
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).name != "kedro":
+        return None
+    args = argv[1:]
+    for i, arg in enumerate(args):
+        if arg in ("--env", "-e") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--env="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def forget() -> None:
@@ -53,7 +75,7 @@ def study_parameters(env: str | None = None, conf_source: str | Path | None = No
         source = PROJECT_ROOT / "conf"
     loader = OmegaConfigLoader(
         conf_source=str(source),
-        env=env or os.environ.get("KEDRO_ENV"),
+        env=env or cli_env() or os.environ.get("KEDRO_ENV"),
         base_env="base",
         default_run_env="local",
     )

@@ -32,11 +32,14 @@ def _free_port() -> int:
 
 
 def test_kedro_viz_serves_the_study(tiny_run):
+    """`kedro viz run --env test` (a flag, no KEDRO_ENV): Kedro-Viz runs no project hooks, yet the
+    registry shows the environment's representations, not the base ones."""
     port = _free_port()
     kedro = str(Path(sys.executable).with_name("kedro"))
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "test"}
+    env = {k: v for k, v in os.environ.items() if k != "KEDRO_ENV"}
+    env["KEDRO_DISABLE_TELEMETRY"] = "true"
     proc = subprocess.Popen(
-        [kedro, "viz", "run", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
+        [kedro, "viz", "run", "--env", "test", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
         cwd=tiny_run,
         env=env,
         stdout=subprocess.PIPE,
@@ -60,6 +63,7 @@ def test_kedro_viz_serves_the_study(tiny_run):
         names = {n["name"] for n in data["nodes"]}
         for b in TINY["backbones"]:
             assert f"{b}.features" in names
+        assert "lite2_random.features" not in names and "lite0_stage1.features" not in names  # base-only
         assert {"iis_scores", "correlation", "iis_vs_accuracy_plot"} <= names
         assert set(TINY["backbones"]) <= set(data["modular_pipelines"])  # one collapsible namespace per backbone
     finally:
