@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,32 +32,43 @@ def _free_port() -> int:
     raise RuntimeError("no free local port in 4300-4900")
 
 
-def test_kedro_viz_serves_the_study(tiny_run):
-    """`kedro viz run --env test` (a flag, no KEDRO_ENV): Kedro-Viz runs no project hooks, yet the
-    registry shows the environment's representations, not the base ones."""
-    port = _free_port()
+@contextlib.contextmanager
+def _served(args: list[str], cwd: Path, env: dict[str, str], url: str, timeout: float = 180):
+    """Start ``kedro <args>`` as a server, yield the JSON at ``url`` once it answers, and stop the
+    server's whole process group afterwards (SIGTERM, then SIGKILL)."""
     kedro = str(Path(sys.executable).with_name("kedro"))
-    env = {k: v for k, v in os.environ.items() if k != "KEDRO_ENV"}
-    env["KEDRO_DISABLE_TELEMETRY"] = "true"
-    proc = subprocess.Popen(
-        [kedro, "viz", "run", "--env", "test", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
-        cwd=tiny_run,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen([kedro, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         data = None
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/main", timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=5) as r:
                     data = json.load(r)
                 break
             except OSError:
                 time.sleep(1)
-        assert data is not None, proc.stdout.read().decode() if proc.poll() is not None else "viz did not answer"
+        assert data is not None, proc.stdout.read().decode() if proc.poll() is not None else f"{url} did not answer"
+        yield data
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_kedro_viz_serves_the_study(tiny_run):
+    """`kedro viz run --env test` (a flag, no KEDRO_ENV): Kedro-Viz runs no project hooks, yet the
+    registry shows the environment's representations, not the base ones."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "KEDRO_ENV"}
+    env["KEDRO_DISABLE_TELEMETRY"] = "true"
+    args = ["viz", "run", "--env", "test", "--host", "127.0.0.1", "--port", str(port), "--no-browser"]
+    with _served(args, tiny_run, env, f"http://127.0.0.1:{port}/api/main") as data:
         pipelines = {p["id"] for p in data["pipelines"]}
         assert {"__default__", "data_processing", "feature_extraction", "concepts", "interpretability",
                 "reporting"} <= pipelines
@@ -66,49 +78,21 @@ def test_kedro_viz_serves_the_study(tiny_run):
         assert "lite2_random.features" not in names and "lite0_stage1.features" not in names  # base-only
         assert {"iis_scores", "correlation", "iis_vs_accuracy_plot"} <= names
         assert set(TINY["backbones"]) <= set(data["modular_pipelines"])  # one collapsible namespace per backbone
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    assert proc.returncode is not None
 
 
 def test_kedro_jupyter_lab_serves_the_project_kernel(tiny_run, tmp_path):
     """`kedro jupyter lab` (what `make notebook` runs) starts a server on 127.0.0.1 whose default kernel
     is the project's (Kedro creates the `kedro_iis_study` kernel spec)."""
     port, token = _free_port(), "iis-test-token"
-    kedro = str(Path(sys.executable).with_name("kedro"))
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "KEDRO_ENV": "test",
            # kernel specs, settings and runtime files in the test's folder, not the user's home
            "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
-    proc = subprocess.Popen(
-        [kedro, "jupyter", "lab", "--ip", "127.0.0.1", "--port", str(port), "--no-browser",
-         "--ServerApp.port_retries=0",
-         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        specs = None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={token}", timeout=5) as r:
-                    specs = json.load(r)
-                break
-            except OSError:
-                time.sleep(1)
-        assert specs is not None, proc.stdout.read().decode() if proc.poll() is not None else "no answer"
+    args = ["jupyter", "lab", "--ip", "127.0.0.1", "--port", str(port), "--no-browser", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+            *(["--allow-root"] if os.geteuid() == 0 else [])]
+    with _served(args, tiny_run, env, f"http://127.0.0.1:{port}/api/kernelspecs?token={token}") as specs:
         assert specs["default"] == "kedro_iis_study" and "kedro_iis_study" in specs["kernelspecs"]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def test_notebook_runs_on_a_finished_study(tiny_run):
