@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--steps", default="500,1000,2000,4000")
     ap.add_argument("--concepts", default="prototype")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--min-batches", default="16", help="sweep.min_batches_per_epoch values (fewer: larger batches)")
     args = ap.parse_args()
     seeds = tuple(int(s) for s in args.seeds.split(","))
     print("| representation | steps | batch | probe acc (test) | probe val | reference val | IIS | "
@@ -35,10 +36,12 @@ def main() -> None:
         c = TensorDictDataset(f"{args.data}/05_model_input/{rep}/concepts_{args.concepts}.safetensors").load()
         sp = {s: Split(f[f"{s}.x"], f[f"{s}.y"]) for s in ("train", "val", "test")}
         ref = reference_probe(*((sp[s].x, sp[s].y) for s in ("train", "val", "test")), num_classes=int(sp["train"].y.max()) + 1)
-        for steps in (int(s) for s in args.steps.split(",")):
+        budgets = [(int(s), int(b)) for b in args.min_batches.split(",") for s in args.steps.split(",")]
+        for steps, min_batches in budgets:
             t = time.time()
+            cfg = SweepConfig(steps=steps, seeds=seeds, min_batches_per_epoch=min_batches)
             r = sweep(sp["train"], sp["val"], sp["test"], concept_space(c), int(sp["train"].y.max()) + 1,
-                      SweepConfig(steps=steps, seeds=seeds), progress=False)
+                      cfg, progress=False)
             dt = time.time() - t
             sc, _ = score_sweep(r)
             cv = convergence_report(r.selected, r.history, ref.to_dict())

@@ -21,6 +21,7 @@ from iis_study.core.heads import (
     n_dropped,
     sparsify,
     sweep,
+    sweep_many,
     train_single_head,
 )
 from tests.core.reference import ranked_keep
@@ -224,6 +225,47 @@ def test_batched_projection_matches_reference(toy):
     result = sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
     _assert_matches_reference(result, toy, concepts, cfg, "interp", seed=0, lr=1e-2, sparsity=0.5)
     assert "interp.ln_weight" not in result.state
+
+
+def _assert_same_result(a, b) -> None:
+    """Two sweep results are identical: tables, curves, correctness and stored parameters, bit for bit."""
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(a.table, b.table, check_exact=True)
+    pd_testing.assert_frame_equal(a.selected, b.selected, check_exact=True)
+    pd_testing.assert_frame_equal(a.history, b.history, check_exact=True)
+    assert np.array_equal(a.test_correct, b.test_correct)
+    assert a.state.keys() == b.state.keys()
+    for key in a.state:
+        assert torch.equal(a.state[key], b.state[key]), key
+    assert a.budget == b.budget and a.m == b.m
+
+
+def test_sweep_many_equals_one_sweep_per_concept_space(toy):
+    """Concept spaces trained together (the probe once, shared) give each space's own sweep, bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    spaces = {
+        "vectors": ConceptSpace("vectors", vectors=toy["vectors"]),
+        "end_to_end": ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6),
+        "projection": ConceptSpace(
+            "projection",
+            projection=torch.randn(24, 8, generator=g),
+            mean=torch.randn(8, generator=g),
+            std=torch.rand(8, generator=g) + 0.5,
+        ),
+    }
+    cfg = SweepConfig(
+        steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-1), seeds=(0, 2), epochs=4, batch_size=64
+    )
+    data = (toy["train"], toy["val"], toy["test"])
+    together = sweep_many(*data, spaces, 4, cfg, progress=False)
+    assert list(together) == list(spaces)
+    for name, space in spaces.items():
+        _assert_same_result(together[name], sweep(*data, space, 4, cfg, progress=False))
+    # the probe is one model: the same stored probe in every result
+    for key in ("probe.weight", "probe.bias"):
+        assert torch.equal(together["vectors"].state[key], together["projection"].state[key])
+    with pytest.raises(ValueError, match="at least one concept space"):
+        sweep_many(*data, {}, 4, cfg, progress=False)
 
 
 def test_minibatch_of_one_matches_reference(toy):

@@ -33,7 +33,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -842,7 +842,10 @@ class _StackedAdam:
     """
 
     def __init__(
-        self, params: dict[str, torch.Tensor], lr_axis: dict[str, int], lrs: Sequence[float]
+        self,
+        params: dict[str, torch.Tensor],
+        lr_axis: dict[str, int],
+        lrs: Sequence[float],
     ) -> None:
         self.params = params
         self.lr_axis = lr_axis
@@ -1039,15 +1042,19 @@ class _BatchedHeads:
         return _uniform_to_gumbel_(noise).view(q.shape)
 
     def forward(
-        self, x: torch.Tensor, base: torch.Tensor | None, train: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, base: torch.Tensor | None, train: bool, probe: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Logits of all heads for per-seed inputs ``x`` (S, B, D) / ``base`` (S, B, M).
 
-        Returns probe logits (S, L, B, K) and interp logits (P, S, L, B, K).
+        Returns probe logits (S, L, B, K) (None when ``probe`` is false) and interp logits
+        (P, S, L, B, K).
         """
         p = self.params
-        xp = x if self.probe_shift is None else x - self.probe_shift
-        probe = torch.einsum("sbd,slkd->slbk", xp, p["probe.weight"]) + p["probe.bias"][:, :, None, :]
+        if probe:
+            xp = x if self.probe_shift is None else x - self.probe_shift
+            probe_logits = torch.einsum("sbd,slkd->slbk", xp, p["probe.weight"]) + p["probe.bias"][:, :, None, :]
+        else:
+            probe_logits = None
         if self.concepts.kind == "end_to_end":
             assert self.concepts.elements is not None
             noise = self._gumbel() if train else None
@@ -1068,7 +1075,7 @@ class _BatchedHeads:
             tuple(self.k),
             torch.is_grad_enabled(),
         )
-        return probe, interp
+        return probe_logits, interp
 
     @torch.no_grad()
     def correct(
@@ -1246,40 +1253,115 @@ def sweep(
     the learning rate with the best val accuracy (smaller lr on ties). Test accuracy is
     computed once, from each head's kept parameters: reported, never used for selection.
     """
-    _validate_inputs(train, val, test, concepts, num_classes, config)
+    return sweep_many(train, val, test, {"concepts": concepts}, num_classes, config, progress)["concepts"]
+
+
+def sweep_many(
+    train: Split,
+    val: Split,
+    test: Split,
+    concepts: Mapping[str, ConceptSpace],
+    num_classes: int,
+    config: SweepConfig,
+    progress: bool = True,
+) -> dict[str, SweepResult]:
+    """The sweeps of several concept spaces of one representation, trained as one batched model.
+
+    The linear probe does not depend on the concepts: it is trained once and shared, and every
+    concept space's interpretation heads train in the same minibatch steps (the data order of a
+    seed is the same for every head). Each head's initialisation, data order and updates are
+    those of its own :func:`sweep`, so ``sweep_many(..., {"a": A, "b": B})["a"]`` equals
+    ``sweep(..., A)`` (the two are checked equal in the tests); what is shared is the per-step
+    work that does not depend on the concepts (the probe, gathering the minibatch, the
+    optimiser's and the autograd engine's fixed costs).
+    """
+    if not concepts:
+        raise ValueError("sweep_many needs at least one concept space")
+    for space in concepts.values():
+        _validate_inputs(train, val, test, space, num_classes, config)
     dev = config.device
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
-    concepts = _concepts_to(concepts, dev)
+    spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
     budget = config.plan(train.x.shape[0])
     shift = _train_mean(train.x, dev) if config.probe_centering else None
-    heads = _BatchedHeads(concepts, config, train.x.shape[1], num_classes, shift)
-    # activations shared by all heads, once per sample; on the fly per batch for sharded splits
+    model = _SharedProbe(
+        {name: _BatchedHeads(space, config, train.x.shape[1], num_classes, shift) for name, space in spaces.items()}
+    )
+    # activations shared by all heads of a concept space, once per sample; on the fly per batch for sharded splits
     bases = {
-        name: None if isinstance(s.x, ShardedArray) else _precompute_base(s.x, concepts)
-        for name, s in (("train", train), ("val", val), ("test", test))
+        name: {
+            split: None if isinstance(s.x, ShardedArray) else _precompute_base(s.x, space)
+            for split, s in (("train", train), ("val", val), ("test", test))
+        }
+        for name, space in spaces.items()
     }
-    opt = _StackedAdam(heads.params, heads.lr_axis(), config.learning_rates)
+    opt = _StackedAdam(model.params, model.lr_axis(), config.learning_rates)
     data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
-    tracker = _BestTracker(heads)
+    trackers = {name: _BestTracker(heads) for name, heads in model.parts.items()}
+    first = next(iter(model.parts.values()))
     logger.info(
-        "sweep: %d probe + %d interp heads, kind=%s, M=%d, K=%d, N_train=%d: batch %d, %d epochs, %d steps",
-        int(np.prod(heads.shape_probe)),
-        int(np.prod(heads.shape_interp)),
-        concepts.kind,
-        heads.m,
+        "sweep: %d probe + %d x %d interp heads (%s), M=%d, K=%d, N_train=%d: batch %d, %d epochs, %d steps",
+        int(np.prod(first.shape_probe)),
+        len(model.parts),
+        int(np.prod(first.shape_interp)),
+        ", ".join(f"{name}: {h.concepts.kind}" for name, h in model.parts.items()),
+        first.m,
         num_classes,
         train.x.shape[0],
         budget.batch_size,
         budget.epochs,
         budget.steps,
     )
+    train_bases = [bases[name]["train"] for name in model.parts]
     for epoch in tqdm(range(1, budget.epochs + 1), desc="sweep epochs", disable=not progress):
-        _train_epoch(heads, opt, train, bases["train"], data_gens, budget.batch_size)
+        _train_epoch(model, opt, train, train_bases, data_gens, budget.batch_size)
         opt.decay(budget.gamma)
-        vp, vi = heads.correct(val.x, val.y, bases["val"])
-        tracker.update(epoch, {"probe": vp, "interp": vi}, heads.params)
-    tracker.score_test(heads, test, bases["test"])
-    return _build_result(tracker, heads, config, num_classes, budget)
+        for name, heads in model.parts.items():
+            vp, vi = heads.correct(val.x, val.y, bases[name]["val"])
+            trackers[name].update(epoch, {"probe": vp, "interp": vi}, heads.params)
+    results = {}
+    for name, heads in model.parts.items():
+        trackers[name].score_test(heads, test, bases[name]["test"])
+        results[name] = _build_result(trackers[name], heads, config, num_classes, budget)
+    return results
+
+
+class _SharedProbe:
+    """The heads of one or more concept spaces (:class:`_BatchedHeads` each) with one linear probe.
+
+    The probe's parameter tensors of the first part are given to every part (each part's own,
+    identically initialised ones are dropped), so each part still reads as a complete sweep
+    (selection, best-epoch tracking, results), while the probe's forward and backward pass run
+    once per step. ``params`` holds every trainable tensor once, under ``<part>/<name>`` (the
+    probe under ``probe.*``).
+    """
+
+    def __init__(self, parts: dict[str, _BatchedHeads]) -> None:
+        self.parts = parts
+        first = next(iter(parts.values()))
+        self.device = first.device
+        for heads in parts.values():
+            for key in ("probe.weight", "probe.bias"):
+                heads.params[key] = first.params[key]
+        self.params = {k: v for k, v in first.params.items() if k.startswith("probe.")}
+        for name, heads in parts.items():
+            self.params.update({f"{name}/{k}": v for k, v in heads.params.items() if not k.startswith("probe.")})
+        self._axes = {k: (1 if k.startswith("probe.") else 2) for k in self.params}
+
+    def lr_axis(self) -> dict[str, int]:
+        return self._axes
+
+    def forward(
+        self, x: torch.Tensor, bases: Sequence[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Probe logits (S, L, B, K) once, and every part's interp logits (P, S, L, B, K)."""
+        probe, interps = None, []
+        for heads, base in zip(self.parts.values(), bases, strict=True):
+            p, i = heads.forward(x, base, train=True, probe=probe is None)
+            probe = p if probe is None else probe
+            interps.append(i)
+        assert probe is not None
+        return probe, interps
 
 
 def _train_mean(x: torch.Tensor | ShardedArray, device: str) -> torch.Tensor:
@@ -1293,22 +1375,23 @@ def _train_mean(x: torch.Tensor | ShardedArray, device: str) -> torch.Tensor:
 
 
 def _train_epoch(
-    heads: _BatchedHeads,
+    model: _SharedProbe,
     opt: _StackedAdam,
     train: Split,
-    base: torch.Tensor | None,
+    bases: Sequence[torch.Tensor | None],
     data_gens: list[torch.Generator],
     batch_size: int,
 ) -> None:
-    for xb, bb, yb in _seed_batches(heads, train, base, data_gens, batch_size):
-        lp, li = heads.forward(xb, bb, train=True)
+    for xb, bbs, yb in _seed_batches(model, train, bases, data_gens, batch_size):
+        lp, lis = model.forward(xb, bbs)
         bsz = yb.shape[1]
         # sums of per-sample cross-entropies; probe logits (S, L, B, K), interp (P, S, L, B, K)
         # (minibatch means: scale 1/B, applied inside so that the gradients need no further pass)
         loss = _SumCrossEntropy.apply(lp, yb[:, None, :, None].expand(lp.shape[:-1] + (1,)), 1.0 / bsz)
-        loss = loss + _SumCrossEntropy.apply(
-            li, yb[None, :, None, :, None].expand(li.shape[:-1] + (1,)), 1.0 / bsz
-        )
+        for li in lis:
+            loss = loss + _SumCrossEntropy.apply(
+                li, yb[None, :, None, :, None].expand(li.shape[:-1] + (1,)), 1.0 / bsz
+            )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1354,13 +1437,13 @@ class _SumCrossEntropy(torch.autograd.Function):
 
 
 def _seed_batches(
-    heads: _BatchedHeads,
+    model: _SharedProbe,
     train: Split,
-    base: torch.Tensor | None,
+    bases: Sequence[torch.Tensor | None],
     data_gens: list[torch.Generator],
     batch_size: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    """Minibatches stacked over seeds: ``x`` (S, B, D), ``base`` (S, B, M) or None, ``y`` (S, B)."""
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]]:
+    """Minibatches stacked over seeds: ``x`` (S, B, D), per part ``base`` (S, B, M) or None, ``y`` (S, B)."""
     if not isinstance(train.x, ShardedArray):
         n = train.x.shape[0]
         perms = torch.stack([torch.randperm(n, generator=g) for g in data_gens]).to(train.y.device)
@@ -1368,13 +1451,16 @@ def _seed_batches(
             idx = perms[:, start : start + batch_size]  # (S, B)
             flat = idx.reshape(-1)  # index_select: a faster gather than x[idx] on CPU
             xb = torch.index_select(train.x, 0, flat).view(*idx.shape, train.x.shape[1])
-            bb = None if base is None else torch.index_select(base, 0, flat).view(*idx.shape, base.shape[1])
-            yield xb, bb, train.y[idx]
+            bbs = [
+                None if base is None else torch.index_select(base, 0, flat).view(*idx.shape, base.shape[1])
+                for base in bases
+            ]
+            yield xb, bbs, train.y[idx]
         return
-    streams = [_shard_batches(train.x, train.y, g, batch_size, heads.device) for g in data_gens]
+    streams = [_shard_batches(train.x, train.y, g, batch_size, model.device) for g in data_gens]
     for parts in zip(*streams, strict=True):
         xb = torch.stack([p[0] for p in parts])
-        yield xb, heads.base_of(xb), torch.stack([p[1] for p in parts])
+        yield xb, [heads.base_of(xb) for heads in model.parts.values()], torch.stack([p[1] for p in parts])
 
 
 def _select_lr(val_acc: np.ndarray, lrs: np.ndarray) -> np.ndarray:

@@ -10,8 +10,7 @@ import pandas as pd
 import torch
 
 from iis_study.core.convergence import convergence_report, reference_probe
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, SweepResult
-from iis_study.core.heads import sweep as run_sweep  # the node's `sweep` argument is the parameter block
+from iis_study.core.heads import ConceptSpace, Split, SweepConfig, SweepResult, sweep_many
 from iis_study.core.params import reject_unknown_keys
 from iis_study.core.scores import score_sweep
 
@@ -45,25 +44,26 @@ def concept_space(data: dict[str, Any]) -> ConceptSpace:
 
 
 def train_interpreters(
-    features: dict[str, Any], concepts: dict[str, Any], feature_info: dict[str, Any], sweep: dict[str, Any]
-) -> SweepResult:
-    """Train the linear probe and every interpretation head of the sparsity x learning-rate x seed grid
-    together, as one batched model; select epoch and learning rate on val, report test accuracy."""
+    features: dict[str, Any], feature_info: dict[str, Any], sweep: dict[str, Any], **concepts: dict[str, Any]
+) -> dict[str, SweepResult]:
+    """Train the linear probe and, for every concept type given by keyword, every interpretation head
+    of the sparsity x learning-rate x seed grid together, as one batched model (the probe once,
+    shared by the concept types); select epoch and learning rate on val, report test accuracy.
+    Returns one :class:`SweepResult` per concept type."""
     cfg = sweep_config(sweep)
-    space = concept_space(concepts)
+    spaces = {ctype: concept_space(data) for ctype, data in concepts.items()}
     splits = {s: Split(x=features[f"{s}.x"], y=features[f"{s}.y"]) for s in ("train", "val", "test")}
-    space.validate(splits["train"].x.shape[1])
+    for space in spaces.values():
+        space.validate(splits["train"].x.shape[1])
     num_classes = int(feature_info["num_classes"])
     logger.info(
-        "sweep: %s concepts (M = %d), %d sparsities x %d learning rates x %d seeds, %d epochs",
-        concepts.get("__metadata__", {}).get("concept_type", space.kind),
-        space.m,
+        "sweep: concepts %s, %d sparsities x %d learning rates x %d seeds",
+        ", ".join(f"{ctype} (M = {space.m})" for ctype, space in spaces.items()),
         len(cfg.sparsities),
         len(cfg.learning_rates),
         len(cfg.seeds),
-        cfg.epochs,
     )
-    return run_sweep(splits["train"], splits["val"], splits["test"], space, num_classes, cfg)
+    return sweep_many(splits["train"], splits["val"], splits["test"], spaces, num_classes, cfg)
 
 
 def fit_reference_probe(features: dict[str, Any], feature_info: dict[str, Any]) -> dict[str, Any]:

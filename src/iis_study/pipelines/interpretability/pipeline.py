@@ -10,24 +10,30 @@ from .nodes import fit_reference_probe, score_interpreters, train_interpreters
 
 def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
     """The per-backbone template."""
+    types = list(concept_types)
     nodes = [
-        node(fit_reference_probe, ["features", "feature_info"], "probe_reference", name="fit_reference_probe")
+        node(fit_reference_probe, ["features", "feature_info"], "probe_reference", name="fit_reference_probe"),
+        node(
+            train_interpreters,
+            {
+                "features": "features",
+                "feature_info": "feature_info",
+                "sweep": "params:sweep",
+                **{ctype: f"concepts_{ctype}" for ctype in types},
+            },
+            {ctype: f"sweep_{ctype}" for ctype in types},
+            name="train_interpreters",
+        ),
     ]
-    for ctype in concept_types:
-        nodes += [
-            node(
-                train_interpreters,
-                ["features", f"concepts_{ctype}", "feature_info", "params:sweep"],
-                f"sweep_{ctype}",
-                name=f"train_{ctype}_interpreters",
-            ),
+    for ctype in types:
+        nodes.append(
             node(
                 score_interpreters,
                 [f"sweep_{ctype}", "probe_reference", "params:scoring"],
                 [f"scores_{ctype}", f"curve_{ctype}"],
                 name=f"score_{ctype}_interpreters",
-            ),
-        ]
+            )
+        )
     return Pipeline(nodes)
 
 
