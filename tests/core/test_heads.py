@@ -241,11 +241,14 @@ def _assert_same_result(a, b) -> None:
 
 
 def test_sweep_many_equals_one_sweep_per_concept_space(toy):
-    """Concept spaces trained together (the probe once, shared) give each space's own sweep, bit for bit."""
+    """Concept spaces trained together (the probe once, shared; spaces of equal M stacked into one
+    call of the heads) give each space's own sweep, bit for bit."""
     g = torch.Generator().manual_seed(9)
     spaces = {
         "vectors": ConceptSpace("vectors", vectors=toy["vectors"]),
         "end_to_end": ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6),
+        # the same M as "vectors": both run stacked, as one call of the fused heads
+        "vectors_2": ConceptSpace("vectors", vectors=F.normalize(torch.randn(12, 24, generator=g), dim=1)),
         "projection": ConceptSpace(
             "projection",
             projection=torch.randn(24, 8, generator=g),

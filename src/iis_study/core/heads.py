@@ -1042,12 +1042,12 @@ class _BatchedHeads:
         return _uniform_to_gumbel_(noise).view(q.shape)
 
     def forward(
-        self, x: torch.Tensor, base: torch.Tensor | None, train: bool, probe: bool = True
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        self, x: torch.Tensor, base: torch.Tensor | None, train: bool, probe: bool = True, interp: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits of all heads for per-seed inputs ``x`` (S, B, D) / ``base`` (S, B, M).
 
         Returns probe logits (S, L, B, K) (None when ``probe`` is false) and interp logits
-        (P, S, L, B, K).
+        (P, S, L, B, K) (None when ``interp`` is false).
         """
         p = self.params
         if probe:
@@ -1055,6 +1055,8 @@ class _BatchedHeads:
             probe_logits = torch.einsum("sbd,slkd->slbk", xp, p["probe.weight"]) + p["probe.bias"][:, :, None, :]
         else:
             probe_logits = None
+        if not interp:
+            return probe_logits, None
         if self.concepts.kind == "end_to_end":
             assert self.concepts.elements is not None
             noise = self._gumbel() if train else None
@@ -1316,9 +1318,8 @@ def sweep_many(
     for epoch in tqdm(range(1, budget.epochs + 1), desc="sweep epochs", disable=not progress):
         _train_epoch(model, opt, train, train_bases, data_gens, budget.batch_size)
         opt.decay(budget.gamma)
-        for name, heads in model.parts.items():
-            vp, vi = heads.correct(val.x, val.y, bases[name]["val"])
-            trackers[name].update(epoch, {"probe": vp, "interp": vi}, heads.params)
+        for name, (vp, vi) in model.correct(val.x, val.y, {n: b["val"] for n, b in bases.items()}).items():
+            trackers[name].update(epoch, {"probe": vp, "interp": vi}, model.parts[name].params)
     results = {}
     for name, heads in model.parts.items():
         trackers[name].score_test(heads, test, bases[name]["test"])
@@ -1332,8 +1333,15 @@ class _SharedProbe:
     The probe's parameter tensors of the first part are given to every part (each part's own,
     identically initialised ones are dropped), so each part still reads as a complete sweep
     (selection, best-epoch tracking, results), while the probe's forward and backward pass run
-    once per step. ``params`` holds every trainable tensor once, under ``<part>/<name>`` (the
-    probe under ``probe.*``).
+    once per step.
+
+    Concept spaces given as vectors or a projection with the same M (the common case:
+    prototype and cluster concepts) are *stacked*: their interpretation heads' parameters are
+    stored in one tensor ``(P, T, S, L, ...)`` (T the stacked spaces), each part's parameters
+    are views into it, and all of them run as one call of the fused heads (the kernel
+    computes every head on its own, start to end, so the numbers are those of separate
+    calls). ``params`` holds every trainable tensor once: the probe under ``probe.*``, the
+    stacked heads under ``stacked/*``, others under ``<part>/*``.
     """
 
     def __init__(self, parts: dict[str, _BatchedHeads]) -> None:
@@ -1344,24 +1352,93 @@ class _SharedProbe:
             for key in ("probe.weight", "probe.bias"):
                 heads.params[key] = first.params[key]
         self.params = {k: v for k, v in first.params.items() if k.startswith("probe.")}
+        self._axes = {k: 1 for k in self.params}
+        self.stacked = self._stackable()
+        if len(self.stacked) > 1:
+            lead = parts[self.stacked[0]]
+            for key in [k for k in lead.params if k.startswith("interp.")]:
+                joint = torch.stack([parts[n].params[key].detach() for n in self.stacked], dim=1).requires_grad_(True)
+                self.params[f"stacked/{key}"] = joint
+                self._axes[f"stacked/{key}"] = 3
+                for t, name in enumerate(self.stacked):
+                    parts[name].params[key] = joint[:, t]  # a view: the part reads the joint tensor
+        else:
+            self.stacked = []
         for name, heads in parts.items():
-            self.params.update({f"{name}/{k}": v for k, v in heads.params.items() if not k.startswith("probe.")})
-        self._axes = {k: (1 if k.startswith("probe.") else 2) for k in self.params}
+            if name not in self.stacked:
+                self.params.update({f"{name}/{k}": v for k, v in heads.params.items() if not k.startswith("probe.")})
+                self._axes.update({f"{name}/{k}": 2 for k in heads.params if not k.startswith("probe.")})
+
+    def _stackable(self) -> list[str]:
+        """The parts whose heads can run as one call: concept vectors or a projection (no
+        end-to-end assignment), with the first such part's M and affine."""
+        names = [n for n, h in self.parts.items() if h.concepts.kind != "end_to_end"]
+        if not names:
+            return []
+        ref = self.parts[names[0]]
+        return [n for n in names if self.parts[n].m == ref.m and self.parts[n].concepts.has_affine == ref.concepts.has_affine]
 
     def lr_axis(self) -> dict[str, int]:
         return self._axes
 
+    def _stacked_logits(self, bases: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """Interp logits (P, T, S, L, B, K) of the stacked parts from their bases (S, B, M)."""
+        base = torch.stack([bases[n] for n in self.stacked])[None, :, :, None]  # (1, T, S, 1, B, M)
+        lead = self.parts[self.stacked[0]]
+        p = self.params
+        affine = lead.concepts.has_affine
+        return _InterpHeads.apply(
+            base,
+            p["stacked/interp.ln_weight"].unsqueeze(-2) if affine else None,
+            p["stacked/interp.ln_bias"].unsqueeze(-2) if affine else None,
+            p["stacked/interp.weight"],
+            p["stacked/interp.bias"],
+            tuple(lead.k),
+            torch.is_grad_enabled(),
+        )
+
     def forward(
         self, x: torch.Tensor, bases: Sequence[torch.Tensor | None]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Probe logits (S, L, B, K) once, and every part's interp logits (P, S, L, B, K)."""
-        probe, interps = None, []
-        for heads, base in zip(self.parts.values(), bases, strict=True):
-            p, i = heads.forward(x, base, train=True, probe=probe is None)
-            probe = p if probe is None else probe
-            interps.append(i)
+        """Probe logits (S, L, B, K) once, and the interp logits of the stacked parts
+        (P, T, S, L, B, K) and of every other part (P, S, L, B, K)."""
+        by_name = dict(zip(self.parts, bases, strict=True))
+        first = next(iter(self.parts.values()))
+        probe, _ = first.forward(x, by_name[next(iter(self.parts))], train=True, interp=False)
         assert probe is not None
+        interps = [self._stacked_logits(by_name)] if self.stacked else []
+        for name, heads in self.parts.items():
+            if name not in self.stacked:
+                interps.append(heads.forward(x, by_name[name], train=True, probe=False)[1])
         return probe, interps
+
+    @torch.no_grad()
+    def correct(
+        self, x: torch.Tensor, y: torch.Tensor, bases: dict[str, torch.Tensor | None]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per part, per-sample correctness of its probe (S, L, N) and interp heads (P, S, L, N);
+        the stacked parts' heads in one call per chunk."""
+        out = {name: heads.correct(x, y, bases[name]) for name, heads in self.parts.items() if name not in self.stacked}
+        if not self.stacked:
+            return out
+        if any(bases[n] is None for n in self.stacked):  # sharded splits: part by part
+            out.update({n: self.parts[n].correct(x, y, bases[n]) for n in self.stacked})
+            return out
+        first = self.parts[self.stacked[0]]
+        s = first.shape_probe[0]
+        probe_parts, interp_parts = [], []
+        for start, rows in _eval_chunks(x):
+            sl = slice(start, start + rows.shape[0])
+            xs = rows.to(self.device).unsqueeze(0).expand(s, -1, -1)
+            lp, _ = first.forward(xs, None, train=False, interp=False)
+            assert lp is not None
+            chunk = {n: bases[n][sl].unsqueeze(0).expand(s, -1, -1) for n in self.stacked}
+            probe_parts.append(lp.argmax(-1) == y[sl])
+            interp_parts.append(self._stacked_logits(chunk).argmax(-1) == y[sl])
+        probe = torch.cat(probe_parts, -1)
+        interp = torch.cat(interp_parts, -1)  # (P, T, S, L, N)
+        out.update({n: (probe, interp[:, t]) for t, n in enumerate(self.stacked)})
+        return out
 
 
 def _train_mean(x: torch.Tensor | ShardedArray, device: str) -> torch.Tensor:
@@ -1384,14 +1461,15 @@ def _train_epoch(
 ) -> None:
     for xb, bbs, yb in _seed_batches(model, train, bases, data_gens, batch_size):
         lp, lis = model.forward(xb, bbs)
-        bsz = yb.shape[1]
-        # sums of per-sample cross-entropies; probe logits (S, L, B, K), interp (P, S, L, B, K)
+        n_seeds, bsz = yb.shape
+        # sums of per-sample cross-entropies; probe logits (S, L, B, K), interp (..., S, L, B, K)
         # (minibatch means: scale 1/B, applied inside so that the gradients need no further pass)
-        loss = _SumCrossEntropy.apply(lp, yb[:, None, :, None].expand(lp.shape[:-1] + (1,)), 1.0 / bsz)
-        for li in lis:
-            loss = loss + _SumCrossEntropy.apply(
-                li, yb[None, :, None, :, None].expand(li.shape[:-1] + (1,)), 1.0 / bsz
-            )
+        loss = None
+        for logits in [lp, *lis]:
+            target = yb.view((1,) * (logits.ndim - 4) + (n_seeds, 1, bsz, 1)).expand(logits.shape[:-1] + (1,))
+            term = _SumCrossEntropy.apply(logits, target, 1.0 / bsz)
+            loss = term if loss is None else loss + term
+        assert loss is not None
         opt.zero_grad()
         loss.backward()
         opt.step()
