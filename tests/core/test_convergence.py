@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from iis_study.core.convergence import convergence_report, curve_gains, reference_probe
+from iis_study.core.convergence import convergence_report, curve_gains, reference_probe, selection_gains
 from iis_study.core.heads import ConceptSpace, Split, SweepConfig, n_dropped, sweep
 
 
@@ -63,9 +63,38 @@ def test_curve_gains_flags_a_rising_curve() -> None:
     flat = [0.5, 0.7, 0.8, 0.8, 0.79, 0.8, 0.8, 0.8, 0.8, 0.8]
     rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9]
     h = _history({("probe", 0, np.nan, 0.1): flat, ("interp", 0, 0.5, 0.1): rising})
-    g = curve_gains(h).set_index("head")["gain"]
-    assert g["probe"] == pytest.approx(0.0)
-    assert g["interp"] == pytest.approx(0.9 - 0.8)  # best of the last 2 epochs minus best of the first 8
+    g = curve_gains(h).set_index("head")
+    assert g.loc["probe", "gain"] == pytest.approx(0.0) and g.loc["probe", "peak_gain"] == pytest.approx(0.0)
+    # the level of the last fifth (epochs 9-10) minus the level of the fifth before (epochs 7-8)
+    assert g.loc["interp", "gain"] == pytest.approx((0.85 + 0.9) / 2 - (0.7 + 0.8) / 2)
+    assert g.loc["interp", "peak_gain"] == pytest.approx(0.9 - 0.8)  # best of the last 2 minus best of the first 8
+
+
+def test_flatness_is_judged_on_the_selected_accuracy_not_on_one_head() -> None:
+    """What the score reports is the best val accuracy over the learning-rate grid: it is flat when a
+    late spike of one learning rate barely beats what another reached early, and rising when the best
+    learning rate still climbs; a head's own noisy curve is not the test."""
+    g = np.random.default_rng(0)
+    early = list(np.minimum(0.43, np.linspace(0.30, 0.60, 250)) + 0.002 * g.standard_normal(250))  # 0.43 from epoch 110
+    spiky = list(0.40 + 0.005 * g.standard_normal(250))
+    spiky[240] = 0.434  # a spike in the last fifth, 3 points above its own curve
+    climb = list(np.linspace(0.38, 0.44, 250))  # +1.2 points per fifth, the best lr of sparsity 0.5
+    flat_other = [0.41] * 250
+    h = _history({
+        ("probe", 0, np.nan, 0.01): early, ("probe", 0, np.nan, 0.1): spiky,
+        ("interp", 0, 0.5, 0.01): climb, ("interp", 0, 0.5, 0.1): flat_other,
+    })
+    heads = curve_gains(h).set_index(["head", "lr"])
+    assert heads.loc[("probe", 0.1), "peak_gain"] > 0.02  # the spiky head's own best rose late ...
+    sel = selection_gains(h).set_index("head")["gain"]
+    assert 0.0 < sel["probe"] <= 0.005  # ... but the selected accuracy barely moved
+    assert sel["interp"] > 0.01
+    chosen = pd.DataFrame([{"head": "probe", "seed": 0, "sparsity": np.nan, "lr": 0.1, "val_acc": 0.434},
+                           {"head": "interp", "seed": 0, "sparsity": 0.5, "lr": 0.01, "val_acc": 0.44}])
+    rep = convergence_report(chosen, h, {"val_acc": 0.43, "test_acc": 0.43, "c": 1.0})
+    assert rep["probe_converged"] and not rep["heads_converged"]
+    assert rep["max_gain_selected"] == pytest.approx(sel["interp"])
+    assert rep["n_rising"] == 1  # the climbing head's level rose; no other head's did
 
 
 def test_convergence_report_on_a_converged_and_an_unconverged_case() -> None:

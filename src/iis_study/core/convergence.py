@@ -10,9 +10,9 @@ reported beside every score:
   *converged* when its selected val accuracy (mean over seeds) is at least the reference's
   minus ``tol`` (0.5 point). Being better than the reference is not a failure: early stopping
   on val is a regulariser of its own.
-* **Flat val curves** (:func:`curve_gains`): a head is still rising when the best val accuracy
-  in the last fifth of its epochs beats the best before it by more than ``tol``. Every
-  *selected* head (the probe and every sparsity, each seed) must be flat.
+* **Flat at the end** (:func:`selection_gains`): the selected val accuracy (best over the
+  learning-rate grid and the epochs, per seed and head kind) may rise by at most ``tol`` in the
+  last fifth of training, for the probe and every sparsity of each seed.
 
 The reference is written independently of the sweep (no shared code path): a plain
 ``torch.optim.LBFGS`` on the full batch, which is what makes it a check.
@@ -115,21 +115,57 @@ def reference_probe(
 
 
 def curve_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
-    """Per head, how much its val accuracy still rose in the last ``tail`` of its epochs.
+    """Per head, how much its val curve still rose in the last ``tail`` of its epochs.
 
     ``history`` is a sweep's long table (head, seed, sparsity, lr, epoch, val_acc, ...). Returns
-    one row per head with ``gain = max(val in the last part) - max(val before it)``; positive
-    gains mean the curve was still rising when training stopped.
+    one row per head with ``gain``, the curve's *level* in the last part minus its level in the
+    part just before (mean val accuracy over the last ``tail`` of the epochs minus the mean over
+    the ``tail`` before them), and ``peak_gain``, its best value in the last part minus its best
+    before. Positive gains: the curve was still rising when training stopped.
+    """
+    if history.empty:
+        raise ValueError("the sweep has no per-epoch history: convergence cannot be checked")
+    epochs = int(history["epoch"].max())
+    width = max(1, int(round(tail * epochs)))
+    cut = epochs - width
+    keys = ["head", "seed", "sparsity", "lr"]
+    h = history.assign(sparsity=history["sparsity"].fillna(-1.0))
+    late = h[h["epoch"] > cut].groupby(keys)["val_acc"]
+    before = h[(h["epoch"] <= cut) & (h["epoch"] > cut - width)].groupby(keys)["val_acc"].mean()
+    early_peak = h[h["epoch"] <= cut].groupby(keys)["val_acc"].max()
+    late_mean, late_peak = late.mean(), late.max()
+    out = pd.DataFrame(
+        {
+            "gain": late_mean - before.reindex(late_mean.index).fillna(-np.inf),
+            "peak_gain": late_peak - early_peak.reindex(late_peak.index).fillna(-np.inf),
+        }
+    ).reset_index()
+    out["sparsity"] = out["sparsity"].where(out["sparsity"] >= 0, np.nan)
+    return out
+
+
+def selection_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
+    """Per selection unit (head kind, seed, sparsity), how much the *selected* val accuracy still
+    rose in the last ``tail`` of training: the best val accuracy over the learning-rate grid and
+    all epochs minus the best over the grid and the epochs before the last ``tail``.
+
+    This is the flatness test of the convergence check. The selected accuracy is what the score
+    reports (METHOD §4: the best over the learning-rate grid, at its best val epoch), and its
+    best-so-far curve is monotone, so "flat over the last fifth" asks exactly whether a shorter
+    budget would have reported a different number. A single head's curve is the wrong object:
+    on a noisy plateau its best value often falls late by chance (a spike, not a trend), and
+    selection picks the head with the highest spike (measured on the CIFAR-10 study:
+    docs/convergence.md).
     """
     if history.empty:
         raise ValueError("the sweep has no per-epoch history: convergence cannot be checked")
     epochs = int(history["epoch"].max())
     cut = epochs - max(1, int(round(tail * epochs)))
-    keys = ["head", "seed", "sparsity", "lr"]
+    keys = ["head", "seed", "sparsity"]
     h = history.assign(sparsity=history["sparsity"].fillna(-1.0))
+    best = h.groupby(keys)["val_acc"].max()
     early = h[h["epoch"] <= cut].groupby(keys)["val_acc"].max()
-    late = h[h["epoch"] > cut].groupby(keys)["val_acc"].max()
-    out = (late - early.reindex(late.index).fillna(-np.inf)).rename("gain").reset_index()
+    out = (best - early.reindex(best.index).fillna(-np.inf)).rename("gain").reset_index()
     out["sparsity"] = out["sparsity"].where(out["sparsity"] >= 0, np.nan)
     return out
 
@@ -144,19 +180,19 @@ def convergence_report(
 
     ``selected`` is the sweep's selected-head table (seed, head, sparsity, lr, val_acc, ...).
     Returns ``probe_val_acc`` (mean over seeds), ``reference_val_acc``, ``reference_test_acc``,
-    ``probe_gap`` (reference minus probe, val), ``probe_converged`` (gap <= tol and the selected
-    probes' curves flat), ``heads_converged`` (every selected interpretation head flat),
-    ``max_gain_selected`` and ``n_rising`` / ``n_heads`` (over every head of the sweep).
+    ``probe_gap`` (reference minus probe, val), ``probe_converged`` (gap <= tol and the probe's
+    selected accuracy flat in the last fifth for every seed, :func:`selection_gains`),
+    ``heads_converged`` (the same flatness for every sparsity and seed), ``max_gain_selected``
+    (the largest late rise of a selected accuracy), and ``n_rising`` / ``n_heads``: the heads of
+    the sweep whose own val curve's level still rose by more than ``tol`` (:func:`curve_gains`;
+    for information, e.g. learning rates that were still climbing but were not selected).
     """
     ref = reference if isinstance(reference, dict) else reference.to_dict()
-    gains = curve_gains(history)
-    keys = ["head", "seed", "sparsity", "lr"]
-    sel = selected[keys].assign(sparsity=selected["sparsity"].fillna(-1.0))
-    g = gains.assign(sparsity=gains["sparsity"].fillna(-1.0))
-    sel_gains = sel.merge(g, on=keys, how="left")
-    if sel_gains["gain"].isna().any():
-        raise ValueError("selected heads missing from the sweep history")
+    heads = curve_gains(history)
+    sel_gains = selection_gains(history)
     probe_sel = selected[selected["head"] == "probe"]
+    if probe_sel.empty:
+        raise ValueError("the sweep has no selected probe")
     probe_val = float(probe_sel["val_acc"].mean())
     gap = float(ref["val_acc"]) - probe_val
     probe_flat = bool((sel_gains.loc[sel_gains["head"] == "probe", "gain"] <= tol).all())
@@ -170,6 +206,6 @@ def convergence_report(
         "probe_converged": bool(gap <= tol and probe_flat),
         "heads_converged": heads_flat,
         "max_gain_selected": float(sel_gains["gain"].max()),
-        "n_rising": int((gains["gain"] > tol).sum()),
-        "n_heads": int(len(gains)),
+        "n_rising": int((heads["gain"] > tol).sum()),
+        "n_heads": int(len(heads)),
     }
