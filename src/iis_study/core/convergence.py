@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 TOLERANCE = 0.005  # half a point of accuracy
 REFERENCE_C = (0.1, 1.0, 10.0, 100.0, 1000.0)  # inverse L2 strengths, as scikit-learn's C
 TAIL = 0.2  # the last fifth of training
+# L-BFGS stops when every gradient entry of the per-sample objective is below this. Measured on the
+# default study: the six references' val accuracies (what the check uses) are the same at 1e-7, which
+# took 3.2x as long (26.6 s against 8.2 s); two test accuracies moved by 0.3 point.
+GRAD_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def reference_probe(
     best: ReferenceProbe | None = None
     for c in sorted(float(c) for c in cs):
         opt = torch.optim.LBFGS(
-            [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-12,
+            [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=GRAD_TOL, tolerance_change=1e-12,
             history_size=20, line_search_fn="strong_wolfe",
         )
 
@@ -107,7 +111,7 @@ def reference_probe(
         with torch.no_grad():
             acc = {k: float(((xs[k] @ w.T + b).argmax(1) == ys[k]).double().mean()) for k in ("val", "test")}
             grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()))
-        fit = ReferenceProbe(acc["val"], acc["test"], c, iters, grad <= 1e-7 or iters < max_iter)
+        fit = ReferenceProbe(acc["val"], acc["test"], c, iters, grad <= GRAD_TOL or iters < max_iter)
         if best is None or fit.val_acc > best.val_acc:
             best = fit
     assert best is not None
