@@ -29,9 +29,10 @@ test: setup  ## the whole test suite
 test-fast: setup  ## the quick subset for development (tests not marked slow)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup  ## benchmarks (scripts, not tests): extraction, sweep speed-up, sweep scale (time and memory vs N)
+bench: setup  ## benchmarks (scripts, not tests): extraction, sweep speed-up, concept types as one sweep, sweep scale (time and memory vs N)
 	$(BIN)/python scripts/bench_extraction.py
 	$(BIN)/python scripts/bench_sweep.py
+	$(BIN)/python scripts/bench_concept_types.py
 	$(BIN)/python scripts/bench_scale.py --in-memory
 
 viz: setup

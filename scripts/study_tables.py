@@ -11,12 +11,21 @@ Reads ``data/08_reporting/iis_scores.csv``, ``data/08_reporting/correlation_scop
 Usage::
 
     python scripts/study_tables.py [PROJECT_DIR]     # default: this project
+    python scripts/study_tables.py --update docs/results.md --prefix default
+    python scripts/study_tables.py --check docs/results.md --prefix default
+
+``--update FILE`` rewrites the text between ``<!-- study_tables:PREFIX-representations -->`` and
+``<!-- /study_tables:PREFIX-representations -->`` (and the same for ``-correlations``) with the
+tables of the project's finished run; ``--check FILE`` exits 1 when the file differs from them
+(run it after ``make run``: the default study's tables in docs/results.md must be those numbers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -74,14 +83,42 @@ def correlation_table(project: Path, methods: tuple[str, ...] = ("pearson", "spe
     return "\n".join(lines)
 
 
+def replace_marked(text: str, name: str, table: str) -> str:
+    """``text`` with the block between the ``study_tables:<name>`` markers replaced by ``table``."""
+    pattern = re.compile(rf"(<!-- study_tables:{re.escape(name)} -->\n).*?(\n<!-- /study_tables:{re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"no <!-- study_tables:{name} --> ... <!-- /study_tables:{name} --> block in the file")
+    return pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("project", nargs="?", default=str(Path(__file__).resolve().parents[1]))
+    parser.add_argument("--update", metavar="FILE", help="rewrite the marked table blocks of FILE")
+    parser.add_argument("--check", metavar="FILE", help="exit 1 if the marked table blocks of FILE differ")
+    parser.add_argument("--prefix", default="default", help="marker prefix (default: default)")
     args = parser.parse_args()
     project = Path(args.project)
-    print(representation_table(project))
-    print()
-    print(correlation_table(project))
+    tables = {"representations": representation_table(project), "correlations": correlation_table(project)}
+    target = args.update or args.check
+    if not target:
+        print(tables["representations"])
+        print()
+        print(tables["correlations"])
+        return
+    path = Path(target)
+    text = path.read_text()
+    fresh = text
+    for kind, table in tables.items():
+        fresh = replace_marked(fresh, f"{args.prefix}-{kind}", table)
+    if args.update:
+        path.write_text(fresh)
+        print(f"{path}: tables updated" if fresh != text else f"{path}: tables already current")
+    elif fresh != text:
+        print(f"{path}: tables differ from the run in {project} (rerun with --update)")
+        sys.exit(1)
+    else:
+        print(f"{path}: tables match the run in {project}")
 
 
 if __name__ == "__main__":
