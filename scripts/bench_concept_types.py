@@ -50,7 +50,11 @@ def identical(a, b) -> bool:
             pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name), check_exact=True)
     except AssertionError:
         return False
-    return np.array_equal(a.test_correct, b.test_correct) and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    return (
+        np.array_equal(a.test_correct, b.test_correct)
+        and a.state.keys() == b.state.keys()
+        and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    )
 
 
 def main() -> None:

@@ -85,10 +85,10 @@ def correlation_table(project: Path, methods: tuple[str, ...] = ("pearson", "spe
 
 def replace_marked(text: str, name: str, table: str) -> str:
     """``text`` with the block between the ``study_tables:<name>`` markers replaced by ``table``."""
-    pattern = re.compile(rf"(<!-- study_tables:{re.escape(name)} -->\n).*?(\n<!-- /study_tables:{re.escape(name)} -->)", re.S)
+    pattern = re.compile(rf"(<!-- study_tables:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /study_tables:{re.escape(name)} -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"no <!-- study_tables:{name} --> ... <!-- /study_tables:{name} --> block in the file")
-    return pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
 
 
 def main() -> None:

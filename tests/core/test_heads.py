@@ -240,28 +240,42 @@ def _assert_same_result(a, b) -> None:
     assert a.budget == b.budget and a.m == b.m
 
 
-def test_sweep_many_equals_one_sweep_per_concept_space(toy):
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
     """Concept spaces trained together (the probe once, shared; spaces of equal M stacked into one
-    call of the heads) give each space's own sweep, bit for bit."""
+    call of the heads) give each space's own sweep, bit for bit, with the numba kernel and without."""
+    from iis_study.core import heads as heads_module
+
+    monkeypatch.setenv("IIS_FUSED", fused)
     g = torch.Generator().manual_seed(9)
     spaces = {
-        "vectors": ConceptSpace("vectors", vectors=toy["vectors"]),
-        "end_to_end": ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6),
-        # the same M as "vectors": both run stacked, as one call of the fused heads
-        "vectors_2": ConceptSpace("vectors", vectors=F.normalize(torch.randn(12, 24, generator=g), dim=1)),
+        # first, so that the stacked group is not simply the first space's
         "projection": ConceptSpace(
             "projection",
             projection=torch.randn(24, 8, generator=g),
             mean=torch.randn(8, generator=g),
             std=torch.rand(8, generator=g) + 0.5,
         ),
+        "vectors": ConceptSpace("vectors", vectors=toy["vectors"]),
+        "end_to_end": ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6),
+        # the same M as "vectors": both run stacked, as one call of the fused heads
+        "vectors_2": ConceptSpace("vectors", vectors=F.normalize(torch.randn(12, 24, generator=g), dim=1)),
     }
+    stacked_calls = []
+    original = heads_module._SharedProbe._stacked_logits
+
+    def spy(self, bases):
+        stacked_calls.append(tuple(self.stacked))
+        return original(self, bases)
+
+    monkeypatch.setattr(heads_module._SharedProbe, "_stacked_logits", spy)
     cfg = SweepConfig(
         steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-1), seeds=(0, 2), epochs=4, batch_size=64
     )
     data = (toy["train"], toy["val"], toy["test"])
     together = sweep_many(*data, spaces, 4, cfg, progress=False)
     assert list(together) == list(spaces)
+    assert stacked_calls and set(stacked_calls) == {("vectors", "vectors_2")}  # the stacked path did run
     for name, space in spaces.items():
         _assert_same_result(together[name], sweep(*data, space, 4, cfg, progress=False))
     # the probe is one model: the same stored probe in every result

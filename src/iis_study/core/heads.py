@@ -1279,8 +1279,10 @@ def sweep_many(
     """
     if not concepts:
         raise ValueError("sweep_many needs at least one concept space")
-    for space in concepts.values():
-        _validate_inputs(train, val, test, space, num_classes, config)
+    spaces_in = list(concepts.values())
+    _validate_inputs(train, val, test, spaces_in[0], num_classes, config)  # the splits: once (a disk scan if sharded)
+    for space in spaces_in[1:]:
+        space.validate(train.x.shape[1])
     dev = config.device
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
     spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
@@ -1302,12 +1304,12 @@ def sweep_many(
     trackers = {name: _BestTracker(heads) for name, heads in model.parts.items()}
     first = next(iter(model.parts.values()))
     logger.info(
-        "sweep: %d probe + %d x %d interp heads (%s), M=%d, K=%d, N_train=%d: batch %d, %d epochs, %d steps",
+        "sweep: %d probe + %d x %d interp heads (%s; %d stacked), K=%d, N_train=%d: batch %d, %d epochs, %d steps",
         int(np.prod(first.shape_probe)),
         len(model.parts),
         int(np.prod(first.shape_interp)),
-        ", ".join(f"{name}: {h.concepts.kind}" for name, h in model.parts.items()),
-        first.m,
+        ", ".join(f"{name}: {h.concepts.kind}, M={h.m}" for name, h in model.parts.items()),
+        len(model.stacked),
         num_classes,
         train.x.shape[0],
         budget.batch_size,
@@ -1340,8 +1342,10 @@ class _SharedProbe:
     stored in one tensor ``(P, T, S, L, ...)`` (T the stacked spaces), each part's parameters
     are views into it, and all of them run as one call of the fused heads (the kernel
     computes every head on its own, start to end, so the numbers are those of separate
-    calls). ``params`` holds every trainable tensor once: the probe under ``probe.*``, the
-    stacked heads under ``stacked/*``, others under ``<part>/*``.
+    calls; checked bit for bit on CPU, with and without the numba kernel; on CUDA the batched
+    matrix products may be computed by other kernels when the batch grows, so there the numbers
+    agree to float rounding). ``params`` holds every trainable tensor once: the probe under
+    ``probe.*``, the stacked heads under ``stacked/*``, the others under ``part<i>/*``.
     """
 
     def __init__(self, parts: dict[str, _BatchedHeads]) -> None:
@@ -1364,19 +1368,20 @@ class _SharedProbe:
                     parts[name].params[key] = joint[:, t]  # a view: the part reads the joint tensor
         else:
             self.stacked = []
-        for name, heads in parts.items():
-            if name not in self.stacked:
-                self.params.update({f"{name}/{k}": v for k, v in heads.params.items() if not k.startswith("probe.")})
-                self._axes.update({f"{name}/{k}": 2 for k in heads.params if not k.startswith("probe.")})
+        for i, (name, heads) in enumerate(parts.items()):
+            if name not in self.stacked:  # keyed by position: no part name can collide with another key
+                own = [k for k in heads.params if not k.startswith("probe.")]
+                self.params.update({f"part{i}/{k}": heads.params[k] for k in own})
+                self._axes.update({f"part{i}/{k}": 2 for k in own})
 
     def _stackable(self) -> list[str]:
-        """The parts whose heads can run as one call: concept vectors or a projection (no
-        end-to-end assignment), with the first such part's M and affine."""
-        names = [n for n, h in self.parts.items() if h.concepts.kind != "end_to_end"]
-        if not names:
-            return []
-        ref = self.parts[names[0]]
-        return [n for n in names if self.parts[n].m == ref.m and self.parts[n].concepts.has_affine == ref.concepts.has_affine]
+        """The largest group of parts whose heads can run as one call: concept vectors or a
+        projection (no end-to-end assignment) with the same M and affine (ties: the first group)."""
+        groups: dict[tuple[int, bool], list[str]] = {}
+        for name, heads in self.parts.items():
+            if heads.concepts.kind != "end_to_end":
+                groups.setdefault((heads.m, heads.concepts.has_affine), []).append(name)
+        return max(groups.values(), key=len, default=[])
 
     def lr_axis(self) -> dict[str, int]:
         return self._axes

@@ -77,6 +77,16 @@ def fit_reference_probe(features: dict[str, Any], feature_info: dict[str, Any]) 
     return ref.to_dict()
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-ready scalar: bools and integers stay what they are (steps, counts), numbers become floats."""
+    if isinstance(value, bool | int):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        value = value.item()
+        return value if isinstance(value, bool | int) else float(value)
+    return float(value) if hasattr(value, "__float__") else value
+
+
 def score_interpreters(
     result: SweepResult, probe_reference: dict[str, Any], scoring: dict[str, Any]
 ) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -91,7 +101,7 @@ def score_interpreters(
     if result.budget is not None:
         scores.update(steps=result.budget.steps, batch_size=result.budget.batch_size, epochs=result.budget.epochs)
     scores.update(convergence_report(result.selected, result.history, probe_reference))
-    scores = {k: (v if isinstance(v, bool) else float(v) if hasattr(v, "__float__") else v) for k, v in scores.items()}
+    scores = {k: _plain(v) for k, v in scores.items()}
     if not scores["probe_converged"]:
         logger.warning(
             "the linear probe is NOT converged (val %.4f against the L-BFGS reference's %.4f): raise sweep.steps",
@@ -100,8 +110,8 @@ def score_interpreters(
         )
     if not scores["heads_converged"]:
         logger.warning(
-            "a selected interpretation head was still rising at the end of training (+%.1f points in the "
-            "last fifth): raise sweep.steps",
+            "the selected val accuracy of an interpretation head was still rising at the end of training "
+            "(up to +%.1f points in the last fifth, probe included): raise sweep.steps",
             100 * scores["max_gain_selected"],
         )
     logger.info(
