@@ -46,6 +46,9 @@ def test_outputs_of_the_study(tiny_run):
     assert scores["iis"].between(0, 1.5 * span).all()
     assert (scores["iis_ci_low"] <= scores["iis_ci_high"]).all()
     assert scores["accuracy_linear_probe"].between(0, 1).all()
+    # the budget and counts are integers in the table (4000, not 4000.0)
+    for col in ["steps", "batch_size", "epochs", "n_seeds", "n_rising", "n_heads"]:
+        assert scores[col].dtype.kind == "i", (col, scores[col].dtype)
     curves = pd.read_csv(rep / "sparsity_curves.csv")
     assert len(curves) == len(scores) * len(grid) * len(TINY["sweep"]["seeds"])
     assert {"backbone", "concept_type", "sparsity", "seed", "accuracy", "arr"} <= set(curves)

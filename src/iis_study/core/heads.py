@@ -641,6 +641,22 @@ class _InterpHeads(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def _apply_heads(
+    base: torch.Tensor, params: dict[str, torch.Tensor], prefix: str, affine: bool, ks: Sequence[int]
+) -> torch.Tensor:
+    """:class:`_InterpHeads` on ``base`` with the parameters ``<prefix>weight``, ``<prefix>bias`` and,
+    with an affine, ``<prefix>ln_weight`` / ``<prefix>ln_bias``."""
+    return _InterpHeads.apply(
+        base,
+        params[prefix + "ln_weight"].unsqueeze(-2) if affine else None,
+        params[prefix + "ln_bias"].unsqueeze(-2) if affine else None,
+        params[prefix + "weight"],
+        params[prefix + "bias"],
+        tuple(ks),
+        torch.is_grad_enabled(),
+    )
+
+
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the last axis without affine (eps as ``nn.LayerNorm``)."""
     return F.layer_norm(x, (x.shape[-1],))
@@ -1067,17 +1083,7 @@ class _BatchedHeads:
         else:
             assert base is not None
             base5 = base[None, :, None]
-        affine = self.concepts.has_affine
-        interp = _InterpHeads.apply(
-            base5,
-            p["interp.ln_weight"].unsqueeze(-2) if affine else None,
-            p["interp.ln_bias"].unsqueeze(-2) if affine else None,
-            p["interp.weight"],
-            p["interp.bias"],
-            tuple(self.k),
-            torch.is_grad_enabled(),
-        )
-        return probe_logits, interp
+        return probe_logits, _apply_heads(base5, p, "interp.", self.concepts.has_affine, self.k)
 
     @torch.no_grad()
     def correct(
@@ -1390,17 +1396,7 @@ class _SharedProbe:
         """Interp logits (P, T, S, L, B, K) of the stacked parts from their bases (S, B, M)."""
         base = torch.stack([bases[n] for n in self.stacked])[None, :, :, None]  # (1, T, S, 1, B, M)
         lead = self.parts[self.stacked[0]]
-        p = self.params
-        affine = lead.concepts.has_affine
-        return _InterpHeads.apply(
-            base,
-            p["stacked/interp.ln_weight"].unsqueeze(-2) if affine else None,
-            p["stacked/interp.ln_bias"].unsqueeze(-2) if affine else None,
-            p["stacked/interp.weight"],
-            p["stacked/interp.bias"],
-            tuple(lead.k),
-            torch.is_grad_enabled(),
-        )
+        return _apply_heads(base, self.params, "stacked/interp.", lead.concepts.has_affine, lead.k)
 
     def forward(
         self, x: torch.Tensor, bases: Sequence[torch.Tensor | None]
