@@ -119,6 +119,22 @@ def reference_probe(
     return best
 
 
+def _tail(history: pd.DataFrame, tail: float) -> tuple[pd.DataFrame, int, int]:
+    """The history with the probe's NaN sparsity as -1 (a groupable key), the last epoch before the
+    tail, and the tail's width in epochs (at least one)."""
+    if history.empty:
+        raise ValueError("the sweep has no per-epoch history: convergence cannot be checked")
+    epochs = int(history["epoch"].max())
+    width = max(1, int(round(tail * epochs)))
+    return history.assign(sparsity=history["sparsity"].fillna(-1.0)), epochs - width, width
+
+
+def _nan_probe_sparsity(table: pd.DataFrame) -> pd.DataFrame:
+    """Undo :func:`_tail`'s key: the probe's sparsity back to NaN."""
+    table["sparsity"] = table["sparsity"].where(table["sparsity"] >= 0, np.nan)
+    return table
+
+
 def curve_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
     """Per head, how much its val curve still rose in the last ``tail`` of its epochs.
 
@@ -128,13 +144,8 @@ def curve_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
     the ``tail`` before them), and ``peak_gain``, its best value in the last part minus its best
     before. Positive gains: the curve was still rising when training stopped.
     """
-    if history.empty:
-        raise ValueError("the sweep has no per-epoch history: convergence cannot be checked")
-    epochs = int(history["epoch"].max())
-    width = max(1, int(round(tail * epochs)))
-    cut = epochs - width
+    h, cut, width = _tail(history, tail)
     keys = ["head", "seed", "sparsity", "lr"]
-    h = history.assign(sparsity=history["sparsity"].fillna(-1.0))
     late = h[h["epoch"] > cut].groupby(keys)["val_acc"]
     before = h[(h["epoch"] <= cut) & (h["epoch"] > cut - width)].groupby(keys)["val_acc"].mean()
     early_peak = h[h["epoch"] <= cut].groupby(keys)["val_acc"].max()
@@ -145,8 +156,7 @@ def curve_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
             "peak_gain": late_peak - early_peak.reindex(late_peak.index).fillna(-np.inf),
         }
     ).reset_index()
-    out["sparsity"] = out["sparsity"].where(out["sparsity"] >= 0, np.nan)
-    return out
+    return _nan_probe_sparsity(out)
 
 
 def selection_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
@@ -162,17 +172,11 @@ def selection_gains(history: pd.DataFrame, tail: float = TAIL) -> pd.DataFrame:
     selection picks the head with the highest spike (measured on the CIFAR-10 study:
     docs/convergence.md).
     """
-    if history.empty:
-        raise ValueError("the sweep has no per-epoch history: convergence cannot be checked")
-    epochs = int(history["epoch"].max())
-    cut = epochs - max(1, int(round(tail * epochs)))
+    h, cut, _ = _tail(history, tail)
     keys = ["head", "seed", "sparsity"]
-    h = history.assign(sparsity=history["sparsity"].fillna(-1.0))
     best = h.groupby(keys)["val_acc"].max()
     early = h[h["epoch"] <= cut].groupby(keys)["val_acc"].max()
-    out = (best - early.reindex(best.index).fillna(-np.inf)).rename("gain").reset_index()
-    out["sparsity"] = out["sparsity"].where(out["sparsity"] >= 0, np.nan)
-    return out
+    return _nan_probe_sparsity((best - early.reindex(best.index).fillna(-np.inf)).rename("gain").reset_index())
 
 
 def convergence_report(
