@@ -43,7 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iis_study.core import heads as heads_module
+from iis_study.core.heads import batched as heads_batched
+from iis_study.core.heads import reference as heads_reference
 from iis_study.core.heads import ConceptSpace, Split, SweepConfig, sweep, train_single_head
 
 logger = logging.getLogger("bench_sweep")
@@ -150,7 +151,9 @@ def nudged_init(seed: int) -> Iterator[None]:
     """Within the block, every head's initial parameters are moved by one ulp (``nextafter``
     towards +inf or -inf, a seeded random choice per entry): a perturbation of the size of
     one rounding difference."""
-    original = heads_module._init_head
+    original = heads_batched._init_head
+    # _init_head is looked up where it is called: by the batched heads and by the reference
+    users = (heads_batched, heads_reference)
 
     def init(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -161,11 +164,13 @@ def nudged_init(seed: int) -> Iterator[None]:
             nudged[name] = torch.nextafter(t, torch.where(up, torch.inf, -torch.inf).to(t.dtype))
         return nudged
 
-    heads_module._init_head = init
+    for module in users:
+        module._init_head = init
     try:
         yield
     finally:
-        heads_module._init_head = original
+        for module in users:
+            module._init_head = original
 
 
 def report_floor(

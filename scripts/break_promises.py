@@ -55,15 +55,15 @@ BREAKAGES = (
     Breakage(
         "naive_n_dropped",
         "n_dropped as the float product floor(s * M)",
-        "src/iis_study/core/heads.py",
+        "src/iis_study/core/heads/masks.py",
         "return math.floor(Fraction(repr(s)) * int(m))",
         "return math.floor(s * int(m))",
         ("tests/core/test_heads.py", "tests/core/test_convergence.py"),
     ),
     Breakage(
         "val_test_swapped",
-        "the interpretability node passes test as val and val as test to the sweep",
-        "src/iis_study/pipelines/interpretability/nodes.py",
+        "the interpretability pipeline passes test as val and val as test to the sweep",
+        "src/iis_study/core/study.py",
         'sweep_many(splits["train"], splits["val"], splits["test"],',
         'sweep_many(splits["train"], splits["test"], splits["val"],',
         ("tests/pipelines/test_study_run.py::test_val_and_test_are_wired_to_their_own_splits",),

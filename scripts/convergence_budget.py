@@ -15,7 +15,7 @@ from iis_study.core.convergence import convergence_report, reference_probe
 from iis_study.core.heads import Split, SweepConfig, sweep
 from iis_study.core.scores import score_sweep
 from iis_study.datasets import TensorDictDataset
-from iis_study.pipelines.interpretability.nodes import concept_space
+from iis_study.core.acquisition import concept_space
 
 
 def main() -> None:

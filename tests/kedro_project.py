@@ -26,7 +26,7 @@ TINY = {
         "lite0_random": {"model": "tf_efficientnet_lite0", "weights": "random", "input_size": 32},
         "lite1": {"model": "tf_efficientnet_lite1", "weights": "offline", "input_size": 32},
     },
-    "extraction": {"device": "cpu", "batch_size": 64, "num_workers": 0, "cache_dir": "data/04_feature/cache", "progress": False},
+    "extraction": {"device": "cpu", "batch_size": 64, "num_workers": 0, "progress": False},
     "concepts": {
         "types": ["prototype", "cluster", "end_to_end"],
         "m": 12,
@@ -77,6 +77,11 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, env: str =
         if "tracking" in overrides:  # MLflow settings are not parameters: conf/<env>/mlflow.yml
             tracking = overrides.pop("tracking")
             (dest / "conf" / env / "mlflow.yml").write_text(yaml.safe_dump({"tracking": tracking}))
+        if "dataset" in overrides:  # the images: conf/<env>/globals.yml (the `images` catalog entry reads it)
+            (dest / "conf" / env / "globals.yml").write_text(yaml.safe_dump({"dataset": overrides.pop("dataset")}))
+        if "backbones" in overrides:  # environments merge softly: the base study's other entries are removed
+            base = yaml.safe_load((ROOT / "conf" / "base" / "parameters_feature_extraction.yml").read_text())
+            overrides["backbones"] = {**{k: None for k in base["backbones"]}, **(overrides["backbones"] or {})}
         (dest / "conf" / env / "parameters.yml").write_text(yaml.safe_dump(overrides, sort_keys=False))
     return dest
 
@@ -96,13 +101,24 @@ def run_in_process(project: Path, env: str = "test", pipeline: str | None = None
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from iis_study import study_config
-
-    study_config.forget()
-    with chdir(project):
+    with chdir(project), kedro_env(env):  # the pipeline registry reads the env from KEDRO_ENV (as `kedro jupyter`)
         bootstrap_project(project)
         with KedroSession.create(project_path=project, env=env) as session:
             return session.run(pipeline_names=[pipeline] if pipeline else None, **kwargs)
+
+
+@contextmanager
+def kedro_env(env: str | None):
+    """``KEDRO_ENV`` set to ``env`` (None: unset) for the duration."""
+    old = os.environ.pop("KEDRO_ENV", None)
+    if env:
+        os.environ["KEDRO_ENV"] = env
+    try:
+        yield
+    finally:
+        os.environ.pop("KEDRO_ENV", None)
+        if old is not None:
+            os.environ["KEDRO_ENV"] = old
 
 
 def kedro_cli(project: Path, *args: str, env: str | None = "test", timeout: float = 1800,

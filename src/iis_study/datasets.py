@@ -24,7 +24,8 @@ from kedro.io.core import get_filepath_str
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 
-from .core.features import load_tensors, save_tensors
+from .core.data import DatasetSpec, ImageSet, load_dataset
+from .core.features import FeatureCache, load_tensors, save_tensors
 from .core.store import ShardedArray, link_or_copy, open_store
 
 _SHARDED_KEYS = "__sharded_keys__"
@@ -48,6 +49,53 @@ def _atomic_dir(target: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
     return tmp, commit, abort
+
+
+class ImageSetDataset(AbstractDataset[None, ImageSet]):
+    """The study's raw images (read-only): an :class:`~iis_study.core.data.ImageSet` opened from the
+    ``dataset`` block of ``conf/<env>/globals.yml`` (digits, an ImageFolder, CIFAR). Opening is cheap
+    (images are decoded when a node reads them) and done once per run; a bad block or a missing
+    folder is an error naming ``dataset.<key>``."""
+
+    def __init__(self, dataset: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None):
+        self._spec = DatasetSpec.from_params(dataset or {})
+        self._images: ImageSet | None = None
+        self.metadata = metadata
+
+    def load(self) -> ImageSet:
+        if self._images is None:
+            self._images = load_dataset(self._spec)
+        return self._images
+
+    def save(self, data: Any) -> None:
+        raise DatasetError("the images are raw data: the pipeline reads them, never writes them")
+
+    def _exists(self) -> bool:
+        return self._spec.kind == "digits" or bool(self._spec.root and Path(self._spec.root).expanduser().exists())
+
+    def _describe(self) -> dict[str, Any]:
+        return self._spec.to_dict()
+
+
+class FeatureCacheDataset(AbstractDataset[None, FeatureCache]):
+    """The feature cache (:class:`~iis_study.core.features.FeatureCache`): a folder of
+    content-addressed entries that extraction nodes read and fill; nodes never write it as an output."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._cache = FeatureCache(Path(path))
+        self.metadata = metadata
+
+    def load(self) -> FeatureCache:
+        return self._cache
+
+    def save(self, data: Any) -> None:
+        raise DatasetError("the feature cache is filled by extraction, not saved as a node output")
+
+    def _exists(self) -> bool:
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._cache.root)}
 
 
 class TensorDictDataset(AbstractDataset[dict, dict]):

@@ -1,4 +1,9 @@
-"""Project pipelines, expanded from the study's parameters."""
+"""Project pipelines, expanded from the parameters of the active environment.
+
+No state: every call reads the parameters of the environment this process runs (the command
+line's ``--env``, else ``KEDRO_ENV``; see :mod:`iis_study.study_config`), so ``kedro run --env
+cifar10`` and ``kedro viz run --env cifar10`` both see the 24 CIFAR-10 representations.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,7 @@ from .pipelines import (
     interpretability,
     reporting,
 )
-from .pipelines.concepts import pipeline as concepts_pipeline
-from .study_config import backbone_names, concept_types, study_parameters
+from .study_config import backbone_names, concept_types, gallery_type, study_parameters
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -26,9 +30,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "feature_extraction": feature_extraction.create_pipeline(names),
         "concepts": concepts.create_pipeline(names, types),
         "interpretability": interpretability.create_pipeline(names, types),
-        "reporting": reporting.create_pipeline(
-            names, types, gallery_type=(params.get("gallery") or {}).get("concept_type")
-        ),
+        "reporting": reporting.create_pipeline(names, types, gallery_type=gallery_type(params)),
     }
     pipes["__default__"] = sum(pipes.values(), Pipeline([]))
     # fine-tuning trains backbones (hours on real data): its own pipeline, not part of the default run
@@ -36,7 +38,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     ft = [b for b in (params.get("fine_tuning") or {}).get("backbones") or [] if b in names]
     pipes["fine_tuning"] = (
         data_processing.create_pipeline()
-        + concepts_pipeline.elements_pipeline()
+        + concepts.pipeline.elements_pipeline()
         + fine_tuning.create_pipeline(ft)
     )
     return pipes

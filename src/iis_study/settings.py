@@ -18,4 +18,7 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # MLflow tracking settings (conf/<env>/mlflow.yml): not parameters of the study
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    # an environment holds only its differences: its keys merge into base's, key by key
+    # (a list replaces the base list; `null` removes a `backbones` entry)
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
 }

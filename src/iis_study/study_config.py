@@ -1,11 +1,13 @@
 """The study's parameters as the pipeline registry sees them.
 
-Pipelines are expanded from parameters (one namespace per backbone, one branch per concept
-type), so the registry needs the parameters of the environment being run. A hook records the
-context's config loader (``kedro run --env cifar10`` included); otherwise (Kedro-Viz, which runs
-no project hooks; tests; notebooks) the configuration is read from ``conf/`` for the environment
-named on the Kedro command line (``kedro viz run --env cifar10``), else ``KEDRO_ENV``, else the
-default env.
+Pipelines are expanded from parameters (one namespace per representation, one branch per concept
+type), so the registry reads the parameters of the environment being run itself, every time it is
+asked, with no state kept between calls: the environment named on the ``kedro`` command line
+(``kedro run --env cifar10``, ``kedro viz run --env cifar10``: Kedro-Viz runs no project hooks, and
+its server process keeps the parent's ``sys.argv``), else ``KEDRO_ENV``, else the default run env.
+A session created in Python (``KedroSession.create(env=...)``) cannot tell the registry its env:
+set ``KEDRO_ENV`` as ``kedro jupyter`` does; the validation hook stops a run whose pipeline was
+expanded for another environment's representations, naming both.
 
 Representations: the ``backbones`` block lists explicit entries (one representation each); the
 optional ``families`` block expands a backbone into layers x resolutions::
@@ -31,13 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_STATE: dict[str, Any] = {"params": None}
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def remember(params: dict[str, Any]) -> None:
-    """Record the parameters of the running context (called by a hook)."""
-    _STATE["params"] = params
 
 
 def cli_env(argv: list[str] | None = None) -> str | None:
@@ -59,26 +55,22 @@ def cli_env(argv: list[str] | None = None) -> str | None:
     return None
 
 
-def forget() -> None:
-    """Drop recorded parameters (tests)."""
-    _STATE["params"] = None
+def active_env(argv: list[str] | None = None) -> str | None:
+    """The environment of this process: the command line's ``--env``, else ``KEDRO_ENV``, else None (default)."""
+    return cli_env(argv) or os.environ.get("KEDRO_ENV") or None
 
 
 def study_parameters(env: str | None = None, conf_source: str | Path | None = None) -> dict[str, Any]:
-    """The merged parameters of ``env`` (recorded by the hook when a session is running)."""
-    if _STATE["params"] is not None and env is None and conf_source is None:
-        return _STATE["params"]
+    """The merged parameters of ``env`` (default: :func:`active_env`), read from ``conf/`` with the
+    project's config loader settings (``settings.CONFIG_LOADER_ARGS``: soft merge of environments)."""
     from kedro.config import OmegaConfigLoader
+
+    from .settings import CONFIG_LOADER_ARGS
 
     source = Path(conf_source or Path.cwd() / "conf")
     if not source.is_dir():
         source = PROJECT_ROOT / "conf"
-    loader = OmegaConfigLoader(
-        conf_source=str(source),
-        env=env or cli_env() or os.environ.get("KEDRO_ENV"),
-        base_env="base",
-        default_run_env="local",
-    )
+    loader = OmegaConfigLoader(conf_source=str(source), env=env or active_env(), **CONFIG_LOADER_ARGS)
     return loader["parameters"]
 
 
@@ -165,20 +157,21 @@ def expand_representations(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ``families``) returns the same mapping. Raises ``ValueError`` naming the parameter on a bad block
     or on two different representations with the same key.
     """
-    backbones = dict(params.get("backbones") or {})
+    # an environment removes a base entry with `name: null` (the parameters merge softly)
+    backbones = {k: v for k, v in (params.get("backbones") or {}).items() if v is not None}
     families = params.get("families") or {}
     if not isinstance(families, dict):
         raise ValueError(f"families must be a mapping family -> {{layers, resolutions}}, got {families!r}")
     replaced = {f for f, block in families.items() if isinstance(block, dict) and "base" not in block}
-    out = {k: v for k, v in backbones.items() if k not in replaced}
+    out = {k: {**v, "name": k} if isinstance(v, dict) else v for k, v in backbones.items() if k not in replaced}
     for fam, block in families.items():
         for key, entry in expand_family(fam, block, backbones).items():
-            if key in out and out[key] != entry:
+            if key in out and out[key] != {**entry, "name": key}:
                 raise ValueError(
                     f"families.{fam}: representation {key!r} ({entry['label']}) is also defined elsewhere; "
                     "rename the family or the `backbones` entry"
                 )
-            out[key] = entry
+            out[key] = {**entry, "name": key}
     return out
 
 
@@ -201,5 +194,15 @@ def representation_labels(params: dict[str, Any]) -> dict[str, str]:
 
 
 def concept_types(params: dict[str, Any]) -> list[str]:
-    """The concept types to score (``concepts.types``)."""
-    return list((params.get("concepts") or {}).get("types", ["prototype"]))
+    """The concept types to score (``concepts.types``; default :attr:`ConceptParams.types`)."""
+    from .core.config import ConceptParams
+
+    return list((params.get("concepts") or {}).get("types", ConceptParams.types))
+
+
+def gallery_type(params: dict[str, Any]) -> str | None:
+    """The concept type of the gallery plots (``gallery.concept_type``), None without a ``gallery`` block."""
+    from .core.config import GalleryParams
+
+    gallery = params.get("gallery")
+    return gallery.get("concept_type", GalleryParams.concept_type) if gallery else None

@@ -97,11 +97,13 @@ class StudyTracker:
         from mlflow.tracking import MlflowClient
 
         self.params = params
-        cfg = settings or {}
-        self.uri = tracking_uri(project_path, cfg.get("uri"))
+        from .core.config import TrackingSettings
+
+        cfg = TrackingSettings.from_params(settings)
+        self.uri = tracking_uri(project_path, cfg.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        name = cfg.get("experiment", "iis_study")
+        name = cfg.experiment
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.lineage = {**lineage_tags(project_path), "kedro.env": str(env)}
@@ -202,24 +204,69 @@ class StudyTracker:
         self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train+val+test")])])
         self._datasets.add((run_id, fingerprint))
 
-    def log_scores(self, backbone: str, concept_type: str, scores: dict[str, Any], curve) -> None:
+    def log_output(self, what: dict[str, Any], namespace: str | None, value: Any) -> None:
+        """Log one node output as its catalog entry's ``metadata.mlflow`` says:
+
+        ``log``: ``feature_info`` (parameters and the image set of the representation's run),
+        ``scores`` / ``curve`` (metrics ``<concept_type>.*`` of the representation's run), ``figure``
+        (``artifact`` in the representation's run, or ``run: study`` / ``run: all`` for the parent /
+        the parent and every representation), ``figures`` (a dict of figures, ``artifact`` a prefix),
+        ``table`` (the parent and each representation's rows), ``dict`` (the parent), ``fine_tuning``.
+        """
+        kind, artifact, run = what.get("log"), what.get("artifact", ""), what.get("run", "representation")
+        if kind == "feature_info":
+            self.log_feature_info(namespace, value)
+        elif kind == "scores":
+            self.log_score_metrics(namespace, what["concept_type"], value)
+        elif kind == "curve":
+            self.log_curve_metrics(namespace, what["concept_type"], value)
+        elif kind == "figure":
+            runs = {"representation": [self.child(namespace)] if namespace else [], "study": [self.parent],
+                    "all": [self.parent, *(self.child(bb) for bb in self.children)]}[run]
+            for rid in runs:
+                self.log_figure(rid, value, artifact)
+        elif kind == "figures":
+            for name, fig in value.items():
+                self.log_figure(self.parent, fig, f"{artifact}{name}")
+        elif kind == "table":
+            for bb in value["backbone"].unique():
+                self.log_table(self.child(bb), value[value["backbone"] == bb], artifact)
+            self.log_table(self.parent, value, artifact)
+        elif kind == "dict":
+            self.log_dict(self.parent, value, artifact)
+        elif kind == "fine_tuning":
+            self.log_fine_tuning(value)
+        else:
+            raise ValueError(f"catalog metadata mlflow.log = {kind!r} is not a kind the tracker knows")
+
+    def log_score_metrics(self, backbone: str, concept_type: str, scores: dict[str, Any]) -> None:
+        """``<concept_type>.iis`` and the other headline numbers of one representation's run."""
         import time
 
         from mlflow.entities import Metric
 
-        rid = self.child(backbone)
         now = int(time.time() * 1000)
         metrics = [
             Metric(f"{concept_type}.{k}", float(scores[k]), now, 0)
             for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected")
             if scores.get(k) is not None
         ]
+        self.client.log_batch(self.child(backbone), metrics=metrics)
+
+    def log_curve_metrics(self, backbone: str, concept_type: str, curve) -> None:
+        """The mean A(s) and ARR(s) over seeds, the sparsity in percent as the step."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []
         mean_curve = curve.groupby("sparsity", as_index=False)[["accuracy", "arr"]].mean()
         for row in mean_curve.itertuples():
             step = sparsity_step(row.sparsity)
             metrics.append(Metric(f"{concept_type}.accuracy", float(row.accuracy), now, step))
             metrics.append(Metric(f"{concept_type}.arr", float(row.arr), now, step))
-        self.client.log_batch(rid, metrics=metrics)
+        self.client.log_batch(self.child(backbone), metrics=metrics)
 
     def log_figure(self, run_id: str, figure, path: str) -> None:
         self.client.log_figure(run_id, figure, path)

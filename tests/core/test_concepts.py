@@ -298,7 +298,9 @@ def test_check_m_message() -> None:
 def test_elements_that_embed_to_zero_are_left_out_of_every_concept_type(caplog):
     """A blank element embeds to the zero vector (no direction): no concept may use it, and the
     ids the concept spaces store point at the non-zero elements of the full element list."""
-    from iis_study.pipelines.concepts.nodes import cluster_concepts, end_to_end_concepts, prototype_concepts
+    from iis_study.core.acquisition import cluster_space as cluster_concepts
+    from iis_study.core.acquisition import end_to_end_space as end_to_end_concepts
+    from iis_study.core.acquisition import prototype_space as prototype_concepts
 
     rng = np.random.default_rng(0)
     emb = torch.from_numpy(rng.normal(size=(40, 8)).astype(np.float32))

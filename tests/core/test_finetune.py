@@ -1,4 +1,5 @@
-"""Fine-tuning with interpretability maximization (core/finetune.py).
+"""Fine-tuning with interpretability maximization (core/finetune.py, with core/finetune_config.py,
+core/finetune_training.py, core/finetune_scoring.py and core/checkpoints.py).
 
 One small fine-tuning run (digits at 32 px, Lite0 offline, λ = 1, 3 epochs) is shared by the
 checkpoint, reload, resume and scoring tests; a 1-epoch λ = 0 run is compared bit for bit
@@ -7,6 +8,7 @@ with a plain cross-entropy loop written here from torch primitives.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import shutil
@@ -398,3 +400,33 @@ def test_resume_into_a_folder_of_another_config_is_an_error(run_lam1, data, tmp_
     other = ft.FinetuneConfig(**{**cfg.__dict__, "lam": 0.5})
     with pytest.raises(ValueError, match="another run"):
         ft.finetune(SPEC, images, elements, other, tmp_path, SWEEP, NUM_CLASSES, progress=False)
+
+
+def test_checkpoint_key_gives_each_representation_its_own_folder_and_resume_works(run_lam1, data, tmp_path,
+                                                                                   monkeypatch):
+    """Two representations of one model (here two resolutions) share the model's folder without a
+    key (the run hash then refuses the second), and get one folder each with their namespaces."""
+    cfg, out, history, _ = run_lam1
+    images, elements = data
+    r48 = dataclasses.replace(SPEC, input_size=48)
+    shared = ft.run_checkpoint_dir(tmp_path, SPEC, cfg.lam, cfg.seed)
+    assert shared == ft.run_checkpoint_dir(tmp_path, r48, cfg.lam, cfg.seed)
+    assert shared == tmp_path / "tf_efficientnet_lite0-offline" / "lam1_seed0"  # the layout without a key
+    a = ft.run_checkpoint_dir(tmp_path, SPEC, cfg.lam, cfg.seed, checkpoint_key="lite0_r32_penultimate")
+    b = ft.run_checkpoint_dir(tmp_path, r48, cfg.lam, cfg.seed, checkpoint_key="lite0_r48_penultimate")
+    assert a == tmp_path / "lite0_r32_penultimate" / "lam1_seed0"
+    assert b == tmp_path / "lite0_r48_penultimate" / "lam1_seed0" and a != b
+    for bad in ("", "..", "a/b", "../x"):
+        with pytest.raises(ValueError, match="checkpoint_key"):
+            ft.run_checkpoint_dir(tmp_path, SPEC, cfg.lam, cfg.seed, checkpoint_key=bad)
+    # the 32 px run's checkpoints in its keyed folder: the run resumes from them (nothing left to train)
+    a.mkdir(parents=True)
+    shutil.copy(out / "epoch_003.safetensors", a)
+    spy = _Spy(ft._train_epoch)
+    monkeypatch.setattr(ft, "_train_epoch", spy)
+    again = ft.finetune(SPEC, images, elements, cfg, a, SWEEP, NUM_CLASSES, progress=False)
+    assert spy.calls == 0 and [r.to_dict() for r in again] == [r.to_dict() for r in history]
+    assert (a / "backbone.safetensors").is_file() and not b.exists()
+    # a shared folder would hand the 48 px representation the 32 px run's checkpoints: refused
+    with pytest.raises(ValueError, match="another run"):
+        ft.finetune(r48, images, elements, cfg, a, SWEEP, NUM_CLASSES, progress=False)

@@ -1,4 +1,4 @@
-"""The fused numba kernel of the interpretation heads (``core.fused_heads``) against the
+"""The fused numba kernel of the interpretation heads (``core.heads.fused``) against the
 torch code path of ``heads._InterpHeads`` (``IIS_FUSED=0``): logits, every gradient and
 the keep-mask (exactly ``M - k`` entries per row, ties broken by index)."""
 
@@ -13,7 +13,7 @@ import torch
 
 import numba  # noqa: F401  (a hard dependency: a failed import must fail these tests, not skip them)
 
-from iis_study.core import fused_heads
+from iis_study.core.heads import fused as fused_heads
 from iis_study.core.heads import _InterpHeads
 from tests.core.reference import ranked_keep
 

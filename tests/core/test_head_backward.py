@@ -82,7 +82,7 @@ def test_torch_backward_equals_autograd_in_float64(monkeypatch, affine):
 def test_fused_backward_equals_float64_autograd(monkeypatch, affine):
     """The fused float32 kernel against the float64 autograd reference (float32 tolerance):
     the inputs are dyadic, so the mask is exact in float32 too."""
-    from iis_study.core import fused_heads
+    from iis_study.core.heads import fused as fused_heads
 
     monkeypatch.setenv("IIS_FUSED", "1")
     calls = {"n": 0}

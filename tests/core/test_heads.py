@@ -244,7 +244,7 @@ def _assert_same_result(a, b) -> None:
 def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
     """Concept spaces trained together (the probe once, shared; spaces of equal M stacked into one
     call of the heads) give each space's own sweep, bit for bit, with the numba kernel and without."""
-    from iis_study.core import heads as heads_module
+    from iis_study.core.heads import batched
 
     monkeypatch.setenv("IIS_FUSED", fused)
     g = torch.Generator().manual_seed(9)
@@ -262,13 +262,13 @@ def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
         "vectors_2": ConceptSpace("vectors", vectors=F.normalize(torch.randn(12, 24, generator=g), dim=1)),
     }
     stacked_calls = []
-    original = heads_module._SharedProbe._stacked_logits
+    original = batched._SharedProbe._stacked_logits
 
     def spy(self, bases):
         stacked_calls.append(tuple(self.stacked))
         return original(self, bases)
 
-    monkeypatch.setattr(heads_module._SharedProbe, "_stacked_logits", spy)
+    monkeypatch.setattr(batched._SharedProbe, "_stacked_logits", spy)
     cfg = SweepConfig(
         steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-1), seeds=(0, 2), epochs=4, batch_size=64
     )
@@ -522,7 +522,7 @@ def test_gumbel_assignment_divides_logits_not_noise():
 def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
     """Value and gradient of ``scale * sum of cross-entropies`` (fused kernel and torch path)
     against ``F.cross_entropy``; an incoming gradient other than 1 is applied as well."""
-    from iis_study.core import fused_heads
+    from iis_study.core.heads import fused as fused_heads
     from iis_study.core.heads import _SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)

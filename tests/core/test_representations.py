@@ -14,7 +14,7 @@ import torch
 from iis_study.core import backbones as B
 from iis_study.core.data import array_image_set
 from iis_study.core.features import cache_key
-from iis_study.pipelines.reporting.nodes import collect_scores, correlate_scores, correlation_table
+from iis_study.core.reporting import collect_scores, correlate_scores, correlation_table
 from iis_study.study_config import backbone_names, expand_representations, expanded_parameters
 
 LITE0 = {"model": "tf_efficientnet_lite0", "weights": "offline"}
@@ -89,14 +89,16 @@ def test_family_block_expands_to_the_right_names():
     assert list(reps) == ["lite1", *lite0, "lite0_random_r64_stage2"]  # backbones.lite0 is replaced by its family
     assert reps["lite0_r96_stage3"] == {
         **LITE0, "input_size": 96, "layer": "stage3", "label": "lite0@96/stage3", "family": "lite0",
-        "family_layers": ["stage3", "penultimate"],
+        "family_layers": ["stage3", "penultimate"], "name": "lite0_r96_stage3",  # each entry knows its key
     }
     ctrl = reps["lite0_random_r64_stage2"]
     assert (ctrl["model"], ctrl["weights"], ctrl["seed"], ctrl["label"]) == (LITE0["model"], "random", 3, "lite0_random@64/stage2")
     expanded = expanded_parameters(FAMILY_PARAMS)
     assert expand_representations(expanded) == reps  # idempotent
     assert FAMILY_PARAMS["backbones"].keys() == {"lite0", "lite1"}  # input not mutated
-    assert expand_representations({"backbones": {"x": LITE0}}) == {"x": LITE0}  # no families: unchanged
+    assert expand_representations({"backbones": {"x": LITE0}}) == {"x": {**LITE0, "name": "x"}}  # no families: named
+    # an environment removes a base entry with `null` (soft-merged parameters)
+    assert list(expand_representations({"backbones": {"x": LITE0, "y": None}})) == ["x"]
 
 
 @pytest.mark.parametrize(
@@ -181,7 +183,8 @@ def test_collect_scores_carries_label_family_layer_and_resolution():
     names = ["lite1", "lite0_r96_stage3"]
     curve = pd.DataFrame({"sparsity": [0.0], "seed": [0], "accuracy": [0.5], "arr": [1.0]})
     scores = {"accuracy_linear_probe": 0.5, "iis": 0.7, "iis_chance_corrected": 0.6}
-    table, _ = collect_scores({n: reps[n] for n in names}, {"types": ["prototype"]}, scores, curve, scores, curve)
+    results = {f"{n}.{what}_prototype": v for n in names for what, v in (("scores", scores), ("curve", curve))}
+    table, _ = collect_scores({n: reps[n] for n in names}, {"types": ["prototype"]}, results)
     row = table.set_index("backbone").loc["lite0_r96_stage3"]
     assert (row["representation"], row["family"], row["layer"], row["input_size"]) == ("lite0@96/stage3", "lite0", "stage3", 96)
     assert table.set_index("backbone").loc["lite1", "representation"] == "lite1"

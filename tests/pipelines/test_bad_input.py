@@ -46,9 +46,13 @@ CASES = [
 
 @pytest.mark.parametrize("params,message", CASES, ids=[c[1] for c in CASES])
 def test_bad_parameters_fail_before_any_node(tmp_path, params, message):
-    """A ValueError (the failure-mode table's promise; a missing folder is a FileNotFoundError)."""
+    """A ValueError (the failure-mode table's promise; a missing folder is a FileNotFoundError), or
+    Kedro's ParameterValidationError carrying the block's ValueError message when Kedro built the typed
+    parameter block of a node (core/config.py) before the run."""
+    from kedro.validation.exceptions import ParameterValidationError
+
     project = make_project(tmp_path, params)
-    expected = FileNotFoundError if message == "dataset.root" else ValueError
+    expected = FileNotFoundError if message == "dataset.root" else (ValueError, ParameterValidationError)
     with pytest.raises(expected, match=message):
         run_in_process(project)
     assert not (project / "data" / "02_intermediate" / "splits.csv").exists()
@@ -84,3 +88,22 @@ def test_mlflow_settings_live_in_mlflow_yml(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"tracking is not a parameter.*mlflow.yml"):
         run_in_process(project, pipeline="data_processing")
     assert not (project / "data" / "02_intermediate" / "splits.csv").exists()
+
+
+def test_a_python_session_of_another_env_stops_before_any_node(tmp_path, monkeypatch):
+    """`KedroSession.create(env="test")` without KEDRO_ENV: the registry (which reads the env from the command
+    line or KEDRO_ENV, keeping no state) expanded the base study; the validation hook stops the run, naming
+    KEDRO_ENV, instead of running the wrong representations."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from tests.kedro_project import chdir
+
+    project = make_project(tmp_path, TINY)
+    monkeypatch.delenv("KEDRO_ENV", raising=False)
+    with chdir(project):
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env="test") as session:
+            with pytest.raises(ValueError, match=r"lite0_stage1.*KEDRO_ENV=test"):
+                session.run(pipeline_names=["feature_extraction"])
+    assert not any((project / "data" / "04_feature").iterdir())

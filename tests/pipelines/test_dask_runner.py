@@ -63,8 +63,6 @@ def dask_run(tiny_run, tmp_path_factory):
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from iis_study import study_config
-
     project = make_project(tmp_path_factory.mktemp("dask_study"), TINY)
     runner = DaskRunner(n_workers=2)
     handler = _Records()
@@ -72,7 +70,7 @@ def dask_run(tiny_run, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
         mp.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
-        study_config.forget()
+        mp.setenv("KEDRO_ENV", "test")  # the pipeline registry reads the env from KEDRO_ENV
         with chdir(project):
             bootstrap_project(project)
             root.addHandler(handler)

@@ -27,7 +27,10 @@ PAPER_ZOO = {
 
 
 def _params() -> dict:
-    return study_parameters(env="imagenet", conf_source=str(ROOT / "conf"))
+    """The environment's parameters, its representations expanded (base entries it removes with null left out)."""
+    from iis_study.study_config import expanded_parameters
+
+    return expanded_parameters(study_parameters(env="imagenet", conf_source=str(ROOT / "conf")))
 
 
 def test_imagenet_env_has_the_paper_zoo_with_hub_weights_and_budget():
@@ -35,7 +38,7 @@ def test_imagenet_env_has_the_paper_zoo_with_hub_weights_and_budget():
     backbones = params["backbones"]
     assert {b["model"] for b in backbones.values()} == PAPER_ZOO
     assert all(b["weights"] == "hub" for b in backbones.values())
-    from iis_study.pipelines.interpretability.nodes import sweep_config
+    from iis_study.core.config import sweep_config
 
     budget = sweep_config(params["sweep"]).plan(int(0.6 * 1_281_167))
     assert (budget.batch_size, budget.epochs) == (1024, 30)  # the authors' budget

@@ -329,14 +329,12 @@ def _run_quiet(project: Path, *pipelines: str) -> dict:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from iis_study import study_config
-    from tests.kedro_project import chdir
+    from tests.kedro_project import chdir, kedro_env
 
-    study_config.forget()
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     try:
-        with chdir(project):
+        with chdir(project), kedro_env("test"):
             bootstrap_project(project)
             with KedroSession.create(project_path=project, env="test") as session:
                 return session.run(pipeline_names=["data_processing", *pipelines])

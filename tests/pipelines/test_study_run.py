@@ -16,17 +16,10 @@ pytestmark = pytest.mark.slow  # whole Kedro runs
 
 def test_registry_namespaces_one_copy_per_backbone(tiny_run):
     from iis_study.pipeline_registry import register_pipelines
-    from iis_study.study_config import forget, study_parameters
+    from tests.kedro_project import chdir, kedro_env
 
-    forget()
-    params = study_parameters(env="test", conf_source=tiny_run / "conf")
-    from iis_study import study_config
-
-    study_config.remember(params)
-    try:
+    with chdir(tiny_run), kedro_env("test"):  # the registry reads the env itself, every call
         pipes = register_pipelines()
-    finally:
-        forget()
     fe = pipes["feature_extraction"]
     assert sorted(n.name for n in fe.nodes) == sorted(f"{b}.extract_features" for b in TINY["backbones"])
     assert {n.namespace for n in pipes["interpretability"].nodes} == set(TINY["backbones"])

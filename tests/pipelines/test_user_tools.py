@@ -80,6 +80,40 @@ def test_kedro_viz_serves_the_study(tiny_run):
         assert set(TINY["backbones"]) <= set(data["modular_pipelines"])  # one collapsible namespace per backbone
 
 
+def test_kedro_viz_shows_the_24_cifar10_representations(tmp_path):
+    """`kedro viz run --env cifar10` (the flag; no KEDRO_ENV, no hook, no run, no images needed): the
+    registry reads the environment's parameters itself and Kedro-Viz lists the 24 representations
+    (4 families x 3 layers x 2 resolutions), none of the base study's."""
+    from tests.kedro_project import make_project
+
+    project = make_project(tmp_path / "viz")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "KEDRO_ENV"}
+    env["KEDRO_DISABLE_TELEMETRY"] = "true"
+    args = ["viz", "run", "--env", "cifar10", "--host", "127.0.0.1", "--port", str(port), "--no-browser"]
+    with _served(args, project, env, f"http://127.0.0.1:{port}/api/main") as data:
+        features = sorted(n["name"].split(".")[0] for n in data["nodes"] if n["name"].endswith(".features"))
+        expected = sorted(f"{fam}_r{r}_{layer}" for fam in ("lite0", "lite1", "lite2", "lite0_random")
+                          for r in (32, 96) for layer in ("stage3", "stage4", "penultimate"))
+        assert features == expected and len(features) == 24
+        assert set(expected) <= set(data["modular_pipelines"])
+
+
+def test_the_registry_keeps_no_state_between_calls(tmp_path, monkeypatch):
+    """Each call reads the active environment afresh: KEDRO_ENV=cifar10 gives 24 namespaces, unset gives the
+    base study's 6, in one process (a module-level cache would return the first answer twice)."""
+    from iis_study.pipeline_registry import register_pipelines
+    from tests.kedro_project import chdir, make_project
+
+    project = make_project(tmp_path / "reg")
+    with chdir(project):
+        monkeypatch.setenv("KEDRO_ENV", "cifar10")
+        cifar = {n.namespace for n in register_pipelines()["feature_extraction"].nodes}
+        monkeypatch.delenv("KEDRO_ENV")
+        base = {n.namespace for n in register_pipelines()["feature_extraction"].nodes}
+    assert len(cifar) == 24 and base == {"lite0", "lite1", "lite2", "lite0_random", "lite2_random", "lite0_stage1"}
+
+
 def test_kedro_jupyter_lab_serves_the_project_kernel(tiny_run, tmp_path):
     """`kedro jupyter lab` (what `make notebook` runs) starts a server on 127.0.0.1 whose default kernel
     is the project's (Kedro creates the `kedro_iis_study` kernel spec)."""

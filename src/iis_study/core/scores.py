@@ -298,3 +298,18 @@ def correlate(
         lo, hi = _percentile_interval(boot[name], ci)
         out[name] = {"r": float(res[0]), "p": float(res[1]), "ci_low": lo, "ci_high": hi}
     return out
+
+
+def _plain(value: object) -> object:
+    """A JSON-ready scalar: bools and integers stay what they are (steps, counts), numbers become floats."""
+    if isinstance(value, bool | int):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        value = value.item()
+        return value if isinstance(value, bool | int) else float(value)
+    return float(value) if hasattr(value, "__float__") else value
+
+
+def plain_scores(scores: dict) -> dict:
+    """A scores record with JSON-ready values (:func:`_plain` for each)."""
+    return {k: _plain(v) for k, v in scores.items()}

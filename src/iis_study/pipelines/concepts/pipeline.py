@@ -19,7 +19,7 @@ CONCEPT_BUILDERS = {
     "prototype": (prototype_concepts, ["element_embeddings", "params:concepts"]),
     "cluster": (cluster_concepts, ["element_embeddings", "params:concepts"]),
     "end_to_end": (end_to_end_concepts, ["element_embeddings", "params:concepts"]),
-    "textual": (textual_concepts, ["features", "splits", "params:dataset", "params:concepts"]),
+    "textual": (textual_concepts, ["features", "splits", "images", "params:concepts"]),
 }
 
 
@@ -30,7 +30,7 @@ def elements_pipeline() -> Pipeline:
             node(select_concept_sources, ["splits", "params:concepts"], "concept_sources", name="select_concept_sources"),
             node(
                 build_concept_elements,
-                ["concept_sources", "params:dataset", "params:concepts"],
+                ["concept_sources", "images", "params:concepts"],
                 "concept_elements",
                 name="build_concept_elements",
             ),
@@ -43,7 +43,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
     nodes = [
         node(
             embed_concept_elements,
-            ["concept_elements", "params:backbone", "params:extraction"],
+            ["concept_elements", "feature_cache", "params:backbone", "params:extraction"],
             "element_embeddings",
             name="embed_concept_elements",
         )
@@ -63,6 +63,6 @@ def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] 
     return elements_pipeline() + per_backbone(
         base_pipeline(concept_types),
         backbones,
-        inputs={"concept_elements", "splits"} if textual else {"concept_elements"},
-        shared_params=("extraction", "concepts", "dataset") if textual else ("extraction", "concepts"),
+        inputs={"concept_elements", "feature_cache", "splits", "images"} if textual else {"concept_elements", "feature_cache"},
+        shared_params=("extraction", "concepts"),
     )

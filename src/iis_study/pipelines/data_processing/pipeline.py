@@ -6,7 +6,7 @@ from .nodes import make_splits
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """``dataset`` -> ``splits``."""
+    """``images`` -> ``splits``."""
     return Pipeline(
-        [node(make_splits, ["params:dataset", "params:splits"], "splits", name="make_splits")]
+        [node(make_splits, ["images", "params:splits"], "splits", name="make_splits")]
     )

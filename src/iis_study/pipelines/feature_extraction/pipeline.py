@@ -14,7 +14,7 @@ def base_pipeline() -> Pipeline:
         [
             node(
                 extract_features,
-                ["splits", "params:dataset", "params:backbone", "params:extraction"],
+                ["splits", "images", "feature_cache", "params:backbone", "params:extraction"],
                 ["features", "feature_info"],
                 name="extract_features",
             )
@@ -23,5 +23,5 @@ def base_pipeline() -> Pipeline:
 
 
 def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
-    """``splits`` -> ``<backbone>.features`` for every backbone."""
-    return per_backbone(base_pipeline(), backbones, inputs={"splits"}, shared_params=("dataset", "extraction"))
+    """``splits``, ``images`` -> ``<backbone>.features`` for every backbone."""
+    return per_backbone(base_pipeline(), backbones, inputs={"splits", "images", "feature_cache"}, shared_params=("extraction",))

@@ -14,7 +14,7 @@ def base_pipeline() -> Pipeline:
         [
             node(
                 fine_tune_backbone,
-                ["splits", "concept_elements", "concepts_prototype", "params:dataset", "params:backbone", "params:fine_tuning"],
+                ["splits", "concept_elements", "concepts_prototype", "images", "params:backbone", "params:fine_tuning"],
                 "fine_tuning_history",
                 name="fine_tune_backbone",
             )
@@ -28,14 +28,14 @@ def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
     fine_tuned = per_backbone(
         base_pipeline(),
         backbones,
-        inputs={"splits", "concept_elements"},
-        shared_params=("dataset", "fine_tuning"),
+        inputs={"splits", "concept_elements", "images"},
+        shared_params=("fine_tuning",),
     )
     return fine_tuned + Pipeline(
         [
             node(
                 collect_fine_tuning,
-                ["params:fine_tuning.backbones", *[f"{b}.fine_tuning_history" for b in backbones]],
+                {f"{b}.fine_tuning_history": f"{b}.fine_tuning_history" for b in backbones},
                 "fine_tuning_results",
                 name="collect_fine_tuning",
             ),

@@ -28,7 +28,7 @@ def gallery_pipeline(concept_type: str) -> Pipeline:
                     f"concepts_{concept_type}",
                     "concept_elements",
                     "splits",
-                    "params:dataset",
+                    "images",
                     "params:gallery",
                 ],
                 "concept_gallery",
@@ -43,15 +43,17 @@ def create_pipeline(
 ) -> Pipeline:
     """Gather ``<backbone>.scores_<type>`` / ``curve_<type>`` into the study's tables, correlate, plot."""
     backbones, concept_types = list(backbones), list(concept_types)
-    inputs = []
-    for name in backbones:
-        for ctype in concept_types:
-            inputs += [f"{name}.scores_{ctype}", f"{name}.curve_{ctype}"]
+    results = {
+        f"{name}.{what}_{ctype}": f"{name}.{what}_{ctype}"
+        for name in backbones
+        for ctype in concept_types
+        for what in ("scores", "curve")
+    }
     study = Pipeline(
         [
             node(
                 collect_scores,
-                ["params:backbones", "params:concepts", *inputs],
+                {"backbones": "params:backbones", "concepts": "params:concepts", **results},
                 ["iis_scores", "sparsity_curves"],
                 name="collect_scores",
             ),
@@ -75,7 +77,7 @@ def create_pipeline(
         study += per_backbone(
             gallery_pipeline(gallery_type),
             backbones,
-            inputs={"concept_elements", "splits"},
-            shared_params=("dataset", "gallery"),
+            inputs={"concept_elements", "splits", "images"},
+            shared_params=("gallery",),
         )
     return study

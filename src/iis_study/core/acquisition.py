@@ -1,0 +1,193 @@
+"""Concept acquisition (METHOD §5): source images, their elements, and concept spaces.
+
+Source images are a seeded sample of train images per class, cut into elements (patches, SLIC
+segments). Each concept type turns the embeddings of the concept elements (or, for ``textual``, CLIP and the
+features) into the tensors the concepts pipeline stores (``concepts_<type>.safetensors``);
+:func:`concept_space` reads them back as the :class:`~iis_study.core.heads.ConceptSpace` the sweep
+trains on. Parameters come from :class:`~iis_study.core.config.ConceptParams`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import concepts as C
+from .config import ConceptParams
+from .data import BadImageError, ImageSet
+from .heads import ConceptSpace
+
+logger = logging.getLogger(__name__)
+
+
+def select_sources(splits: pd.DataFrame, concepts: ConceptParams) -> pd.DataFrame:
+    """A seeded sample of ``concepts.images_per_class`` train images per class (rows of the split table)."""
+    concepts = ConceptParams.from_params(concepts)
+    per_class = concepts.images_per_class
+    rng = np.random.default_rng(concepts.seed)
+    train = splits[splits["split"] == "train"]
+    picked = []
+    for _, group in train.groupby("label", sort=True):
+        n = min(per_class, len(group))
+        picked.append(group.iloc[np.sort(rng.choice(len(group), size=n, replace=False))])
+    out = pd.concat(picked).reset_index(drop=True)
+    logger.info("%d concept source images (%d per class)", len(out), per_class)
+    return out
+
+
+def build_elements(sources: pd.DataFrame, images: ImageSet, concepts: ConceptParams) -> C.Elements:
+    """Patches and/or SLIC segments of every source image, with provenance for display. An unreadable
+    source is skipped (and counted) when the images say ``on_bad_image: skip``, else an error."""
+    concepts = ConceptParams.from_params(concepts)
+    arrays, ids, skipped = [], [], 0
+    for i in sources["index"]:
+        try:
+            arrays.append(images.load(int(i)))
+            ids.append(int(i))
+        except BadImageError:
+            if images.on_bad_image != "skip":
+                raise
+            skipped += 1
+    if skipped:
+        logger.warning("%d unreadable concept source image(s) skipped (dataset.on_bad_image = skip)", skipped)
+    parts = []
+    if "patches" in concepts.element_kinds:
+        parts.append(C.patch_elements(arrays, ids, grid=concepts.patches.grid, size=concepts.element_size))
+    if "segments" in concepts.element_kinds:
+        parts.append(
+            C.segment_elements(arrays, ids, size=concepts.element_size, seed=concepts.seed, **concepts.segments.kwargs())
+        )
+    elements = C.Elements.concat(parts)
+    logger.info("%d concept elements (%s)", len(elements), elements.meta["kind"].value_counts().to_dict())
+    return elements
+
+
+def usable_embeddings(element_embeddings: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """Element embeddings with a direction (a blank patch can embed to the zero vector, which no
+    L2 normalisation can turn into a concept), and their element ids."""
+    emb = element_embeddings["x"]
+    ids = np.flatnonzero((emb.norm(dim=1) > 1e-6).numpy())
+    if len(ids) < len(emb):
+        logger.info("%d of %d concept elements embed to the zero vector and are left out", len(emb) - len(ids), len(emb))
+    return emb[torch.as_tensor(ids)], ids
+
+
+def prototype_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+    """METHOD §5.1: M element embeddings (a seeded random sample), L2-normalised."""
+    concepts = ConceptParams.from_params(concepts)
+    emb, ids = usable_embeddings(element_embeddings)
+    m = concepts.m
+    C.check_m(m, len(emb), "prototype")
+    seed = concepts.seed
+    idx = C.prototype_indices(len(emb), m, seed)
+    vectors = C.prototype_vectors(emb, m, seed)
+    return stored_space("vectors", "prototype", vectors=vectors, element_ids=torch.as_tensor(ids[idx], dtype=torch.int64))
+
+
+def cluster_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+    """METHOD §5.2: KMeans centroids of up to ``cluster_max_elements`` element embeddings."""
+    concepts = ConceptParams.from_params(concepts)
+    emb, ids = usable_embeddings(element_embeddings)
+    m = concepts.m
+    C.check_m(m, len(emb), "cluster")
+    vectors, representatives = C.cluster_vectors(
+        emb, m, seed=concepts.seed, max_elements=concepts.cluster_max_elements
+    )
+    return stored_space(
+        "vectors", "cluster", vectors=vectors, element_ids=torch.as_tensor(ids[np.asarray(representatives)], dtype=torch.int64)
+    )
+
+
+def end_to_end_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+    """METHOD §5.3: the element embeddings over which the assignment is learned with the head."""
+    concepts = ConceptParams.from_params(concepts)
+    emb, usable = usable_embeddings(element_embeddings)
+    m = concepts.m
+    C.check_m(m, len(emb), "end_to_end")
+    elements, picked = C.end_to_end_elements(
+        emb, max_elements=concepts.end_to_end_max_elements, seed=concepts.seed
+    )
+    return stored_space(
+        "end_to_end",
+        "end_to_end",
+        elements=elements,
+        element_ids=torch.as_tensor(usable[np.asarray(picked)], dtype=torch.int64),
+        n_concepts=m,
+    )
+
+
+def textual_space(
+    features: dict[str, Any], splits: pd.DataFrame, images: ImageSet, concepts: ConceptParams
+) -> dict[str, Any]:
+    """METHOD §5.4: CLIP-scored concept words and the learned projection onto them."""
+    concepts = ConceptParams.from_params(concepts)
+    from . import textual as T
+
+    cfg = concepts.textual
+    if cfg.tiny_random_clip:
+        bundle = T.tiny_clip(seed=concepts.seed)
+        logger.warning("textual concepts use a tiny RANDOM CLIP (concepts.textual.tiny_random_clip): a test setting")
+    else:
+        bundle = T.load_clip(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    max_images = cfg.max_images
+    rng = np.random.default_rng(concepts.seed)
+    parts = {}
+    for split in ("train", "val"):
+        if f"{split}.index" in features:  # dataset indices of the feature rows (skipped images left out)
+            index = features[f"{split}.index"].numpy()
+        else:
+            index = splits.loc[splits["split"] == split, "index"].to_numpy()
+        pick = np.sort(rng.choice(len(index), size=min(max_images, len(index)), replace=False))
+        parts[split] = (index[pick], pick)
+    words = T.read_words(cfg.words)
+    result = T.textual_concepts(
+        bundle,
+        [images.load(int(i)) for i in parts["train"][0]],
+        [images.load(int(i)) for i in parts["val"][0]],
+        features["train.x"][torch.as_tensor(parts["train"][1])],
+        features["val.x"][torch.as_tensor(parts["val"][1])],
+        words,
+        top5_threshold=float(cfg.top5_threshold),
+        sim_threshold=float(cfg.similarity_threshold),
+    )
+    return stored_space(
+        "projection",
+        "textual",
+        projection=result.projection,
+        mean=result.mean,
+        std=result.std,
+        words=json.dumps(list(result.words)),
+    )
+
+
+def stored_space(kind: str, concept_type: str, **tensors: Any) -> dict[str, Any]:
+    """The stored form of a concept space: its tensors, and its kind, type and other fields as metadata."""
+    meta = {"kind": kind, "concept_type": concept_type}
+    out: dict[str, Any] = {}
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().float().contiguous() if k != "element_ids" else v.contiguous()
+        elif v is not None:
+            meta[k] = str(v)
+    out["__metadata__"] = meta
+    return out
+
+
+def concept_space(data: dict[str, Any]) -> ConceptSpace:
+    """The :class:`~iis_study.core.heads.ConceptSpace` of a stored concept space (:func:`stored_space`)."""
+    meta = data.get("__metadata__", {})
+    kind = meta.get("kind", "vectors")
+    return ConceptSpace(
+        kind=kind,
+        vectors=data.get("vectors"),
+        elements=data.get("elements"),
+        n_concepts=int(meta["n_concepts"]) if "n_concepts" in meta else None,
+        projection=data.get("projection"),
+        mean=data.get("mean"),
+        std=data.get("std"),
+    )

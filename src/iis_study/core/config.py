@@ -1,0 +1,342 @@
+"""The study's parameter blocks, typed, with their defaults (written here and nowhere else).
+
+One class per block of ``conf/<env>/parameters_*.yml``; a key left out of the YAML takes the
+default below. Nodes receive these objects (Kedro builds typed ``params:`` inputs before any node
+runs, so a bad value stops the run in seconds, naming the parameter). Blocks defined next to the
+code they configure: :class:`~iis_study.core.data.DatasetSpec` (``dataset``),
+:class:`~iis_study.core.heads.SweepConfig` (``sweep``, ``fine_tuning.sweep``),
+:class:`~iis_study.core.finetune.FinetuneConfig` (``fine_tuning.train``),
+:class:`~iis_study.core.backbones.BackboneSpec` (one entry of ``backbones``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .device import check_device
+from .params import Params, block, check_int, check_open_fraction, check_subset
+
+if TYPE_CHECKING:
+    from .backbones import BackboneSpec
+    from .heads import SweepConfig
+
+CONCEPT_TYPES = ("prototype", "cluster", "end_to_end", "textual")
+ELEMENT_KINDS = ("patches", "segments")
+CORRELATION_SCORES = ("iis", "iis_chance_corrected")
+CORRELATION_GROUPS = ("all", "pretrained", "family")
+GALLERY_TYPES = ("prototype", "cluster")
+
+
+@block
+class SplitParams(Params):
+    """``splits``: the stratified train / val (selection) / test (reported) split."""
+
+    WHERE = "splits"
+    fractions: tuple[float, ...] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    max_per_class: int | None = None
+
+    def validate(self) -> None:
+        fr = self.fractions
+        if (
+            not isinstance(fr, tuple)
+            or len(fr) != 3
+            or any(not isinstance(f, int | float) or isinstance(f, bool) or f <= 0 for f in fr)
+            or abs(sum(fr) - 1) > 1e-6
+        ):
+            raise ValueError(f"splits.fractions must be three positive numbers (train, val, test) summing to 1, got {fr}")
+        check_int(self.seed, "splits.seed")
+        if self.max_per_class is not None:
+            check_int(self.max_per_class, "splits.max_per_class", 3)
+
+
+@block
+class ExtractionParams(Params):
+    """``extraction``: how features are computed and stored (where they are cached: the ``feature_cache``
+    catalog entry, :class:`~iis_study.core.features.FeatureCache`)."""
+
+    WHERE = "extraction"
+    device: str = "auto"
+    batch_size: int = 128
+    num_workers: int | None = None  # None: min(4, cores - 1)
+    progress: bool = True
+    storage: str = "memory"  # memory | sharded
+    storage_dtype: str = "float32"
+    shard_rows: int = 16384
+
+    def validate(self) -> None:
+        from .store import check_storage
+
+        check_int(self.batch_size, "extraction.batch_size", 1)
+        if self.num_workers is not None:
+            check_int(self.num_workers, "extraction.num_workers", 0)
+        if self.storage not in ("memory", "sharded"):
+            raise ValueError(f"extraction.storage must be 'memory' or 'sharded', got {self.storage!r}")
+        check_int(self.shard_rows, "extraction.shard_rows", 1)
+        check_storage(self.storage_dtype, self.shard_rows)
+        check_device(self.device, "extraction.device")
+
+    @property
+    def sharded(self) -> bool:
+        """Features stored as ``.npy`` shards on disk (streamed by the sweep)."""
+        return self.storage == "sharded"
+
+
+@block
+class PatchParams(Params):
+    """``concepts.patches``: a ``grid x grid`` of crops per source image."""
+
+    WHERE = "concepts.patches"
+    grid: int = 4
+
+    def validate(self) -> None:
+        check_int(self.grid, "concepts.patches.grid", 1)
+
+
+@block
+class SegmentParams(Params):
+    """``concepts.segments``: SLIC segments at several granularities, deduplicated by IoU."""
+
+    WHERE = "concepts.segments"
+    n_segments: tuple[int, ...] = (10, 20, 30)
+    compactness: float = 10.0
+    sigma: float = 1.0
+    max_per_setting: int = 5
+    iou_threshold: float = 0.5
+    min_area: float = 0.001
+    fill: int = 117
+    n_jobs: int = 2
+
+    def validate(self) -> None:
+        if not self.n_segments or any(not isinstance(n, int) or n < 1 for n in self.n_segments):
+            raise ValueError(f"concepts.segments.n_segments must be positive integers, got {self.n_segments!r}")
+        check_int(self.max_per_setting, "concepts.segments.max_per_setting", 1)
+        check_int(self.n_jobs, "concepts.segments.n_jobs", 1)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~iis_study.core.concepts.segment_elements`."""
+        return self.to_dict() | {"n_segments": tuple(self.n_segments)}
+
+
+@block
+class TextualParams(Params):
+    """``concepts.textual``: CLIP-scored words (METHOD §5.4)."""
+
+    WHERE = "concepts.textual"
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"  # an open_clip tag (hub) ...
+    checkpoint: str | None = None  # ... or a local checkpoint file
+    words: str = "digits"  # digits | cifar10 | /path/to/words.txt
+    top5_threshold: float = 0.25
+    similarity_threshold: float = 0.45
+    max_images: int = 2000
+    tiny_random_clip: bool = False  # tests only
+
+    def validate(self) -> None:
+        check_int(self.max_images, "concepts.textual.max_images", 1)
+
+
+@block
+class ConceptParams(Params):
+    """``concepts``: concept acquisition (METHOD §5)."""
+
+    WHERE = "concepts"
+    types: tuple[str, ...] = ("prototype", "cluster")
+    m: int = 200
+    seed: int = 0
+    images_per_class: int = 10
+    element_size: int = 64
+    element_kinds: tuple[str, ...] = ELEMENT_KINDS
+    patches: PatchParams = PatchParams()
+    segments: SegmentParams = SegmentParams()
+    cluster_max_elements: int = 20000
+    # E >> M so that no concept starts empty (M = 200: none empty in 72 heads at 2,500; 300 left ~44)
+    end_to_end_max_elements: int = 2500
+    textual: TextualParams = TextualParams()
+
+    def validate(self) -> None:
+        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
+            raise ValueError(f"concepts.m must be a positive integer, got {self.m!r}")
+        check_subset(self.types, CONCEPT_TYPES, "concepts.types")
+        if len(set(self.types)) != len(self.types):
+            raise ValueError(f"concepts.types has duplicates: {list(self.types)}")
+        if not isinstance(self.images_per_class, int) or isinstance(self.images_per_class, bool) or self.images_per_class < 1:
+            raise ValueError(f"concepts.images_per_class must be a positive integer, got {self.images_per_class!r}")
+        check_int(self.seed, "concepts.seed")
+        check_int(self.element_size, "concepts.element_size", 8)
+        check_subset(self.element_kinds, ELEMENT_KINDS, "concepts.element_kinds")
+        check_int(self.cluster_max_elements, "concepts.cluster_max_elements", 1)
+        check_int(self.end_to_end_max_elements, "concepts.end_to_end_max_elements", 1)
+
+
+@block
+class ScoringParams(Params):
+    """``scoring``: the IIS and its bootstrap interval over test images."""
+
+    WHERE = "scoring"
+    n_boot: int = 1000
+    seed: int = 0
+    ci: float = 0.95
+
+    def validate(self) -> None:
+        check_int(self.n_boot, "scoring.n_boot", 1)
+        check_int(self.seed, "scoring.seed", 0)
+        check_open_fraction(self.ci, "scoring.ci")
+
+
+@block
+class CorrelationParams(Params):
+    """``correlation``: accuracy vs IIS across representations, per scope (METHOD §6).
+
+    Scopes (``groups``): ``all`` representations; the ``pretrained`` ones (weights not ``random``);
+    within each ``family`` (representations without a family take part in none).
+    """
+
+    WHERE = "correlation"
+    scores: tuple[str, ...] = CORRELATION_SCORES
+    groups: tuple[str, ...] = CORRELATION_GROUPS
+    n_boot: int = 2000
+    seed: int = 0
+    ci: float = 0.95
+
+    def __init__(self, **values: Any) -> None:
+        if isinstance(values.get("groups"), str):
+            values["groups"] = [values["groups"]]
+        super().__init__(**values)
+
+    def validate(self) -> None:
+        check_subset(self.groups, CORRELATION_GROUPS, "correlation.groups")
+        object.__setattr__(self, "groups", tuple(dict.fromkeys(self.groups)))
+        if not self.scores or set(self.scores) - set(CORRELATION_SCORES):
+            raise ValueError(
+                f"correlation.scores must be a non-empty subset of {list(CORRELATION_SCORES)}, got {self.scores!r}"
+            )
+        check_int(self.n_boot, "correlation.n_boot", 1)
+        check_int(self.seed, "correlation.seed", 0)
+        check_open_fraction(self.ci, "correlation.ci")
+
+
+@block
+class GalleryParams(Params):
+    """``gallery``: for a few test images, the prediction and the concepts that drove it."""
+
+    WHERE = "gallery"
+    concept_type: str = "prototype"
+    sparsity: float = 0.9  # the interpretation head shown (keeps M - floor(s*M) concepts per image)
+    n_images: int = 6
+    top: int = 5
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.concept_type not in GALLERY_TYPES:
+            raise ValueError(f"gallery.concept_type must be 'prototype' or 'cluster', got {self.concept_type!r}")
+        s = self.sparsity
+        if not isinstance(s, int | float) or isinstance(s, bool) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"gallery.sparsity must be in [0, 1), got {s!r}")
+        check_int(self.n_images, "gallery.n_images", 1)
+        check_int(self.top, "gallery.top", 1)
+        check_int(self.seed, "gallery.seed")
+
+
+@block
+class TrackingSettings(Params):
+    """``tracking`` in ``conf/<env>/mlflow.yml`` (not a parameter of the study). The store:
+    ``MLFLOW_TRACKING_URI`` when set, else ``uri``, else SQLite at ``<project>/mlflow.db``."""
+
+    WHERE = "mlflow.yml: tracking"
+    enabled: bool = True
+    experiment: str = "iis_study"
+    uri: str | None = None
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - {"enabled", "experiment", "uri"}
+        if unknown:
+            raise ValueError(
+                f"mlflow.yml: unknown key(s) {sorted(unknown)} under tracking; expected enabled, experiment, uri"
+            )
+        super().__init__(**values)
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"mlflow.yml: tracking.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.experiment, str):
+            raise ValueError(f"mlflow.yml: tracking.experiment must be a name, got {self.experiment!r}")
+        if not isinstance(self.uri or "", str):
+            raise ValueError(f"mlflow.yml: tracking.uri must be a tracking URI or null, got {self.uri!r}")
+
+
+def backbone_spec(entry: Mapping[str, Any]) -> BackboneSpec:
+    """The :class:`~iis_study.core.backbones.BackboneSpec` of one entry of the expanded ``backbones``
+    block (the one way an entry becomes a spec; its name is ``name``, else the model)."""
+    from .backbones import BackboneSpec
+
+    return BackboneSpec.from_params(entry.get("name") or entry.get("model") or "backbone", entry)
+
+
+def sweep_config(params: Mapping[str, Any] | SweepConfig | None, where: str = "sweep") -> SweepConfig:
+    """The validated :class:`~iis_study.core.heads.SweepConfig` of a ``sweep`` block (or
+    ``fine_tuning.sweep``), its ``device`` resolved (``auto``: CUDA when present)."""
+    from dataclasses import replace
+
+    from .device import resolve_device
+    from .heads import SweepConfig
+    from .params import reject_unknown_keys
+
+    if isinstance(params, SweepConfig):
+        cfg = params
+    else:
+        params = dict(params or {})
+        reject_unknown_keys(params, SweepConfig.__dataclass_fields__, where)
+        p = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        cfg = SweepConfig(**p)
+    cfg = replace(cfg, device=resolve_device(cfg.device, f"{where}.device"))
+    cfg.validate()
+    return cfg
+
+
+@block
+class FineTuningParams(Params):
+    """``fine_tuning``: interpretability maximization and its λ = 0 control (METHOD §6).
+
+    ``train`` is the :class:`~iis_study.core.finetune.FinetuneConfig` of every run (its ``lam`` and
+    ``seed`` come from ``lams`` x ``seeds``); ``sweep`` the scoring sweep along training. Checkpoints:
+    ``<checkpoint_dir>/<representation key>/lam<λ>_seed<seed>/``.
+    """
+
+    WHERE = "fine_tuning"
+    backbones: tuple[str, ...] = ()
+    lams: tuple[float, ...] = (0.0, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    checkpoint_dir: str = "data/06_models/fine_tuning"
+    train: dict[str, Any] | None = None
+    sweep: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        bad = [v for v in self.lams if not isinstance(v, int | float) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise ValueError(f"fine_tuning.lams must be >= 0 (λ weighs the interpretation loss), got {bad}")
+        if not self.seeds:
+            raise ValueError("fine_tuning.seeds must list at least one seed")
+        for s in self.seeds:
+            check_int(s, "fine_tuning.seeds")
+
+    def arms(self) -> list[tuple[float, int]]:
+        """The (λ, seed) runs: every λ of ``lams`` with the λ = 0 control always included."""
+        lams = [float(v) for v in self.lams]
+        if 0.0 not in lams:
+            import logging
+
+            logging.getLogger(__name__).warning("fine_tuning.lams has no λ = 0 control; adding it (the control always runs)")
+            lams = [0.0, *lams]
+        return [(lam, int(seed)) for lam in sorted(set(lams)) for seed in self.seeds]
+
+    def run_config(self, lam: float, seed: int):
+        """The validated :class:`~iis_study.core.finetune.FinetuneConfig` of one (λ, seed) run."""
+        from .finetune import FinetuneConfig
+
+        return FinetuneConfig.from_params({**dict(self.train or {}), "lam": lam, "seed": seed})
+
+    def scoring_sweep(self) -> SweepConfig:
+        """The scoring sweep along training, its device resolved."""
+        return sweep_config(self.sweep, "fine_tuning.sweep")

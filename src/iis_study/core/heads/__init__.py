@@ -1,0 +1,80 @@
+"""Linear probe and interpretation heads, trained as one batched model (METHOD §2, §3, §4, §5.3).
+
+Every head of a sweep -- the linear probe (``W z + b``, METHOD §2) for every learning
+rate and seed, and the interpretation head (concept activations -> per-image sparse
+mask -> linear ``M -> K`` head, METHOD §3) for every sparsity ratio, learning rate and
+seed -- is trained *together*: parameters are stacked tensors with leading head
+dimensions, and one forward/backward pass per minibatch trains all of them.
+
+Layout of the stacked parameters (``S`` seeds, ``L`` learning rates, ``P`` sparsities):
+
+* probe heads: ``(S, L, ...)``, e.g. ``probe.weight`` is ``(S, L, K, D)``;
+* interpretation heads: ``(P, S, L, ...)``, e.g. ``interp.weight`` is ``(P, S, L, K, M)``.
+
+Each seed has its own data order (a ``torch.Generator`` permutation per epoch), so a
+minibatch is gathered per seed as ``(S, B, D)``. Adam is implemented over the stacked
+tensors with one learning rate per head, reproducing ``torch.optim.Adam`` (default
+betas/eps, no weight decay) and ``ExponentialLR`` stepped once per epoch.
+
+:func:`train_single_head` is the plain per-head reference (``nn.Module``,
+``torch.optim.Adam``, ``ExponentialLR``) with the same initialisation and data order;
+the batched sweep reproduces it up to floating-point rounding.
+
+Sparsification follows METHOD §3 as *intended*: keep exactly ``M - floor(s*M)``
+entries of largest ``|a|``. The authors' published code keeps the entries strictly
+greater than the k-th smallest ``|a|`` (dropping one entry too many, even at s = 0);
+we do not reproduce that.
+
+Modules: :mod:`.datatypes` (configuration and result types), :mod:`.seeds` (seeds,
+initialisation, data order), :mod:`.masks` (sparsification and the custom autograd
+functions), :mod:`.activations` (concept activations, end-to-end assignment),
+:mod:`.batched` (the stacked heads and Adam), :mod:`.training` (the sweep: training loop,
+selection, result tables), :mod:`.explanations`, :mod:`.reference` (the single-head
+reference), and :mod:`.fused` with :mod:`.fused_kernels` / :mod:`.fused_intrinsics` (the
+numba CPU kernel, imported on first use).
+"""
+
+from __future__ import annotations
+
+from .activations import (
+    _AssignedScores as _AssignedScores,
+    _concepts_from_assignment as _concepts_from_assignment,
+    _hard_assignment as _hard_assignment,
+    _hard_assignment_indexed as _hard_assignment_indexed,
+    _precompute_base as _precompute_base,
+)
+from .batched import _BatchedHeads as _BatchedHeads
+from .batched import _SharedProbe as _SharedProbe
+from .batched import _StackedAdam as _StackedAdam
+from .explanations import explain
+from .masks import _InterpHeads as _InterpHeads
+from .masks import _SumCrossEntropy as _SumCrossEntropy
+from .masks import flush_denormals, n_dropped, sparsify
+from .reference import train_single_head
+from .seeds import Q_INIT_STD, derive_seed
+from .seeds import _shard_batches as _shard_batches
+from .training import _select_lr as _select_lr
+from .training import sweep, sweep_many
+from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepConfig, SweepResult
+
+# the private names above (``name as name``) are re-exported for the tests and scripts that use them
+
+__all__ = [
+    "Budget",
+    "ConceptKind",
+    "ConceptSpace",
+    "HeadKind",
+    "Q_INIT_STD",
+    "SingleHeadResult",
+    "Split",
+    "SweepConfig",
+    "SweepResult",
+    "derive_seed",
+    "explain",
+    "flush_denormals",
+    "n_dropped",
+    "sparsify",
+    "sweep",
+    "sweep_many",
+    "train_single_head",
+]

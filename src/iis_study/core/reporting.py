@@ -1,0 +1,260 @@
+"""The study's tables and correlations over representations (METHOD §6): gather every
+representation's scores and curves, correlate accuracy with IIS per scope (all, pretrained, family)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import ConceptParams, CorrelationParams, GalleryParams, backbone_spec
+from .data import ImageSet
+from .scores import correlate
+
+logger = logging.getLogger(__name__)
+
+SCORE_COLUMNS = [
+    "backbone",
+    "representation",
+    "concept_type",
+    "model",
+    "weights",
+    "family",
+    "layer",
+    "input_size",
+    "accuracy_linear_probe",
+    "accuracy_linear_probe_std",
+    "iis",
+    "iis_std",
+    "iis_ci_low",
+    "iis_ci_high",
+    "iis_chance_corrected",
+    "n_seeds",
+    "steps",
+    "batch_size",
+    "probe_converged",
+    "heads_converged",
+    "probe_val_acc",
+    "reference_val_acc",
+]
+
+
+def collect_scores(
+    backbones: dict[str, Any], concepts: ConceptParams, results: Mapping[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One table of scores and one long table of curves over all representations and concept types.
+
+    ``results`` holds, by catalog name, every ``<backbone>.scores_<type>`` (a scores record) and
+    ``<backbone>.curve_<type>`` (a curve table), for each representation of ``backbones`` and each
+    type of ``concepts.types`` (rows in that order).
+    """
+    concepts = ConceptParams.from_params(concepts)
+    expected = [f"{name}.{what}_{ctype}" for name in backbones for ctype in concepts.types for what in ("scores", "curve")]
+    missing = [k for k in expected if k not in results]
+    if missing:
+        raise ValueError(f"collect_scores: missing inputs {missing}")
+    rows, curves = [], []
+    for name, entry in backbones.items():
+        rep = backbone_spec({**entry, "name": name})
+        for ctype in concepts.types:
+            scores, curve = results[f"{name}.scores_{ctype}"], results[f"{name}.curve_{ctype}"]
+            rows.append(
+                {
+                    "backbone": name,
+                    "representation": rep.label or name,
+                    "concept_type": ctype,
+                    "model": rep.model,
+                    "weights": rep.weights,
+                    "family": rep.family,
+                    "layer": rep.layer,
+                    "input_size": rep.input_size,
+                    **scores,
+                }
+            )
+            c = curve.copy()
+            c.insert(0, "concept_type", ctype)
+            c.insert(0, "backbone", name)
+            curves.append(c)
+    table = pd.DataFrame(rows)
+    table = table[[c for c in SCORE_COLUMNS if c in table] + [c for c in table if c not in SCORE_COLUMNS]]
+    for flag, what in (("probe_converged", "linear probe"), ("heads_converged", "interpretation heads")):
+        if flag in table and not table[flag].astype(bool).all():
+            bad = table.loc[~table[flag].astype(bool), ["representation", "concept_type"]]
+            logger.warning(
+                "NOT converged (%s): %s; their scores are marked in the plots -- raise sweep.steps",
+                what,
+                ", ".join(f"{r}/{c}" for r, c in bad.itertuples(index=False)),
+            )
+    return table, pd.concat(curves, ignore_index=True)
+
+
+def _correlate_table(table: pd.DataFrame, correlation: CorrelationParams, scope: str, group: str) -> dict[str, Any]:
+    """``{concept_type: {score: coefficients}}`` over the rows of ``table``."""
+    out: dict[str, Any] = {}
+    for ctype, rows in table.groupby("concept_type", sort=False):
+        out[ctype] = {}
+        for score in correlation.scores:
+            finite = rows[score].notna() & rows["accuracy_linear_probe"].notna()
+            if not finite.all():
+                left_out = rows.loc[~finite, "representation" if "representation" in rows else "backbone"]
+                logger.warning(
+                    "[%s %s] %s / %s: left out of the correlation (score undefined, e.g. A_std <= 1/K): %s",
+                    scope, group, ctype, score, ", ".join(map(str, left_out)),
+                )
+            res = correlate(
+                rows.loc[finite, "accuracy_linear_probe"].to_numpy(),
+                rows.loc[finite, score].to_numpy(),
+                n_boot=correlation.n_boot,
+                seed=correlation.seed,
+                ci=correlation.ci,
+            )
+            n = int(res.pop("n", len(rows)))
+            entry: dict[str, Any] = {k: {kk: _clean(vv) for kk, vv in v.items()} for k, v in res.items()}
+            entry["n_backbones"] = n
+            entry["scope"] = scope
+            entry["left_out"] = [str(v) for v in rows.loc[~finite, "backbone"]]
+            out[ctype][score] = entry
+            logger.info(
+                "[%s %s] %s / %s over %d representations: Pearson %s, Spearman %s, Kendall %s",
+                scope,
+                group,
+                ctype,
+                score,
+                n,
+                *(_fmt(entry[m]["r"]) for m in ("pearson", "spearman", "kendall")),
+            )
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def _scope_tables(iis_scores: pd.DataFrame, groups: list[str]) -> list[tuple[str, str, pd.DataFrame]]:
+    """(scope, group, rows) for every requested scope."""
+    out = []
+    for scope in groups:
+        if scope == "all":
+            out.append(("all", "all", iis_scores))
+        elif scope == "pretrained":
+            out.append(("pretrained", "pretrained", iis_scores[iis_scores["weights"].astype(str) != "random"]))
+        elif scope == "family" and "family" in iis_scores:
+            fam = iis_scores["family"]
+            for name in pd.unique(fam[fam.notna()]):
+                out.append(("family", str(name), iis_scores[fam == name]))
+    return out
+
+
+def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pearson, Spearman and Kendall coefficients between linear-probe accuracy and IIS (and the
+    chance-corrected IIS), per concept type, with p-values and bootstrap intervals over representations.
+
+    Returns:
+        ``correlation``: the headline, over the pretrained representations (METHOD §6 correlates
+        across pretrained backbones; over all of them when the study has no pretrained one or the
+        scope is not requested), ``{concept_type: {score: {"pearson": {"r", "p", "ci_low",
+        "ci_high"}, "spearman": ..., "kendall": ..., "n_backbones": n, "scope": ..., "left_out":
+        [...]}}}``; a representation whose score is undefined (NaN) is left out with a warning;
+        ``correlation_scopes``: ``{"groups": [{"scope", "group", "representations", "n_representations",
+        "correlation": {concept_type: {score: ...}}}, ...]}``, one record per scope of
+        ``correlation.groups`` (``all``; ``pretrained``; ``family``: one record per family).
+    """
+    correlation = CorrelationParams.from_params(correlation)
+    groups = list(correlation.groups)
+    records = []
+    for scope, group, rows in _scope_tables(iis_scores, groups):
+        names = list(pd.unique(rows["representation"] if "representation" in rows else rows["backbone"]))
+        records.append(
+            {
+                "scope": scope,
+                "group": group,
+                "representations": [str(n) for n in names],
+                "n_representations": len(names),
+                "correlation": _correlate_table(rows, correlation, scope, group),
+            }
+        )
+    # the headline: across pretrained representations (METHOD §6), else over all of them
+    headline = next((r["correlation"] for r in records if r["scope"] == "pretrained" and r["n_representations"]), None)
+    if headline is None:
+        headline = next((r["correlation"] for r in records if r["scope"] == "all"), None)
+    if headline is None:
+        headline = _correlate_table(iis_scores, correlation, "all", "all")
+    return headline, {"groups": records}
+
+
+def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:
+    """The scoped correlations as one long table: scope, group, concept_type, score, method, r, p,
+    ci_low, ci_high, n (for notebooks and reports)."""
+    rows = []
+    for rec in correlation_scopes.get("groups", []):
+        for ctype, by_score in rec["correlation"].items():
+            for score, entry in by_score.items():
+                for method in ("pearson", "spearman", "kendall"):
+                    rows.append(
+                        {
+                            "scope": rec["scope"],
+                            "group": rec["group"],
+                            "concept_type": ctype,
+                            "score": score,
+                            "method": method,
+                            **entry[method],
+                            "n": entry["n_backbones"],
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN: write null."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return None if math.isnan(f) else f
+
+
+def concept_gallery(
+    features: dict[str, Any],
+    sweep_result: Any,
+    concept_space: dict[str, Any],
+    concept_elements: Any,
+    splits: pd.DataFrame,
+    images: ImageSet,
+    gallery: GalleryParams,
+):
+    """For a few test images: the prediction and the concepts that drove it, shown as their
+    source patches or segments (the interpretation a person reads)."""
+    from . import plots
+    from .acquisition import concept_space as to_space
+
+    gallery = GalleryParams.from_params(gallery)
+    from .heads import explain
+
+    space = to_space(concept_space)
+    test_rows = splits[splits["split"] == "test"].reset_index(drop=True)
+    if "test.index" in features:  # keep only the images that have features (skipped files left out)
+        test_rows = test_rows.set_index("index").loc[features["test.index"].numpy()].reset_index()
+    n = min(gallery.n_images, len(test_rows))
+    rng = np.random.default_rng(gallery.seed)
+    pick = np.sort(rng.choice(len(test_rows), size=n, replace=False))
+    z = features["test.x"][pick]
+    explanation = explain(
+        sweep_result, space, z, sparsity=float(gallery.sparsity), top=gallery.top
+    )
+    imgs = np.stack([images.load(int(i)) for i in test_rows.loc[pick, "index"]])
+    element_ids = concept_space["element_ids"].numpy()
+    return plots.concept_gallery(
+        imgs,
+        test_rows.loc[pick, "label"].to_numpy(),
+        list(images.classes),
+        explanation,
+        concept_elements.images,
+        element_ids,
+        title=f"{concept_space.get('__metadata__', {}).get('concept_type', '')} concepts, "
+        f"sparsity {gallery.sparsity}",
+        masks=concept_elements.masks,
+    )

@@ -1,0 +1,137 @@
+"""One representation's interpreters, as the interpretability pipeline runs them (METHOD §2-§4, §7).
+
+The reference probe (L-BFGS), the batched sweep of every concept type (one shared linear probe),
+and the scores with their convergence record. Features are the stored form of
+:func:`~iis_study.core.extraction.extract_split_features` (``"<split>.x"``, ``"<split>.y"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from .acquisition import concept_space
+from .backbones import BackboneSpec
+from .config import FineTuningParams, ScoringParams, sweep_config
+from .convergence import convergence_report, reference_probe
+from .data import SPLITS, ImageSet
+from .heads import Split, SweepConfig, SweepResult, sweep_many
+from .scores import plain_scores, score_sweep
+
+logger = logging.getLogger(__name__)
+
+
+def feature_splits(features: Mapping[str, Any]) -> dict[str, Split]:
+    """The train / val / test :class:`~iis_study.core.heads.Split` of stored features."""
+    return {s: Split(x=features[f"{s}.x"], y=features[f"{s}.y"]) for s in SPLITS}
+
+
+def train_representation(
+    features: dict[str, Any], feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepConfig,
+    concepts: dict[str, dict[str, Any]],
+) -> dict[str, SweepResult]:
+    """Train the linear probe and, for every concept type given by keyword, every interpretation head
+    of the sparsity x learning-rate x seed grid together, as one batched model (the probe once,
+    shared by the concept types); select epoch and learning rate on val, report test accuracy.
+    ``concepts``: the stored concept space of each type (:func:`~iis_study.core.acquisition.stored_space`).
+    Returns one :class:`SweepResult` per concept type."""
+    cfg = sweep_config(sweep)
+    spaces = {ctype: concept_space(data) for ctype, data in concepts.items()}
+    splits = feature_splits(features)
+    for space in spaces.values():
+        space.validate(splits["train"].x.shape[1])
+    num_classes = int(feature_info["num_classes"])
+    logger.info(
+        "sweep: concepts %s, %d sparsities x %d learning rates x %d seeds",
+        ", ".join(f"{ctype} (M = {space.m})" for ctype, space in spaces.items()),
+        len(cfg.sparsities),
+        len(cfg.learning_rates),
+        len(cfg.seeds),
+    )
+    return sweep_many(splits["train"], splits["val"], splits["test"], spaces, num_classes, cfg)
+
+
+def fit_reference(features: dict[str, Any], feature_info: dict[str, Any]) -> dict[str, Any]:
+    """The converged reference for the probe: full-batch L-BFGS logistic regression on the same
+    features, its L2 strength selected on val (METHOD §4, "Budget and convergence")."""
+    splits = [(features[f"{s}.x"], features[f"{s}.y"]) for s in SPLITS]
+    ref = reference_probe(*splits, num_classes=int(feature_info["num_classes"]))
+    logger.info(
+        "reference probe (L-BFGS, C = %g): val %.4f, test %.4f", ref.c, ref.val_acc, ref.test_acc
+    )
+    return ref.to_dict()
+
+
+def score_representation(
+    result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s), with the
+    training budget and the convergence record (probe against its reference, flat val curves)."""
+    scoring = ScoringParams.from_params(scoring)
+    scores, curve = score_sweep(result, n_boot=scoring.n_boot, seed=scoring.seed, ci=scoring.ci)
+    if result.budget is not None:
+        scores.update(steps=result.budget.steps, batch_size=result.budget.batch_size, epochs=result.budget.epochs)
+    scores.update(convergence_report(result.selected, result.history, probe_reference))
+    scores = plain_scores(scores)
+    if not scores["probe_converged"]:
+        logger.warning(
+            "the linear probe is NOT converged (val %.4f against the L-BFGS reference's %.4f): raise sweep.steps",
+            scores["probe_val_acc"],
+            scores["reference_val_acc"],
+        )
+    if not scores["heads_converged"]:
+        logger.warning(
+            "the selected val accuracy of an interpretation head was still rising at the end of training "
+            "(up to +%.1f points in the last fifth, probe included): raise sweep.steps",
+            100 * scores["max_gain_selected"],
+        )
+    logger.info(
+        "A_std = %.4f, IIS = %.4f [%.4f, %.4f], chance-corrected IIS = %.4f",
+        scores["accuracy_linear_probe"],
+        scores["iis"],
+        scores["iis_ci_low"],
+        scores["iis_ci_high"],
+        scores["iis_chance_corrected"],
+    )
+    return json.loads(json.dumps(scores)), curve
+
+
+def fine_tune_representation(
+    splits: pd.DataFrame,
+    concept_elements: Any,
+    concepts_prototype: Mapping[str, Any],
+    images: ImageSet,
+    spec: BackboneSpec,
+    fine_tuning: FineTuningParams,
+) -> pd.DataFrame:
+    """Fine-tune one representation for every (λ, seed), λ = 0 (cross-entropy only) included.
+
+    Checkpoints go to ``fine_tuning.checkpoint_dir/<representation key>/lam<λ>_seed<seed>/`` (keyed by
+    the Kedro namespace, so two resolutions of one model never share a folder); an interrupted run
+    resumes from its last saved epoch. The concepts are the study's prototypes of this representation
+    (``concepts_prototype``'s element ids), re-embedded as the backbone trains. Returns one row per
+    (λ, seed, epoch).
+    """
+    import numpy as np
+
+    from .checkpoints import run_checkpoint_dir
+    from .finetune import finetune, prototype_images
+
+    fine_tuning = FineTuningParams.from_params(fine_tuning)
+    by_split = {s: images.subset(splits.loc[splits["split"] == s, "index"].to_numpy()) for s in SPLITS}
+    num_classes = int(np.unique(splits["label"]).size)
+    scoring_sweep = fine_tuning.scoring_sweep()
+    concept_images = prototype_images(concept_elements, concepts_prototype["element_ids"])
+    rows = []
+    for lam, seed in fine_tuning.arms():
+        cfg = fine_tuning.run_config(lam, seed)
+        ckpt = run_checkpoint_dir(fine_tuning.checkpoint_dir, spec, lam, seed, checkpoint_key=spec.name)
+        logger.info("fine-tuning %s with λ = %g, seed %d -> %s", spec.display_name, lam, seed, ckpt)
+        records = finetune(spec, by_split, concept_images, cfg, ckpt, scoring_sweep, num_classes)
+        for r in records:
+            rows.append({**r.to_dict(), "model": spec.model, "checkpoint": str(ckpt / "backbone.safetensors")})
+    return pd.DataFrame(rows)
