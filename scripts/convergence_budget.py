@@ -15,7 +15,8 @@ from iis_study.core.convergence import convergence_report, reference_probe
 from iis_study.core.heads import Split, SweepConfig, sweep
 from iis_study.core.scores import score_sweep
 from iis_study.datasets import TensorDictDataset
-from iis_study.core.acquisition import concept_space
+from iis_study.core.acquisition import ConceptSet
+from iis_study.core.features import FeatureSet
 
 
 def main() -> None:
@@ -32,15 +33,17 @@ def main() -> None:
           "probe converged | heads flat (max gain, pt) | time |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for rep in args.reps.split(","):
-        f = TensorDictDataset(f"{args.data}/04_feature/{rep}/features.safetensors").load()
-        c = TensorDictDataset(f"{args.data}/05_model_input/{rep}/concepts_{args.concepts}.safetensors").load()
-        sp = {s: Split(f[f"{s}.x"], f[f"{s}.y"]) for s in ("train", "val", "test")}
+        f = FeatureSet.from_tensors(TensorDictDataset(f"{args.data}/04_feature/{rep}/features.safetensors").load())
+        c = ConceptSet.from_tensors(
+            TensorDictDataset(f"{args.data}/05_model_input/{rep}/concepts_{args.concepts}.safetensors").load()
+        )
+        sp = {s: Split(f.split(s).x, f.split(s).y) for s in ("train", "val", "test")}
         ref = reference_probe(*((sp[s].x, sp[s].y) for s in ("train", "val", "test")), num_classes=int(sp["train"].y.max()) + 1)
         budgets = [(int(s), int(b)) for b in args.min_batches.split(",") for s in args.steps.split(",")]
         for steps, min_batches in budgets:
             t = time.time()
             cfg = SweepConfig(steps=steps, seeds=seeds, min_batches_per_epoch=min_batches)
-            r = sweep(sp["train"], sp["val"], sp["test"], concept_space(c), int(sp["train"].y.max()) + 1,
+            r = sweep(sp["train"], sp["val"], sp["test"], c.space, int(sp["train"].y.max()) + 1,
                       cfg, progress=False)
             dt = time.time() - t
             sc, _ = score_sweep(r)

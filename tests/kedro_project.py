@@ -50,8 +50,7 @@ TINY = {
         "backbones": ["lite0"],
         "lams": [0.0, 1.0],
         "seeds": [0],
-        "checkpoint_dir": "data/06_models/fine_tuning",
-        "train": {"sparsity": 0.1, "epochs": 1, "batch_size": 32, "lr_backbone": 1e-4, "lr_heads": 1e-3,
+        "train": {"sparsity": 0.1, "epochs": 1, "batch_size": 32, "lr_backbone": 1e-4, "lr_heads": 1e-3, "bn_mode": "train",
                   "device": "cpu", "num_workers": 0, "eval_epochs": [0, 1]},
         # the study's sweep: epoch 0 of fine-tuning must then score the study's prototype IIS
         "sweep": {"sparsities": [0.0, 0.5, 0.9], "learning_rates": [0.01, 0.1], "seeds": [0, 1], "epochs": 3, "steps": 1, "min_batches_per_epoch": 1,

@@ -24,11 +24,23 @@ from kedro.io.core import get_filepath_str
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 
+from .core.checkpoints import CheckpointStore
 from .core.data import DatasetSpec, ImageSet, load_dataset
 from .core.features import FeatureCache, load_tensors, save_tensors
 from .core.store import ShardedArray, link_or_copy, open_store
 
 _SHARDED_KEYS = "__sharded_keys__"
+
+
+def _import_object(path: str) -> type:
+    """The class at a dotted ``path`` (a catalog entry's ``object:``)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise DatasetError(f"object: {path!r} is not an importable class ({exc})") from exc
 
 
 def _atomic_dir(target: Path):
@@ -98,20 +110,48 @@ class FeatureCacheDataset(AbstractDataset[None, FeatureCache]):
         return {"path": str(self._cache.root)}
 
 
-class TensorDictDataset(AbstractDataset[dict, dict]):
-    """A ``dict[str, torch.Tensor]`` stored as one safetensors file.
+class CheckpointStoreDataset(AbstractDataset[None, CheckpointStore]):
+    """Fine-tuning's checkpoint folder (:class:`~iis_study.core.checkpoints.CheckpointStore`), filled and
+    resumed from by the fine-tuning node; never saved as a node output."""
 
-    String metadata rides along under the reserved key ``"__metadata__"`` (a ``dict[str, str]``).
-    Out-of-core entries (:class:`~iis_study.core.store.ShardedArray`) are kept as shard files in
-    ``<filepath>.shards/<key>/`` (hard links to the extraction cache, so no second copy) and
-    come back as ``ShardedArray``.
-    """
-
-    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
-        self._filepath = Path(filepath)
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._store = CheckpointStore(Path(path))
         self.metadata = metadata
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> CheckpointStore:
+        return self._store
+
+    def save(self, data: Any) -> None:
+        raise DatasetError("the checkpoint store is filled by fine-tuning, not saved as a node output")
+
+    def _exists(self) -> bool:
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._store.root)}
+
+
+class TensorDictDataset(AbstractDataset[Any, Any]):
+    """Tensors stored as one safetensors file; with ``object:`` (a class path, e.g.
+    ``iis_study.core.features.FeatureSet``) a typed object that converts itself to and from that form
+    (``to_tensors()`` / ``from_tensors()``), so nodes see the object, never the storage keys.
+
+    The stored form is a ``dict[str, torch.Tensor]`` whose string metadata rides along under the
+    reserved key ``"__metadata__"`` (a ``dict[str, str]``). Out-of-core entries
+    (:class:`~iis_study.core.store.ShardedArray`) are kept as shard files in ``<filepath>.shards/<key>/``
+    (hard links to the extraction cache, so no second copy) and come back as ``ShardedArray``.
+    """
+
+    def __init__(self, filepath: str, object: str | None = None, metadata: dict[str, Any] | None = None):
+        self._filepath = Path(filepath)
+        self._object = _import_object(object) if object else None
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        data = self._load_tensors()
+        return self._object.from_tensors(data) if self._object is not None else data
+
+    def _load_tensors(self) -> dict[str, Any]:
         if not self._filepath.is_file():
             raise DatasetError(f"{self._filepath} does not exist; run the pipeline that produces it first")
         try:
@@ -136,7 +176,11 @@ class TensorDictDataset(AbstractDataset[dict, dict]):
     def _shards_dir(self) -> Path:
         return self._filepath.with_name(self._filepath.name + ".shards")
 
-    def save(self, data: dict[str, Any]) -> None:
+    def save(self, data: Any) -> None:
+        if self._object is not None:
+            if not isinstance(data, self._object):
+                raise DatasetError(f"{self._filepath}: expected a {self._object.__name__}, got {type(data).__name__}")
+            data = data.to_tensors()
         meta = {k: str(v) for k, v in (data.get("__metadata__") or {}).items()}
         tensors = {k: v for k, v in data.items() if k != "__metadata__" and not isinstance(v, ShardedArray)}
         sharded = {k: v for k, v in data.items() if isinstance(v, ShardedArray)}

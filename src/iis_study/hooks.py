@@ -60,19 +60,27 @@ class ValidationHook:
 
     def __init__(self) -> None:
         self._params: dict[str, Any] = {}
+        self._globals: dict[str, Any] = {}
         self._env: str | None = None
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
+        from kedro.config import MissingConfigException
+
         self._params = context.config_loader["parameters"]
+        try:
+            self._globals = context.config_loader["globals"]
+        except MissingConfigException:
+            self._globals = {}
         self._env = context.env
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        from .validation import check_pipeline_matches, validate_study
+        from .validation import check_dataset_source, check_pipeline_matches, validate_study
 
+        check_dataset_source(self._params, self._globals)
         validate_study(self._params, set(run_params.get("pipeline_names") or ["__default__"]))
-        check_pipeline_matches(self._params, pipeline, self._env)
+        check_pipeline_matches(self._params, pipeline, self._env, run_params)
 
 
 class MlflowTrackingHook:

@@ -7,6 +7,8 @@ cifar10`` and ``kedro viz run --env cifar10`` both see the 24 CIFAR-10 represent
 
 from __future__ import annotations
 
+from typing import Any
+
 from kedro.pipeline import Pipeline
 
 from .pipelines import (
@@ -22,7 +24,11 @@ from .study_config import backbone_names, concept_types, gallery_type, study_par
 
 def register_pipelines() -> dict[str, Pipeline]:
     """Every pipeline by name; ``__default__`` is the whole study."""
-    params = study_parameters()
+    return build_pipelines(study_parameters())
+
+
+def build_pipelines(params: dict[str, Any]) -> dict[str, Pipeline]:
+    """The project's pipelines for a set of parameters (a pure function of them)."""
     names = backbone_names(params)
     types = concept_types(params)
     pipes = {

@@ -118,7 +118,7 @@ def _run_node(job: _Job, upstream: tuple, address: str) -> dict[str, Any]:
         _CWD_WARNED.add(address)
         logging.getLogger("iis_study.runners").warning(  # the runner's logger, as before this module
             "Dask worker %s runs in %s, not in the project folder %s: relative paths in parameters "
-            "(dataset.root, the feature_cache path) resolve against the worker's folder",
+            "(dataset.root) resolve against the worker's folder",
             address, os.getcwd(), job.cwd,
         )
     if job.torch_threads:

@@ -36,23 +36,46 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+_COMMANDS = ("kedro", "iis-study")  # the Kedro CLI and the project's own entry point (pyproject.toml)
+
+
+def _cli_args(argv: list[str] | None = None) -> list[str] | None:
+    """The arguments of a ``kedro ...``, ``iis-study ...`` or ``python -m iis_study ...`` command line, else None."""
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return None
+    first = Path(argv[0])
+    if first.name in _COMMANDS or (first.name == "__main__.py" and first.parent.name == "iis_study"):
+        return list(argv[1:])
+    return None
+
+
+def _cli_option(names: tuple[str, ...], argv: list[str] | None = None) -> str | None:
+    args = _cli_args(argv)
+    if args is None:
+        return None
+    for i, arg in enumerate(args):
+        if arg in names and i + 1 < len(args):
+            return args[i + 1]
+        for name in names:
+            if name.startswith("--") and arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
 def cli_env(argv: list[str] | None = None) -> str | None:
-    """The environment a ``kedro`` command line names (``--env X``, ``--env=X``, ``-e X``), or None.
+    """The environment a command line names (``--env X``, ``--env=X``, ``-e X``), or None.
 
     Kedro-Viz runs no project hooks, so for ``kedro viz run --env cifar10`` this is how the registry
-    learns the environment (its server process is spawned with the parent's ``sys.argv``). Only a
-    ``kedro`` command line is read; a flag beats ``KEDRO_ENV``, as in Kedro itself.
+    learns the environment (its server process is spawned with the parent's ``sys.argv``). Read from a
+    ``kedro``, ``iis-study`` or ``python -m iis_study`` command line; a flag beats ``KEDRO_ENV``, as in Kedro.
     """
-    argv = sys.argv if argv is None else argv
-    if not argv or Path(argv[0]).name != "kedro":
-        return None
-    args = argv[1:]
-    for i, arg in enumerate(args):
-        if arg in ("--env", "-e") and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--env="):
-            return arg.split("=", 1)[1]
-    return None
+    return _cli_option(("--env", "-e"), argv)
+
+
+def cli_conf_source(argv: list[str] | None = None) -> str | None:
+    """The ``--conf-source`` a command line names, or None."""
+    return _cli_option(("--conf-source",), argv)
 
 
 def active_env(argv: list[str] | None = None) -> str | None:
@@ -61,17 +84,29 @@ def active_env(argv: list[str] | None = None) -> str | None:
 
 
 def study_parameters(env: str | None = None, conf_source: str | Path | None = None) -> dict[str, Any]:
-    """The merged parameters of ``env`` (default: :func:`active_env`), read from ``conf/`` with the
-    project's config loader settings (``settings.CONFIG_LOADER_ARGS``: soft merge of environments)."""
+    """The merged parameters of ``env`` (default: :func:`active_env`), read from ``conf/`` (or the command
+    line's ``--conf-source``) with the project's config loader settings (``settings.CONFIG_LOADER_ARGS``:
+    soft merge of environments).
+
+    Kedro's config loader registers its ``${globals:...}`` resolver for the whole process; the resolvers
+    in place before the call are put back, so reading parameters here never changes how the running
+    session resolves its own catalog and parameters.
+    """
     from kedro.config import OmegaConfigLoader
+    from omegaconf.basecontainer import BaseContainer
 
     from .settings import CONFIG_LOADER_ARGS
 
-    source = Path(conf_source or Path.cwd() / "conf")
+    source = Path(conf_source or cli_conf_source() or Path.cwd() / "conf")
     if not source.is_dir():
         source = PROJECT_ROOT / "conf"
-    loader = OmegaConfigLoader(conf_source=str(source), env=env or active_env(), **CONFIG_LOADER_ARGS)
-    return loader["parameters"]
+    resolvers = dict(BaseContainer._resolvers)
+    try:
+        loader = OmegaConfigLoader(conf_source=str(source), env=env or active_env(), **CONFIG_LOADER_ARGS)
+        return loader["parameters"]
+    finally:
+        BaseContainer._resolvers.clear()
+        BaseContainer._resolvers.update(resolvers)
 
 
 FAMILY_KEYS = ("layers", "resolutions", "base")

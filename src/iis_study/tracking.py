@@ -27,6 +27,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .core.config import ConceptParams, backbone_fields
+from .core.data import DatasetSpec
+from .core.heads import SweepConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -117,12 +121,7 @@ class StudyTracker:
             "dataset": params.get("dataset"),
             "splits": params.get("splits"),
             "backbones": sorted((params.get("backbones") or {}).keys()),
-            "concept_types": (params.get("concepts") or {}).get("types"),
-            "m": (params.get("concepts") or {}).get("m"),
-            "sparsities": (params.get("sweep") or {}).get("sparsities"),
-            "learning_rates": (params.get("sweep") or {}).get("learning_rates"),
-            "seeds": (params.get("sweep") or {}).get("seeds"),
-            "epochs": (params.get("sweep") or {}).get("epochs"),
+            **self._study_summary(),
         }
         self._log_params(self.parent, _flat("", study))
         logger.info("MLflow: run %s in experiment %r at %s", self.parent, name, self.uri)
@@ -154,33 +153,41 @@ class StudyTracker:
             self.children[backbone] = rid
             others = {k: v for k, v in self.params.items() if k not in ("backbones", "families")}
             self._log_resolved_params(rid, {**others, "backbones": {backbone: spec}})
-            concepts = self.params.get("concepts") or {}
-            sweep = self.params.get("sweep") or {}
+            rep = backbone_fields(spec)
+            dataset = DatasetSpec.from_params(self.params.get("dataset"))
             self._log_params(
                 rid,
                 _flat(
                     "",
                     {
                         "backbone": backbone,
-                        "model": spec.get("model"),
-                        "weights": spec.get("weights", "offline"),
-                        "input_size": spec.get("input_size"),
+                        "model": rep["model"],
+                        "weights": rep["weights"],
+                        "input_size": rep["input_size"],
                         "representation": label,
-                        "layer": spec.get("layer", "penultimate"),
-                        "pooling": spec.get("pooling", "avg"),
-                        "family": spec.get("family"),
-                        "dataset": (self.params.get("dataset") or {}).get("kind"),
-                        "dataset_root": (self.params.get("dataset") or {}).get("root"),
-                        "concept_types": concepts.get("types"),
-                        "m": concepts.get("m"),
-                        "sparsities": sweep.get("sparsities"),
-                        "learning_rates": sweep.get("learning_rates"),
-                        "seeds": sweep.get("seeds"),
-                        "epochs": sweep.get("epochs"),
+                        "layer": rep["layer"],
+                        "pooling": rep["pooling"],
+                        "family": rep["family"],
+                        "dataset": dataset.kind,
+                        "dataset_root": dataset.root,
+                        **self._study_summary(),
                     },
                 ),
             )
         return self.children[backbone]
+
+    def _study_summary(self) -> dict[str, Any]:
+        """The concept and sweep settings every run shows as parameters (their typed blocks' values)."""
+        concepts = ConceptParams.from_params(self.params.get("concepts"))
+        sweep = SweepConfig.from_params(self.params.get("sweep"))
+        return {
+            "concept_types": list(concepts.types),
+            "m": concepts.m,
+            "sparsities": list(sweep.sparsities),
+            "learning_rates": list(sweep.learning_rates),
+            "seeds": list(sweep.seeds),
+            "epochs": sweep.epochs,
+        }
 
     def log_feature_info(self, backbone: str, info: dict[str, Any]) -> None:
         keep = ("cache_key", "weights_fingerprint", "dim", "n_train", "n_val", "n_test", "n_skipped")

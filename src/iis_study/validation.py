@@ -104,18 +104,48 @@ def _validate_representations(params: dict[str, Any]) -> dict[str, Any]:
     return backbones
 
 
-def check_pipeline_matches(params: dict[str, Any], pipeline: Any, env: str | None) -> None:
-    """Stop a run whose pipeline was expanded for another environment's representations (the registry
-    reads the env from the command line or ``KEDRO_ENV``; a session created in Python with
-    ``env=...`` and no ``KEDRO_ENV`` would otherwise run the default env's representations)."""
-    from .study_config import backbone_names
+_FILTERS = ("node_names", "from_nodes", "to_nodes", "from_inputs", "to_outputs", "tags", "namespaces", "only_missing_outputs")
 
-    expected = set(backbone_names(params))
-    namespaces = {n.namespace.split(".")[0] for n in pipeline.nodes if n.namespace}
-    stray = sorted(namespaces - expected)
-    if stray:
+
+def check_dataset_source(params: dict[str, Any], globals_: dict[str, Any]) -> None:
+    """The images are read from ``globals.yml``'s ``dataset`` (the ``images`` catalog entry); a ``dataset``
+    block set among the parameters instead (``parameters.yml``, ``--params dataset.root=...``) would be
+    validated and logged but not read: an error naming where the block belongs."""
+    in_params = DatasetSpec.from_params(params.get("dataset"))
+    in_globals = DatasetSpec.from_params((globals_ or {}).get("dataset"))
+    if in_params != in_globals:
         raise ValueError(
-            f"this run's environment ({env or 'default'}) has the representations {sorted(expected)}, but the "
-            f"pipeline was built for others ({stray}): the pipeline registry reads the environment from "
-            f"`kedro ... --env` or KEDRO_ENV; set KEDRO_ENV={env} when creating a session in Python"
+            f"dataset: the parameters say {in_params.to_dict()}, but the images are read from the `dataset` block "
+            f"of conf/<env>/globals.yml, which says {in_globals.to_dict()}: move the dataset block to globals.yml"
+        )
+
+
+def check_pipeline_matches(params: dict[str, Any], pipeline: Any, env: str | None, run_params: dict[str, Any]) -> None:
+    """Stop a run whose pipeline was expanded from other parameters than the run's own.
+
+    The registry reads the parameters of the environment named by ``--env`` or ``KEDRO_ENV`` from the
+    conf files; a session created in Python with ``env=...`` and no ``KEDRO_ENV``, or runtime ``--params``
+    that change the representations, concept types, gallery or fine-tuned backbones, would otherwise
+    run (or miss) other nodes than the run's parameters ask for. Compares node names both ways (only
+    one way when the run selects nodes: ``--nodes``, ``--tags``, ...).
+    """
+    from .pipeline_registry import build_pipelines
+
+    pipes = build_pipelines(params)
+    names = run_params.get("pipeline_names") or ["__default__"]
+    expected = {n.name for name in names if name in pipes for n in pipes[name].nodes}
+    running = {n.name for n in pipeline.nodes}
+    filtered = any(run_params.get(k) for k in _FILTERS)
+    stray, missing = sorted(running - expected), ([] if filtered else sorted(expected - running))
+    if stray or missing:
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+
+        raise ValueError(
+            f"this run's parameters (environment {env or 'default'}) do not match the pipeline the registry built"
+            + (f"; nodes for other parameters: {few(stray)}" if stray else "")
+            + (f"; nodes missing: {few(missing)}" if missing else "")
+            + ". The registry reads conf/<env> as named by `--env` or KEDRO_ENV: set KEDRO_ENV="
+            + f"{env or '<env>'} when creating a session in Python, and put changes to backbones, families, "
+            "concepts.types, gallery or fine_tuning.backbones in conf/<env>/parameters.yml, not --params"
         )

@@ -307,15 +307,17 @@ def test_elements_that_embed_to_zero_are_left_out_of_every_concept_type(caplog):
     zero = [0, 5, 17, 39]
     emb[zero] = 0.0
     params = {"m": 36, "seed": 0, "cluster_max_elements": 1000, "end_to_end_max_elements": 1000}
+    from iis_study.core.features import Embeddings
+
     with caplog.at_level("INFO"):
-        proto = prototype_concepts({"x": emb}, params)
+        proto = prototype_concepts(Embeddings(emb), params)
     assert "4 of 40 concept elements embed to the zero vector" in caplog.text
-    ids = proto["element_ids"].tolist()
+    ids = proto.element_ids.tolist()
     assert len(ids) == 36 and not set(ids) & set(zero)  # M = 36 = every non-zero element
-    assert torch.isfinite(proto["vectors"]).all()
-    torch.testing.assert_close(proto["vectors"], torch.nn.functional.normalize(emb[ids], dim=1))
-    clus = cluster_concepts({"x": emb}, {**params, "m": 10})
-    assert not set(clus["element_ids"].tolist()) & set(zero) and torch.isfinite(clus["vectors"]).all()
-    e2e = end_to_end_concepts({"x": emb}, {**params, "m": 10})
-    stored = [v for k, v in e2e.items() if k != "__metadata__" and v.ndim == 2]
+    assert torch.isfinite(proto.space.vectors).all()
+    torch.testing.assert_close(proto.space.vectors, torch.nn.functional.normalize(emb[ids], dim=1))
+    clus = cluster_concepts(Embeddings(emb), {**params, "m": 10})
+    assert not set(clus.element_ids.tolist()) & set(zero) and torch.isfinite(clus.space.vectors).all()
+    e2e = end_to_end_concepts(Embeddings(emb), {**params, "m": 10})
+    stored = [v for k, v in e2e.to_tensors().items() if k != "__metadata__" and v.ndim == 2]
     assert stored and all(len(v) == 36 and torch.isfinite(v).all() for v in stored)

@@ -104,9 +104,9 @@ def run_lam1(data, tmp_path_factory):
     ],
 )
 def test_bad_config_names_the_parameter(field, value):
-    cfg = ft.FinetuneConfig(**{field: value})
+    """Checked when built (a typed parameter block), naming ``fine_tuning.<field>``."""
     with pytest.raises(ValueError, match=rf"fine_tuning\.{field}"):
-        cfg.validate()
+        ft.FinetuneConfig(**{field: value})
 
 
 def test_from_params_rejects_unknown_keys_and_accepts_lists():

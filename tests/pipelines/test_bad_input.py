@@ -107,3 +107,17 @@ def test_a_python_session_of_another_env_stops_before_any_node(tmp_path, monkeyp
             with pytest.raises(ValueError, match=r"lite0_stage1.*KEDRO_ENV=test"):
                 session.run(pipeline_names=["feature_extraction"])
     assert not any((project / "data" / "04_feature").iterdir())
+
+
+def test_a_dataset_block_among_the_parameters_names_globals_yml(tmp_path):
+    """The images are read from globals.yml; a `dataset` block left in parameters.yml (the old place) would
+    be validated and logged but not read: an error before any node, naming globals.yml."""
+    import yaml
+
+    project = make_project(tmp_path, TINY)
+    path = project / "conf" / "test" / "parameters.yml"
+    params = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**params, "dataset": {"kind": "digits", "image_size": 48}}))
+    with pytest.raises(ValueError, match="move the dataset block to globals.yml"):
+        run_in_process(project, pipeline="data_processing")
+    assert not (project / "data" / "02_intermediate" / "splits.csv").exists()

@@ -1,16 +1,17 @@
 """Concept acquisition (METHOD §5): source images, their elements, and concept spaces.
 
 Source images are a seeded sample of train images per class, cut into elements (patches, SLIC
-segments). Each concept type turns the embeddings of the concept elements (or, for ``textual``, CLIP and the
-features) into the tensors the concepts pipeline stores (``concepts_<type>.safetensors``);
-:func:`concept_space` reads them back as the :class:`~iis_study.core.heads.ConceptSpace` the sweep
-trains on. Parameters come from :class:`~iis_study.core.config.ConceptParams`.
+segments). Each concept type turns the embeddings of the concept elements (or, for ``textual``, CLIP
+and the features) into a :class:`ConceptSet`: the :class:`~iis_study.core.heads.ConceptSpace` the
+sweep trains on, with the element ids behind each concept. Parameters come from
+:class:`~iis_study.core.config.ConceptParams`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from . import concepts as C
 from .config import ConceptParams
 from .data import BadImageError, ImageSet
+from .features import Embeddings, FeatureSet
 from .heads import ConceptSpace
 
 logger = logging.getLogger(__name__)
@@ -67,17 +69,17 @@ def build_elements(sources: pd.DataFrame, images: ImageSet, concepts: ConceptPar
     return elements
 
 
-def usable_embeddings(element_embeddings: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+def usable_embeddings(element_embeddings: Embeddings) -> tuple[torch.Tensor, np.ndarray]:
     """Element embeddings with a direction (a blank patch can embed to the zero vector, which no
     L2 normalisation can turn into a concept), and their element ids."""
-    emb = element_embeddings["x"]
+    emb = element_embeddings.x
     ids = np.flatnonzero((emb.norm(dim=1) > 1e-6).numpy())
     if len(ids) < len(emb):
         logger.info("%d of %d concept elements embed to the zero vector and are left out", len(emb) - len(ids), len(emb))
     return emb[torch.as_tensor(ids)], ids
 
 
-def prototype_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+def prototype_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.1: M element embeddings (a seeded random sample), L2-normalised."""
     concepts = ConceptParams.from_params(concepts)
     emb, ids = usable_embeddings(element_embeddings)
@@ -89,7 +91,7 @@ def prototype_space(element_embeddings: dict[str, Any], concepts: ConceptParams)
     return stored_space("vectors", "prototype", vectors=vectors, element_ids=torch.as_tensor(ids[idx], dtype=torch.int64))
 
 
-def cluster_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+def cluster_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.2: KMeans centroids of up to ``cluster_max_elements`` element embeddings."""
     concepts = ConceptParams.from_params(concepts)
     emb, ids = usable_embeddings(element_embeddings)
@@ -103,7 +105,7 @@ def cluster_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -
     )
 
 
-def end_to_end_space(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+def end_to_end_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.3: the element embeddings over which the assignment is learned with the head."""
     concepts = ConceptParams.from_params(concepts)
     emb, usable = usable_embeddings(element_embeddings)
@@ -122,8 +124,8 @@ def end_to_end_space(element_embeddings: dict[str, Any], concepts: ConceptParams
 
 
 def textual_space(
-    features: dict[str, Any], splits: pd.DataFrame, images: ImageSet, concepts: ConceptParams
-) -> dict[str, Any]:
+    features: FeatureSet, splits: pd.DataFrame, images: ImageSet, concepts: ConceptParams
+) -> ConceptSet:
     """METHOD §5.4: CLIP-scored concept words and the learned projection onto them."""
     concepts = ConceptParams.from_params(concepts)
     from . import textual as T
@@ -138,10 +140,7 @@ def textual_space(
     rng = np.random.default_rng(concepts.seed)
     parts = {}
     for split in ("train", "val"):
-        if f"{split}.index" in features:  # dataset indices of the feature rows (skipped images left out)
-            index = features[f"{split}.index"].numpy()
-        else:
-            index = splits.loc[splits["split"] == split, "index"].to_numpy()
+        index = features.split(split).index.numpy()  # dataset indices of the feature rows (skipped images left out)
         pick = np.sort(rng.choice(len(index), size=min(max_images, len(index)), replace=False))
         parts[split] = (index[pick], pick)
     words = T.read_words(cfg.words)
@@ -149,8 +148,8 @@ def textual_space(
         bundle,
         [images.load(int(i)) for i in parts["train"][0]],
         [images.load(int(i)) for i in parts["val"][0]],
-        features["train.x"][torch.as_tensor(parts["train"][1])],
-        features["val.x"][torch.as_tensor(parts["val"][1])],
+        features.train.x[torch.as_tensor(parts["train"][1])],
+        features.val.x[torch.as_tensor(parts["val"][1])],
         words,
         top5_threshold=float(cfg.top5_threshold),
         sim_threshold=float(cfg.similarity_threshold),
@@ -161,33 +160,58 @@ def textual_space(
         projection=result.projection,
         mean=result.mean,
         std=result.std,
-        words=json.dumps(list(result.words)),
+        words=list(result.words),
     )
 
 
-def stored_space(kind: str, concept_type: str, **tensors: Any) -> dict[str, Any]:
-    """The stored form of a concept space: its tensors, and its kind, type and other fields as metadata."""
-    meta = {"kind": kind, "concept_type": concept_type}
-    out: dict[str, Any] = {}
-    for k, v in tensors.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.detach().float().contiguous() if k != "element_ids" else v.contiguous()
-        elif v is not None:
-            meta[k] = str(v)
-    out["__metadata__"] = meta
-    return out
+@dataclass
+class ConceptSet:
+    """A representation's concepts of one type: the :class:`~iis_study.core.heads.ConceptSpace` the sweep
+    trains on, the ids of the concept elements it came from (for display), and the words of textual
+    concepts; what the ``{backbone}.concepts_<type>`` catalog entry stores."""
+
+    concept_type: str
+    space: ConceptSpace
+    element_ids: torch.Tensor | None = None
+    words: tuple[str, ...] | None = None
+
+    def to_tensors(self) -> dict[str, Any]:
+        """The stored form: the space's tensors and ``element_ids``; kind, type, M and words as metadata."""
+        meta = {"kind": self.space.kind, "concept_type": self.concept_type}
+        if self.space.n_concepts is not None:
+            meta["n_concepts"] = str(self.space.n_concepts)
+        if self.words is not None:
+            meta["words"] = json.dumps(list(self.words))
+        out: dict[str, Any] = {}
+        for k in ("vectors", "elements", "projection", "mean", "std"):
+            v = getattr(self.space, k)
+            if v is not None:
+                out[k] = v.detach().float().contiguous()
+        if self.element_ids is not None:
+            out["element_ids"] = self.element_ids.contiguous()
+        out["__metadata__"] = meta
+        return out
+
+    @classmethod
+    def from_tensors(cls, data: dict[str, Any]) -> ConceptSet:
+        """Back from :meth:`to_tensors`."""
+        meta = data.get("__metadata__") or {}
+        space = ConceptSpace(
+            kind=meta.get("kind", "vectors"),
+            vectors=data.get("vectors"),
+            elements=data.get("elements"),
+            n_concepts=int(meta["n_concepts"]) if "n_concepts" in meta else None,
+            projection=data.get("projection"),
+            mean=data.get("mean"),
+            std=data.get("std"),
+        )
+        words = tuple(json.loads(meta["words"])) if "words" in meta else None
+        return cls(str(meta.get("concept_type", "")), space, data.get("element_ids"), words)
 
 
-def concept_space(data: dict[str, Any]) -> ConceptSpace:
-    """The :class:`~iis_study.core.heads.ConceptSpace` of a stored concept space (:func:`stored_space`)."""
-    meta = data.get("__metadata__", {})
-    kind = meta.get("kind", "vectors")
-    return ConceptSpace(
-        kind=kind,
-        vectors=data.get("vectors"),
-        elements=data.get("elements"),
-        n_concepts=int(meta["n_concepts"]) if "n_concepts" in meta else None,
-        projection=data.get("projection"),
-        mean=data.get("mean"),
-        std=data.get("std"),
-    )
+def stored_space(kind: str, concept_type: str, **tensors: Any) -> ConceptSet:
+    """A :class:`ConceptSet` from the space's fields (tensors as float32; ``element_ids``, ``words`` kept)."""
+    element_ids = tensors.pop("element_ids", None)
+    words = tensors.pop("words", None)
+    fields = {k: v.detach().float().contiguous() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    return ConceptSet(concept_type, ConceptSpace(kind=kind, **fields), element_ids, tuple(words) if words else None)

@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,23 @@ def model_tag(spec: BackboneSpec) -> str:
     """``<model>-<weights kind>`` (``offline``, ``hub``, ``random``, or ``ckpt`` for a file): the
     checkpoint folder of a run when the caller gives no ``checkpoint_key``."""
     return f"{spec.model}-{spec.weights if spec.weights in _NAMED_WEIGHTS else 'ckpt'}"
+
+
+@dataclass(frozen=True)
+class CheckpointStore:
+    """Where fine-tuning keeps its checkpoints (the ``fine_tuning_checkpoints`` catalog entry):
+    ``<root>/<representation key>/lam<λ>_seed<seed>/`` holds ``epoch_NNN.safetensors`` (weights, optimiser
+    and RNG state, for resuming) and the exported ``backbone.safetensors``; keyed by the Kedro namespace,
+    so two resolutions of one model never share a folder (:func:`run_checkpoint_dir`)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def run_dir(self, spec: BackboneSpec, lam: float, seed: int, key: str) -> Path:
+        """The folder of one (representation, λ, seed) run."""
+        return run_checkpoint_dir(self.root, spec, lam, seed, checkpoint_key=key)
 
 
 def run_checkpoint_dir(
@@ -262,9 +279,10 @@ def _resume(checkpoint_dir: Path, run_id: str, state: _State) -> tuple[int, list
             continue
         if found != run_id:
             raise ValueError(
-                f"fine-tuning checkpoint_dir {str(checkpoint_dir)!r} holds checkpoints of another run "
+                f"fine-tuning checkpoint folder {str(checkpoint_dir)!r} holds checkpoints of another run "
                 f"({path.name}: run hash {found}, this run {run_id}): fine_tuning settings, backbone, "
-                "data or sweep differ. Use another checkpoint_dir or delete the old checkpoints."
+                "data or sweep differ. Point the `fine_tuning_checkpoints` catalog entry elsewhere or delete "
+                "the old checkpoints."
             )
         done, history = load_checkpoint_state(path, state)
         logger.info("resuming fine-tuning from %s (epoch %d)", path, done)

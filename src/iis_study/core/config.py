@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 from .device import check_device
 from .params import Params, block, check_int, check_open_fraction, check_subset
 
+from .finetune_config import FinetuneConfig
+from .heads.datatypes import SweepConfig
+
 if TYPE_CHECKING:
     from .backbones import BackboneSpec
-    from .heads import SweepConfig
 
 CONCEPT_TYPES = ("prototype", "cluster", "end_to_end", "textual")
 ELEMENT_KINDS = ("patches", "segments")
@@ -64,6 +66,14 @@ class ExtractionParams(Params):
     storage: str = "memory"  # memory | sharded
     storage_dtype: str = "float32"
     shard_rows: int = 16384
+
+    def __init__(self, **values: Any) -> None:
+        if "cache_dir" in values:
+            raise ValueError(
+                "extraction.cache_dir is no longer a parameter: the feature cache is the `feature_cache` catalog "
+                "entry (conf/<env>/catalog.yml, `path:`)"
+            )
+        super().__init__(**values)
 
     def validate(self) -> None:
         from .store import check_storage
@@ -266,6 +276,19 @@ class TrackingSettings(Params):
             raise ValueError(f"mlflow.yml: tracking.uri must be a tracking URI or null, got {self.uri!r}")
 
 
+def backbone_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field of a ``backbones`` entry, the spec's defaults filled in, without checking it (no model
+    is built, no file opened): for tables and MLflow after the run's validation has checked the entry."""
+    import dataclasses
+
+    from .backbones import BackboneSpec
+
+    def default(f: dataclasses.Field) -> Any:
+        return None if f.default is dataclasses.MISSING else f.default
+
+    return {f.name: entry[f.name] if f.name in entry else default(f) for f in dataclasses.fields(BackboneSpec)}
+
+
 def backbone_spec(entry: Mapping[str, Any]) -> BackboneSpec:
     """The :class:`~iis_study.core.backbones.BackboneSpec` of one entry of the expanded ``backbones``
     block (the one way an entry becomes a spec; its name is ``name``, else the model)."""
@@ -275,24 +298,14 @@ def backbone_spec(entry: Mapping[str, Any]) -> BackboneSpec:
 
 
 def sweep_config(params: Mapping[str, Any] | SweepConfig | None, where: str = "sweep") -> SweepConfig:
-    """The validated :class:`~iis_study.core.heads.SweepConfig` of a ``sweep`` block (or
-    ``fine_tuning.sweep``), its ``device`` resolved (``auto``: CUDA when present)."""
+    """The :class:`~iis_study.core.heads.SweepConfig` of a ``sweep`` block (or ``fine_tuning.sweep``),
+    checked, its ``device`` resolved (``auto``: CUDA when present)."""
     from dataclasses import replace
 
     from .device import resolve_device
-    from .heads import SweepConfig
-    from .params import reject_unknown_keys
 
-    if isinstance(params, SweepConfig):
-        cfg = params
-    else:
-        params = dict(params or {})
-        reject_unknown_keys(params, SweepConfig.__dataclass_fields__, where)
-        p = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        cfg = SweepConfig(**p)
-    cfg = replace(cfg, device=resolve_device(cfg.device, f"{where}.device"))
-    cfg.validate()
-    return cfg
+    cfg = SweepConfig.from_params(params)
+    return replace(cfg, device=resolve_device(cfg.device, f"{where}.device"))
 
 
 @block
@@ -300,17 +313,24 @@ class FineTuningParams(Params):
     """``fine_tuning``: interpretability maximization and its λ = 0 control (METHOD §6).
 
     ``train`` is the :class:`~iis_study.core.finetune.FinetuneConfig` of every run (its ``lam`` and
-    ``seed`` come from ``lams`` x ``seeds``); ``sweep`` the scoring sweep along training. Checkpoints:
-    ``<checkpoint_dir>/<representation key>/lam<λ>_seed<seed>/``.
+    ``seed`` come from ``lams`` x ``seeds``); ``sweep`` the scoring sweep along training. Checkpoints: the
+    ``fine_tuning_checkpoints`` catalog entry (:class:`~iis_study.core.checkpoints.CheckpointStore`).
     """
 
     WHERE = "fine_tuning"
     backbones: tuple[str, ...] = ()
     lams: tuple[float, ...] = (0.0, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    checkpoint_dir: str = "data/06_models/fine_tuning"
-    train: dict[str, Any] | None = None
-    sweep: dict[str, Any] | None = None
+    train: FinetuneConfig = FinetuneConfig()  # lam and seed: set per run from lams x seeds
+    sweep: SweepConfig = SweepConfig()
+
+    def __init__(self, **values: Any) -> None:
+        if "checkpoint_dir" in values:
+            raise ValueError(
+                "fine_tuning.checkpoint_dir is no longer a parameter: checkpoints live in the "
+                "`fine_tuning_checkpoints` catalog entry (conf/<env>/catalog.yml, `path:`)"
+            )
+        super().__init__(**values)
 
     def validate(self) -> None:
         bad = [v for v in self.lams if not isinstance(v, int | float) or isinstance(v, bool) or v < 0]
@@ -331,11 +351,11 @@ class FineTuningParams(Params):
             lams = [0.0, *lams]
         return [(lam, int(seed)) for lam in sorted(set(lams)) for seed in self.seeds]
 
-    def run_config(self, lam: float, seed: int):
-        """The validated :class:`~iis_study.core.finetune.FinetuneConfig` of one (λ, seed) run."""
-        from .finetune import FinetuneConfig
+    def run_config(self, lam: float, seed: int) -> FinetuneConfig:
+        """The :class:`~iis_study.core.finetune.FinetuneConfig` of one (λ, seed) run."""
+        from dataclasses import replace
 
-        return FinetuneConfig.from_params({**dict(self.train or {}), "lam": lam, "seed": seed})
+        return replace(self.train, lam=lam, seed=seed)
 
     def scoring_sweep(self) -> SweepConfig:
         """The scoring sweep along training, its device resolved."""

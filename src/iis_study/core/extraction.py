@@ -19,7 +19,15 @@ from .backbones import BackboneSpec, build
 from .config import ExtractionParams
 from .data import SPLITS, ImageSet, array_image_set, check_class_coverage
 from .device import resolve_device
-from .features import FeatureCache, cached_features, extract_sharded_cached, split_features
+from .features import (
+    Embeddings,
+    FeatureCache,
+    FeatureSet,
+    SplitFeatures,
+    cached_features,
+    extract_sharded_cached,
+    split_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +45,12 @@ def extraction_kwargs(extraction: ExtractionParams, cache: FeatureCache, on_bad_
 
 def extract_split_features(
     spec: BackboneSpec, images: ImageSet, splits: pd.DataFrame, cache: FeatureCache, extraction: ExtractionParams
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[FeatureSet, dict[str, Any]]:
     """Pooled features of every train/val/test image of the split table, from the cache when present.
 
     Returns:
-        ``features``: ``{"<split>.x": (N, D) float32, "<split>.y": (N,) int64, "<split>.index": (N,)
-        dataset indices}`` for each split (with ``extraction.storage: sharded`` each ``.x`` is a
-        :class:`~iis_study.core.store.ShardedArray` on disk instead of a tensor);
+        ``features``: the :class:`~iis_study.core.features.FeatureSet` (with ``extraction.storage:
+        sharded`` each split's ``x`` is a :class:`~iis_study.core.store.ShardedArray` on disk);
         ``feature_info``: the cache key, weights fingerprint, preprocessing and sizes.
     """
     extraction = ExtractionParams.from_params(extraction)
@@ -109,16 +116,15 @@ def extract_split_features(
         "storage": extraction.storage,
         "num_classes": int(np.unique(splits["label"]).size),
     }
-    out["__metadata__"] = {"cache_key": key, "model": spec.model}
     logger.info("%s: %d-d features, cache key %s", spec.model, rep.dim, key)
-    return out, info
+    parts = {name: SplitFeatures(out[f"{name}.x"], out[f"{name}.y"], out[f"{name}.index"]) for name in SPLITS}
+    return FeatureSet(**parts, cache_key=key, model=spec.model), info
 
 
 def embed_elements(
     spec: BackboneSpec, element_images: np.ndarray, cache: FeatureCache, extraction: ExtractionParams
-) -> dict[str, Any]:
-    """Embeddings of the concept elements by the representation (the same code and cache as the features):
-    ``{"x": (E, D) float32, "__metadata__": {"cache_key", "model"}}``."""
+) -> Embeddings:
+    """Embeddings of the concept elements by the representation (the same code and cache as the features)."""
     extraction = ExtractionParams.from_params(extraction)
     feats, key, _ = cached_features(
         spec,
@@ -127,4 +133,4 @@ def embed_elements(
         desc=f"{spec.model} concept elements",
         **{k: v for k, v in extraction_kwargs(extraction, cache).items() if k != "on_bad_image"},
     )
-    return {"x": feats.x, "__metadata__": {"cache_key": key, "model": spec.model}}
+    return Embeddings(x=feats.x, cache_key=key, model=spec.model)

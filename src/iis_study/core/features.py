@@ -93,6 +93,74 @@ class FeatureCache:
         object.__setattr__(self, "root", Path(self.root))
 
 
+@dataclass
+class SplitFeatures:
+    """One split's features: ``x`` (N, D) float32 (a tensor, or a :class:`~iis_study.core.store.ShardedArray`
+    on disk with ``extraction.storage: sharded``), ``y`` (N,) int64 labels, ``index`` (N,) int64 dataset
+    indices of the rows (unreadable images skipped with ``on_bad_image: skip`` are left out)."""
+
+    x: Any
+    y: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class FeatureSet:
+    """The features of the study's images for one representation, by split: what the
+    ``{backbone}.features`` catalog entry stores (one safetensors file, shards hard-linked beside it)."""
+
+    train: SplitFeatures
+    val: SplitFeatures
+    test: SplitFeatures
+    cache_key: str = ""
+    model: str = ""
+
+    def split(self, name: str) -> SplitFeatures:
+        """The split called ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in ("train", "val", "test"):
+            raise KeyError(f"no split {name!r}: expected train, val or test")
+        return getattr(self, name)
+
+    def to_tensors(self) -> dict[str, Any]:
+        """The stored form: ``<split>.x`` / ``.y`` / ``.index`` and string metadata."""
+        out: dict[str, Any] = {}
+        for name in ("train", "val", "test"):
+            part = self.split(name)
+            out.update({f"{name}.x": part.x, f"{name}.y": part.y, f"{name}.index": part.index})
+        out["__metadata__"] = {"cache_key": self.cache_key, "model": self.model}
+        return out
+
+    @classmethod
+    def from_tensors(cls, data: dict[str, Any]) -> FeatureSet:
+        """Back from :meth:`to_tensors`."""
+        missing = [f"{s}.{k}" for s in ("train", "val", "test") for k in ("x", "y", "index") if f"{s}.{k}" not in data]
+        if missing:
+            raise ValueError(f"stored features lack {missing}: written by an older version; re-run feature_extraction")
+        meta = data.get("__metadata__") or {}
+        parts = {s: SplitFeatures(data[f"{s}.x"], data[f"{s}.y"], data[f"{s}.index"]) for s in ("train", "val", "test")}
+        return cls(**parts, cache_key=str(meta.get("cache_key", "")), model=str(meta.get("model", "")))
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of a set of images (the concept elements) by one representation: ``x`` (E, D) float32;
+    what the ``{backbone}.element_embeddings`` catalog entry stores."""
+
+    x: torch.Tensor
+    cache_key: str = ""
+    model: str = ""
+
+    def to_tensors(self) -> dict[str, Any]:
+        """The stored form."""
+        return {"x": self.x, "__metadata__": {"cache_key": self.cache_key, "model": self.model}}
+
+    @classmethod
+    def from_tensors(cls, data: dict[str, Any]) -> Embeddings:
+        """Back from :meth:`to_tensors`."""
+        meta = data.get("__metadata__") or {}
+        return cls(x=data["x"], cache_key=str(meta.get("cache_key", "")), model=str(meta.get("model", "")))
+
+
 # a counter of backbone forward passes (tests assert a cached run does none)
 FORWARD_PASSES = {"count": 0}
 

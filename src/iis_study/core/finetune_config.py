@@ -16,7 +16,7 @@ import torch
 
 from .concepts import Elements
 from .data import ImageSet
-from .params import reject_unknown_keys
+from .params import Params, block
 
 BN_MODES = ("train", "eval", "frozen")
 DEVICES = ("auto", "cpu", "cuda")
@@ -26,9 +26,12 @@ SPLIT_NAMES = ("train", "val", "test")
 # --------------------------------------------------------------------------- config and records
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Settings of one fine-tuning run (the ``fine_tuning`` parameter block)."""
+@block
+class FinetuneConfig(Params):
+    """Settings of one fine-tuning run: the ``fine_tuning.train`` parameter block, whose ``lam`` and
+    ``seed`` each run takes from ``fine_tuning.lams`` x ``fine_tuning.seeds`` (checked when built)."""
+
+    WHERE = "fine_tuning"
 
     lam: float = 1.0
     sparsity: float = 0.1
@@ -47,19 +50,13 @@ class FinetuneConfig:
     num_workers: int = 0
     eval_epochs: tuple[int, ...] | None = None
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> FinetuneConfig:
-        """Build from a parameter mapping; unknown keys are an error."""
-        if "m" in params:
+    def __init__(self, **values: Any) -> None:
+        if "m" in values:
             raise ValueError("fine_tuning: m is not a fine-tuning setting: the concepts are the study's M prototypes "
                              "(concepts.m, concepts.seed); remove fine_tuning.train.m")
-        reject_unknown_keys(params, cls.__dataclass_fields__, "fine_tuning")
-        p = dict(params)
-        if p.get("eval_epochs") is not None:
-            p["eval_epochs"] = tuple(int(e) for e in p["eval_epochs"])
-        cfg = cls(**p)
-        cfg.validate()
-        return cfg
+        if values.get("eval_epochs") is not None:
+            values["eval_epochs"] = tuple(int(e) for e in values["eval_epochs"])
+        super().__init__(**values)
 
     def validate(self) -> None:
         """Check every field; a ``ValueError`` names ``fine_tuning.<field>`` and what was expected."""

@@ -11,8 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import ConceptParams, CorrelationParams, GalleryParams, backbone_spec
+from .config import ConceptParams, CorrelationParams, GalleryParams, backbone_fields
+from .acquisition import ConceptSet
+from .concepts import Elements
 from .data import ImageSet
+from .features import FeatureSet
+from .heads import SweepResult
 from .scores import correlate
 
 logger = logging.getLogger(__name__)
@@ -59,19 +63,19 @@ def collect_scores(
         raise ValueError(f"collect_scores: missing inputs {missing}")
     rows, curves = [], []
     for name, entry in backbones.items():
-        rep = backbone_spec({**entry, "name": name})
+        rep = backbone_fields(entry)
         for ctype in concepts.types:
             scores, curve = results[f"{name}.scores_{ctype}"], results[f"{name}.curve_{ctype}"]
             rows.append(
                 {
                     "backbone": name,
-                    "representation": rep.label or name,
+                    "representation": rep["label"] or name,
                     "concept_type": ctype,
-                    "model": rep.model,
-                    "weights": rep.weights,
-                    "family": rep.family,
-                    "layer": rep.layer,
-                    "input_size": rep.input_size,
+                    "model": rep["model"],
+                    "weights": rep["weights"],
+                    "family": rep["family"],
+                    "layer": rep["layer"],
+                    "input_size": rep["input_size"],
                     **scores,
                 }
             )
@@ -218,10 +222,10 @@ def _clean(v: Any) -> Any:
 
 
 def concept_gallery(
-    features: dict[str, Any],
-    sweep_result: Any,
-    concept_space: dict[str, Any],
-    concept_elements: Any,
+    features: FeatureSet,
+    sweep_result: SweepResult,
+    concepts: ConceptSet,
+    concept_elements: Elements,
     splits: pd.DataFrame,
     images: ImageSet,
     gallery: GalleryParams,
@@ -229,32 +233,60 @@ def concept_gallery(
     """For a few test images: the prediction and the concepts that drove it, shown as their
     source patches or segments (the interpretation a person reads)."""
     from . import plots
-    from .acquisition import concept_space as to_space
-
-    gallery = GalleryParams.from_params(gallery)
     from .heads import explain
 
-    space = to_space(concept_space)
+    gallery = GalleryParams.from_params(gallery)
     test_rows = splits[splits["split"] == "test"].reset_index(drop=True)
-    if "test.index" in features:  # keep only the images that have features (skipped files left out)
-        test_rows = test_rows.set_index("index").loc[features["test.index"].numpy()].reset_index()
+    # keep only the images that have features (skipped files left out)
+    test_rows = test_rows.set_index("index").loc[features.test.index.numpy()].reset_index()
     n = min(gallery.n_images, len(test_rows))
     rng = np.random.default_rng(gallery.seed)
     pick = np.sort(rng.choice(len(test_rows), size=n, replace=False))
-    z = features["test.x"][pick]
-    explanation = explain(
-        sweep_result, space, z, sparsity=float(gallery.sparsity), top=gallery.top
-    )
+    z = features.test.x[pick]
+    explanation = explain(sweep_result, concepts.space, z, sparsity=float(gallery.sparsity), top=gallery.top)
     imgs = np.stack([images.load(int(i)) for i in test_rows.loc[pick, "index"]])
-    element_ids = concept_space["element_ids"].numpy()
     return plots.concept_gallery(
         imgs,
         test_rows.loc[pick, "label"].to_numpy(),
         list(images.classes),
         explanation,
         concept_elements.images,
-        element_ids,
-        title=f"{concept_space.get('__metadata__', {}).get('concept_type', '')} concepts, "
-        f"sparsity {gallery.sparsity}",
+        concepts.element_ids.numpy(),
+        title=f"{concepts.concept_type} concepts, sparsity {gallery.sparsity}",
         masks=concept_elements.masks,
     )
+
+
+def _labelled(iis_scores: pd.DataFrame) -> pd.DataFrame:
+    """The table with each point named by its representation's readable name (``lite0@96/stage3``)."""
+    if "representation" in iis_scores:
+        return iis_scores.assign(backbone=iis_scores["representation"].fillna(iis_scores["backbone"]))
+    return iis_scores
+
+
+def iis_vs_accuracy_figure(iis_scores: pd.DataFrame, correlation: dict[str, Any]):
+    """IIS against linear-probe accuracy, one point per representation, per concept type."""
+    from . import plots
+
+    return plots.iis_vs_accuracy(_labelled(iis_scores), correlation, score="iis")
+
+
+def scope_figures(iis_scores: pd.DataFrame, correlation_scopes: dict[str, Any]) -> dict[str, Any]:
+    """One IIS-vs-accuracy figure per correlation scope, keyed by its file name (``<scope>.png``)."""
+    from . import plots
+
+    figures = plots.iis_vs_accuracy_by_scope(_labelled(iis_scores), correlation_scopes, score="iis")
+    if not figures:  # e.g. correlation.groups: [family] without families; a versioned save needs a file
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no correlation scope with representations", ha="center", va="center")
+        figures = {"none": fig}
+    return {f"{name}.png": fig for name, fig in figures.items()}
+
+
+def sparsity_figure(sparsity_curves: pd.DataFrame):
+    """ARR against sparsity for every representation, per concept type."""
+    from . import plots
+
+    return plots.sparsity_curves(sparsity_curves, value="arr")

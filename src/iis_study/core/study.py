@@ -1,8 +1,8 @@
 """One representation's interpreters, as the interpretability pipeline runs them (METHOD §2-§4, §7).
 
 The reference probe (L-BFGS), the batched sweep of every concept type (one shared linear probe),
-and the scores with their convergence record. Features are the stored form of
-:func:`~iis_study.core.extraction.extract_split_features` (``"<split>.x"``, ``"<split>.y"``).
+and the scores with their convergence record. Features are the
+:class:`~iis_study.core.features.FeatureSet` of :func:`~iis_study.core.extraction.extract_split_features`.
 """
 
 from __future__ import annotations
@@ -14,33 +14,35 @@ from typing import Any
 
 import pandas as pd
 
-from .acquisition import concept_space
+from .acquisition import ConceptSet
 from .backbones import BackboneSpec
+from .checkpoints import CheckpointStore
 from .config import FineTuningParams, ScoringParams, sweep_config
 from .convergence import convergence_report, reference_probe
 from .data import SPLITS, ImageSet
+from .features import FeatureSet
 from .heads import Split, SweepConfig, SweepResult, sweep_many
 from .scores import plain_scores, score_sweep
 
 logger = logging.getLogger(__name__)
 
 
-def feature_splits(features: Mapping[str, Any]) -> dict[str, Split]:
-    """The train / val / test :class:`~iis_study.core.heads.Split` of stored features."""
-    return {s: Split(x=features[f"{s}.x"], y=features[f"{s}.y"]) for s in SPLITS}
+def feature_splits(features: FeatureSet) -> dict[str, Split]:
+    """The train / val / test :class:`~iis_study.core.heads.Split` of a representation's features."""
+    return {s: Split(x=features.split(s).x, y=features.split(s).y) for s in SPLITS}
 
 
 def train_representation(
-    features: dict[str, Any], feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepConfig,
-    concepts: dict[str, dict[str, Any]],
+    features: FeatureSet, feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepConfig,
+    concepts: Mapping[str, ConceptSet],
 ) -> dict[str, SweepResult]:
     """Train the linear probe and, for every concept type given by keyword, every interpretation head
     of the sparsity x learning-rate x seed grid together, as one batched model (the probe once,
     shared by the concept types); select epoch and learning rate on val, report test accuracy.
-    ``concepts``: the stored concept space of each type (:func:`~iis_study.core.acquisition.stored_space`).
+    ``concepts``: the :class:`~iis_study.core.acquisition.ConceptSet` of each type.
     Returns one :class:`SweepResult` per concept type."""
     cfg = sweep_config(sweep)
-    spaces = {ctype: concept_space(data) for ctype, data in concepts.items()}
+    spaces = {ctype: concept_set.space for ctype, concept_set in concepts.items()}
     splits = feature_splits(features)
     for space in spaces.values():
         space.validate(splits["train"].x.shape[1])
@@ -55,10 +57,10 @@ def train_representation(
     return sweep_many(splits["train"], splits["val"], splits["test"], spaces, num_classes, cfg)
 
 
-def fit_reference(features: dict[str, Any], feature_info: dict[str, Any]) -> dict[str, Any]:
+def fit_reference(features: FeatureSet, feature_info: dict[str, Any]) -> dict[str, Any]:
     """The converged reference for the probe: full-batch L-BFGS logistic regression on the same
     features, its L2 strength selected on val (METHOD §4, "Budget and convergence")."""
-    splits = [(features[f"{s}.x"], features[f"{s}.y"]) for s in SPLITS]
+    splits = [(features.split(s).x, features.split(s).y) for s in SPLITS]
     ref = reference_probe(*splits, num_classes=int(feature_info["num_classes"]))
     logger.info(
         "reference probe (L-BFGS, C = %g): val %.4f, test %.4f", ref.c, ref.val_acc, ref.test_acc
@@ -103,14 +105,15 @@ def score_representation(
 def fine_tune_representation(
     splits: pd.DataFrame,
     concept_elements: Any,
-    concepts_prototype: Mapping[str, Any],
+    concepts_prototype: ConceptSet,
     images: ImageSet,
     spec: BackboneSpec,
     fine_tuning: FineTuningParams,
+    checkpoints: CheckpointStore,
 ) -> pd.DataFrame:
     """Fine-tune one representation for every (λ, seed), λ = 0 (cross-entropy only) included.
 
-    Checkpoints go to ``fine_tuning.checkpoint_dir/<representation key>/lam<λ>_seed<seed>/`` (keyed by
+    Checkpoints go to ``checkpoints.root/<representation key>/lam<λ>_seed<seed>/`` (keyed by
     the Kedro namespace, so two resolutions of one model never share a folder); an interrupted run
     resumes from its last saved epoch. The concepts are the study's prototypes of this representation
     (``concepts_prototype``'s element ids), re-embedded as the backbone trains. Returns one row per
@@ -118,18 +121,17 @@ def fine_tune_representation(
     """
     import numpy as np
 
-    from .checkpoints import run_checkpoint_dir
     from .finetune import finetune, prototype_images
 
     fine_tuning = FineTuningParams.from_params(fine_tuning)
     by_split = {s: images.subset(splits.loc[splits["split"] == s, "index"].to_numpy()) for s in SPLITS}
     num_classes = int(np.unique(splits["label"]).size)
     scoring_sweep = fine_tuning.scoring_sweep()
-    concept_images = prototype_images(concept_elements, concepts_prototype["element_ids"])
+    concept_images = prototype_images(concept_elements, concepts_prototype.element_ids)
     rows = []
     for lam, seed in fine_tuning.arms():
         cfg = fine_tuning.run_config(lam, seed)
-        ckpt = run_checkpoint_dir(fine_tuning.checkpoint_dir, spec, lam, seed, checkpoint_key=spec.name)
+        ckpt = checkpoints.run_dir(spec, lam, seed, key=spec.name)
         logger.info("fine-tuning %s with λ = %g, seed %d -> %s", spec.display_name, lam, seed, ckpt)
         records = finetune(spec, by_split, concept_images, cfg, ckpt, scoring_sweep, num_classes)
         for r in records:

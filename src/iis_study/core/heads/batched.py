@@ -26,6 +26,7 @@ from .activations import (
 from .masks import _apply_heads, n_dropped
 from .seeds import _eval_chunks, _generator, _gumbel_seed, _init_head
 from .datatypes import ConceptSpace, SweepConfig
+from ..device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class _BatchedHeads:
         self.concepts = concepts
         self.probe_shift = probe_shift
         self.config = config
-        self.device = config.device
+        self.device = resolve_device(config.device, "sweep.device")
         self.m = concepts.m
         self.k = [n_dropped(s, self.m) for s in config.sparsities]
         self.shape_probe = (len(config.seeds), len(config.learning_rates))

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..params import Params, block
 from ..store import ShardedArray
 
 HeadKind = Literal["probe", "interp"]
@@ -26,9 +27,10 @@ _CONCEPT_KINDS = ("vectors", "end_to_end", "projection")
 _NORM_TOL = 1e-3
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """Grid and optimisation settings of one sweep (METHOD §4 defaults).
+@block
+class SweepConfig(Params):
+    """Grid and optimisation settings of one sweep (METHOD §4 defaults): the ``sweep`` parameter block
+    (and ``fine_tuning.sweep``), checked when built (:class:`~iis_study.core.params.Params`).
 
     Attributes:
         sparsities: sparsity ratios ``s`` in ``[0, 1)``, strictly increasing.
@@ -62,7 +64,9 @@ class SweepConfig:
     gamma: float = 0.99
     gumbel_tau: float = 0.1
     probe_centering: bool = True
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | auto (CUDA when present): resolved when the sweep runs (core.device)
+
+    WHERE = "sweep"
 
     def plan(self, n_train: int) -> "Budget":
         """The minibatch size and number of epochs for ``n_train`` training samples."""

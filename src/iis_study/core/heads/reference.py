@@ -24,6 +24,7 @@ from .seeds import (
     _train_mean,
 )
 from .datatypes import ConceptSpace, HeadKind, SingleHeadResult, Split, SweepConfig
+from ..device import resolve_device
 
 
 class _ProbeModule(nn.Module):
@@ -102,7 +103,7 @@ def train_single_head(
     uses for this (seed, head, sparsity, lr). Returns per-epoch val/test accuracy and
     the best epoch by val accuracy (earliest on ties).
     """
-    dev = config.device
+    dev = resolve_device(config.device, "sweep.device")
     dim = train.x.shape[1]
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
     budget = config.plan(train.x.shape[0])
@@ -163,7 +164,7 @@ def _build_reference(
     config: SweepConfig,
     shift: torch.Tensor | None = None,
 ) -> nn.Module:
-    dev = config.device
+    dev = resolve_device(config.device, "sweep.device")
     if head == "probe":
         model: nn.Module = _ProbeModule(dim, num_classes, shift)
         init = _init_head("probe", seed, None, lr, dim, num_classes, None, dev)

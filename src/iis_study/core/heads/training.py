@@ -16,6 +16,7 @@ from .batched import _BatchedHeads, _SharedProbe, _StackedAdam
 from .masks import _SumCrossEntropy
 from .seeds import _data_seed, _generator, _shard_batches, _to_device, _train_mean
 from .datatypes import Budget, ConceptSpace, HeadKind, Split, SweepConfig, SweepResult
+from ..device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def sweep_many(
     _validate_inputs(train, val, test, spaces_in[0], num_classes, config)  # the splits: once (a disk scan if sharded)
     for space in spaces_in[1:]:
         space.validate(train.x.shape[1])
-    dev = config.device
+    dev = resolve_device(config.device, "sweep.device")
     train, val, test = (_to_device(s, dev) for s in (train, val, test))
     spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
     budget = config.plan(train.x.shape[0])

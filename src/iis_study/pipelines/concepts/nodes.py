@@ -12,11 +12,12 @@ from typing import Any
 import pandas as pd
 
 from iis_study.core import acquisition
+from iis_study.core.acquisition import ConceptSet
 from iis_study.core.concepts import Elements
 from iis_study.core.config import ConceptParams, ExtractionParams, backbone_spec
 from iis_study.core.data import ImageSet
 from iis_study.core.extraction import embed_elements
-from iis_study.core.features import FeatureCache
+from iis_study.core.features import Embeddings, FeatureCache, FeatureSet
 
 
 def select_concept_sources(splits: pd.DataFrame, concepts: ConceptParams) -> pd.DataFrame:
@@ -31,28 +32,28 @@ def build_concept_elements(sources: pd.DataFrame, images: ImageSet, concepts: Co
 
 def embed_concept_elements(
     elements: Elements, feature_cache: FeatureCache, backbone: dict[str, Any], extraction: ExtractionParams
-) -> dict[str, Any]:
+) -> Embeddings:
     """Embeddings of the concept elements by the representation (same code and cache as the features)."""
     return embed_elements(backbone_spec(backbone), elements.images, feature_cache, extraction)
 
 
-def prototype_concepts(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+def prototype_concepts(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.1: M element embeddings (a seeded random sample), L2-normalised."""
     return acquisition.prototype_space(element_embeddings, concepts)
 
 
-def cluster_concepts(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+def cluster_concepts(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.2: KMeans centroids of up to ``cluster_max_elements`` element embeddings."""
     return acquisition.cluster_space(element_embeddings, concepts)
 
 
-def end_to_end_concepts(element_embeddings: dict[str, Any], concepts: ConceptParams) -> dict[str, Any]:
+def end_to_end_concepts(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.3: the element embeddings over which the assignment is learned with the head."""
     return acquisition.end_to_end_space(element_embeddings, concepts)
 
 
 def textual_concepts(
-    features: dict[str, Any], splits: pd.DataFrame, images: ImageSet, concepts: ConceptParams
-) -> dict[str, Any]:
+    features: FeatureSet, splits: pd.DataFrame, images: ImageSet, concepts: ConceptParams
+) -> ConceptSet:
     """METHOD §5.4: CLIP-scored concept words and the learned projection onto them."""
     return acquisition.textual_space(features, splits, images, concepts)

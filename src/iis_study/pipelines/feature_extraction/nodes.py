@@ -9,7 +9,7 @@ import pandas as pd
 from iis_study.core.config import ExtractionParams, backbone_spec
 from iis_study.core.data import ImageSet
 from iis_study.core.extraction import extract_split_features
-from iis_study.core.features import FeatureCache
+from iis_study.core.features import FeatureCache, FeatureSet
 
 
 def extract_features(
@@ -18,16 +18,15 @@ def extract_features(
     feature_cache: FeatureCache,
     backbone: dict[str, Any],
     extraction: ExtractionParams,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[FeatureSet, dict[str, Any]]:
     """Pooled features of every train/val/test image, from the feature cache when present.
 
     The cache (the ``feature_cache`` catalog entry, keyed by weights, preprocessing and images) is
     shared by every representation and by the concept elements: :class:`~iis_study.core.features.FeatureCache`.
 
     Returns:
-        ``features``: ``{"<split>.x": (N, D) float32, "<split>.y": (N,) int64, "<split>.index"}``
-        for each split (with ``extraction.storage: sharded`` each ``.x`` is a
-        :class:`~iis_study.core.store.ShardedArray` on disk instead of a tensor);
+        ``features``: the :class:`~iis_study.core.features.FeatureSet` (train, val, test: ``x``, ``y``,
+        ``index``; with ``extraction.storage: sharded`` each ``x`` is on disk);
         ``feature_info``: the cache key, weights fingerprint, preprocessing and sizes.
     """
     return extract_split_features(backbone_spec(backbone), images, splits, feature_cache, extraction)

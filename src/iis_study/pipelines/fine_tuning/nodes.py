@@ -7,23 +7,28 @@ from typing import Any
 import pandas as pd
 
 from iis_study.core import study
+from iis_study.core.acquisition import ConceptSet
+from iis_study.core.checkpoints import CheckpointStore
+from iis_study.core.concepts import Elements
 from iis_study.core.config import FineTuningParams, backbone_spec
 from iis_study.core.data import ImageSet
 
 
 def fine_tune_backbone(
     splits: pd.DataFrame,
-    concept_elements: Any,
-    concepts_prototype: dict[str, Any],
+    concept_elements: Elements,
+    concepts_prototype: ConceptSet,
     images: ImageSet,
+    fine_tuning_checkpoints: CheckpointStore,
     backbone: dict[str, Any],
     fine_tuning: FineTuningParams,
 ) -> pd.DataFrame:
     """Fine-tune one representation for every (λ, seed), λ = 0 (cross-entropy only) included;
-    checkpoints under ``fine_tuning.checkpoint_dir/<representation key>/``, resumable. One row per
+    checkpoints in the ``fine_tuning_checkpoints`` store under ``<representation key>/``, resumable. One row per
     (λ, seed, epoch)."""
     return study.fine_tune_representation(
-        splits, concept_elements, concepts_prototype, images, backbone_spec(backbone), fine_tuning
+        splits, concept_elements, concepts_prototype, images, backbone_spec(backbone), fine_tuning,
+        fine_tuning_checkpoints,
     )
 
 

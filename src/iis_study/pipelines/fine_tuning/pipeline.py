@@ -14,7 +14,8 @@ def base_pipeline() -> Pipeline:
         [
             node(
                 fine_tune_backbone,
-                ["splits", "concept_elements", "concepts_prototype", "images", "params:backbone", "params:fine_tuning"],
+                ["splits", "concept_elements", "concepts_prototype", "images", "fine_tuning_checkpoints",
+                 "params:backbone", "params:fine_tuning"],
                 "fine_tuning_history",
                 name="fine_tune_backbone",
             )
@@ -28,7 +29,7 @@ def create_pipeline(backbones: Iterable[str] = (), **kwargs) -> Pipeline:
     fine_tuned = per_backbone(
         base_pipeline(),
         backbones,
-        inputs={"splits", "concept_elements", "images"},
+        inputs={"splits", "concept_elements", "images", "fine_tuning_checkpoints"},
         shared_params=("fine_tuning",),
     )
     return fine_tuned + Pipeline(

@@ -8,12 +8,14 @@ from typing import Any
 import pandas as pd
 
 from iis_study.core import study
+from iis_study.core.acquisition import ConceptSet
 from iis_study.core.config import ScoringParams
-from iis_study.core.heads import SweepResult
+from iis_study.core.features import FeatureSet
+from iis_study.core.heads import SweepConfig, SweepResult
 
 
 def train_interpreters(
-    features: dict[str, Any], feature_info: dict[str, Any], sweep: dict[str, Any], **concepts: dict[str, Any]
+    features: FeatureSet, feature_info: dict[str, Any], sweep: SweepConfig, **concepts: ConceptSet
 ) -> dict[str, SweepResult]:
     """Train the linear probe and, for every concept type given by keyword, every interpretation head
     of the sparsity x learning-rate x seed grid together, as one batched model (the probe once,
@@ -22,7 +24,7 @@ def train_interpreters(
     return study.train_representation(features, feature_info, sweep, concepts)
 
 
-def fit_reference_probe(features: dict[str, Any], feature_info: dict[str, Any]) -> dict[str, Any]:
+def fit_reference_probe(features: FeatureSet, feature_info: dict[str, Any]) -> dict[str, Any]:
     """The converged reference for the probe: full-batch L-BFGS logistic regression on the same
     features, its L2 strength selected on val (METHOD §4, "Budget and convergence")."""
     return study.fit_reference(features, feature_info)

@@ -8,8 +8,12 @@ from typing import Any
 import pandas as pd
 
 from iis_study.core import reporting
+from iis_study.core.acquisition import ConceptSet
+from iis_study.core.concepts import Elements
 from iis_study.core.config import ConceptParams, CorrelationParams, GalleryParams
 from iis_study.core.data import ImageSet
+from iis_study.core.features import FeatureSet
+from iis_study.core.heads import SweepResult
 
 
 def collect_scores(
@@ -29,45 +33,28 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
 def plot_iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: dict[str, Any]):
     """IIS against linear-probe accuracy, one point per representation (labelled with its readable
     name, e.g. ``lite0@96/stage3``), per concept type."""
-    from iis_study.core import plots
-
-    if "representation" in iis_scores:
-        iis_scores = iis_scores.assign(backbone=iis_scores["representation"].fillna(iis_scores["backbone"]))
-    return plots.iis_vs_accuracy(iis_scores, correlation, score="iis")
+    return reporting.iis_vs_accuracy_figure(iis_scores, correlation)
 
 
 def plot_iis_vs_accuracy_scopes(iis_scores: pd.DataFrame, correlation_scopes: dict[str, Any]):
-    """One IIS-vs-accuracy figure per correlation scope (all, pretrained, each family, ...)."""
-    from iis_study.core import plots
-
-    if "representation" in iis_scores:
-        iis_scores = iis_scores.assign(backbone=iis_scores["representation"].fillna(iis_scores["backbone"]))
-    figures = plots.iis_vs_accuracy_by_scope(iis_scores, correlation_scopes, score="iis")
-    if not figures:  # e.g. correlation.groups: [family] without families; a versioned save needs a file
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=(4, 1))
-        fig.text(0.5, 0.5, "no correlation scope with representations", ha="center", va="center")
-        figures = {"none": fig}
-    return {f"{name}.png": fig for name, fig in figures.items()}  # file names in the dataset's folder
+    """One IIS-vs-accuracy figure per correlation scope (all, pretrained, each family, ...), by file name."""
+    return reporting.scope_figures(iis_scores, correlation_scopes)
 
 
 def plot_sparsity_curves(sparsity_curves: pd.DataFrame):
-    """ARR against sparsity for every backbone, per concept type."""
-    from iis_study.core import plots
-
-    return plots.sparsity_curves(sparsity_curves, value="arr")
+    """ARR against sparsity for every representation, per concept type."""
+    return reporting.sparsity_figure(sparsity_curves)
 
 
 def plot_concept_gallery(
-    features: dict[str, Any],
-    sweep_result: Any,
-    concept_space: dict[str, Any],
-    concept_elements: Any,
+    features: FeatureSet,
+    sweep_result: SweepResult,
+    concepts: ConceptSet,
+    concept_elements: Elements,
     splits: pd.DataFrame,
     images: ImageSet,
     gallery: GalleryParams,
 ):
     """For a few test images: the prediction and the concepts that drove it, shown as their
     source patches or segments (the interpretation a person reads)."""
-    return reporting.concept_gallery(features, sweep_result, concept_space, concept_elements, splits, images, gallery)
+    return reporting.concept_gallery(features, sweep_result, concepts, concept_elements, splits, images, gallery)
