@@ -13,6 +13,7 @@ time of ``make run`` (~10 min on a 2-core CPU). Usage::
     .venv/bin/python scripts/check_identical.py --before 9012e7b          # a revision against the working tree
     .venv/bin/python scripts/check_identical.py --before v1 --after v2     # two revisions
     .venv/bin/python scripts/check_identical.py --before 9012e7b --after-dir .   # against this tree's last run
+    .venv/bin/python scripts/check_identical.py --before-dir /tmp/kept/before --after-dir .   # two finished runs
 
 ``--keep`` leaves the temporary folders (their ``data/`` and logs) for inspection.
 """
@@ -96,17 +97,23 @@ def compare(before: Path, after: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--before", required=True, help="git revision run as the reference")
+    ap.add_argument("--before", help="git revision run as the reference")
+    ap.add_argument("--before-dir", default=None, help="use this project folder's existing data/ as the reference")
     ap.add_argument("--after", default=None, help="git revision to compare (default: the working tree)")
     ap.add_argument("--after-dir", default=None, help="compare against this project folder's existing data/ instead")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = ap.parse_args(argv)
+    if not (args.before or args.before_dir):
+        ap.error("give --before REV or --before-dir FOLDER")
 
     tmp = Path(tempfile.mkdtemp(prefix="iis-identical-"))
     before, after = tmp / "before", tmp / "after"
     try:
-        _checkout(args.before, before)
-        _run_study(before, f"before {args.before}")
+        if args.before_dir:
+            before = Path(args.before_dir).resolve()
+        else:
+            _checkout(args.before, before)
+            _run_study(before, f"before {args.before}")
         if args.after_dir:
             after = Path(args.after_dir).resolve()
         else:
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _copy_tree(after)
             _run_study(after, f"after {args.after or 'working tree'}")
-        print(f"results of {args.before} (before) and {args.after or args.after_dir or 'the working tree'} (after):")
+        print(f"results of {args.before or args.before_dir} (before) and {args.after or args.after_dir or 'the working tree'} (after):")
         differ = compare(before, after)
     finally:
         if args.keep:
