@@ -89,46 +89,44 @@ class ImageSetDataset(AbstractDataset[None, ImageSet]):
         return self._spec.to_dict()
 
 
-class FeatureCacheDataset(AbstractDataset[None, FeatureCache]):
-    """The feature cache (:class:`~iis_study.core.features.FeatureCache`): a folder of
-    content-addressed entries that extraction nodes read and fill; nodes never write it as an output."""
+class _FolderHandleDataset(AbstractDataset[None, Any]):
+    """A folder that a node fills and reads itself (a cache, a checkpoint store): ``load`` gives the node a
+    typed handle on it (``HANDLE(path)``); it is never saved as a node output."""
+
+    HANDLE: type = object
+    WHAT = "this folder"
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None):
-        self._cache = FeatureCache(Path(path))
+        self._handle = self.HANDLE(Path(path))
         self.metadata = metadata
 
-    def load(self) -> FeatureCache:
-        return self._cache
+    def load(self) -> Any:
+        return self._handle
 
     def save(self, data: Any) -> None:
-        raise DatasetError("the feature cache is filled by extraction, not saved as a node output")
+        raise DatasetError(f"{self.WHAT} is filled by the node that uses it, not saved as a node output")
 
     def _exists(self) -> bool:
         return True
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._cache.root)}
+        return {"path": str(self._handle.root)}
 
 
-class CheckpointStoreDataset(AbstractDataset[None, CheckpointStore]):
+class FeatureCacheDataset(_FolderHandleDataset):
+    """The feature cache (:class:`~iis_study.core.features.FeatureCache`): a folder of content-addressed
+    entries that extraction nodes read and fill."""
+
+    HANDLE = FeatureCache
+    WHAT = "the feature cache"
+
+
+class CheckpointStoreDataset(_FolderHandleDataset):
     """Fine-tuning's checkpoint folder (:class:`~iis_study.core.checkpoints.CheckpointStore`), filled and
-    resumed from by the fine-tuning node; never saved as a node output."""
+    resumed from by the fine-tuning node."""
 
-    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
-        self._store = CheckpointStore(Path(path))
-        self.metadata = metadata
-
-    def load(self) -> CheckpointStore:
-        return self._store
-
-    def save(self, data: Any) -> None:
-        raise DatasetError("the checkpoint store is filled by fine-tuning, not saved as a node output")
-
-    def _exists(self) -> bool:
-        return True
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._store.root)}
+    HANDLE = CheckpointStore
+    WHAT = "the checkpoint store"
 
 
 class TensorDictDataset(AbstractDataset[Any, Any]):

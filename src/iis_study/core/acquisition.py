@@ -79,13 +79,21 @@ def usable_embeddings(element_embeddings: Embeddings) -> tuple[torch.Tensor, np.
     return emb[torch.as_tensor(ids)], ids
 
 
-def prototype_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
-    """METHOD §5.1: M element embeddings (a seeded random sample), L2-normalised."""
+def _prepare(
+    element_embeddings: Embeddings, concepts: ConceptParams | dict[str, Any], concept_type: str
+) -> tuple[ConceptParams, torch.Tensor, np.ndarray]:
+    """The checked parameters, the usable embeddings and their element ids; ``concepts.m`` checked
+    against the number of usable elements (an error naming ``concepts.m``)."""
     concepts = ConceptParams.from_params(concepts)
     emb, ids = usable_embeddings(element_embeddings)
-    m = concepts.m
-    C.check_m(m, len(emb), "prototype")
-    seed = concepts.seed
+    C.check_m(concepts.m, len(emb), concept_type)
+    return concepts, emb, ids
+
+
+def prototype_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
+    """METHOD §5.1: M element embeddings (a seeded random sample), L2-normalised."""
+    concepts, emb, ids = _prepare(element_embeddings, concepts, "prototype")
+    m, seed = concepts.m, concepts.seed
     idx = C.prototype_indices(len(emb), m, seed)
     vectors = C.prototype_vectors(emb, m, seed)
     return stored_space("vectors", "prototype", vectors=vectors, element_ids=torch.as_tensor(ids[idx], dtype=torch.int64))
@@ -93,12 +101,9 @@ def prototype_space(element_embeddings: Embeddings, concepts: ConceptParams) -> 
 
 def cluster_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.2: KMeans centroids of up to ``cluster_max_elements`` element embeddings."""
-    concepts = ConceptParams.from_params(concepts)
-    emb, ids = usable_embeddings(element_embeddings)
-    m = concepts.m
-    C.check_m(m, len(emb), "cluster")
+    concepts, emb, ids = _prepare(element_embeddings, concepts, "cluster")
     vectors, representatives = C.cluster_vectors(
-        emb, m, seed=concepts.seed, max_elements=concepts.cluster_max_elements
+        emb, concepts.m, seed=concepts.seed, max_elements=concepts.cluster_max_elements
     )
     return stored_space(
         "vectors", "cluster", vectors=vectors, element_ids=torch.as_tensor(ids[np.asarray(representatives)], dtype=torch.int64)
@@ -107,10 +112,7 @@ def cluster_space(element_embeddings: Embeddings, concepts: ConceptParams) -> Co
 
 def end_to_end_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.3: the element embeddings over which the assignment is learned with the head."""
-    concepts = ConceptParams.from_params(concepts)
-    emb, usable = usable_embeddings(element_embeddings)
-    m = concepts.m
-    C.check_m(m, len(emb), "end_to_end")
+    concepts, emb, usable = _prepare(element_embeddings, concepts, "end_to_end")
     elements, picked = C.end_to_end_elements(
         emb, max_elements=concepts.end_to_end_max_elements, seed=concepts.seed
     )
@@ -119,7 +121,7 @@ def end_to_end_space(element_embeddings: Embeddings, concepts: ConceptParams) ->
         "end_to_end",
         elements=elements,
         element_ids=torch.as_tensor(usable[np.asarray(picked)], dtype=torch.int64),
-        n_concepts=m,
+        n_concepts=concepts.m,
     )
 
 
@@ -127,8 +129,9 @@ def textual_space(
     features: FeatureSet, splits: pd.DataFrame, images: ImageSet, concepts: ConceptParams
 ) -> ConceptSet:
     """METHOD §5.4: CLIP-scored concept words and the learned projection onto them."""
-    concepts = ConceptParams.from_params(concepts)
     from . import textual as T
+
+    concepts = ConceptParams.from_params(concepts)
 
     cfg = concepts.textual
     if cfg.tiny_random_clip:

@@ -30,6 +30,15 @@ CORRELATION_GROUPS = ("all", "pretrained", "family")
 GALLERY_TYPES = ("prototype", "cluster")
 
 
+def _moved_to_catalog(values: Mapping[str, Any], parameter: str, entry: str) -> None:
+    """A parameter that became a catalog entry: an error saying where it went (not a bare unknown key)."""
+    if parameter.rsplit(".", 1)[1] in values:
+        raise ValueError(
+            f"{parameter} is no longer a parameter: the folder is the `{entry}` catalog entry "
+            "(conf/<env>/catalog.yml, `path:`)"
+        )
+
+
 @block
 class SplitParams(Params):
     """``splits``: the stratified train / val (selection) / test (reported) split."""
@@ -68,11 +77,7 @@ class ExtractionParams(Params):
     shard_rows: int = 16384
 
     def __init__(self, **values: Any) -> None:
-        if "cache_dir" in values:
-            raise ValueError(
-                "extraction.cache_dir is no longer a parameter: the feature cache is the `feature_cache` catalog "
-                "entry (conf/<env>/catalog.yml, `path:`)"
-            )
+        _moved_to_catalog(values, "extraction.cache_dir", "feature_cache")
         super().__init__(**values)
 
     def validate(self) -> None:
@@ -325,11 +330,7 @@ class FineTuningParams(Params):
     sweep: SweepConfig = SweepConfig()
 
     def __init__(self, **values: Any) -> None:
-        if "checkpoint_dir" in values:
-            raise ValueError(
-                "fine_tuning.checkpoint_dir is no longer a parameter: checkpoints live in the "
-                "`fine_tuning_checkpoints` catalog entry (conf/<env>/catalog.yml, `path:`)"
-            )
+        _moved_to_catalog(values, "fine_tuning.checkpoint_dir", "fine_tuning_checkpoints")
         super().__init__(**values)
 
     def validate(self) -> None:

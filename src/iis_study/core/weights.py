@@ -106,6 +106,16 @@ def load_in_order(model: nn.Module, tensors: dict[str, torch.Tensor], source: st
     model.load_state_dict(mapped, strict=True)
 
 
+def _check_shapes(tensors: dict, target: dict, spec_name: str) -> None:
+    """Every checkpoint tensor has the shape the model expects, else an error naming the backbone."""
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise WeightsUnavailableError(
+                f"backbones.{spec_name}: checkpoint tensor {k} has shape {tuple(v.shape)}, "
+                f"the model expects {tuple(target[k].shape)}: wrong architecture?"
+            )
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, spec_name: str = "") -> None:
     """Load a local checkpoint by name (falling back to in-order loading), with clear errors."""
     tensors = load_state_dict_file(path)
@@ -120,23 +130,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, spec_name: str = "") -> 
                 f"backbones.{spec_name}: checkpoint {str(path)!r} lacks {len(missing)} tensors "
                 f"(e.g. {missing[:3]}): wrong architecture?"
             )
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(target[k].shape):
-                raise WeightsUnavailableError(
-                    f"backbones.{spec_name}: checkpoint tensor {k} has shape {tuple(v.shape)}, "
-                    f"the model expects {tuple(target[k].shape)}: wrong architecture?"
-                )
+        _check_shapes(tensors, target, spec_name)
         model.load_state_dict(tensors, strict=True)
         return
     trunk = {k: v for k, v in tensors.items() if k in target}
     if len(trunk) == len(target):
         load_checkpoint_dict = {k: trunk[k] for k in target}
-        for k, v in load_checkpoint_dict.items():
-            if tuple(v.shape) != tuple(target[k].shape):
-                raise WeightsUnavailableError(
-                    f"backbones.{spec_name}: checkpoint tensor {k} has shape {tuple(v.shape)}, "
-                    f"the model expects {tuple(target[k].shape)}: wrong architecture?"
-                )
+        _check_shapes(load_checkpoint_dict, target, spec_name)
         model.load_state_dict(load_checkpoint_dict, strict=True)
         return
     raise WeightsUnavailableError(
