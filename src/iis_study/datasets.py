@@ -251,7 +251,7 @@ class SweepResultDataset(AbstractDataset):
         self.metadata = metadata
 
     def load(self):
-        from .core.heads import Budget, SweepConfig, SweepResult
+        from .core.heads import Budget, Certificate, SweepConfig, SweepResult
 
         meta_file = self._path / "meta.json"
         if not meta_file.is_file():
@@ -263,6 +263,10 @@ class SweepResultDataset(AbstractDataset):
                 cfg[k] = tuple(v)
         state, _ = load_tensors(self._path / "state.safetensors")
         history = self._path / "history.csv"
+        half = self._path / "half_budget_correct.npy"
+        cert = meta.get("certificate")
+        if cert is not None:
+            cert = Certificate(**{**cert, "uncertified": tuple(cert.get("uncertified", ()))})
         return SweepResult(
             config=SweepConfig(**cfg),
             num_classes=int(meta["num_classes"]),
@@ -273,6 +277,8 @@ class SweepResultDataset(AbstractDataset):
             state=state,
             history=pd.read_csv(history) if history.is_file() else pd.DataFrame(),
             budget=Budget(**meta["budget"]) if meta.get("budget") else None,
+            certificate=cert,
+            half_budget_correct=np.load(half, allow_pickle=False) if half.is_file() else None,
         )
 
     def save(self, data) -> None:
@@ -288,6 +294,10 @@ class SweepResultDataset(AbstractDataset):
             meta = {"config": asdict(data.config), "num_classes": data.num_classes, "m": data.m}
             if data.budget is not None:
                 meta["budget"] = asdict(data.budget)
+            if data.certificate is not None:
+                meta["certificate"] = data.certificate.to_dict()
+            if data.half_budget_correct is not None:
+                np.save(tmp / "half_budget_correct.npy", np.asarray(data.half_budget_correct), allow_pickle=False)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             commit()
         except BaseException:

@@ -184,6 +184,9 @@ class StudyTracker:
             "concept_types": list(concepts.types),
             "m": concepts.m,
             "sparsities": list(sweep.sparsities),
+            "estimator": sweep.estimator,
+            "l2_grid": list(sweep.l2_grid),
+            "tolerance": sweep.tolerance,
             "learning_rates": list(sweep.learning_rates),
             "seeds": list(sweep.seeds),
             "epochs": sweep.epochs,
@@ -255,7 +258,8 @@ class StudyTracker:
         now = int(time.time() * 1000)
         metrics = [
             Metric(f"{concept_type}.{k}", float(scores[k]), now, 0)
-            for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected")
+            for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected",
+                      "certified", "max_grad", "iterations", "budget_delta")
             if scores.get(k) is not None
         ]
         self.client.log_batch(self.child(backbone), metrics=metrics)

@@ -12,9 +12,10 @@ For researchers who already have features (from their own training code)::
     report.curve                         # A(s) and ARR(s) per seed and sparsity
 
 It runs exactly what the Kedro pipeline runs for one representation and one concept type: the
-batched sweep (:func:`~iis_study.core.heads.sweep`), the scores
-(:func:`~iis_study.core.scores.score_sweep`) and the convergence check against the L-BFGS
-reference probe (:mod:`~iis_study.core.convergence`).
+heads by the configured estimator (:func:`~iis_study.core.heads.fit_heads`; by default the convex
+heads, each solved to a certified optimum), the L-BFGS reference probe
+(:func:`~iis_study.core.convergence.reference_probe`) and the scores with their convergence record
+(:func:`~iis_study.core.study.score_representation`, the pipeline's scoring node).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import pandas as pd
 import torch
 
 from .concepts import cluster_vectors, prototype_vectors
-from .convergence import convergence_report, reference_probe
-from .heads import ConceptSpace, Split, SweepConfig, SweepResult, sweep
-from .scores import score_sweep
+from .config import ScoringParams
+from .convergence import reference_probe
+from .heads import ConceptSpace, Split, SweepConfig, SweepResult, fit_heads
+from .study import score_representation
 
 __all__ = ["ScoreReport", "interpretability_score"]
 
@@ -43,10 +45,11 @@ class ScoreReport:
         iis_ci: percentile bootstrap interval over test images (level ``ci``).
         iis_chance_corrected: the same with ``(A(s) - 1/K) / (A_std - 1/K)`` (NaN at chance).
         accuracy_linear_probe: ``A_std``, test accuracy of the selected probe (mean over seeds).
-        converged: the probe is within 0.5 point of the L-BFGS reference and every selected
-            head's val curve is flat over the last fifth of training.
-        convergence: the full record (``probe_converged``, ``heads_converged``, ``probe_val_acc``,
-            ``reference_val_acc``, ``max_gain_selected``, ...).
+        converged: convex: every head certified (gradient within the tolerance); adam: the probe is
+            within 0.5 point of the L-BFGS reference and the IIS did not move between half and the
+            full budget.
+        convergence: the full record (``probe_converged``, ``heads_converged``, ``certified``,
+            ``max_grad``, ``iterations`` or the adam budget test, ``reference_val_acc``, ...).
         curve: one row per seed and sparsity: accuracy, arr, arr_chance_corrected.
         summary: every number :func:`~iis_study.core.scores.score_sweep` returns.
         result: the sweep itself (selected heads, per-epoch history, trained parameters).
@@ -115,8 +118,10 @@ def interpretability_score(
             epoch and learning rate chosen on val, accuracy reported on test.
         concepts: ``(M, D)`` concept vectors (rows are L2-normalised here), or
             ``("prototype", element_embeddings)`` / ``("cluster", element_embeddings)`` with ``m``.
+        train, val, test: heads are fitted on train, the L2 strength (convex) or the epoch and
+            learning rate (adam) chosen on val, accuracy reported on test.
         num_classes: K (default: the largest label + 1).
-        sweep_config: the grid and budget (default: the study's, 4,000 Adam steps per head).
+        sweep_config: the estimator and its grid (default: the study's, the convex heads).
         n_boot, ci: the bootstrap over test images.
     """
     splits = {name: _split(name, pair) for name, pair in (("train", train), ("val", val), ("test", test))}
@@ -127,10 +132,16 @@ def interpretability_score(
     space = _concept_space(concepts, m, concept_seed)
     space.validate(dims.pop())
     cfg = sweep_config or SweepConfig()
-    result = sweep(splits["train"], splits["val"], splits["test"], space, k, cfg, progress=progress)
-    summary, curve = score_sweep(result, n_boot=n_boot, ci=ci)
+    result = fit_heads(splits["train"], splits["val"], splits["test"], {"concepts": space}, k, cfg, progress=progress)
+    result = result["concepts"]
     ref = reference_probe(*((s.x, s.y) for s in splits.values()), num_classes=k)
-    record = convergence_report(result.selected, result.history, ref.to_dict())
+    summary, curve = score_representation(result, ref.to_dict(), ScoringParams(n_boot=n_boot, ci=ci))
+    record_keys = ("estimator", "probe_converged", "heads_converged", "certified", "max_grad", "max_grad_all",
+                   "iterations", "tolerance", "uncertified", "probe_val_acc", "reference_val_acc",
+                   "reference_test_acc", "reference_c", "steps", "batch_size", "epochs", "budget_delta",
+                   "budget_delta_ci_low", "budget_delta_ci_high", "iis_half_budget", "budget_converged",
+                   "probe_gap", "flat_end", "max_gain_selected", "n_rising", "n_heads")
+    record = {key: summary[key] for key in record_keys if key in summary}
     return ScoreReport(
         iis=summary["iis"],
         iis_ci=(summary["iis_ci_low"], summary["iis_ci_high"]),

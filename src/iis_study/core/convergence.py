@@ -218,3 +218,119 @@ def convergence_report(
         "n_rising": int((heads["gain"] > tol).sum()),
         "n_heads": int(len(heads)),
     }
+
+
+# --------------------------------------------------------------------------- adam: trend against noise
+
+BUDGET_MARGIN = 0.01  # an IIS difference smaller than this between half and full budget is not a trend
+
+
+def _iis_rows(acc: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Seed-mean IIS from accuracies (..., n_seeds, 1 + P), column 0 = the probe."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        arr = acc[..., 1:] / acc[..., :1]
+    return (np.diff(s) * (arr[..., 1:] + arr[..., :-1]) / 2.0).sum(-1).mean(-1)
+
+
+def budget_check(
+    full: np.ndarray,
+    half: np.ndarray,
+    sparsities: Sequence[float],
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    margin: float = BUDGET_MARGIN,
+) -> dict:
+    """Would half the budget have reported another score? (the adam estimator's convergence test)
+
+    ``full`` and ``half`` are the test correctness (n_seeds, 1 + P, N) of the heads selected on val
+    at the full budget and at half of it. The difference of the two seed-mean IIS gets a paired
+    percentile bootstrap over test images (the same resampled images for both). The score is
+    flagged as still moving (``budget_converged`` false) only when the whole interval lies beyond
+    ``±margin``: a trend, not noise. Returns ``iis_half_budget``, ``budget_delta`` (full minus half),
+    ``budget_delta_ci_low`` / ``_high``, ``budget_converged``.
+    """
+    full = np.asarray(full, dtype=bool)
+    half = np.asarray(half, dtype=bool)
+    if full.shape != half.shape or full.ndim != 3:
+        raise ValueError(f"full and half must both be (n_seeds, 1 + P, N), got {full.shape} and {half.shape}")
+    s = np.asarray(sparsities, dtype=float)
+    n = full.shape[-1]
+    point = _iis_rows(full.mean(-1), s) - _iis_rows(half.mean(-1), s)
+    rng = np.random.default_rng(seed)
+    both = np.concatenate([full, half], axis=1).reshape(-1, n).astype(np.float64).T  # (N, 2·S·(1+P))
+    deltas = np.empty(int(n_boot))
+    chunk = max(1, 2_000_000 // max(n, 1))
+    for start in range(0, int(n_boot), chunk):
+        stop = min(int(n_boot), start + chunk)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start).astype(np.float64)
+        acc = (counts @ both / n).reshape(stop - start, full.shape[0], 2, full.shape[1])
+        deltas[start:stop] = _iis_rows(acc[:, :, 0], s) - _iis_rows(acc[:, :, 1], s)
+    finite = deltas[np.isfinite(deltas)]
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = (np.percentile(finite, [100 * alpha, 100 * (1 - alpha)]) if finite.size else (math.nan, math.nan))
+    return {
+        "iis_half_budget": float(_iis_rows(half.mean(-1), s)),
+        "budget_delta": float(point),
+        "budget_delta_ci_low": float(lo),
+        "budget_delta_ci_high": float(hi),
+        "budget_converged": not bool(lo > margin or hi < -margin),
+    }
+
+
+def simulate_budget_flags(
+    n_sims: int,
+    trend: float = 0.0,
+    n_val: int = 359,
+    n_test: int = 359,
+    epochs: int = 250,
+    n_seeds: int = 3,
+    n_lrs: int = 3,
+    sparsities: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98),
+    borderline: float = 0.3,
+    seed: int = 0,
+    n_boot: int = 400,
+) -> np.ndarray:
+    """How often :func:`budget_check` flags a sweep, simulated (for its false-flag rate).
+
+    Each simulated head (probe and every sparsity, per seed and learning rate) has an accuracy
+    level; each image is either settled (right or wrong at every epoch) or, with probability
+    ``borderline``, right at each epoch with its own probability (uniform in 0.2–0.8), drawn
+    independently per epoch for val and for test. That is a training process whose val curve
+    fluctuates by 1–2 points from epoch to epoch around a constant. ``trend`` > 0 adds a rising
+    history to the interpretation heads (the probe stays flat): every borderline image's probability
+    rises linearly by ``trend`` over the epochs. (A rise shared by the probe and the heads leaves the
+    ratios, and so the score, where they were.) Selection is as the sweep's: best val epoch per head, best
+    learning rate per (seed, sparsity), at half the budget and at the full budget. Returns one
+    ``budget_converged`` flag per simulated sweep.
+    """
+    rng = np.random.default_rng(seed)
+    s = np.asarray(sparsities, dtype=float)
+    n_heads = 1 + s.size
+    levels = np.concatenate([[0.93], np.linspace(0.9, 0.5, s.size)])  # probe, then falling with sparsity
+    out = np.empty(int(n_sims), dtype=bool)
+    ramp = np.linspace(-0.5, 0.5, epochs)[:, None] * trend
+    half = epochs // 2
+    for i in range(int(n_sims)):
+        full_c = np.empty((n_seeds, n_heads, n_test), dtype=bool)
+        half_c = np.empty_like(full_c)
+        for si in range(n_seeds):
+            for h in range(n_heads):
+                best = {"full": (-1.0, None), "half": (-1.0, None)}
+                for _ in range(n_lrs):
+                    curves = {}
+                    for split, n in (("val", n_val), ("test", n_test)):
+                        border = rng.random(n) < borderline
+                        settled = rng.random(n) < (levels[h] - borderline * 0.5) / (1 - borderline)
+                        p = np.where(border, rng.uniform(0.2, 0.8, n), settled.astype(float))
+                        rise = ramp if h > 0 else 0.0 * ramp
+                        p = np.clip(p[None, :] + np.where(border, 1.0, 0.0)[None, :] * rise, 0.0, 1.0)
+                        curves[split] = rng.random((epochs, n)) < p
+                    val = curves["val"].mean(-1)
+                    for key, stop in (("half", half), ("full", epochs)):
+                        e = int(np.argmax(val[:stop]))
+                        if val[e] > best[key][0]:
+                            best[key] = (float(val[e]), curves["test"][e])
+                full_c[si, h], half_c[si, h] = best["full"][1], best["half"][1]
+        out[i] = budget_check(full_c, half_c, s, n_boot=n_boot, seed=i)["budget_converged"]
+    return out

@@ -21,7 +21,7 @@ from .concepts import Elements
 from .data import ImageSet, array_image_set
 from .features import Features, extract
 from .finetune_config import SPLIT_NAMES, EpochRecord, FinetuneConfig, _check_images, _element_images
-from .heads import ConceptSpace, Split, SweepConfig, sweep
+from .heads import ConceptSpace, Split, SweepConfig, fit_heads
 from .scores import score_sweep
 
 if TYPE_CHECKING:
@@ -88,9 +88,10 @@ def score_features(
         if len(vectors) == 0:
             raise ValueError("every concept element embeds to 0; cannot score this representation")
     space = ConceptSpace(kind="vectors", vectors=vectors)
-    result = sweep(
-        splits["train"], splits["val"], splits["test"], space, num_classes, sweep_config, progress=progress
-    )
+    result = fit_heads(
+        splits["train"], splits["val"], splits["test"], {"prototype": space}, num_classes, sweep_config,
+        progress=progress,
+    )["prototype"]
     summary, _ = score_sweep(result)
     return summary
 

@@ -38,6 +38,10 @@ SCORE_COLUMNS = [
     "iis_ci_high",
     "iis_chance_corrected",
     "n_seeds",
+    "estimator",
+    "certified",
+    "max_grad",
+    "iterations",
     "steps",
     "batch_size",
     "probe_converged",
@@ -89,7 +93,8 @@ def collect_scores(
         if flag in table and not table[flag].astype(bool).all():
             bad = table.loc[~table[flag].astype(bool), ["representation", "concept_type"]]
             logger.warning(
-                "NOT converged (%s): %s; their scores are marked in the plots -- raise sweep.steps",
+                "NOT converged (%s): %s; their scores are marked in the plots -- raise sweep.max_iter (convex) "
+                "or sweep.steps (adam)",
                 what,
                 ", ".join(f"{r}/{c}" for r, c in bad.itertuples(index=False)),
             )

@@ -158,7 +158,7 @@ def score_sweep(
     _validate_boot(n_boot, ci)
     correct = np.asarray(result.test_correct, dtype=bool)
     sparsities = np.asarray(result.config.sparsities, dtype=float)
-    seeds = list(result.config.seeds)
+    seeds = list(result.seeds)
     if correct.ndim != 3 or correct.shape[:2] != (len(seeds), 1 + sparsities.size):
         raise ValueError(
             "result.test_correct must have shape (n_seeds, 1 + n_sparsities, N_test) = "

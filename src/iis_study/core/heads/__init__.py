@@ -1,4 +1,8 @@
-"""Linear probe and interpretation heads, trained as one batched model (METHOD §2, §3, §4, §5.3).
+"""Linear probe and interpretation heads, fitted as one batched computation (METHOD §2, §3, §4, §5.3).
+
+Two estimators (:func:`fit_heads`): ``convex`` (:mod:`.convex`, the default), every head solved to a
+certified optimum by the batched L-BFGS of :mod:`.lbfgs`; and ``adam``, the authors' heads trained
+as one batched model, described below.
 
 Every head of a sweep -- the linear probe (``W z + b``, METHOD §2) for every learning
 rate and seed, and the interpretation head (concept activations -> per-image sparse
@@ -55,12 +59,15 @@ from .seeds import Q_INIT_STD, derive_seed
 from .seeds import _shard_batches as _shard_batches
 from .training import _select_lr as _select_lr
 from .training import sweep, sweep_many
+from .convex import Certificate, convex_many
+from .estimators import fit_heads
 from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepConfig, SweepResult
 
 # the private names above (``name as name``) are re-exported for the tests and scripts that use them
 
 __all__ = [
     "Budget",
+    "Certificate",
     "ConceptKind",
     "ConceptSpace",
     "HeadKind",
@@ -69,8 +76,10 @@ __all__ = [
     "Split",
     "SweepConfig",
     "SweepResult",
+    "convex_many",
     "derive_seed",
     "explain",
+    "fit_heads",
     "flush_denormals",
     "n_dropped",
     "sparsify",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ HeadKind = Literal["probe", "interp"]
 ConceptKind = Literal["vectors", "end_to_end", "projection"]
 _CONCEPT_KINDS = ("vectors", "end_to_end", "projection")
 _NORM_TOL = 1e-3
+ESTIMATORS = ("convex", "adam")
 
 
 @block
@@ -32,10 +33,24 @@ class SweepConfig(Params):
     """Grid and optimisation settings of one sweep (METHOD §4 defaults): the ``sweep`` parameter block
     (and ``fine_tuning.sweep``), checked when built (:class:`~iis_study.core.params.Params`).
 
+    Two estimators fit the heads (METHOD §4, "The estimator"): ``convex`` (the default) solves every
+    head, LayerNorm without affine, as L2-penalised multinomial logistic regression to a certified
+    optimum (:mod:`~iis_study.core.heads.convex`); ``adam`` trains the authors' head (learnable
+    LayerNorm affine, Adam over the learning-rate grid, epoch selection on val). The convex estimator
+    reads ``sparsities``, ``l2_grid``, ``tolerance``, ``max_iter`` and ``device``; the Adam settings
+    below (``learning_rates`` to ``gumbel_tau``) are the adam estimator's.
+
     Attributes:
         sparsities: sparsity ratios ``s`` in ``[0, 1)``, strictly increasing.
+        estimator: ``convex`` or ``adam``.
+        l2_grid: convex: inverse L2 strengths ``C`` (scikit-learn's convention: ``C · Σ CE + ½‖W‖²``),
+            each head solved at each, the strength selected on val.
+        tolerance: convex: a head is solved when the largest entry of the gradient of its per-sample
+            objective is at most this (its certificate).
+        max_iter: convex: L-BFGS iterations per head and L2 strength before it is reported uncertified.
         learning_rates: Adam learning rates tried for every head (selection on val).
-        seeds: one full set of heads per seed (init, data order, Gumbel noise).
+        seeds: adam: one full set of heads per seed (init, data order, Gumbel noise). The convex
+            estimator has one optimum per head and no random choice: it reports one "seed", 0.
         steps: the budget: at least this many Adam steps for every head (METHOD §4 "Budget and
             convergence"); the number of epochs follows from it and the training-set size.
         epochs: at least this many epochs (the authors' 30).
@@ -65,6 +80,10 @@ class SweepConfig(Params):
     gumbel_tau: float = 0.1
     probe_centering: bool = True
     device: str = "cpu"  # cpu | cuda | auto (CUDA when present): resolved when the sweep runs (core.device)
+    estimator: str = "convex"
+    l2_grid: tuple[float, ...] = (0.1, 1.0, 10.0)
+    tolerance: float = 1e-5
+    max_iter: int = 2000
 
     WHERE = "sweep"
 
@@ -114,6 +133,15 @@ class SweepConfig(Params):
             raise ValueError(f"sweep.gamma must lie in (0, 1], got {self.gamma}")
         if not (float(self.gumbel_tau) > 0.0):
             raise ValueError(f"sweep.gumbel_tau must be > 0, got {self.gumbel_tau}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"sweep.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        grid = [float(c) for c in self.l2_grid]
+        if not grid or any(not math.isfinite(c) or c <= 0 for c in grid) or len(set(grid)) != len(grid):
+            raise ValueError(f"sweep.l2_grid must hold distinct values > 0, got {tuple(self.l2_grid)}")
+        if not (math.isfinite(float(self.tolerance)) and float(self.tolerance) > 0):
+            raise ValueError(f"sweep.tolerance must be > 0, got {self.tolerance}")
+        if int(self.max_iter) < 1:
+            raise ValueError(f"sweep.max_iter must be >= 1, got {self.max_iter}")
 
 
 @dataclass(frozen=True)
@@ -315,6 +343,18 @@ class SweepResult:
     state: dict[str, torch.Tensor]
     history: pd.DataFrame = field(default_factory=pd.DataFrame)
     budget: Budget | None = None
+    certificate: Any = None  # the convex estimator's record (heads.convex.Certificate); None for adam
+    half_budget_correct: np.ndarray | None = None  # adam: test_correct of the heads selected at half the budget
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seeds of the selected heads, in order (the convex estimator: one, 0)."""
+        return (0,) if self.certificate is not None else tuple(int(s) for s in self.config.seeds)
+
+    @property
+    def estimator(self) -> str:
+        """``convex`` (a certificate) or ``adam``."""
+        return "convex" if self.certificate is not None else "adam"
 
 
 @dataclass

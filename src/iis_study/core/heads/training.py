@@ -30,8 +30,10 @@ class _BestTracker:
     (:meth:`score_test`): the same numbers as evaluating test after every epoch, at half the
     evaluation cost."""
 
-    def __init__(self, heads: _BatchedHeads) -> None:
+    def __init__(self, heads: _BatchedHeads, half_epoch: int = 0) -> None:
         dev = heads.device
+        self.half_epoch = int(half_epoch)
+        self.half: dict[str, dict[str, torch.Tensor]] | None = None  # val and params of the best heads at half budget
         self.shapes = {"probe": heads.shape_probe, "interp": heads.shape_interp}
         f64 = torch.float64
         self.val = {k: torch.full(s, -1.0, dtype=f64, device=dev) for k, s in self.shapes.items()}
@@ -54,6 +56,9 @@ class _BestTracker:
                     mask = better.view(better.shape + (1,) * (p.ndim - better.ndim))
                     self.params[name] = torch.where(mask, p.detach(), self.params[name])
         self.history.append(record)
+        if epoch == self.half_epoch:
+            self.half = {"val": {k: v.clone() for k, v in self.val.items()},
+                         "params": {k: v.clone() for k, v in self.params.items()}}
 
     def score_test(self, heads: _BatchedHeads, test: Split, base: torch.Tensor | None) -> None:
         """Test correctness of every head at its best-val epoch, from the kept parameters."""
@@ -66,6 +71,13 @@ class _BestTracker:
         for key, correct in (("probe", tp), ("interp", ti)):
             self.test_correct[key] = correct
             self.test[key] = correct.sum(-1, dtype=torch.float64) / correct.shape[-1]
+        if self.half is not None:
+            heads.params = self.half["params"]
+            try:
+                hp, hi = heads.correct(test.x, test.y, base)
+            finally:
+                heads.params = live
+            self.half["test_correct"] = {"probe": hp, "interp": hi}
 
 
 # --------------------------------------------------------------------------- sweep
@@ -150,7 +162,7 @@ def sweep_many(
     }
     opt = _StackedAdam(model.params, model.lr_axis(), config.learning_rates)
     data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
-    trackers = {name: _BestTracker(heads) for name, heads in model.parts.items()}
+    trackers = {name: _BestTracker(heads, budget.epochs // 2) for name, heads in model.parts.items()}
     first = next(iter(model.parts.values()))
     logger.info(
         "sweep: %d probe + %d x %d interp heads (%s; %d stacked), K=%d, N_train=%d: batch %d, %d epochs, %d steps",
@@ -252,6 +264,18 @@ def _build_result(
     interp_tc = np.stack([tc_i[p, s_idx, sel_i[p]] for p in range(len(config.sparsities))], axis=1)
     test_correct = np.concatenate([probe_tc[:, None], interp_tc], axis=1)
     state = _selected_state(tracker.params, sel_p, sel_i)
+    half_correct = None
+    if tracker.half is not None and "test_correct" in tracker.half:  # the heads selected at half the budget
+        hv = tracker.half["val"]
+        hp_sel = _select_lr(hv["probe"].cpu().numpy(), lrs)
+        hi_sel = _select_lr(hv["interp"].cpu().numpy(), lrs)
+        htc_p = tracker.half["test_correct"]["probe"].cpu().numpy()
+        htc_i = tracker.half["test_correct"]["interp"].cpu().numpy()
+        half_correct = np.concatenate(
+            [htc_p[s_idx, hp_sel][:, None],
+             np.stack([htc_i[p, s_idx, hi_sel[p]] for p in range(len(config.sparsities))], axis=1)],
+            axis=1,
+        ).astype(bool)
     if heads.probe_shift is not None:  # the stored probe reads raw features: b - W·mean
         state["probe.bias"] = state["probe.bias"] - state["probe.weight"] @ heads.probe_shift.cpu()
     return SweepResult(
@@ -264,6 +288,7 @@ def _build_result(
         state=state,
         history=_history_table(tracker, config),
         budget=budget,
+        half_budget_correct=half_correct,
     )
 
 

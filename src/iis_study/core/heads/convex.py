@@ -1,0 +1,326 @@
+"""The convex estimator (METHOD §4, "The estimator"): every head solved to a certified optimum.
+
+With the LayerNorm over the M concept scores taken *without* affine, the interpretation head at
+sparsity ``s`` reads fixed inputs, ``x_s = sparsify_s(LN(z·Cᵀ))`` (the mask keeps the
+``M - floor(s·M)`` entries of largest ``|a|``, ties to the lower index, computed once per sample),
+and is multinomial logistic regression with an L2 penalty on ``x_s``: a convex problem with one
+optimum per L2 strength. The linear probe is the same problem on the centred features. All heads
+of a representation (sparsities x L2 grid x concept types) are solved together by the batched
+L-BFGS of :mod:`.lbfgs`, the probe in a second batched call (its design has D columns, not M);
+each head to a stated tolerance on its gradient, which is its certificate. The L2 strength is
+selected on val at the optimum (largest val accuracy; on ties the stronger penalty), and accuracy
+is reported on test. Nothing here is random: ``seeds`` play no part.
+
+The result has the same shape as the Adam sweep's (:class:`~iis_study.core.heads.SweepResult`,
+one "seed"), with the L2 strength in the ``c`` column and the solver's record in
+:class:`Certificate`; the stored state carries the LayerNorm affine at (1, 0) so explanations read
+it as they read an Adam head's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..device import resolve_device
+from ..store import ShardedArray
+from .activations import _concepts_to, _precompute_base
+from .datatypes import ConceptSpace, Split, SweepConfig, SweepResult
+from .lbfgs import LogisticFit, solve_logistic
+from .masks import n_dropped
+
+logger = logging.getLogger(__name__)
+
+_MATERIALISE_BYTES = 512 * 2**20  # a design up to this size (in float64) is built once, else streamed
+_BLOCK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The convex solver's record for one concept type's heads and the probe.
+
+    Attributes:
+        tolerance: the stopping rule: largest absolute entry of a head's gradient (per-sample objective).
+        max_grad: the largest final gradient among the *selected* heads (probe and every sparsity).
+        max_grad_all: the largest over every head of the grid (every L2 strength).
+        iterations: the most L-BFGS iterations any head of the grid took.
+        certified: every head of the grid (probe included) ended within ``tolerance``.
+        uncertified: the heads that did not, as ``"probe C=..."`` / ``"s=0.9 C=..."``.
+    """
+
+    tolerance: float
+    max_grad: float
+    max_grad_all: float
+    iterations: int
+    certified: bool
+    uncertified: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["uncertified"] = list(self.uncertified)
+        return out
+
+
+# --------------------------------------------------------------------------- masks and designs
+
+
+def keep_ranks(a: torch.Tensor) -> torch.Tensor:
+    """Per row, the rank of each entry by ``|a|`` (0 = largest; ties: the lower index first), so
+    that ``ranks < M - k`` is METHOD §3's mask keeping the ``M - k`` largest ``|a|``."""
+    order = torch.argsort(-a.abs(), dim=-1, stable=True)
+    dtype = torch.int16 if a.shape[-1] < 2**15 else torch.int32
+    ranks = torch.empty(order.shape, dtype=dtype, device=a.device)
+    ar = torch.arange(a.shape[-1], device=a.device, dtype=dtype).expand_as(order)
+    return ranks.scatter_(-1, order, ar)
+
+
+class ConceptDesign:
+    """The masked activations of one or more concept spaces (of equal M) at every sparsity:
+    group ``g = t·P + p`` is concept space ``t`` at sparsity ``p``. Activations are kept in float32
+    with their ranks; a block's design matrix is ``a · (rank < keep)``."""
+
+    def __init__(self, bases: list[torch.Tensor], keeps: list[int], y: torch.Tensor) -> None:
+        self.a = torch.stack(bases)  # (T, N, M)
+        self.ranks = keep_ranks(self.a)
+        t, self.n, self.features = self.a.shape
+        self.keeps = torch.tensor(keeps * t, device=self.a.device)
+        self.type_of = torch.arange(t, device=self.a.device).repeat_interleave(len(keeps))
+        self.groups = t * len(keeps)
+        self.y = y
+        self._cache: dict[torch.dtype, torch.Tensor] = {}
+        if self.groups * self.n * self.features * 8 <= _MATERIALISE_BYTES:
+            everyone = torch.arange(self.groups, device=self.a.device)
+            self._cache[torch.float64] = self._build(everyone, slice(None), torch.float64)
+            self._cache[torch.float32] = self._cache[torch.float64].float()
+
+    def _build(self, groups: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        tg = self.type_of[groups]
+        a = self.a[:, rows][tg].to(dtype)
+        keep = self.ranks[:, rows][tg] < self.keeps[groups].view(-1, 1, 1).to(self.ranks.dtype)
+        return a * keep
+
+    def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if dtype in self._cache:
+            x = self._cache[dtype]
+            yield (x if groups.numel() == self.groups else x.index_select(0, groups)), self.y
+            return
+        for start in range(0, self.n, _BLOCK_ROWS):
+            rows = slice(start, start + _BLOCK_ROWS)
+            yield self._build(groups, rows, dtype), self.y[rows]
+
+
+class FeatureDesign:
+    """The probe's design: the features minus their train mean, one group."""
+
+    groups = 1
+
+    def __init__(self, x: torch.Tensor | ShardedArray, shift: torch.Tensor, y: torch.Tensor, device: str) -> None:
+        self.x, self.shift, self.y, self.device = x, shift.to(torch.float64), y, device
+        self.n, self.features = int(x.shape[0]), int(x.shape[1])
+        self._cache: dict[torch.dtype, torch.Tensor] = {}
+        if not isinstance(x, ShardedArray) and self.n * self.features * 8 <= _MATERIALISE_BYTES:
+            x64 = (x.to(torch.float64) - self.shift).unsqueeze(0)
+            self._cache = {torch.float64: x64, torch.float32: x64.float()}
+
+    def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if dtype in self._cache:
+            yield self._cache[dtype], self.y
+            return
+        if isinstance(self.x, ShardedArray):
+            for start, rows in self.x.iter_blocks():
+                rows = torch.as_tensor(rows).to(self.device)
+                yield (rows.to(torch.float64) - self.shift).to(dtype).unsqueeze(0), self.y[start : start + rows.shape[0]]
+            return
+        for start in range(0, self.n, _BLOCK_ROWS):
+            rows = self.x[start : start + _BLOCK_ROWS]
+            yield (rows.to(torch.float64) - self.shift).to(dtype).unsqueeze(0), self.y[start : start + rows.shape[0]]
+
+
+def _correct(design, fit: LogisticFit) -> torch.Tensor:
+    """Per head (G, L) and sample, whether the head's prediction is right (float64 products)."""
+    g_, n_c, k, f = fit.weight.shape
+    wm = fit.weight.permute(0, 3, 1, 2).reshape(g_, f, n_c * k)
+    b = fit.bias.reshape(g_, 1, n_c * k)
+    parts = []
+    everyone = torch.arange(g_, device=fit.weight.device)
+    for x, y in design.blocks(everyone, torch.float64):
+        pred = torch.baddbmm(b, x, wm).view(g_, x.shape[1], n_c, k).argmax(-1)  # (G, B, L)
+        parts.append((pred == y.view(1, -1, 1)).permute(0, 2, 1))
+    return torch.cat(parts, dim=-1)  # (G, L, N)
+
+
+# --------------------------------------------------------------------------- the estimator
+
+
+def _select(val_acc: np.ndarray) -> np.ndarray:
+    """Index of the selected L2 strength along the last axis (grid ascending in C): the best val
+    accuracy, ties to the smaller C (the stronger penalty)."""
+    best = val_acc.max(-1, keepdims=True)
+    return np.argmax(val_acc >= best, axis=-1)
+
+
+def _activations(split: Split, space: ConceptSpace, dev: str) -> torch.Tensor:
+    if isinstance(split.x, ShardedArray):
+        return torch.cat([_precompute_base(torch.as_tensor(r).to(dev), space) for _, r in split.x.iter_blocks()])
+    return _precompute_base(split.x, space)
+
+
+def convex_many(
+    train: Split,
+    val: Split,
+    test: Split,
+    concepts: Mapping[str, ConceptSpace],
+    num_classes: int,
+    config: SweepConfig,
+    progress: bool = True,
+) -> dict[str, SweepResult]:
+    """Every head of every concept space of one representation, and the probe, solved to the
+    certified optimum (module docstring); one :class:`SweepResult` per concept space."""
+    from .training import _validate_inputs  # the same input checks as the Adam sweep
+
+    if not concepts:
+        raise ValueError("convex_many needs at least one concept space")
+    spaces_in = list(concepts.values())
+    _validate_inputs(train, val, test, spaces_in[0], num_classes, config)
+    for name, space in concepts.items():
+        space.validate(train.x.shape[1])
+        if space.kind == "end_to_end":
+            raise ValueError(
+                f"concept type {name!r} (end_to_end) learns its concepts jointly with the head: not a convex "
+                "problem. Use sweep.estimator: adam for it (docs/method.md)"
+            )
+    dev = resolve_device(config.device, "sweep.device")
+    k = int(num_classes)
+    cs = sorted(float(c) for c in config.l2_grid)
+    splits = {
+        "train": train,
+        "val": val,
+        "test": test,
+    }
+    ys = {s: sp.y.to(device=dev, dtype=torch.long) for s, sp in splits.items()}
+    xs = {s: sp.x if isinstance(sp.x, ShardedArray) else sp.x.to(device=dev, dtype=torch.float32) for s, sp in splits.items()}
+    # the probe: centred features
+    from .seeds import _train_mean
+
+    shift = _train_mean(xs["train"], dev).to(torch.float64)
+    probe_designs = {s: FeatureDesign(xs[s], shift, ys[s], dev) for s in splits}
+    probe_fit = solve_logistic(
+        probe_designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev
+    )
+    probe_correct = {s: _correct(probe_designs[s], probe_fit)[0] for s in ("val", "test")}  # (L, N)
+    # the interpretation heads: concept spaces of equal M solved together
+    spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
+    by_m: dict[int, list[str]] = {}
+    for name, space in spaces.items():
+        by_m.setdefault(space.m, []).append(name)
+    results: dict[str, SweepResult] = {}
+    for m, names in by_m.items():
+        keeps = [m - n_dropped(s, m) for s in config.sparsities]
+        designs = {
+            s: ConceptDesign([_activations(Split(xs[s], ys[s]), spaces[nm], dev) for nm in names], keeps, ys[s])
+            for s in splits
+        }
+        fit = solve_logistic(designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev)
+        correct = {s: _correct(designs[s], fit) for s in ("val", "test")}  # (T·P, L, N)
+        n_p = len(keeps)
+        for t, name in enumerate(names):
+            part = slice(t * n_p, (t + 1) * n_p)
+            results[name] = _build_result(
+                config, k, m, cs, (probe_fit, shift), probe_correct, fit, part,
+                {s: c[part] for s, c in correct.items()}, spaces[name],
+            )
+    logger.info(
+        "convex heads: %s; probe %d iterations (largest gradient %.2e), tolerance %.0e",
+        ", ".join(f"{n}: certified {r.certificate.certified}, {r.certificate.iterations} it." for n, r in results.items()),
+        int(probe_fit.iterations.max()),
+        float(probe_fit.grad.max()),
+        config.tolerance,
+    )
+    return {name: results[name] for name in concepts}
+
+
+def _build_result(
+    config: SweepConfig,
+    k: int,
+    m: int,
+    cs: list[float],
+    probe: tuple[LogisticFit, torch.Tensor],
+    probe_correct: dict[str, torch.Tensor],
+    fit: LogisticFit,
+    part: slice,
+    correct: dict[str, torch.Tensor],
+    space: ConceptSpace,
+) -> SweepResult:
+    probe_fit, shift = probe
+    sparsities = [float(s) for s in config.sparsities]
+    acc = {s: c.double().mean(-1).cpu().numpy() for s, c in correct.items()}  # (P, L)
+    pacc = {s: c.double().mean(-1).cpu().numpy() for s, c in probe_correct.items()}  # (L,)
+    sel_p = int(_select(pacc["val"][None])[0])
+    sel_i = _select(acc["val"])  # (P,)
+    grads, its = fit.grad[part].cpu().numpy(), fit.iterations[part].cpu().numpy()
+    pgrads, pits = probe_fit.grad[0].cpu().numpy(), probe_fit.iterations[0].cpu().numpy()
+    rows = [
+        {"head": "probe", "seed": 0, "sparsity": math.nan, "c": c, "val_acc": float(pacc["val"][li]),
+         "test_acc": float(pacc["test"][li]), "grad": float(pgrads[li]), "iterations": int(pits[li])}
+        for li, c in enumerate(cs)
+    ]
+    for pi, sp in enumerate(sparsities):
+        for li, c in enumerate(cs):
+            rows.append(
+                {"head": "interp", "seed": 0, "sparsity": sp, "c": c, "val_acc": float(acc["val"][pi, li]),
+                 "test_acc": float(acc["test"][pi, li]), "grad": float(grads[pi, li]), "iterations": int(its[pi, li])}
+            )
+    table = pd.DataFrame(rows)
+    table["certified"] = table["grad"] <= fit.tol
+    sel_rows = [table.iloc[sel_p]] + [table.iloc[len(cs) * (1 + pi) + int(sel_i[pi])] for pi in range(len(sparsities))]
+    selected = pd.DataFrame(sel_rows).reset_index(drop=True)
+    test_correct = np.concatenate(
+        [probe_correct["test"][sel_p].cpu().numpy()[None], correct["test"][np.arange(len(sparsities)), sel_i].cpu().numpy()]
+    )[None].astype(bool)  # (1, 1 + P, N)
+    bad = table.loc[~table["certified"]]
+    uncertified = tuple(
+        f"probe C={r.c:g}" if r.head == "probe" else f"s={r.sparsity:g} C={r.c:g}" for r in bad.itertuples()
+    )
+    cert = Certificate(
+        tolerance=float(fit.tol),
+        max_grad=float(selected["grad"].max()),
+        max_grad_all=float(table["grad"].max()),
+        iterations=int(table["iterations"].max()),
+        certified=not uncertified,
+        uncertified=uncertified,
+    )
+    if uncertified:
+        logger.warning(
+            "convex heads NOT certified (gradient above %.0e after %d iterations): %s; raise sweep.max_iter",
+            fit.tol, config.max_iter, ", ".join(uncertified),
+        )
+    p_idx = torch.arange(len(sparsities))
+    w = fit.weight[part][p_idx, torch.as_tensor(sel_i)].float().cpu()  # (P, K, M)
+    b = fit.bias[part][p_idx, torch.as_tensor(sel_i)].float().cpu()
+    pw = probe_fit.weight[0, sel_p].float().cpu()
+    pb = probe_fit.bias[0, sel_p] - probe_fit.weight[0, sel_p] @ shift
+    state = {
+        "probe.weight": pw[None],
+        "probe.bias": pb.float().cpu()[None],
+        "interp.weight": w[None],
+        "interp.bias": b[None],
+    }
+    if space.kind == "vectors":  # the LayerNorm's affine held at (1, 0)
+        state["interp.ln_weight"] = torch.ones(1, len(sparsities), m)
+        state["interp.ln_bias"] = torch.zeros(1, len(sparsities), m)
+    return SweepResult(
+        config=config,
+        num_classes=k,
+        m=m,
+        table=table,
+        selected=selected,
+        test_correct=test_correct,
+        state=state,
+        certificate=cert,
+    )
