@@ -290,7 +290,8 @@ class SweepResultDataset(AbstractDataset):
             data.selected.to_csv(tmp / "selected.csv", index=False)
             np.save(tmp / "test_correct.npy", np.asarray(data.test_correct), allow_pickle=False)
             save_tensors(tmp / "state.safetensors", {k: v.detach().cpu() for k, v in data.state.items()})
-            data.history.to_csv(tmp / "history.csv", index=False)
+            if not data.history.empty:  # the convex estimator has no per-epoch history
+                data.history.to_csv(tmp / "history.csv", index=False)
             meta = {"config": asdict(data.config), "num_classes": data.num_classes, "m": data.m}
             if data.budget is not None:
                 meta["budget"] = asdict(data.budget)

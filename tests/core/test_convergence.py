@@ -138,3 +138,25 @@ def test_n_dropped_is_exact_on_the_default_grid() -> None:
             assert n_dropped(float(s), m) == exact, (s, m)
             wrong_naive += math.floor(float(s) * m) != exact
     assert wrong_naive > 0  # the case the exact arithmetic is for does occur on this grid
+
+
+def test_the_budget_check_fires_on_a_rising_history_and_at_most_5_percent_on_noise() -> None:
+    from iis_study.core.convergence import simulate_budget_flags
+
+    noise = simulate_budget_flags(40, trend=0.0, seed=3, n_boot=200)
+    assert (~noise).mean() <= 0.05
+    rising = simulate_budget_flags(10, trend=0.4, seed=4, n_boot=200)
+    assert (~rising).mean() >= 0.8
+
+
+def test_the_budget_check_on_known_cases() -> None:
+    from iis_study.core.convergence import budget_check
+
+    rng = np.random.default_rng(0)
+    full = rng.random((3, 9, 400)) < 0.8
+    same = budget_check(full, full.copy(), (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98), n_boot=200)
+    assert same["budget_delta"] == 0 and same["budget_converged"]
+    worse = full.copy()
+    worse[:, 1:, :120] = False  # at half the budget the heads had 30 % of the images wrong: a real trend
+    moved = budget_check(full, worse, (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98), n_boot=200)
+    assert moved["budget_delta"] > 0.1 and moved["budget_delta_ci_low"] > 0.01 and not moved["budget_converged"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -94,10 +94,10 @@ class ConceptDesign:
         self.groups = t * len(keeps)
         self.y = y
         self._cache: dict[torch.dtype, torch.Tensor] = {}
+        self._subset: tuple[object, torch.Tensor | None] = (None, None)
         if self.groups * self.n * self.features * 8 <= _MATERIALISE_BYTES:
             everyone = torch.arange(self.groups, device=self.a.device)
             self._cache[torch.float64] = self._build(everyone, slice(None), torch.float64)
-            self._cache[torch.float32] = self._cache[torch.float64].float()
 
     def _build(self, groups: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         tg = self.type_of[groups]
@@ -108,7 +108,12 @@ class ConceptDesign:
     def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if dtype in self._cache:
             x = self._cache[dtype]
-            yield (x if groups.numel() == self.groups else x.index_select(0, groups)), self.y
+            if groups.numel() != self.groups or not bool((groups == torch.arange(self.groups, device=groups.device)).all()):
+                key = (dtype, tuple(groups.tolist()))
+                if self._subset[0] != key:  # the solver asks for the same live groups many times in a row
+                    self._subset = (key, x.index_select(0, groups))
+                x = self._subset[1]
+            yield x, self.y
             return
         for start in range(0, self.n, _BLOCK_ROWS):
             rows = slice(start, start + _BLOCK_ROWS)
@@ -116,17 +121,23 @@ class ConceptDesign:
 
 
 class FeatureDesign:
-    """The probe's design: the features minus their train mean, one group."""
+    """The probe's design, one group: ``(z - shift) / scale``, the features centred by their train mean
+    and divided by one number, the root mean per-feature variance on train, so that the L2 grid means
+    the same for every representation (unit-variance inputs, as the LayerNorm gives the heads). It is
+    a reparametrisation: the same classifiers ``W z + b``."""
 
     groups = 1
 
-    def __init__(self, x: torch.Tensor | ShardedArray, shift: torch.Tensor, y: torch.Tensor, device: str) -> None:
-        self.x, self.shift, self.y, self.device = x, shift.to(torch.float64), y, device
+    def __init__(
+        self, x: torch.Tensor | ShardedArray, shift: torch.Tensor, scale: float, y: torch.Tensor, device: str
+    ) -> None:
+        self.x, self.y, self.device = x, y, device
+        self.shift, self.scale = shift.to(torch.float64), float(scale)
         self.n, self.features = int(x.shape[0]), int(x.shape[1])
         self._cache: dict[torch.dtype, torch.Tensor] = {}
         if not isinstance(x, ShardedArray) and self.n * self.features * 8 <= _MATERIALISE_BYTES:
-            x64 = (x.to(torch.float64) - self.shift).unsqueeze(0)
-            self._cache = {torch.float64: x64, torch.float32: x64.float()}
+            x64 = ((x.to(torch.float64) - self.shift) / self.scale).unsqueeze(0)
+            self._cache = {torch.float64: x64}
 
     def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if dtype in self._cache:
@@ -135,24 +146,46 @@ class FeatureDesign:
         if isinstance(self.x, ShardedArray):
             for start, rows in self.x.iter_blocks():
                 rows = torch.as_tensor(rows).to(self.device)
-                yield (rows.to(torch.float64) - self.shift).to(dtype).unsqueeze(0), self.y[start : start + rows.shape[0]]
+                yield self._rows(rows, dtype), self.y[start : start + rows.shape[0]]
             return
         for start in range(0, self.n, _BLOCK_ROWS):
             rows = self.x[start : start + _BLOCK_ROWS]
-            yield (rows.to(torch.float64) - self.shift).to(dtype).unsqueeze(0), self.y[start : start + rows.shape[0]]
+            yield self._rows(rows, dtype), self.y[start : start + rows.shape[0]]
+
+    def _rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return ((rows.to(torch.float64) - self.shift) / self.scale).to(dtype).unsqueeze(0)
 
 
-def _correct(design, fit: LogisticFit) -> torch.Tensor:
-    """Per head (G, L) and sample, whether the head's prediction is right (float64 products)."""
-    g_, n_c, k, f = fit.weight.shape
-    wm = fit.weight.permute(0, 3, 1, 2).reshape(g_, f, n_c * k)
-    b = fit.bias.reshape(g_, 1, n_c * k)
+def _correct(design, weight: torch.Tensor, bias: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Per head (G', L) and sample, whether its prediction is right; ``weight`` (G', L, K, F) and
+    ``bias`` (G', L, K) of design groups ``groups`` (default: all), float64 products. A head with NaN
+    weights (not solved) is wrong everywhere."""
+    g_, n_c, k, f = weight.shape
+    groups = torch.arange(g_, device=weight.device) if groups is None else groups
+    wm = torch.nan_to_num(weight, nan=0.0).permute(0, 3, 1, 2).reshape(g_, f, n_c * k)
+    b = torch.nan_to_num(bias, nan=0.0).reshape(g_, 1, n_c * k)
+    solved = ~torch.isnan(bias).any(-1)  # (G', L)
     parts = []
-    everyone = torch.arange(g_, device=fit.weight.device)
-    for x, y in design.blocks(everyone, torch.float64):
-        pred = torch.baddbmm(b, x, wm).view(g_, x.shape[1], n_c, k).argmax(-1)  # (G, B, L)
+    for x, y in design.blocks(groups, torch.float64):
+        pred = torch.baddbmm(b, x, wm).view(g_, x.shape[1], n_c, k).argmax(-1)  # (G', B, L)
         parts.append((pred == y.view(1, -1, 1)).permute(0, 2, 1))
-    return torch.cat(parts, dim=-1)  # (G, L, N)
+    return torch.cat(parts, dim=-1) & solved.unsqueeze(-1)  # (G', L, N)
+
+
+def _path_rule(val_design) -> Callable:
+    """The L2 path of a group goes on to the next (weaker) penalty while its val accuracy did not fall:
+    ``keep_going`` for :func:`~.lbfgs.solve_logistic`."""
+    last: dict[int, float] = {}
+
+    def keep_going(li: int, weight: torch.Tensor, bias: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        acc = _correct(val_design, weight.unsqueeze(1), bias.unsqueeze(1), groups)[:, 0].double().mean(-1)
+        go = []
+        for g, a in zip(groups.tolist(), acc.tolist(), strict=True):
+            go.append(a >= last.get(g, -1.0))
+            last[g] = a
+        return torch.tensor(go, dtype=torch.bool)
+
+    return keep_going
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -160,9 +193,22 @@ def _correct(design, fit: LogisticFit) -> torch.Tensor:
 
 def _select(val_acc: np.ndarray) -> np.ndarray:
     """Index of the selected L2 strength along the last axis (grid ascending in C): the best val
-    accuracy, ties to the smaller C (the stronger penalty)."""
-    best = val_acc.max(-1, keepdims=True)
-    return np.argmax(val_acc >= best, axis=-1)
+    accuracy, ties to the smaller C (the stronger penalty); NaN (not solved) is never selected."""
+    v = np.where(np.isnan(val_acc), -np.inf, val_acc)
+    best = v.max(-1, keepdims=True)
+    return np.argmax(v >= best, axis=-1)
+
+
+def _feature_scale(x: torch.Tensor | ShardedArray, shift: torch.Tensor) -> float:
+    """The root mean per-feature variance of the training features (float64; shard by shard on disk)."""
+    total, n = 0.0, 0
+    blocks = x.iter_blocks() if isinstance(x, ShardedArray) else [(0, x)]
+    for _, rows in blocks:
+        r = torch.as_tensor(rows).to(device=shift.device, dtype=torch.float64) - shift
+        total += float((r * r).sum())
+        n += r.shape[0]
+    scale = math.sqrt(total / (n * x.shape[1]))
+    return scale if scale > 0 else 1.0
 
 
 def _activations(split: Split, space: ConceptSpace, dev: str) -> torch.Tensor:
@@ -209,11 +255,13 @@ def convex_many(
     from .seeds import _train_mean
 
     shift = _train_mean(xs["train"], dev).to(torch.float64)
-    probe_designs = {s: FeatureDesign(xs[s], shift, ys[s], dev) for s in splits}
+    scale = _feature_scale(xs["train"], shift)
+    probe_designs = {s: FeatureDesign(xs[s], shift, scale, ys[s], dev) for s in splits}
     probe_fit = solve_logistic(
-        probe_designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev
+        probe_designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev,
+        keep_going=_path_rule(probe_designs["val"]) if config.l2_path else None,
     )
-    probe_correct = {s: _correct(probe_designs[s], probe_fit)[0] for s in ("val", "test")}  # (L, N)
+    probe_correct = {s: _correct(probe_designs[s], probe_fit.weight, probe_fit.bias)[0] for s in ("val", "test")}
     # the interpretation heads: concept spaces of equal M solved together
     spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
     by_m: dict[int, list[str]] = {}
@@ -226,13 +274,16 @@ def convex_many(
             s: ConceptDesign([_activations(Split(xs[s], ys[s]), spaces[nm], dev) for nm in names], keeps, ys[s])
             for s in splits
         }
-        fit = solve_logistic(designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev)
-        correct = {s: _correct(designs[s], fit) for s in ("val", "test")}  # (T·P, L, N)
+        fit = solve_logistic(
+            designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev,
+            keep_going=_path_rule(designs["val"]) if config.l2_path else None,
+        )
+        correct = {s: _correct(designs[s], fit.weight, fit.bias) for s in ("val", "test")}  # (T·P, L, N)
         n_p = len(keeps)
         for t, name in enumerate(names):
             part = slice(t * n_p, (t + 1) * n_p)
             results[name] = _build_result(
-                config, k, m, cs, (probe_fit, shift), probe_correct, fit, part,
+                config, k, m, cs, (probe_fit, shift, scale), probe_correct, fit, part,
                 {s: c[part] for s, c in correct.items()}, spaces[name],
             )
     logger.info(
@@ -250,17 +301,19 @@ def _build_result(
     k: int,
     m: int,
     cs: list[float],
-    probe: tuple[LogisticFit, torch.Tensor],
+    probe: tuple[LogisticFit, torch.Tensor, float],
     probe_correct: dict[str, torch.Tensor],
     fit: LogisticFit,
     part: slice,
     correct: dict[str, torch.Tensor],
     space: ConceptSpace,
 ) -> SweepResult:
-    probe_fit, shift = probe
+    probe_fit, shift, scale = probe
     sparsities = [float(s) for s in config.sparsities]
-    acc = {s: c.double().mean(-1).cpu().numpy() for s, c in correct.items()}  # (P, L)
-    pacc = {s: c.double().mean(-1).cpu().numpy() for s, c in probe_correct.items()}  # (L,)
+    solved = fit.solved[part].cpu().numpy()
+    psolved = probe_fit.solved[0].cpu().numpy()
+    acc = {s: np.where(solved, c.double().mean(-1).cpu().numpy(), np.nan) for s, c in correct.items()}  # (P, L)
+    pacc = {s: np.where(psolved, c.double().mean(-1).cpu().numpy(), np.nan) for s, c in probe_correct.items()}
     sel_p = int(_select(pacc["val"][None])[0])
     sel_i = _select(acc["val"])  # (P,)
     grads, its = fit.grad[part].cpu().numpy(), fit.iterations[part].cpu().numpy()
@@ -277,20 +330,21 @@ def _build_result(
                  "test_acc": float(acc["test"][pi, li]), "grad": float(grads[pi, li]), "iterations": int(its[pi, li])}
             )
     table = pd.DataFrame(rows)
-    table["certified"] = table["grad"] <= fit.tol
+    table["solved"] = np.concatenate([psolved, solved.reshape(-1)])
+    table["certified"] = table["solved"] & (table["grad"] <= fit.tol)
     sel_rows = [table.iloc[sel_p]] + [table.iloc[len(cs) * (1 + pi) + int(sel_i[pi])] for pi in range(len(sparsities))]
     selected = pd.DataFrame(sel_rows).reset_index(drop=True)
     test_correct = np.concatenate(
         [probe_correct["test"][sel_p].cpu().numpy()[None], correct["test"][np.arange(len(sparsities)), sel_i].cpu().numpy()]
     )[None].astype(bool)  # (1, 1 + P, N)
-    bad = table.loc[~table["certified"]]
+    bad = table.loc[table["solved"] & ~table["certified"]]
     uncertified = tuple(
         f"probe C={r.c:g}" if r.head == "probe" else f"s={r.sparsity:g} C={r.c:g}" for r in bad.itertuples()
     )
     cert = Certificate(
         tolerance=float(fit.tol),
         max_grad=float(selected["grad"].max()),
-        max_grad_all=float(table["grad"].max()),
+        max_grad_all=float(table["grad"].max()),  # NaN (unsolved heads) is skipped
         iterations=int(table["iterations"].max()),
         certified=not uncertified,
         uncertified=uncertified,
@@ -303,8 +357,9 @@ def _build_result(
     p_idx = torch.arange(len(sparsities))
     w = fit.weight[part][p_idx, torch.as_tensor(sel_i)].float().cpu()  # (P, K, M)
     b = fit.bias[part][p_idx, torch.as_tensor(sel_i)].float().cpu()
-    pw = probe_fit.weight[0, sel_p].float().cpu()
-    pb = probe_fit.bias[0, sel_p] - probe_fit.weight[0, sel_p] @ shift
+    pw64 = probe_fit.weight[0, sel_p] / scale  # back to raw features: W (z - μ) / σ + b = (W/σ) z + (b - (W/σ)·μ)
+    pw = pw64.float().cpu()
+    pb = probe_fit.bias[0, sel_p] - pw64 @ shift
     state = {
         "probe.weight": pw[None],
         "probe.bias": pb.float().cpu()[None],

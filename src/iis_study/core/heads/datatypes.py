@@ -44,7 +44,11 @@ class SweepConfig(Params):
         sparsities: sparsity ratios ``s`` in ``[0, 1)``, strictly increasing.
         estimator: ``convex`` or ``adam``.
         l2_grid: convex: inverse L2 strengths ``C`` (scikit-learn's convention: ``C · Σ CE + ½‖W‖²``),
-            each head solved at each, the strength selected on val.
+            visited from the strongest penalty (smallest C) on, each solution warm-starting the next;
+            the strength is selected on val (best val accuracy, ties to the stronger penalty).
+        l2_path: convex: a head's path stops at the first strength whose val accuracy is below the
+            previous one's (the weaker penalties are not solved; the selection cannot reach them
+            unless val accuracy falls and rises again along the path). ``false``: every strength.
         tolerance: convex: a head is solved when the largest entry of the gradient of its per-sample
             objective is at most this (its certificate).
         max_iter: convex: L-BFGS iterations per head and L2 strength before it is reported uncertified.
@@ -81,7 +85,8 @@ class SweepConfig(Params):
     probe_centering: bool = True
     device: str = "cpu"  # cpu | cuda | auto (CUDA when present): resolved when the sweep runs (core.device)
     estimator: str = "convex"
-    l2_grid: tuple[float, ...] = (0.1, 1.0, 10.0)
+    l2_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    l2_path: bool = False
     tolerance: float = 1e-5
     max_iter: int = 2000
 

@@ -26,7 +26,8 @@ small one is materialised once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +65,7 @@ class LogisticFit:
     loss: torch.Tensor
     certified: torch.Tensor
     tol: float
+    solved: torch.Tensor | None = None  # (G, L): heads the path reached (all when no path rule)
 
 
 def _objective(
@@ -142,17 +144,19 @@ def solve_logistic(
     cs: Sequence[float],
     *,
     tol: float = 1e-5,
-    max_iter: int = 1000,
+    max_iter: int = 2000,
     history: int = 10,
     device: torch.device | str = "cpu",
-    fast_dtype: torch.dtype | None = None,
-    progress: "callable | None" = None,  # type: ignore[valid-type]
+    keep_going: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> LogisticFit:
     """Solve every head of ``design`` x ``cs`` to ``tol`` (see the module docstring).
 
-    ``fast_dtype``: the matrix products run in this dtype (accumulated in float64) until every head
-    is within ``tol`` in it; then every head is checked, and where needed finished, with the products
-    in float64. The certificate always comes from a float64 evaluation. ``None``: float64 throughout.
+    The L2 strengths are visited in order of decreasing penalty (increasing ``C``), each group's
+    solution warm-starting the next. ``keep_going(l, weight (G', K, F), bias (G', K), groups (G',))``,
+    called after strength ``l`` with the solutions of the groups still on the path, returns which of
+    them go on to the next strength (the default: all); a head not solved has NaN weights and
+    gradient and ``solved`` false. Products and the certificate are float64.
     """
     cs = [float(c) for c in cs]
     if not cs or any(not (c > 0) for c in cs):
@@ -160,68 +164,75 @@ def solve_logistic(
     if tol <= 0 or max_iter < 1 or history < 1:
         raise ValueError(f"need tol > 0, max_iter >= 1, history >= 1; got {tol}, {max_iter}, {history}")
     dev = torch.device(device)
+    f64 = torch.float64
     k, f, n_g, n_c = int(num_classes), design.features, design.groups, len(cs)
     order = sorted(range(n_c), key=lambda i: cs[i])  # strongest penalty first: each solution warm-starts the next
-    inv_cn_all = torch.tensor([1.0 / (c * design.n) for c in cs], dtype=torch.float64, device=dev)
-    theta = torch.zeros(n_g, n_c, k * (f + 1), dtype=torch.float64, device=dev)
+    inv_cn_all = torch.tensor([1.0 / (c * design.n) for c in cs], dtype=f64, device=dev)
+    theta = torch.full((n_g, n_c, k * (f + 1)), math.nan, dtype=f64, device=dev)
     iters = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
-    phases = [fast_dtype, torch.float64] if fast_dtype not in (None, torch.float64) else [torch.float64]
-    everyone = torch.arange(n_g, device=dev)
-    gram = _gram(design, everyone)
-    start = torch.zeros(n_g, 1, k * (f + 1), dtype=torch.float64, device=dev)
-    for li in order:
+    loss = torch.full((n_g, n_c), math.nan, dtype=f64, device=dev)
+    gmax = torch.full((n_g, n_c), math.nan, dtype=f64, device=dev)
+    groups = torch.arange(n_g, device=dev)
+    gram = _gram(design, groups)
+    start = torch.zeros(n_g, 1, k * (f + 1), dtype=f64, device=dev)
+    for step, li in enumerate(order):
         inv_cn = inv_cn_all[li : li + 1]
-        pinv = _preconditioners(gram, design.n, inv_cn, PRECOND_SCALE / k)
+        pinv = _preconditioners(gram[groups], design.n, inv_cn, PRECOND_SCALE / k)
         th = start.clone()
-        it_l = torch.zeros(n_g, 1, dtype=torch.long, device=dev)
-        stalled = torch.zeros(n_g, 1, dtype=torch.bool, device=dev)
-        budget = int(max_iter)
-        for dtype in phases:
-            used = _lbfgs(design, th, inv_cn, k, tol, budget, history, dtype, it_l, stalled, pinv, progress)
-            if dtype is not torch.float64:
-                stalled.zero_()  # a float32 stall is a precision floor: float64 takes over
-            budget = max(0, budget - int(used))
-        theta[:, li : li + 1] = th
-        iters[:, li : li + 1] = it_l
-        start = th
-    inv_cn = inv_cn_all
-    all_groups = torch.arange(n_g, device=dev)
-    loss, grad = _objective(design, theta, all_groups, inv_cn, k, torch.float64)
-    gmax = grad.abs().amax(-1)
+        it_l = torch.zeros(len(groups), 1, dtype=torch.long, device=dev)
+        stalled = torch.zeros(len(groups), 1, dtype=torch.bool, device=dev)
+        _lbfgs(design, th, groups, inv_cn, k, tol, int(max_iter), history, it_l, stalled, pinv, progress)
+        l_final, g_final = _objective(design, th, groups, inv_cn, k, f64)  # the certificate, float64
+        theta[groups, li] = th[:, 0]
+        iters[groups, li] = it_l[:, 0]
+        loss[groups, li] = l_final[:, 0]
+        gmax[groups, li] = g_final.abs().amax(-1)[:, 0]
+        if step + 1 == n_c:
+            break
+        go = torch.ones(len(groups), dtype=torch.bool, device=dev)
+        if keep_going is not None:
+            w = th.view(len(groups), k, f + 1)
+            go = keep_going(li, w[..., :f], w[..., f], groups).to(dev)
+        groups, start = groups[go], th[go]
+        if groups.numel() == 0:
+            break
     th = theta.view(n_g, n_c, k, f + 1)
+    solved = ~torch.isnan(gmax)
     return LogisticFit(
         weight=th[..., :f].clone(),
         bias=th[..., f].clone(),
         grad=gmax,
         iterations=iters,
         loss=loss,
-        certified=gmax <= tol,
+        certified=solved & (gmax <= tol),
         tol=float(tol),
+        solved=solved,
     )
 
 
 def _lbfgs(
     design: Design,
     theta: torch.Tensor,
+    rows: torch.Tensor,
     inv_cn: torch.Tensor,
     k: int,
     tol: float,
     max_iter: int,
     m: int,
-    dtype: torch.dtype,
     iters: torch.Tensor,
     stalled: torch.Tensor,
     pinv: torch.Tensor,
     progress,
 ) -> int:
-    """Preconditioned L-BFGS on ``theta`` (G, L, n) in place, products in ``dtype``; returns the
-    iterations run. The state of the groups still running is kept compact (copied only when a group
+    """Preconditioned L-BFGS on ``theta`` (G', L, n) in place, the heads of design groups ``rows``
+    (G',), float64; returns the iterations run. The state of the groups still running is kept compact (copied only when a group
     finishes), so an iteration costs what its live groups cost."""
     n_g, n_c, n = theta.shape
     dev = theta.device
     live = torch.arange(n_g, device=dev)
     x = theta.clone()
-    f, g = _objective(design, x, live, inv_cn, k, dtype)
+    dtype = torch.float64
+    f, g = _objective(design, x, rows[live], inv_cn, k, dtype)
     stop = stalled.clone()
     its = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
     s_mem = torch.zeros(m, n_g, n_c, n, dtype=torch.float64, device=dev)
@@ -271,7 +282,7 @@ def _lbfgs(
         x1, f1, g1 = x.clone(), f.clone(), g.clone()
         for _ in range(MAX_LINE_SEARCH):
             trial = x + t.unsqueeze(-1) * d
-            ft, gt = _objective(design, trial, live, inv_cn, k, dtype)
+            ft, gt = _objective(design, trial, rows[live], inv_cn, k, dtype)
             ok = ~done & torch.isfinite(ft) & (ft <= f + ARMIJO * t * gd)
             x1 = torch.where(ok.unsqueeze(-1), trial, x1)
             f1 = torch.where(ok, ft, f1)
