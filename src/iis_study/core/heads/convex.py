@@ -32,12 +32,12 @@ from ..device import resolve_device
 from ..store import ShardedArray
 from .activations import _concepts_to, _precompute_base
 from .datatypes import ConceptSpace, Split, SweepConfig, SweepResult
-from .lbfgs import LogisticFit, solve_logistic
+from .lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
 from .masks import n_dropped
 
 logger = logging.getLogger(__name__)
 
-_MATERIALISE_BYTES = 512 * 2**20  # a design up to this size (in float64) is built once, else streamed
+MATERIALISE_BYTES = 512 * 2**20  # a design up to this size (in float64) is built once, else streamed
 _BLOCK_ROWS = 8192
 
 
@@ -95,7 +95,7 @@ class ConceptDesign:
         self.y = y
         self._cache: dict[torch.dtype, torch.Tensor] = {}
         self._subset: tuple[object, torch.Tensor | None] = (None, None)
-        if self.groups * self.n * self.features * 8 <= _MATERIALISE_BYTES:
+        if self.groups * self.n * self.features * 8 <= MATERIALISE_BYTES:
             everyone = torch.arange(self.groups, device=self.a.device)
             self._cache[torch.float64] = self._build(everyone, slice(None), torch.float64)
 
@@ -105,7 +105,9 @@ class ConceptDesign:
         keep = self.ranks[:, rows][tg] < self.keeps[groups].view(-1, 1, 1).to(self.ranks.dtype)
         return a * keep
 
-    def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(
+        self, groups: torch.Tensor, dtype: torch.dtype, max_rows: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if dtype in self._cache:
             x = self._cache[dtype]
             if groups.numel() != self.groups or not bool((groups == torch.arange(self.groups, device=groups.device)).all()):
@@ -115,8 +117,9 @@ class ConceptDesign:
                 x = self._subset[1]
             yield x, self.y
             return
-        for start in range(0, self.n, _BLOCK_ROWS):
-            rows = slice(start, start + _BLOCK_ROWS)
+        step = int(max_rows or _BLOCK_ROWS)
+        for start in range(0, self.n, step):
+            rows = slice(start, start + step)
             yield self._build(groups, rows, dtype), self.y[rows]
 
 
@@ -135,21 +138,26 @@ class FeatureDesign:
         self.shift, self.scale = shift.to(torch.float64), float(scale)
         self.n, self.features = int(x.shape[0]), int(x.shape[1])
         self._cache: dict[torch.dtype, torch.Tensor] = {}
-        if not isinstance(x, ShardedArray) and self.n * self.features * 8 <= _MATERIALISE_BYTES:
+        if not isinstance(x, ShardedArray) and self.n * self.features * 8 <= MATERIALISE_BYTES:
             x64 = ((x.to(torch.float64) - self.shift) / self.scale).unsqueeze(0)
             self._cache = {torch.float64: x64}
 
-    def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(
+        self, groups: torch.Tensor, dtype: torch.dtype, max_rows: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if dtype in self._cache:
             yield self._cache[dtype], self.y
             return
+        step = int(max_rows or _BLOCK_ROWS)
         if isinstance(self.x, ShardedArray):
-            for start, rows in self.x.iter_blocks():
-                rows = torch.as_tensor(rows).to(self.device)
-                yield self._rows(rows, dtype), self.y[start : start + rows.shape[0]]
+            for start, shard in self.x.iter_blocks():
+                shard = torch.as_tensor(shard).to(self.device)
+                for i in range(0, shard.shape[0], step):
+                    rows = shard[i : i + step]
+                    yield self._rows(rows, dtype), self.y[start + i : start + i + rows.shape[0]]
             return
-        for start in range(0, self.n, _BLOCK_ROWS):
-            rows = self.x[start : start + _BLOCK_ROWS]
+        for start in range(0, self.n, step):
+            rows = self.x[start : start + step]
             yield self._rows(rows, dtype), self.y[start : start + rows.shape[0]]
 
     def _rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -166,7 +174,8 @@ def _correct(design, weight: torch.Tensor, bias: torch.Tensor, groups: torch.Ten
     b = torch.nan_to_num(bias, nan=0.0).reshape(g_, 1, n_c * k)
     solved = ~torch.isnan(bias).any(-1)  # (G', L)
     parts = []
-    for x, y in design.blocks(groups, torch.float64):
+    max_rows = max(64, BLOCK_BYTES // (8 * 2 * g_ * n_c * k))
+    for x, y in design.blocks(groups, torch.float64, max_rows):
         pred = torch.baddbmm(b, x, wm).view(g_, x.shape[1], n_c, k).argmax(-1)  # (G', B, L)
         parts.append((pred == y.view(1, -1, 1)).permute(0, 2, 1))
     return torch.cat(parts, dim=-1) & solved.unsqueeze(-1)  # (G', L, N)

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 ARMIJO = 1e-4
 MAX_LINE_SEARCH = 40
+BLOCK_BYTES = 256 * 2**20  # a streamed design's block: its per-head work arrays stay below this
 PRECOND_SCALE = 0.3  # times 1/K: the softmax curvature the preconditioner assumes
 
 
@@ -47,8 +48,11 @@ class Design(Protocol):
     groups: int  # G
     features: int  # F
 
-    def blocks(self, groups: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(X (len(groups), B, F), y (B,))`` blocks covering the N rows once, in order."""
+    def blocks(
+        self, groups: torch.Tensor, dtype: torch.dtype, max_rows: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(X (len(groups), B, F), y (B,))`` blocks covering the N rows once, in order; a streamed
+        design yields at most ``max_rows`` rows a block."""
         ...
 
 
@@ -88,7 +92,8 @@ def _objective(
     loss = torch.zeros(g_, n_c, dtype=torch.float64, device=theta.device)
     g_w = torch.zeros(g_, f, n_c * k, dtype=torch.float64, device=theta.device)
     g_b = torch.zeros(g_, n_c * k, dtype=torch.float64, device=theta.device)
-    for x, y in design.blocks(groups, dtype):
+    max_rows = max(64, BLOCK_BYTES // (8 * 3 * g_ * n_c * k))  # logits, softmax and gradient of one block
+    for x, y in design.blocks(groups, dtype, max_rows):
         rows = x.shape[1]
         z = torch.baddbmm(b, x, wm).view(g_, rows, n_c, k)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)

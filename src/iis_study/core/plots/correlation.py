@@ -114,7 +114,7 @@ def iis_vs_accuracy(
         handles = _score_legend_handles(has_random, score, fit_pretrained)
     if not converged.all():  # a legend entry (not loose text, which the legend would overlap)
         handles.append(Line2D([], [], linestyle="none", marker="$†$", color="0.2",
-                              label="not converged at this budget (raise sweep.steps)"))
+                              label="not certified / not converged (raise sweep.max_iter or sweep.steps)"))
     fig.legend(
         handles=handles,
         loc="outside lower center",
