@@ -39,7 +39,10 @@ def representation_table(project: Path) -> str:
     scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
     label = "representation" if "representation" in scores else "backbone"
     types = list(pd.unique(scores["concept_type"]))
-    head = ["representation", "D", "A_std (test)", "steps", "probe: val / L-BFGS ref., converged"]
+    convex = "estimator" in scores and (scores["estimator"] == "convex").all()
+    head = ["representation", "D", "A_std (test)"]
+    head += (["certified (largest gradient, iterations)"] if convex
+             else ["steps", "probe: val / L-BFGS ref., converged"])
     for t in types:
         head += [f"IIS {t} [95% CI]", f"IIS_cc {t}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -47,8 +50,12 @@ def representation_table(project: Path) -> str:
         first = rows.iloc[0]
         info = project / "data" / "04_feature" / str(first["backbone"]) / "feature_info.json"
         dim = json.loads(info.read_text())["dim"] if info.is_file() else "?"
-        cells = [str(name), str(dim), f"{_f(first['accuracy_linear_probe'])} ± {_f(first['accuracy_linear_probe_std'])}"]
-        if "probe_converged" in rows:
+        std = first["accuracy_linear_probe_std"]
+        cells = [str(name), str(dim), _f(first["accuracy_linear_probe"]) + ("" if pd.isna(std) else f" ± {_f(std)}")]
+        if convex:
+            ok = "yes" if rows["certified"].astype(bool).all() else "**no**"
+            cells += [f"{ok} ({rows['max_grad'].max():.1e}, {int(rows['iterations'].max())})"]
+        elif "probe_converged" in rows:
             conv = "yes" if rows["probe_converged"].astype(bool).all() else "**no**"
             cells += [str(int(first["steps"])), f"{_f(first['probe_val_acc'])} / {_f(first['reference_val_acc'])}, {conv}"]
         else:

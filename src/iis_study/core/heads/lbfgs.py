@@ -134,7 +134,14 @@ def _preconditioners(gram: torch.Tensor, n: int, inv_cn: torch.Tensor, scale: fl
     ridge[f] = 0.0
     p = (gram * (scale / n)).unsqueeze(1) + inv_cn.view(1, -1, 1, 1) * torch.diag(ridge)  # (G, L, F+1, F+1)
     p.diagonal(dim1=-2, dim2=-1).add_(1e-10 * p.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-12)
-    return torch.cholesky_inverse(torch.linalg.cholesky(p))
+    # LAPACK's factorisation rounds differently on 1 and 2 threads, and the preconditioner sets the solver's
+    # path: computed on one thread, the same inputs give the same iterates (and the same IIS) on any count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(p))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _apply(pinv: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
