@@ -51,6 +51,9 @@ SCORE_COLUMNS = [
 ]
 
 
+INTEGER_COLUMNS = ["n_seeds", "n_test", "n_boot", "iterations", "steps", "batch_size", "epochs", "n_rising", "n_heads"]
+
+
 def collect_scores(
     backbones: dict[str, Any], concepts: ConceptParams, results: Mapping[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -88,6 +91,9 @@ def collect_scores(
             c.insert(0, "backbone", name)
             curves.append(c)
     table = pd.DataFrame(rows)
+    for col in INTEGER_COLUMNS:  # counts stay integers when some rows lack them (estimators differ per row)
+        if col in table:
+            table[col] = table[col].astype("Int64")
     table = table[[c for c in SCORE_COLUMNS if c in table] + [c for c in table if c not in SCORE_COLUMNS]]
     for flag, what in (("probe_converged", "linear probe"), ("heads_converged", "interpretation heads")):
         if flag in table and not table[flag].astype(bool).all():

@@ -8,11 +8,14 @@ Adam sweep's per-epoch history (``adam``, :func:`~.training.sweep_many`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from .convex import convex_many
 from .datatypes import ConceptSpace, Split, SweepConfig, SweepResult
 from .training import sweep_many
+
+logger = logging.getLogger(__name__)
 
 
 def fit_heads(
@@ -24,6 +27,22 @@ def fit_heads(
     config: SweepConfig,
     progress: bool = True,
 ) -> dict[str, SweepResult]:
-    """The probe and every interpretation head of each concept space, by ``config.estimator``."""
-    fit = convex_many if config.estimator == "convex" else sweep_many
-    return fit(train, val, test, concepts, num_classes, config, progress)
+    """The probe and every interpretation head of each concept space, by ``config.estimator``.
+
+    End-to-end concepts learn their concept matrix with the head, which is not a convex problem: with
+    the convex estimator they are fitted by the Adam sweep (a warning says so; their scores carry
+    ``estimator: adam``), the other concept types by the convex solver."""
+    if config.estimator != "convex":
+        return sweep_many(train, val, test, concepts, num_classes, config, progress)
+    learned = {name: space for name, space in concepts.items() if space.kind == "end_to_end"}
+    fixed = {name: space for name, space in concepts.items() if space.kind != "end_to_end"}
+    out: dict[str, SweepResult] = {}
+    if fixed:
+        out.update(convex_many(train, val, test, fixed, num_classes, config, progress))
+    if learned:
+        logger.warning(
+            "concept types %s (end_to_end) learn their concepts with the head, not a convex problem: "
+            "fitted by the adam estimator (sweep.learning_rates, seeds, steps)", sorted(learned)
+        )
+        out.update(sweep_many(train, val, test, learned, num_classes, config, progress))
+    return {name: out[name] for name in concepts}
