@@ -29,7 +29,9 @@ test: setup  ## the whole test suite
 test-fast: setup  ## the quick subset for development (tests not marked slow)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup  ## benchmarks (scripts, not tests): extraction, sweep speed-up, concept types as one sweep, sweep scale (time and memory vs N)
+bench: setup  ## benchmarks (scripts, not tests): convex vs adam, convex at ImageNet shape, extraction, sweep speed-up, concept types as one sweep, sweep scale
+	$(BIN)/python scripts/bench_estimators.py --variants
+	$(BIN)/python scripts/bench_convex_scale.py --n 20000 50000
 	$(BIN)/python scripts/bench_extraction.py
 	$(BIN)/python scripts/bench_sweep.py
 	$(BIN)/python scripts/bench_concept_types.py

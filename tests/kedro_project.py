@@ -65,6 +65,7 @@ def make_project(dest: Path, overrides: dict[str, Any] | None = None, env: str =
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "conf", dest / "conf", dirs_exist_ok=True)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    shutil.copy(ROOT / ".telemetry", dest / ".telemetry")  # the project's telemetry opt-out, as a clone has it
     (dest / "conf" / "local").mkdir(exist_ok=True)
     (dest / "src").mkdir(exist_ok=True)  # the package itself is installed (pip install -e .)
     for sub in ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input", "06_models",

@@ -88,7 +88,7 @@ class SweepConfig(Params):
     l2_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
     l2_path: bool = False
     tolerance: float = 1e-5
-    max_iter: int = 2000
+    max_iter: int = 6000
 
     WHERE = "sweep"
 
