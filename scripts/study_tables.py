@@ -57,7 +57,9 @@ def representation_table(project: Path) -> str:
             cells += [f"{ok} ({rows['max_grad'].max():.1e}, {int(rows['iterations'].max())})"]
         elif "probe_converged" in rows:
             conv = "yes" if rows["probe_converged"].astype(bool).all() else "**no**"
-            cells += [str(int(first["steps"])), f"{_f(first['probe_val_acc'])} / {_f(first['reference_val_acc'])}, {conv}"]
+            steps = rows["steps"].dropna() if "steps" in rows else pd.Series(dtype=float)  # adam rows only
+            cells += [str(int(steps.iloc[0])) if len(steps) else "",
+                      f"{_f(first['probe_val_acc'])} / {_f(first['reference_val_acc'])}, {conv}"]
         else:
             cells += ["", ""]
         by_type = rows.set_index("concept_type")

@@ -22,7 +22,7 @@ def test_library_example_runs_as_written(capsys):
     iis = float(re.search(r"IIS (\d\.\d+)", out).group(1))
     probe = float(re.search(r"probe accuracy (\d\.\d+)", out).group(1))
     assert 0.9 < probe <= 1.0 and 0.3 < iis < 0.98
-    assert "converged:" in out
+    assert "certified:" in out
 
 
 def test_no_link_points_outside_the_repository():

@@ -263,6 +263,8 @@ class StudyTracker:
             if scores.get(k) is not None
         ]
         self.client.log_batch(self.child(backbone), metrics=metrics)
+        if scores.get("uncertified"):  # the heads that missed the tolerance, by name
+            self.client.set_tag(self.child(backbone), f"{concept_type}.uncertified", str(scores["uncertified"])[:5000])
 
     def log_curve_metrics(self, backbone: str, concept_type: str, curve) -> None:
         """The mean A(s) and ARR(s) over seeds, the sparsity in percent as the step."""

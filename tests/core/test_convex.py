@@ -73,6 +73,10 @@ def test_every_convex_head_equals_scikit_learn_at_the_same_c() -> None:
             assert np.abs((ours[1] - ours[1].mean()) - (b_sk - b_sk.mean())).max() <= 1e-4, (s, c)
             row = state_table[(state_table["head"] == "interp") & (state_table["sparsity"] == s) & (state_table["c"] == c)]
             assert float(row["grad"].iloc[0]) <= 1e-9
+            # the table's accuracies are those of scikit-learn's head on val and test (rows mapped right)
+            for split, col in ((val, "val_acc"), (test, "test_acc")):
+                xs_split = _masked_np(split.x.numpy(), space.vectors.numpy(), s)
+                assert float(row[col].iloc[0]) == float((sk.predict(xs_split) == split.y.numpy()).mean()), (s, c, col)
 
 
 def _head(result, cfg, pi, ci, x, space):
@@ -104,6 +108,20 @@ def test_the_selected_heads_are_the_solver_heads_and_selection_is_on_val() -> No
         assert row["c"] == part.loc[part["val_acc"] == best, "c"].min()  # ties: the stronger penalty
     assert result.test_correct.shape == (1, 1 + len(SPARSITIES), test.x.shape[0])
     assert np.allclose(result.test_correct.mean(-1)[0], sel["test_acc"].to_numpy())
+
+
+def test_the_stored_heads_reproduce_the_reported_test_predictions() -> None:
+    train, val, test, space, k = _problem(seed=6)
+    result = convex_many(train, val, test, {"p": space}, k, SweepConfig(sparsities=SPARSITIES), progress=False)["p"]
+    st = result.state
+    y = test.y.numpy()
+    probe = (test.x.double() @ st["probe.weight"][0].double().T + st["probe.bias"][0].double()).argmax(1).numpy()
+    assert np.array_equal(probe == y, result.test_correct[0, 0])
+    for pi, s in enumerate(SPARSITIES):
+        xs = torch.as_tensor(_masked_np(test.x.numpy(), space.vectors.numpy(), s))
+        pred = (xs @ st["interp.weight"][0, pi].double().T + st["interp.bias"][0, pi].double()).argmax(1).numpy()
+        assert np.array_equal(pred == y, result.test_correct[0, 1 + pi]), s
+    assert torch.equal(st["interp.ln_weight"], torch.ones_like(st["interp.ln_weight"]))
 
 
 def test_a_head_given_too_few_iterations_is_reported_uncertified() -> None:
@@ -194,3 +212,10 @@ def test_the_l2_path_rule_stops_a_head_where_val_accuracy_falls() -> None:
         assert n == (falls[0] + 1 if falls else len(vals))
         early += n < len(vals)
     assert early > 0  # precondition: the rule had something to stop
+    # heads the path did not reach do not count against the certificate
+    from iis_study.core.study import convergence_record
+    from iis_study.core.config import ScoringParams
+
+    ref = {"val_acc": 0.5, "test_acc": 0.5, "c": 1.0}
+    record = convergence_record(path, ref, ScoringParams())
+    assert path.certificate.certified and record["probe_converged"] and record["heads_converged"]

@@ -106,6 +106,13 @@ def score_representation(
     return json.loads(json.dumps(scores)), curve
 
 
+def _certified(table: pd.DataFrame, head: str) -> bool:
+    """Every solved head of kind ``head`` within the tolerance (heads the L2 path rule did not reach do not count)."""
+    part = table[table["head"] == head]
+    solved = part["solved"].astype(bool) if "solved" in part else True
+    return bool((~solved | part["certified"].astype(bool)).all())
+
+
 def convergence_record(result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams) -> dict[str, Any]:
     """What says that a score came from converged heads (METHOD §4), by estimator.
 
@@ -135,8 +142,8 @@ def convergence_record(result: SweepResult, probe_reference: dict[str, Any], sco
             iterations=int(cert.iterations),
             tolerance=float(cert.tolerance),
             uncertified="; ".join(cert.uncertified),
-            probe_converged=bool(table.loc[table["head"] == "probe", "certified"].all()),
-            heads_converged=bool(table.loc[table["head"] == "interp", "certified"].all()),
+            probe_converged=bool(_certified(table, "probe")),
+            heads_converged=bool(_certified(table, "interp")),
         )
         return out
     if result.budget is not None:

@@ -41,10 +41,11 @@ def explain(
     if z.ndim != 2:
         raise ValueError(f"z must be 2-D (N, D), got shape {tuple(z.shape)}")
     concepts.validate(z.shape[1])
-    seed = cfg.seeds[0] if seed is None else seed
-    if seed not in cfg.seeds:
-        raise ValueError(f"seed must be one of the swept seeds {cfg.seeds}, got {seed}")
-    si, pi = list(cfg.seeds).index(seed), _sparsity_index(cfg, sparsity)
+    seeds = result.seeds  # the convex estimator has one, 0
+    seed = seeds[0] if seed is None else seed
+    if seed not in seeds:
+        raise ValueError(f"seed must be one of the swept seeds {seeds}, got {seed}")
+    si, pi = list(seeds).index(seed), _sparsity_index(cfg, sparsity)
     st = {k: v[si, pi] for k, v in result.state.items() if k.startswith("interp.")}
     concepts = _concepts_to(concepts, "cpu")
     with torch.no_grad():
