@@ -5,7 +5,9 @@
 - no source file above ~600 lines;
 - the pipeline registry's path keeps no module-level mutable state (it reads the parameters itself);
 - no parameter default is written outside the typed blocks: nodes, validation and hooks hold no
-  ``params.get("key", default)``.
+  ``params.get("key", default)``;
+- no import cycle inside ``iis_study``: every import counts, at module level, inside a function or
+  under ``if TYPE_CHECKING:``.
 """
 
 from __future__ import annotations
@@ -76,3 +78,124 @@ def test_no_parameter_default_outside_the_typed_blocks(path):
         and not (isinstance(n.args[1], ast.Dict) and not n.args[1].keys)
     ]
     assert not found, f"{path.relative_to(SRC)}: defaults written outside core/config.py: {found}"
+
+
+# --------------------------------------------------------------------------- import cycles
+
+
+def _module_name(path: Path) -> str:
+    """``iis_study.core.backbones`` for ``core/backbones.py``; a package's ``__init__`` is the package."""
+    parts = [SRC.name, *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _project_module(name: str) -> str | None:
+    """The deepest module of the package that ``name`` lies in (``a.b.func`` -> ``a.b``), else None."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _import_edges(module: str) -> dict[str, list[int]]:
+    """Project modules imported by ``module`` -> the lines of those imports. Every import statement
+    counts, wherever it stands (module level, function body, ``if TYPE_CHECKING:``); ``from X import y``
+    is an arrow to the submodule ``X.y`` when there is one, else to ``X``."""
+    path = MODULES[module]
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    edges: dict[str, list[int]] = {}
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level - 1 >= len(package):  # beyond the top package: not ours
+                    continue
+                parent = package[: len(package) - (node.level - 1)]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        for target in targets:
+            found = _project_module(target)
+            if found and found != module:
+                edges.setdefault(found, []).append(node.lineno)
+    return edges
+
+
+def _import_graph() -> dict[str, dict[str, list[int]]]:
+    return {m: _import_edges(m) for m in MODULES}
+
+
+def _cycles(graph: dict[str, dict[str, list[int]]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected component of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[list[str]] = []
+
+    def connect(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for component in components:  # a shortest way from the first module back to itself, inside the component
+        start, inside = component[0], set(component)
+        came_from: dict[str, str] = {}
+        frontier = [start]
+        while start not in came_from:
+            following = []
+            for v in frontier:
+                for w in sorted(graph[v]):
+                    if w in inside and w not in came_from:
+                        came_from[w] = v
+                        following.append(w)
+            frontier = following
+        path = [start]
+        while (v := came_from[path[-1]]) != start:
+            path.append(v)
+        cycles.append([start, *reversed(path[1:]), start])
+    return cycles
+
+
+def _describe(cycle: list[str], graph: dict[str, dict[str, list[int]]]) -> str:
+    return " -> ".join(cycle) + " (" + "; ".join(
+        f"{MODULES[a].relative_to(SRC)}:{graph[a][b][0]} imports {b}" for a, b in zip(cycle, cycle[1:])
+    ) + ")"
+
+
+def test_the_import_graph_sees_every_kind_of_import():
+    """The parser resolves what the cycle check relies on (else an empty graph would pass it)."""
+    graph = _import_graph()
+    assert "iis_study.core.weights" in graph["iis_study.core.backbones"]  # from .weights import name
+    assert "iis_study.config_loader" in graph["iis_study.settings"]  # absolute from-import
+    assert "iis_study.config_loader" in graph["iis_study.study_config"]  # inside a function
+    assert "iis_study.core.backbones" in graph["iis_study.core.config"]  # under if TYPE_CHECKING
+    assert "iis_study.core" in MODULES and "iis_study" in MODULES  # __init__ is its package
+
+
+def test_no_import_cycle():
+    graph = _import_graph()
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles inside iis_study:\n" + "\n".join(_describe(c, graph) for c in cycles)

@@ -85,7 +85,7 @@ def active_env(argv: list[str] | None = None) -> str | None:
 
 def study_parameters(env: str | None = None, conf_source: str | Path | None = None) -> dict[str, Any]:
     """The merged parameters of ``env`` (default: :func:`active_env`), read from ``conf/`` (or the command
-    line's ``--conf-source``) with the project's config loader settings (``settings.CONFIG_LOADER_ARGS``:
+    line's ``--conf-source``) with the project's config loader settings (``config_loader.CONFIG_LOADER_ARGS``:
     soft merge of environments).
 
     Kedro's config loader registers its ``${globals:...}`` resolver for the whole process; the resolvers
@@ -95,7 +95,7 @@ def study_parameters(env: str | None = None, conf_source: str | Path | None = No
     from kedro.config import OmegaConfigLoader
     from omegaconf.basecontainer import BaseContainer
 
-    from .settings import CONFIG_LOADER_ARGS
+    from .config_loader import CONFIG_LOADER_ARGS
 
     source = Path(conf_source or cli_conf_source() or Path.cwd() / "conf")
     if not source.is_dir():

