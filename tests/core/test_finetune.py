@@ -32,6 +32,7 @@ M = 16  # prototypes drawn from the 40 elements
 BASE = {
     "batch_size": 16, "lr_backbone": 1e-4, "lr_heads": 1e-2,
     "amp": False, "channels_last": False, "device": "cpu",
+    "bn_mode": "train",  # BN trained: the plain cross-entropy reference below trains it too
 }
 
 
@@ -110,7 +111,7 @@ def test_bad_config_names_the_parameter(field, value):
 
 
 def test_from_params_rejects_unknown_keys_and_accepts_lists():
-    assert ft.FinetuneConfig.from_params({"eval_epochs": [0, 3]}).eval_epochs == (0, 3)
+    assert ft.FinetuneConfig.from_params({"epochs": 3, "eval_epochs": [0, 3]}).eval_epochs == (0, 3)
     with pytest.raises(ValueError, match="unknown key"):
         ft.FinetuneConfig.from_params({"lambda": 1.0})
 

@@ -35,14 +35,14 @@ class FinetuneConfig(Params):
 
     lam: float = 1.0
     sparsity: float = 0.1
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 64
     accumulation_steps: int = 1
     lr_backbone: float = 1e-4
     lr_heads: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
-    bn_mode: str = "train"
+    bn_mode: str = "eval"  # train | eval | frozen (eval: BN statistics kept; better with small batches)
     amp: bool = True
     channels_last: bool = True
     seed: int = 0

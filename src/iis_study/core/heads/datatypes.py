@@ -70,7 +70,8 @@ class SweepConfig(Params):
             stored for the selected probe is converted back to raw features.
         gumbel_tau: the divisor of ``LN(q)`` before the hard Gumbel-softmax (METHOD's ``q / 0.1``;
             ``end_to_end`` only).
-        device: torch device for all tensors.
+        device: torch device for all tensors: ``auto`` (the default; CUDA when present), ``cpu`` or
+            ``cuda``, resolved when the sweep runs (:func:`~iis_study.core.device.resolve_device`).
     """
 
     sparsities: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
@@ -83,7 +84,7 @@ class SweepConfig(Params):
     gamma: float = 0.99
     gumbel_tau: float = 0.1
     probe_centering: bool = True
-    device: str = "cpu"  # cpu | cuda | auto (CUDA when present): resolved when the sweep runs (core.device)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda: resolved when the sweep runs (core.device)
     estimator: str = "convex"
     l2_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
     l2_path: bool = False
