@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .scores import DEFAULT_SPARSITIES, _iis_per_seed
+
 logger = logging.getLogger(__name__)
 
 TOLERANCE = 0.005  # half a point of accuracy
@@ -227,9 +229,7 @@ BUDGET_MARGIN = 0.01  # an IIS difference smaller than this between half and ful
 
 def _iis_rows(acc: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Seed-mean IIS from accuracies (..., n_seeds, 1 + P), column 0 = the probe."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        arr = acc[..., 1:] / acc[..., :1]
-    return (np.diff(s) * (arr[..., 1:] + arr[..., :-1]) / 2.0).sum(-1).mean(-1)
+    return _iis_per_seed(acc, s).mean(-1)
 
 
 def budget_check(
@@ -286,7 +286,7 @@ def simulate_budget_flags(
     epochs: int = 250,
     n_seeds: int = 3,
     n_lrs: int = 3,
-    sparsities: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98),
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
     borderline: float = 0.3,
     seed: int = 0,
     n_boot: int = 400,

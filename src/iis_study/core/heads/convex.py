@@ -34,6 +34,8 @@ from .activations import _concepts_to, _precompute_base
 from .datatypes import ConceptSpace, Split, SweepConfig, SweepResult
 from .lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
 from .masks import n_dropped
+from .seeds import _train_mean
+from .training import _select_lr, _validate_inputs  # the Adam sweep's input checks and selection rule
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +202,11 @@ def _path_rule(val_design) -> Callable:
 # --------------------------------------------------------------------------- the estimator
 
 
-def _select(val_acc: np.ndarray) -> np.ndarray:
-    """Index of the selected L2 strength along the last axis (grid ascending in C): the best val
-    accuracy, ties to the smaller C (the stronger penalty); NaN (not solved) is never selected."""
-    v = np.where(np.isnan(val_acc), -np.inf, val_acc)
-    best = v.max(-1, keepdims=True)
-    return np.argmax(v >= best, axis=-1)
+def _select(val_acc: np.ndarray, cs: list[float]) -> np.ndarray:
+    """Index of the selected L2 strength along the last axis: the best val accuracy, ties to the
+    smaller C (the stronger penalty), as the Adam sweep breaks ties to the smaller learning rate;
+    NaN (not solved) is never selected."""
+    return _select_lr(np.where(np.isnan(val_acc), -np.inf, val_acc), np.asarray(cs, dtype=float))
 
 
 def _feature_scale(x: torch.Tensor | ShardedArray, shift: torch.Tensor) -> float:
@@ -237,8 +238,6 @@ def convex_many(
 ) -> dict[str, SweepResult]:
     """Every head of every concept space of one representation, and the probe, solved to the
     certified optimum (module docstring); one :class:`SweepResult` per concept space."""
-    from .training import _validate_inputs  # the same input checks as the Adam sweep
-
     if not concepts:
         raise ValueError("convex_many needs at least one concept space")
     spaces_in = list(concepts.values())
@@ -261,8 +260,6 @@ def convex_many(
     ys = {s: sp.y.to(device=dev, dtype=torch.long) for s, sp in splits.items()}
     xs = {s: sp.x if isinstance(sp.x, ShardedArray) else sp.x.to(device=dev, dtype=torch.float32) for s, sp in splits.items()}
     # the probe: centred features
-    from .seeds import _train_mean
-
     shift = _train_mean(xs["train"], dev).to(torch.float64)
     scale = _feature_scale(xs["train"], shift)
     probe_designs = {s: FeatureDesign(xs[s], shift, scale, ys[s], dev) for s in splits}
@@ -323,8 +320,8 @@ def _build_result(
     psolved = probe_fit.solved[0].cpu().numpy()
     acc = {s: np.where(solved, c.double().mean(-1).cpu().numpy(), np.nan) for s, c in correct.items()}  # (P, L)
     pacc = {s: np.where(psolved, c.double().mean(-1).cpu().numpy(), np.nan) for s, c in probe_correct.items()}
-    sel_p = int(_select(pacc["val"][None])[0])
-    sel_i = _select(acc["val"])  # (P,)
+    sel_p = int(_select(pacc["val"][None], cs)[0])
+    sel_i = _select(acc["val"], cs)  # (P,)
     grads, its = fit.grad[part].cpu().numpy(), fit.iterations[part].cpu().numpy()
     pgrads, pits = probe_fit.grad[0].cpu().numpy(), probe_fit.iterations[0].cpu().numpy()
     rows = [
