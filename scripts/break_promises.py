@@ -76,6 +76,38 @@ BREAKAGES = (
         "alpha = 1.0 - ci",
         ("tests/core/test_scores.py",),
     ),
+    Breakage(
+        "rotation_leaves_the_span",
+        "the rotated null mixes random directions instead of the concepts (another span)",
+        "src/iis_study/core/nulls.py",
+        "return _unit_rows(haar_orthogonal(c.shape[0], rng) @ c)",
+        "return _unit_rows(haar_orthogonal(c.shape[0], rng) @ rng.standard_normal(c.shape))",
+        ("tests/core/test_calibration.py::test_rotated_concepts_span_the_same_subspace_and_keep_no_concept",),
+    ),
+    Breakage(
+        "draw_variance_dropped",
+        "the two-level interval leaves out the between-draw variance",
+        "src/iis_study/core/calibration.py",
+        "    total = shared + s2 / r\n",
+        "    total = v_test\n",
+        ("tests/core/test_calibration.py::test_naive_nested_bootstrap_undercovers_where_the_two_level_interval_does_not",),
+    ),
+    Breakage(
+        "permutation_one_sided",
+        "the permutation p-value counts only permutations with a larger signed coefficient",
+        "src/iis_study/core/inference.py",
+        "hits = np.abs(coef[m]) >= np.abs(obs[m][0]) - 1e-12",
+        "hits = coef[m] >= obs[m][0] - 1e-12",
+        ("tests/core/test_calibration.py::test_permutation_p_equals_exact_enumeration_n6",),
+    ),
+    Breakage(
+        "family_split",
+        "the family bootstrap resamples representations, not families",
+        "src/iis_study/core/inference.py",
+        "return np.concatenate([clusters[i] for i in rng.integers(0, len(clusters), size=len(clusters))])",
+        "return np.concatenate(clusters)[rng.integers(0, sum(map(len, clusters)), size=sum(map(len, clusters)))]",
+        ("tests/core/test_calibration.py::test_family_bootstrap_never_splits_a_family",),
+    ),
 )
 
 

@@ -6,7 +6,10 @@ Reads ``data/08_reporting/iis_scores.csv``, ``data/08_reporting/correlation_scop
   * one row per representation: feature dimension, probe accuracy (mean ± std over seeds), and per
     concept type the IIS with its bootstrap interval and the chance-corrected IIS;
   * one row per (scope, group, score, method): the correlation of each concept type's score with
-    probe accuracy, with its bootstrap interval over representations.
+    probe accuracy, its bootstrap interval over representations (whole families; none with fewer than
+    5: "too few representations") and its permutation p-value; the ranking stability over concept draws;
+  * one row per (representation, concept type): the IIS over concept draws, its spread by source, and
+    each null's IIS with the excess over it (``-nulls`` block, where the page has one).
 
 Usage::
 
@@ -74,21 +77,73 @@ def representation_table(project: Path) -> str:
     return "\n".join(lines)
 
 
+def _coef(entry: dict) -> str:
+    """``r [interval] (p_perm)``; no interval where the study has too few representations (or families)."""
+    def num(v: object, fmt: str) -> str:
+        return "n/a" if v is None else format(float(v), fmt)
+
+    ci = (f" [{num(entry['ci_low'], '+.2f')}, {num(entry['ci_high'], '+.2f')}]"
+          if entry.get("ci_low") is not None else "")
+    p = f", p_perm {num(entry['p_perm'], '.3f')}" if "p_perm" in entry else ""
+    return f"{num(entry['r'], '+.2f')}{ci}{p}"
+
+
 def correlation_table(project: Path, methods: tuple[str, ...] = ("pearson", "spearman")) -> str:
+    """One row per (scope, group, score, method): each concept type's ``r [interval], p_perm``; the interval
+    column says how it was made ("too few representations": none)."""
     scopes = json.loads((project / "data" / "08_reporting" / "correlation_scopes.json").read_text())
     groups = scopes["groups"]
     types = list(groups[0]["correlation"])
-    head = ["scope", "group", "n", "score", "method", *types]
+    head = ["scope", "group", "n", "score", "method", *types, "interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        scores = list(g["correlation"][types[0]])
+        scores = list(dict.fromkeys(sc for t in types for sc in g["correlation"].get(t, {})))
         for score in scores:
+            entries = [g["correlation"].get(t, {}).get(score) for t in types]
+            intervals = sorted({str(e.get("interval", "bootstrap over representations")) for e in entries if e})
             for method in methods:
                 cells = [g["scope"], g["group"], str(g["n_representations"]), score, method]
-                for t in types:
-                    c = g["correlation"][t][score][method]
-                    cells.append(f"{c['r']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]")
+                cells += [_coef(e[method]) if e else "" for e in entries]
+                cells.append(" / ".join(intervals))
                 lines.append("| " + " | ".join(cells) + " |")
+    for g in groups:
+        for t, stab in (g.get("ranking_stability") or {}).items():
+            if stab.get("kendall_tau_mean") is not None and g["scope"] == "all":
+                lines.append("")
+                lines.append(
+                    f"Ranking stability ({t}, {g['group']}): Kendall τ between the IIS rankings of the "
+                    f"{stab['n_pairs']} pairs of concept draws: mean {stab['kendall_tau_mean']:.2f} "
+                    f"(range {stab['kendall_tau_min']:.2f} to {stab['kendall_tau_max']:.2f}), {stab['n']} representations."
+                )
+    return "\n".join(lines)
+
+
+def nulls_table(project: Path) -> str:
+    """One row per (representation, concept type): the IIS over concept draws with its two-level interval,
+    the spread by source, and each null's IIS with the excess over it and the excess's interval."""
+    scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
+    label = "representation" if "representation" in scores else "backbone"
+    kinds = [k for k in ("random", "rotated", "gaussian") if f"iis_null_{k}" in scores]
+    level = f"{100 * float(scores['ci'].iloc[0]):g}%" if "ci" in scores else "95%"
+    head = ["representation", "concepts", "A_std", f"IIS (mean of draws) [{level} CI]",
+            "sd: test images (of the mean) / one concept draw", "draw share of the variance"]
+    head += [f"null {k}: IIS, excess [{level} CI]" for k in kinds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in scores.itertuples(index=False):
+        d = r._asdict()
+        if "n_draws" not in d or pd.isna(d.get("n_draws")):
+            continue
+        cells = [str(d[label]), str(d["concept_type"]), _f(d["accuracy_linear_probe"]),
+                 f"{_f(d['iis'])} [{_f(d['iis_ci_low'])}, {_f(d['iis_ci_high'])}]",
+                 f"{_f(d['iis_sd_test'])} / {_f(d['iis_sd_draw'])}", f"{d['iis_share_draw']:.2f}"]
+        for k in kinds:
+            if pd.isna(d.get(f"iis_null_{k}")):
+                cells.append("")
+                continue
+            ex, lo, hi = d[f"iis_excess_{k}"], d[f"iis_excess_{k}_ci_low"], d[f"iis_excess_{k}_ci_high"]
+            mark = "**" if lo > 0 or hi < 0 else ""
+            cells.append(f"{_f(d[f'iis_null_{k}'])}, {mark}{ex:+.3f}{mark} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -108,17 +163,22 @@ def main() -> None:
     parser.add_argument("--prefix", default="default", help="marker prefix (default: default)")
     args = parser.parse_args()
     project = Path(args.project)
-    tables = {"representations": representation_table(project), "correlations": correlation_table(project)}
+    tables = {"representations": representation_table(project), "correlations": correlation_table(project),
+              "nulls": nulls_table(project)}
     target = args.update or args.check
     if not target:
         print(tables["representations"])
         print()
         print(tables["correlations"])
+        print()
+        print(tables["nulls"])
         return
     path = Path(target)
     text = path.read_text()
     fresh = text
     for kind, table in tables.items():
+        if kind == "nulls" and f"study_tables:{args.prefix}-nulls -->" not in text:
+            continue  # a page without the nulls block
         fresh = replace_marked(fresh, f"{args.prefix}-{kind}", table)
     if args.update:
         path.write_text(fresh)

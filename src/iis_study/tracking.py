@@ -30,6 +30,7 @@ from typing import Any
 from .core.config import ConceptParams, backbone_fields
 from .core.data import DatasetSpec
 from .core.heads import SweepConfig
+from .core.nulls import NULL_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ class StudyTracker:
         return {
             "concept_types": list(concepts.types),
             "m": concepts.m,
+            "concept_draws": concepts.draws,
+            "nulls": list(concepts.nulls),
             "sparsities": list(sweep.sparsities),
             "estimator": sweep.estimator,
             "l2_grid": list(sweep.l2_grid),
@@ -250,7 +253,8 @@ class StudyTracker:
             raise ValueError(f"catalog metadata mlflow.log = {kind!r} is not a kind the tracker knows")
 
     def log_score_metrics(self, backbone: str, concept_type: str, scores: dict[str, Any]) -> None:
-        """``<concept_type>.iis`` and the other headline numbers of one representation's run."""
+        """``<concept_type>.iis`` and the other headline numbers of one representation's run, the nulls'
+        ``<concept_type>.iis_null_<kind>`` and ``.iis_excess_<kind>`` with its interval among them."""
         import time
 
         from mlflow.entities import Metric
@@ -259,7 +263,9 @@ class StudyTracker:
         metrics = [
             Metric(f"{concept_type}.{k}", float(scores[k]), now, 0)
             for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected",
-                      "certified", "max_grad", "iterations", "budget_delta")
+                      "certified", "max_grad", "iterations", "budget_delta", "n_draws", "iis_sd_test", "iis_sd_draw",
+                      "iis_share_draw", *(f"iis_{w}_{k}{e}" for k in NULL_KINDS for w, e in
+                                          (("null", ""), ("excess", ""), ("excess", "_ci_low"), ("excess", "_ci_high"))))
             if scores.get(k) is not None
         ]
         self.client.log_batch(self.child(backbone), metrics=metrics)

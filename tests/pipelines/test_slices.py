@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from iis_study.core.nulls import build_draws
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -109,13 +111,22 @@ def test_interpretability_slice():
     g = torch.Generator().manual_seed(1)
     space = stored_space("vectors", "prototype", vectors=torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1),
                          element_ids=torch.arange(5))
+    emb = torch.randn(40, 8, generator=g)
+    draws = build_draws(emb, {"prototype": space.space.vectors}, 5, seed=0, draws=3, nulls=("random", "rotated"),
+                        draw_type={"prototype": lambda seed: torch.nn.functional.normalize(emb[seed : seed + 5], dim=1)})
     out = _run(
         interpretability.create_pipeline(["a"], ["prototype"]),
         **{"a.features": _synthetic_features(), "a.feature_info": {"num_classes": 3}, "a.concepts_prototype": space,
-           "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(n_boot=20)},
+           "a.concept_draws": draws, "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(n_boot=20)},
     )
     scores, curve = out["a.scores_prototype"], out["a.curve_prototype"]
     assert 0 <= scores["accuracy_linear_probe"] <= 1 and "iis" in scores and "probe_converged" in scores
+    assert scores["n_draws"] == 3 and scores["iis"] == pytest.approx(sum(scores[f"iis_draw{r}"] for r in range(3)) / 3)
+    for kind in ("random", "rotated"):
+        assert scores[f"iis_excess_{kind}"] == pytest.approx(scores["iis"] - scores[f"iis_null_{kind}"])
+        assert scores[f"iis_excess_{kind}_ci_low"] <= scores[f"iis_excess_{kind}"] <= scores[f"iis_excess_{kind}_ci_high"]
+    assert "iis_null_gaussian" not in scores
+    assert set(out["a.draws_prototype"].correct) == set(draws.names("prototype"))
     assert sorted(curve["sparsity"].unique()) == [0.0, 0.5]
     assert out["a.probe_reference"]["val_acc"] > 0.5  # the reference probe sees the planted classes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -44,6 +45,15 @@ def test_outputs_of_the_study(tiny_run):
     convex = scores[scores["estimator"] == "convex"]
     assert set(convex["concept_type"]) == {"prototype", "cluster"} and convex["certified"].astype(bool).all()
     assert (convex["n_seeds"] == 1).all() and (convex["max_grad"] <= 1e-5).all()
+    # every prototype / cluster score: 3 concept draws and the three nulls beside it (conf/base's defaults)
+    assert (convex["n_draws"] == 3).all() and convex["draws_certified"].astype(bool).all()
+    for kind in ("random", "rotated", "gaussian"):
+        assert convex[f"iis_null_{kind}"].notna().all(), kind
+        assert np.allclose(convex[f"iis_excess_{kind}"], convex["iis"] - convex[f"iis_null_{kind}"])
+        assert (convex[f"iis_excess_{kind}_ci_low"] <= convex[f"iis_excess_{kind}_ci_high"]).all()
+    assert np.allclose(convex["iis"], convex[["iis_draw0", "iis_draw1", "iis_draw2"]].mean(1))
+    assert scores.loc[scores["estimator"] == "adam", "iis_null_random"].isna().all()  # end-to-end: no nulls
+    assert list((rep / "iis_nulls.png").iterdir())
     # the budget and counts are integers in the table (4000, not 4000.0), where a row has them
     raw = pd.read_csv(rep / "iis_scores.csv", dtype=str)
     for col in ["steps", "batch_size", "epochs", "n_seeds", "n_rising", "n_heads", "iterations"]:
@@ -59,7 +69,8 @@ def test_outputs_of_the_study(tiny_run):
     pretrained = [b for b, spec in TINY["backbones"].items() if spec.get("weights") != "random"]
     assert entry["scope"] == "pretrained" and entry["n_backbones"] == len(pretrained)
     assert set(entry) >= {"pearson", "spearman", "kendall"}
-    assert set(entry["pearson"]) >= {"r", "p", "ci_low", "ci_high"}
+    assert set(entry["pearson"]) >= {"r", "p", "p_perm", "ci_low", "ci_high"}
+    assert entry["interval"] == "too few representations" and entry["pearson"]["ci_low"] is None  # 2 pretrained
     for b in TINY["backbones"]:
         assert (tiny_run / "data" / "04_feature" / b / "features.safetensors").is_file()
         assert list((tiny_run / "data" / "08_reporting" / b / "concept_gallery.png").iterdir())
@@ -129,7 +140,9 @@ def test_mlflow_metrics_equal_the_csv_results(tiny_run):
         bb = child.data.tags["backbone"]
         for ctype in TINY["concepts"]["types"]:
             row = scores[(scores["backbone"] == bb) & (scores["concept_type"] == ctype)].iloc[0]
-            for key in ("iis", "iis_chance_corrected", "accuracy_linear_probe"):
+            keys = ["iis", "iis_chance_corrected", "accuracy_linear_probe"]
+            keys += [k for k in ("iis_null_random", "iis_excess_random", "iis_excess_random_ci_low") if pd.notna(row.get(k))]
+            for key in keys:
                 assert child.data.metrics[f"{ctype}.{key}"] == pytest.approx(row[key], rel=1e-12, abs=1e-12, nan_ok=True), (
                     bb, ctype, key)
             curve = curves[(curves["backbone"] == bb) & (curves["concept_type"] == ctype)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from .config import ConceptParams
 from .data import BadImageError, ImageSet
 from .features import Embeddings, FeatureSet
 from .heads import ConceptSpace
+from .nulls import DRAWN_TYPES, ConceptDraws, build_draws
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,29 @@ def cluster_space(element_embeddings: Embeddings, concepts: ConceptParams) -> Co
     return stored_space(
         "vectors", "cluster", vectors=vectors, element_ids=torch.as_tensor(ids[np.asarray(representatives)], dtype=torch.int64)
     )
+
+
+def concept_draws(
+    element_embeddings: Embeddings, concepts: ConceptParams, concept_sets: Mapping[str, ConceptSet]
+) -> ConceptDraws:
+    """Draws 1..``concepts.draws``-1 of the prototype and cluster concepts (seeds ``concepts.seed + r``) and the
+    null concept sets of ``concepts.nulls`` at every draw (:mod:`~iis_study.core.nulls`); ``concept_sets``: the
+    study's draw 0 of each type (types other than prototype and cluster have neither draws nor nulls)."""
+    concepts = ConceptParams.from_params(concepts)
+    drawn = {t: cs.space.vectors for t, cs in concept_sets.items() if t in DRAWN_TYPES}
+    if not drawn:
+        return ConceptDraws({}, 1, ())
+    _, emb, _ = _prepare(element_embeddings, concepts, "prototype")
+    builders = {
+        "prototype": lambda seed: C.prototype_vectors(emb, concepts.m, seed),
+        "cluster": lambda seed: C.cluster_vectors(emb, concepts.m, seed=seed, max_elements=concepts.cluster_max_elements)[0],
+    }
+    out = build_draws(emb, drawn, concepts.m, concepts.seed, concepts.draws, concepts.nulls, builders)
+    logger.info(
+        "%d concept draws of %s and nulls %s: %d extra concept sets of M = %d",
+        concepts.draws, ", ".join(drawn), list(concepts.nulls) or "none", len(out.vectors), concepts.m,
+    )
+    return out
 
 
 def end_to_end_space(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:

@@ -19,13 +19,16 @@ from .params import Params, block, check_int, check_open_fraction, check_subset
 
 from .finetune_config import FinetuneConfig
 from .heads.datatypes import SweepConfig
+from .nulls import NULL_KINDS
 
 if TYPE_CHECKING:
     from .backbones import BackboneSpec
 
 CONCEPT_TYPES = ("prototype", "cluster", "end_to_end", "textual")
 ELEMENT_KINDS = ("patches", "segments")
-CORRELATION_SCORES = ("iis", "iis_chance_corrected")
+CORRELATION_SCORES = (
+    "iis", "iis_chance_corrected", "iis_excess_random", "iis_excess_rotated", "iis_excess_gaussian"
+)
 CORRELATION_GROUPS = ("all", "pretrained", "family")
 GALLERY_TYPES = ("prototype", "cluster")
 
@@ -169,8 +172,13 @@ class ConceptParams(Params):
     # E >> M so that no concept starts empty (M = 200: none empty in 72 heads at 2,500; 300 left ~44)
     end_to_end_max_elements: int = 2500
     textual: TextualParams = TextualParams()
+    draws: int = 3  # the prototype sample and the KMeans seed drawn this many times (seeds seed, seed + 1, ...)
+    nulls: tuple[str, ...] = NULL_KINDS  # null concept sets beside every score (core/nulls.py)
 
     def validate(self) -> None:
+        check_int(self.draws, "concepts.draws", 1)
+        if isinstance(self.nulls, str) or not isinstance(self.nulls, tuple | list) or set(self.nulls) - set(NULL_KINDS):
+            raise ValueError(f"concepts.nulls must be a list drawn from {list(NULL_KINDS)} (empty: no nulls), got {self.nulls!r}")
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
             raise ValueError(f"concepts.m must be a positive integer, got {self.m!r}")
         check_subset(self.types, CONCEPT_TYPES, "concepts.types")

@@ -17,7 +17,8 @@ from .concepts import Elements
 from .data import ImageSet
 from .features import FeatureSet
 from .heads import SweepResult
-from .scores import correlate
+from .inference import correlate_across, ranking_stability
+from .nulls import NULL_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ SCORE_COLUMNS = [
     "iis_ci_low",
     "iis_ci_high",
     "iis_chance_corrected",
+    "n_draws",
+    "iis_sd_test",
+    "iis_sd_draw",
+    "iis_share_draw",
+    *(f"{c}_{k}{e}" for k in NULL_KINDS for c, e in (("iis_null", ""), ("iis_excess", ""), ("iis_excess", "_ci_low"),
+                                                        ("iis_excess", "_ci_high"))),
     "n_seeds",
     "estimator",
     "certified",
@@ -51,7 +58,7 @@ SCORE_COLUMNS = [
 ]
 
 
-INTEGER_COLUMNS = ["n_seeds", "n_test", "n_boot", "iterations", "steps", "batch_size", "epochs", "n_rising", "n_heads"]
+INTEGER_COLUMNS = ["n_draws", "n_seeds", "n_test", "n_boot", "iterations", "steps", "batch_size", "epochs", "n_rising", "n_heads"]
 
 
 def collect_scores(
@@ -108,11 +115,14 @@ def collect_scores(
 
 
 def _correlate_table(table: pd.DataFrame, correlation: CorrelationParams, scope: str, group: str) -> dict[str, Any]:
-    """``{concept_type: {score: coefficients}}`` over the rows of ``table``."""
+    """``{concept_type: {score: coefficients}}`` over the rows of ``table`` (scores the table lacks, e.g. a
+    null that was not run, are skipped)."""
     out: dict[str, Any] = {}
     for ctype, rows in table.groupby("concept_type", sort=False):
         out[ctype] = {}
         for score in correlation.scores:
+            if score not in rows or rows[score].isna().all():
+                continue
             finite = rows[score].notna() & rows["accuracy_linear_probe"].notna()
             if not finite.all():
                 left_out = rows.loc[~finite, "representation" if "representation" in rows else "backbone"]
@@ -120,29 +130,47 @@ def _correlate_table(table: pd.DataFrame, correlation: CorrelationParams, scope:
                     "[%s %s] %s / %s: left out of the correlation (score undefined, e.g. A_std <= 1/K): %s",
                     scope, group, ctype, score, ", ".join(map(str, left_out)),
                 )
-            res = correlate(
+            families = rows.loc[finite, "family"].tolist() if "family" in rows else None
+            res = correlate_across(
                 rows.loc[finite, "accuracy_linear_probe"].to_numpy(),
                 rows.loc[finite, score].to_numpy(),
+                families=families,
                 n_boot=correlation.n_boot,
                 seed=correlation.seed,
                 ci=correlation.ci,
             )
             n = int(res.pop("n", len(rows)))
-            entry: dict[str, Any] = {k: {kk: _clean(vv) for kk, vv in v.items()} for k, v in res.items()}
+            entry: dict[str, Any] = {k: ({kk: _clean(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+                                     for k, v in res.items()}
             entry["n_backbones"] = n
             entry["scope"] = scope
             entry["left_out"] = [str(v) for v in rows.loc[~finite, "backbone"]]
             out[ctype][score] = entry
             logger.info(
-                "[%s %s] %s / %s over %d representations: Pearson %s, Spearman %s, Kendall %s",
+                "[%s %s] %s / %s over %d representations: Pearson %s (permutation p %s), Spearman %s, Kendall %s; %s",
                 scope,
                 group,
                 ctype,
                 score,
                 n,
-                *(_fmt(entry[m]["r"]) for m in ("pearson", "spearman", "kendall")),
+                _fmt(entry["pearson"]["r"]),
+                _fmt(entry["pearson"]["p_perm"]),
+                *(_fmt(entry[m]["r"]) for m in ("spearman", "kendall")),
+                entry["interval"],
             )
     return out
+
+
+def _ranking_stability(table: pd.DataFrame) -> dict[str, Any]:
+    """Per concept type, Kendall tau between the representations' IIS rankings under each pair of concept draws."""
+    draw_cols = sorted((c for c in table if c.startswith("iis_draw") and c[8:].isdigit()), key=lambda c: int(c[8:]))
+    if len(draw_cols) < 2:
+        return {}
+    return {
+        str(ctype): {k: v if isinstance(v, int) else _clean(v)
+                     for k, v in ranking_stability(rows[draw_cols].to_numpy(dtype=float)).items()}
+        for ctype, rows in table.groupby("concept_type", sort=False)
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -169,11 +197,16 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
     chance-corrected IIS), per concept type, with p-values and bootstrap intervals over representations.
 
     Returns:
+        Each coefficient carries its parametric ``p``, its permutation ``p_perm`` (exact up to 8
+        representations) and a bootstrap interval that resamples whole families, or none with fewer than 5
+        units (``interval``: "too few representations"); each scope record carries ``ranking_stability``
+        (Kendall tau between the IIS rankings of the concept draws).
+
         ``correlation``: the headline, over the pretrained representations (METHOD §6 correlates
         across pretrained backbones; over all of them when the study has no pretrained one or the
-        scope is not requested), ``{concept_type: {score: {"pearson": {"r", "p", "ci_low",
-        "ci_high"}, "spearman": ..., "kendall": ..., "n_backbones": n, "scope": ..., "left_out":
-        [...]}}}``; a representation whose score is undefined (NaN) is left out with a warning;
+        scope is not requested), ``{concept_type: {score: {"pearson": {"r", "p", "p_perm", "ci_low",
+        "ci_high"}, "spearman": ..., "kendall": ..., "n_backbones": n, "n_clusters": ..., "interval": ...,
+        "scope": ..., "left_out": [...]}}}``; a representation whose score is undefined (NaN) is left out with a warning;
         ``correlation_scopes``: ``{"groups": [{"scope", "group", "representations", "n_representations",
         "correlation": {concept_type: {score: ...}}}, ...]}``, one record per scope of
         ``correlation.groups`` (``all``; ``pretrained``; ``family``: one record per family).
@@ -190,6 +223,7 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
                 "representations": [str(n) for n in names],
                 "n_representations": len(names),
                 "correlation": _correlate_table(rows, correlation, scope, group),
+                "ranking_stability": _ranking_stability(rows),
             }
         )
     # the headline: across pretrained representations (METHOD §6), else over all of them
@@ -202,8 +236,8 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
 
 
 def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:
-    """The scoped correlations as one long table: scope, group, concept_type, score, method, r, p,
-    ci_low, ci_high, n (for notebooks and reports)."""
+    """The scoped correlations as one long table: scope, group, concept_type, score, method, r, p, p_perm,
+    ci_low, ci_high, n, interval (for notebooks and reports)."""
     rows = []
     for rec in correlation_scopes.get("groups", []):
         for ctype, by_score in rec["correlation"].items():
@@ -218,6 +252,7 @@ def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:
                             "method": method,
                             **entry[method],
                             "n": entry["n_backbones"],
+                            "interval": entry.get("interval"),
                         }
                     )
     return pd.DataFrame(rows)
@@ -294,6 +329,13 @@ def scope_figures(iis_scores: pd.DataFrame, correlation_scopes: dict[str, Any]) 
         fig.text(0.5, 0.5, "no correlation scope with representations", ha="center", va="center")
         figures = {"none": fig}
     return {f"{name}.png": fig for name, fig in figures.items()}
+
+
+def nulls_figure(iis_scores: pd.DataFrame):
+    """Each representation's IIS beside the IIS of its null concept sets, per concept type."""
+    from . import plots
+
+    return plots.iis_with_nulls(_labelled(iis_scores))
 
 
 def sparsity_figure(sparsity_curves: pd.DataFrame):

@@ -16,12 +16,14 @@ import pandas as pd
 
 from .acquisition import ConceptSet
 from .backbones import BackboneSpec
+from .calibration import DrawResults, calibrated_scores
 from .checkpoints import CheckpointStore
 from .config import FineTuningParams, ScoringParams, sweep_config
 from .convergence import budget_check, convergence_report, reference_probe
 from .data import SPLITS, ImageSet
 from .features import FeatureSet
-from .heads import Split, SweepConfig, SweepResult, fit_heads
+from .heads import ConceptSpace, Split, SweepConfig, SweepResult, fit_heads
+from .nulls import ConceptDraws
 from .scores import plain_scores, score_sweep
 
 logger = logging.getLogger(__name__)
@@ -34,17 +36,20 @@ def feature_splits(features: FeatureSet) -> dict[str, Split]:
 
 def train_representation(
     features: FeatureSet, feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepConfig,
-    concepts: Mapping[str, ConceptSet],
-) -> dict[str, SweepResult]:
+    concepts: Mapping[str, ConceptSet], draws: ConceptDraws | None = None,
+) -> tuple[dict[str, SweepResult], dict[str, DrawResults]]:
     """Fit the linear probe and, for every concept type given by keyword, every interpretation head
     of the grid together, as one batched computation (the probe once, shared by the concept types),
     by ``sweep.estimator`` (:func:`~iis_study.core.heads.fit_heads`): ``convex``, every head solved to
     a certified optimum, the L2 strength selected on val; or ``adam``, the sparsity x learning-rate x
     seed grid trained together, epoch and learning rate selected on val. Test accuracy is reported.
-    ``concepts``: the :class:`~iis_study.core.acquisition.ConceptSet` of each type.
-    Returns one :class:`SweepResult` per concept type."""
+    ``concepts``: the :class:`~iis_study.core.acquisition.ConceptSet` of each type; ``draws``: the other
+    concept draws and the null concept sets (:mod:`~iis_study.core.nulls`), solved in the same batch.
+    Returns one :class:`SweepResult` per concept type and the :class:`DrawResults` of each type's draws
+    and nulls."""
     cfg = sweep_config(sweep)
     spaces = {ctype: concept_set.space for ctype, concept_set in concepts.items()}
+    extra = {name: ConceptSpace(kind="vectors", vectors=v) for name, v in (draws.vectors if draws else {}).items()}
     splits = feature_splits(features)
     for space in spaces.values():
         space.validate(splits["train"].x.shape[1])
@@ -52,13 +57,25 @@ def train_representation(
     grid = (f"{len(cfg.l2_grid)} L2 strengths" if cfg.estimator == "convex"
             else f"{len(cfg.learning_rates)} learning rates x {len(cfg.seeds)} seeds")
     logger.info(
-        "heads (%s estimator): concepts %s, %d sparsities x %s",
+        "heads (%s estimator): concepts %s, and %d concept draws / null sets; %d sparsities x %s",
         cfg.estimator,
         ", ".join(f"{ctype} (M = {space.m})" for ctype, space in spaces.items()),
+        len(extra),
         len(cfg.sparsities),
         grid,
     )
-    return fit_heads(splits["train"], splits["val"], splits["test"], spaces, num_classes, cfg)
+    results = fit_heads(splits["train"], splits["val"], splits["test"], {**spaces, **extra}, num_classes, cfg)
+    draw_results = {}
+    for ctype in spaces:
+        names = draws.names(ctype) if draws else []
+        draw_results[ctype] = DrawResults(
+            correct={n: results[n].test_correct for n in names},
+            certified={n: None if results[n].certificate is None else bool(results[n].certificate.certified) for n in names},
+            draws=draws.draws if names else 1,
+            nulls=draws.nulls if names else (),
+            concept_type=ctype,
+        )
+    return {ctype: results[ctype] for ctype in spaces}, draw_results
 
 
 def fit_reference(features: FeatureSet, feature_info: dict[str, Any]) -> dict[str, Any]:
@@ -73,14 +90,30 @@ def fit_reference(features: FeatureSet, feature_info: dict[str, Any]) -> dict[st
 
 
 def score_representation(
-    result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams
+    result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams, draws: DrawResults | None = None
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s), with the
-    training budget and the convergence record (probe against its reference, flat val curves)."""
+    training budget and the convergence record (probe against its reference, flat val curves).
+
+    With ``draws`` (the type's other concept draws and its nulls), ``iis`` and ``iis_chance_corrected`` are
+    the means over the concept draws, ``iis`` with the two-level interval (test images and concept draws), and
+    each null's IIS and the excess over it stand beside it
+    (:func:`~iis_study.core.calibration.calibrated_scores`); ``certified`` then covers every head of every draw
+    and null (a set that missed is named in ``uncertified``). The curve, ``max_grad`` and ``iterations`` are
+    draw 0's."""
     scoring = ScoringParams.from_params(scoring)
     scores, curve = score_sweep(result, n_boot=scoring.n_boot, seed=scoring.seed, ci=scoring.ci)
     scores["estimator"] = result.estimator
+    if draws is not None and draws.correct:
+        scores.update(calibration_record(result, draws, scoring))
     scores.update(convergence_record(result, probe_reference, scoring))
+    if draws is not None and draws.correct and "certified" in scores:
+        missed = [name for name, ok in draws.certified.items() if ok is False]
+        scores["draws_certified"] = not missed
+        scores["certified"] = bool(scores["certified"] and not missed)
+        if missed:  # a draw or null set with a head beyond the tolerance, named beside draw 0's heads
+            scores["uncertified"] = "; ".join([s for s in [scores.get("uncertified", "")] if s] + missed)
+            logger.warning("concept draws / null sets NOT certified: %s; raise sweep.max_iter", ", ".join(missed))
     scores = plain_scores(scores)
     if result.certificate is None:
         if not scores["probe_converged"]:
@@ -104,6 +137,22 @@ def score_representation(
         scores["iis_chance_corrected"],
     )
     return json.loads(json.dumps(scores)), curve
+
+
+def calibration_record(result: SweepResult, draws: DrawResults, scoring: ScoringParams) -> dict[str, Any]:
+    """The score over concept draws beside its nulls (:func:`~iis_study.core.calibration.calibrated_scores`),
+    draw 0 being ``result``; the draws' spread by source; the draw-0 IIS as ``iis_draw0``."""
+    real = [result.test_correct] + [draws.correct[n] for n in draws.draw_sets()]
+    nulls = {k: [draws.correct[n] for n in draws.null_sets(k)] for k in draws.nulls}
+    out = calibrated_scores(real, nulls, result.config.sparsities, scoring.n_boot, scoring.seed, scoring.ci,
+                            num_classes=result.num_classes)
+    logger.info(
+        "IIS over %d concept draws %.4f [%.4f, %.4f] (share of the variance from the concept draw %.2f)%s",
+        out["n_draws"], out["iis"], out["iis_ci_low"], out["iis_ci_high"], out["iis_share_draw"],
+        "".join(f"; null {k} {out[f'iis_null_{k}']:.4f}, excess {out[f'iis_excess_{k}']:+.4f} "
+                f"[{out[f'iis_excess_{k}_ci_low']:+.4f}, {out[f'iis_excess_{k}_ci_high']:+.4f}]" for k in nulls),
+    )
+    return out
 
 
 def _certified(table: pd.DataFrame, head: str) -> bool:

@@ -7,6 +7,7 @@
   backbone (mean over seeds, ±std band), one panel per concept type.
 * :func:`concept_gallery` -- test images next to the concept images that drove their
   predictions.
+* :func:`iis_with_nulls` -- each representation's IIS beside the IIS of its null concept sets.
 * :func:`fine_tuning_curves` -- test accuracy and IIS over fine-tuning epochs for each λ
   (λ = 0 is the cross-entropy-only control).
 
@@ -26,6 +27,7 @@ from .correlation import PERFECT_IIS, iis_vs_accuracy, iis_vs_accuracy_by_scope
 from .curves import sparsity_curves
 from .fine_tuning import fine_tuning_curves
 from .gallery import concept_gallery
+from .nulls import iis_with_nulls
 
 __all__ = [
     "PERFECT_IIS",
@@ -33,5 +35,6 @@ __all__ = [
     "fine_tuning_curves",
     "iis_vs_accuracy",
     "iis_vs_accuracy_by_scope",
+    "iis_with_nulls",
     "sparsity_curves",
 ]

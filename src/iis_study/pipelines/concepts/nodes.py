@@ -17,6 +17,7 @@ from iis_study.core.concepts import Elements
 from iis_study.core.config import ConceptParams, ExtractionParams, backbone_spec
 from iis_study.core.data import ImageSet
 from iis_study.core.extraction import embed_elements
+from iis_study.core.nulls import ConceptDraws
 from iis_study.core.features import Embeddings, FeatureCache, FeatureSet
 
 
@@ -50,6 +51,11 @@ def cluster_concepts(element_embeddings: Embeddings, concepts: ConceptParams) ->
 def end_to_end_concepts(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:
     """METHOD §5.3: the element embeddings over which the assignment is learned with the head."""
     return acquisition.end_to_end_space(element_embeddings, concepts)
+
+
+def draw_concepts(element_embeddings: Embeddings, concepts: ConceptParams, **concept_sets: ConceptSet) -> ConceptDraws:
+    """The extra concept draws and the null concept sets of one representation (``acquisition.concept_draws``)."""
+    return acquisition.concept_draws(element_embeddings, concepts, concept_sets)
 
 
 def textual_concepts(

@@ -4,10 +4,13 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
+from iis_study.core.nulls import DRAWN_TYPES
+
 from ..namespaces import per_backbone
 from .nodes import (
     build_concept_elements,
     cluster_concepts,
+    draw_concepts,
     embed_concept_elements,
     end_to_end_concepts,
     prototype_concepts,
@@ -39,7 +42,9 @@ def elements_pipeline() -> Pipeline:
 
 
 def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
-    """The per-backbone template: embed elements, then one concept space per type."""
+    """The per-backbone template: embed elements, then one concept space per type, then the extra concept
+    draws and the null concept sets."""
+    concept_types = list(concept_types)
     nodes = [
         node(
             embed_concept_elements,
@@ -53,11 +58,23 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
             raise ValueError(f"concepts.types: unknown concept type {ctype!r}; expected some of {list(CONCEPT_BUILDERS)}")
         func, inputs = CONCEPT_BUILDERS[ctype]
         nodes.append(node(func, inputs, f"concepts_{ctype}", name=f"build_{ctype}_concepts"))
+    nodes.append(
+        node(
+            draw_concepts,
+            {
+                "element_embeddings": "element_embeddings",
+                "concepts": "params:concepts",
+                **{ctype: f"concepts_{ctype}" for ctype in concept_types if ctype in DRAWN_TYPES},
+            },
+            "concept_draws",
+            name="draw_concepts_and_nulls",
+        )
+    )
     return Pipeline(nodes)
 
 
 def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
-    """Concept elements, then for every backbone its concept spaces."""
+    """Concept elements, then for every backbone its concept spaces, concept draws and null concept sets."""
     concept_types = list(concept_types)
     textual = "textual" in concept_types
     return elements_pipeline() + per_backbone(

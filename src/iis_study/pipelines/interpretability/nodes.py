@@ -9,19 +9,21 @@ import pandas as pd
 
 from iis_study.core import study
 from iis_study.core.acquisition import ConceptSet
+from iis_study.core.calibration import DrawResults
 from iis_study.core.config import ScoringParams
 from iis_study.core.features import FeatureSet
 from iis_study.core.heads import SweepConfig, SweepResult
+from iis_study.core.nulls import ConceptDraws
 
 
 def train_interpreters(
-    features: FeatureSet, feature_info: dict[str, Any], sweep: SweepConfig, **concepts: ConceptSet
-) -> dict[str, SweepResult]:
-    """Train the linear probe and, for every concept type given by keyword, every interpretation head
-    of the sparsity x learning-rate x seed grid together, as one batched model (the probe once,
-    shared by the concept types); select epoch and learning rate on val, report test accuracy.
-    Returns one :class:`SweepResult` per concept type."""
-    return study.train_representation(features, feature_info, sweep, concepts)
+    features: FeatureSet, feature_info: dict[str, Any], sweep: SweepConfig, concept_draws: ConceptDraws,
+    **concepts: ConceptSet,
+) -> dict[str, Any]:
+    """Every head of every concept type, concept draw and null set of one representation, one batched
+    solve: ``sweep_<type>`` and ``draws_<type>`` (``study.train_representation``)."""
+    sweeps, draws = study.train_representation(features, feature_info, sweep, concepts, concept_draws)
+    return {**{f"sweep_{t}": r for t, r in sweeps.items()}, **{f"draws_{t}": d for t, d in draws.items()}}
 
 
 def fit_reference_probe(features: FeatureSet, feature_info: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +33,7 @@ def fit_reference_probe(features: FeatureSet, feature_info: dict[str, Any]) -> d
 
 
 def score_interpreters(
-    result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams
+    result: SweepResult, draws: DrawResults, probe_reference: dict[str, Any], scoring: ScoringParams
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s), with the
-    training budget and the convergence record (probe against its reference, flat val curves)."""
-    return study.score_representation(result, probe_reference, scoring)
+    """A concept type's scores beside its nulls, and its curve (``study.score_representation``)."""
+    return study.score_representation(result, probe_reference, scoring, draws)

@@ -19,9 +19,10 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
                 "features": "features",
                 "feature_info": "feature_info",
                 "sweep": "params:sweep",
+                "concept_draws": "concept_draws",
                 **{ctype: f"concepts_{ctype}" for ctype in types},
             },
-            {ctype: f"sweep_{ctype}" for ctype in types},
+            {**{f"sweep_{t}": f"sweep_{t}" for t in types}, **{f"draws_{t}": f"draws_{t}" for t in types}},
             name="train_interpreters",
         ),
     ]
@@ -29,7 +30,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
         nodes.append(
             node(
                 score_interpreters,
-                [f"sweep_{ctype}", "probe_reference", "params:scoring"],
+                [f"sweep_{ctype}", f"draws_{ctype}", "probe_reference", "params:scoring"],
                 [f"scores_{ctype}", f"curve_{ctype}"],
                 name=f"score_{ctype}_interpreters",
             )
@@ -38,5 +39,5 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
 
 
 def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
-    """For every backbone and concept type: ``sweep_<type>``, ``scores_<type>``, ``curve_<type>``."""
+    """For every backbone and concept type: ``sweep_<type>``, ``draws_<type>``, ``scores_<type>``, ``curve_<type>``."""
     return per_backbone(base_pipeline(list(concept_types)), backbones, shared_params=("sweep", "scoring"))

@@ -41,6 +41,11 @@ def plot_iis_vs_accuracy_scopes(iis_scores: pd.DataFrame, correlation_scopes: di
     return reporting.scope_figures(iis_scores, correlation_scopes)
 
 
+def plot_iis_with_nulls(iis_scores: pd.DataFrame):
+    """Each representation's IIS beside its nulls (``reporting.nulls_figure``)."""
+    return reporting.nulls_figure(iis_scores)
+
+
 def plot_sparsity_curves(sparsity_curves: pd.DataFrame):
     """ARR against sparsity for every representation, per concept type."""
     return reporting.sparsity_figure(sparsity_curves)
