@@ -5,7 +5,7 @@ representation table that ``scripts/study_tables.py`` wrote for an Adam run, tak
 at a git revision (by default docs/cifar10_study.md at 5d8afc7, the last version with Adam heads),
 and prints one row per representation (probe accuracy and IIS of each concept type under both) and
 the Spearman correlation between the two estimators' IIS, over all representations and over the
-pretrained ones. ``--update FILE`` writes the table and the correlations between the
+pretrained ones (the convex column is draw 0's IIS, the concept set the Adam run scored). ``--update FILE`` writes the table and the correlations between the
 ``<!-- study_tables:PREFIX-estimators -->`` markers of FILE; ``--check FILE`` exits 1 when they differ.
 
 Usage::
@@ -42,7 +42,9 @@ def adam_table(revision: str, doc: str, prefix: str) -> dict[str, tuple[float, f
 
 def compare(project: Path, adam: dict[str, tuple[float, float, float]]) -> str:
     scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
-    wide = scores.pivot_table(index="representation", columns="concept_type", values="iis", sort=False)
+    # draw 0's IIS: the concepts the Adam run scored (the mean over concept draws is in iis_scores.csv's `iis`)
+    value = "iis_draw0" if "iis_draw0" in scores else "iis"
+    wide = scores.pivot_table(index="representation", columns="concept_type", values=value, sort=False)
     first = scores.drop_duplicates("representation").set_index("representation")
     lines = ["| representation | A_std convex | A_std adam | IIS prototype convex | adam | IIS cluster convex | adam |",
              "|---|---|---|---|---|---|---|"]

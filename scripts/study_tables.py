@@ -176,10 +176,11 @@ def main() -> None:
     path = Path(target)
     text = path.read_text()
     fresh = text
-    for kind, table in tables.items():
-        if kind == "nulls" and f"study_tables:{args.prefix}-nulls -->" not in text:
-            continue  # a page without the nulls block
-        fresh = replace_marked(fresh, f"{args.prefix}-{kind}", table)
+    present = [kind for kind in tables if f"<!-- study_tables:{args.prefix}-{kind} -->" in text]
+    if not present:
+        raise SystemExit(f"{path}: no <!-- study_tables:{args.prefix}-... --> block")
+    for kind in present:  # a page holds some of the blocks
+        fresh = replace_marked(fresh, f"{args.prefix}-{kind}", tables[kind])
     if args.update:
         path.write_text(fresh)
         print(f"{path}: tables updated" if fresh != text else f"{path}: tables already current")

@@ -27,7 +27,8 @@ def test_pretrained_lite0_beats_its_random_control_on_cifar10(tmp_path, monkeypa
         "lite0": {"model": "tf_efficientnet_lite0", "weights": "offline", "input_size": 64},
         "lite0_random": {"model": "tf_efficientnet_lite0", "weights": "random", "input_size": 64},
     }
-    params["concepts"].update({"types": ["prototype"], "m": 200, "images_per_class": 10, "element_size": 32})
+    params["concepts"].update({"types": ["prototype"], "m": 200, "images_per_class": 10, "element_size": 32,
+                               "draws": 2, "nulls": ["random"]})
     params["sweep"] = {"sparsities": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98], "learning_rates": [0.001, 0.01, 0.1],
                        "seeds": [0, 1], "epochs": 30, "batch_size": 1024, "gamma": 0.99, "device": "cpu"}
     params["scoring"] = {"n_boot": 500, "seed": 0, "ci": 0.95}
@@ -35,5 +36,7 @@ def test_pretrained_lite0_beats_its_random_control_on_cifar10(tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     run_in_process(project)
     scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv").set_index("backbone")
-    print(scores[["accuracy_linear_probe", "iis", "iis_ci_low", "iis_ci_high", "iis_chance_corrected"]].to_string())
+    print(scores[["accuracy_linear_probe", "iis", "iis_ci_low", "iis_ci_high", "iis_chance_corrected",
+                  "iis_null_random", "iis_excess_random"]].to_string())
+    assert scores["iis_null_random"].notna().all() and (scores["n_draws"] == 2).all()
     assert scores.loc["lite0", "accuracy_linear_probe"] > scores.loc["lite0_random", "accuracy_linear_probe"] + 0.05

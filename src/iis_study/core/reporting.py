@@ -130,7 +130,8 @@ def _correlate_table(table: pd.DataFrame, correlation: CorrelationParams, scope:
                     "[%s %s] %s / %s: left out of the correlation (score undefined, e.g. A_std <= 1/K): %s",
                     scope, group, ctype, score, ", ".join(map(str, left_out)),
                 )
-            families = rows.loc[finite, "family"].tolist() if "family" in rows else None
+            # whole families are resampled across families; within one family its representations are the units
+            families = rows.loc[finite, "family"].tolist() if "family" in rows and scope != "family" else None
             res = correlate_across(
                 rows.loc[finite, "accuracy_linear_probe"].to_numpy(),
                 rows.loc[finite, score].to_numpy(),
