@@ -58,5 +58,6 @@ def iis_with_nulls(iis_scores: pd.DataFrame) -> Figure:
         ax.set_title(f"{ctype} concepts and their nulls", fontsize=_FONT)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=_SMALL, frameon=False)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(whats), fontsize=_SMALL,
+               frameon=False)
     return fig
