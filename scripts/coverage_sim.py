@@ -14,9 +14,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 from pathlib import Path
+
+from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
 import numpy as np
 
@@ -74,18 +74,7 @@ def main() -> None:
     target = args.update or args.check
     if not target:
         return
-    path = Path(target)
-    old = path.read_text()
-    pattern = re.compile(r"(<!-- coverage -->\n)(?:.*?\n)?(<!-- /coverage -->)", re.S)
-    if not pattern.search(old):
-        raise SystemExit(f"{path}: no <!-- coverage --> block")
-    new = pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), old)
-    if args.update:
-        path.write_text(new)
-    elif new != old:
-        print(f"{path}: the coverage table differs (rerun with --update)")
-        sys.exit(1)
-
+    sync_block(Path(target), "coverage", text, update=bool(args.update))
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
+
+from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
 import numpy as np
 from scipy import stats
@@ -86,19 +87,9 @@ def main() -> None:
     if not target:
         figure(rows, ROOT / "docs" / "img" / "self_test.png")
         return
-    path = Path(target)
-    old = path.read_text()
-    pattern = re.compile(r"(<!-- self_test -->\n)(?:.*?\n)?(<!-- /self_test -->)", re.S)
-    if not pattern.search(old):
-        raise SystemExit(f"{path}: no <!-- self_test --> block")
-    new = pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), old)
+    sync_block(Path(target), "self_test", text, update=bool(args.update))
     if args.update:
-        path.write_text(new)
         figure(rows, ROOT / "docs" / "img" / "self_test.png")
-        print(f"{path}: self-test table updated")
-    elif new != old:
-        print(f"{path}: the self-test table differs from a fresh run (rerun with --update)")
-        sys.exit(1)
 
 
 if __name__ == "__main__":

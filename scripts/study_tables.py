@@ -155,6 +155,22 @@ def replace_marked(text: str, name: str, table: str) -> str:
     return pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
 
 
+def sync_block(path: Path, marker: str, text: str, update: bool) -> None:
+    """Rewrite (``update``) or check the text between ``<!-- marker -->`` and ``<!-- /marker -->`` of ``path``;
+    a check that differs exits 1."""
+    old = path.read_text()
+    pattern = re.compile(rf"(<!-- {re.escape(marker)} -->\n)(?:.*?\n)?(<!-- /{re.escape(marker)} -->)", re.S)
+    if not pattern.search(old):
+        raise SystemExit(f"{path}: no <!-- {marker} --> block")
+    new = pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), old)
+    if update:
+        path.write_text(new)
+        print(f"{path}: {marker} block {'updated' if new != old else 'already current'}")
+    elif new != old:
+        print(f"{path}: the {marker} block differs from a fresh run (rerun with --update)")
+        sys.exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("project", nargs="?", default=str(Path(__file__).resolve().parents[1]))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .scores import _kendall_rows, _pearson_rows, _percentile_interval, _validate_boot
+from .scores import _kendall_rows, _pearson_rows, _percentile_interval, _validate_boot, paired
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,7 @@ def correlate_across(
     families"`` (when some family holds more than one representation: whole families are resampled), or
     ``"too few representations"`` (fewer than 5 units to resample; ``ci_low`` / ``ci_high`` are NaN)."""
     _validate_boot(n_boot, ci)
-    xa, ya = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if xa.size != ya.size:
-        raise ValueError(f"x and y must have the same length, got {xa.size} and {ya.size}")
-    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
-        raise ValueError("x and y must be finite")
+    xa, ya = paired(x, y)
     n = int(xa.size)
     nan = {"r": math.nan, "p": math.nan, "p_perm": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:

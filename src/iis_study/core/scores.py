@@ -263,6 +263,16 @@ def _bootstrap_correlations(
     return out
 
 
+def paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` as finite 1-D float arrays of one length (else a ``ValueError``)."""
+    xa, ya = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if xa.size != ya.size:
+        raise ValueError(f"x and y must have the same length, got {xa.size} and {ya.size}")
+    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
+        raise ValueError("x and y must be finite")
+    return xa, ya
+
+
 def correlate(
     x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0, ci: float = 0.95
 ) -> dict:
@@ -275,11 +285,7 @@ def correlate(
     value is NaN and a warning is logged (no exception).
     """
     _validate_boot(n_boot, ci)
-    xa, ya = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
-    if xa.size != ya.size:
-        raise ValueError(f"x and y must have the same length, got {xa.size} and {ya.size}")
-    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
-        raise ValueError("x and y must be finite")
+    xa, ya = paired(x, y)
     n = int(xa.size)
     if n < 3:
         logger.warning("correlate: need at least 3 pairs, got %d; returning NaN", n)
