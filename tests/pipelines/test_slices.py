@@ -127,6 +127,9 @@ def test_interpretability_slice():
         assert scores[f"iis_excess_{kind}_ci_low"] <= scores[f"iis_excess_{kind}"] <= scores[f"iis_excess_{kind}_ci_high"]
     assert "iis_null_gaussian" not in scores
     assert set(out["a.draws_prototype"].correct) == set(draws.names("prototype"))
+    # each draw and null carries its own heads' predictions, not draw 0's
+    own = out["a.sweep_prototype"].test_correct
+    assert any(not np.array_equal(c, own) for c in out["a.draws_prototype"].correct.values())
     assert sorted(curve["sparsity"].unique()) == [0.0, 0.5]
     assert out["a.probe_reference"]["val_acc"] > 0.5  # the reference probe sees the planted classes
 
