@@ -84,11 +84,6 @@ def set_name(role: str, what: str, draw: int) -> str:
     return f"{role}/{what}/{int(draw)}"
 
 
-def parse_name(name: str) -> tuple[str, str, int]:
-    role, what, draw = name.split("/")
-    return role, what, int(draw)
-
-
 @dataclass
 class ConceptDraws:
     """A representation's extra concept draws and null concept sets, by :func:`set_name`: (M, D) unit rows each.
