@@ -3,7 +3,7 @@
 Times, on random data (N=10k x D=1280, M=200, K=10, batch 1024, 8 sparsities x 3 lrs):
 
   * ``step``: one train step on a fixed minibatch (forward of probe + interp heads, cross-entropy
-    via ``F.cross_entropy`` as the earlier ``heads._train_epoch`` did -- the sweep now uses the
+    via ``F.cross_entropy`` as the earlier ``heads.train_epoch`` did -- the sweep now uses the
     fused ``_SumCrossEntropy`` --, backward, stacked Adam);
   * ``interp fwd+bwd``: only ``_InterpHeads`` forward and backward on a fixed minibatch;
   * ``eval fwd``: the interp heads' forward on a chunk of 1024 without grad (as ``correct``).

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
+from iis_study.core.finetune import FineTuningParams
 from iis_study.core.config import (
     ConceptParams,
     CorrelationParams,
     ExtractionParams,
-    FineTuningParams,
     GalleryParams,
     ScoringParams,
     SplitParams,

@@ -24,7 +24,7 @@ from kedro.io.core import get_filepath_str
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 
-from .core.checkpoints import CheckpointStore
+from .core.finetune import CheckpointStore
 from .core.data import DatasetSpec, ImageSet, load_dataset
 from .core.features import FeatureCache, load_tensors, save_tensors
 from .core.store import ShardedArray, link_or_copy, open_store
@@ -122,7 +122,7 @@ class FeatureCacheDataset(_FolderHandleDataset):
 
 
 class CheckpointStoreDataset(_FolderHandleDataset):
-    """Fine-tuning's checkpoint folder (:class:`~iis_study.core.checkpoints.CheckpointStore`), filled and
+    """Fine-tuning's checkpoint folder (:class:`~iis_study.core.finetune.CheckpointStore`), filled and
     resumed from by the fine-tuning node."""
 
     HANDLE = CheckpointStore

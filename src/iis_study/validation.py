@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .core.finetune import FineTuningParams
 from .core.config import (
     ConceptParams,
     CorrelationParams,
     ExtractionParams,
-    FineTuningParams,
     GalleryParams,
     ScoringParams,
     SplitParams,

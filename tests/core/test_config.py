@@ -12,14 +12,13 @@ from iis_study.core.config import (
     ConceptParams,
     CorrelationParams,
     ExtractionParams,
-    FineTuningParams,
     GalleryParams,
     ScoringParams,
     SplitParams,
     TrackingSettings,
 )
 from iis_study.core.data import DatasetSpec
-from iis_study.core.finetune_config import FinetuneConfig
+from iis_study.core.finetune import FinetuneConfig, FineTuningParams
 from iis_study.core.heads import SweepConfig
 from tests.kedro_project import ROOT
 

@@ -1,5 +1,5 @@
-"""Fine-tuning with interpretability maximization (core/finetune.py, with core/finetune_config.py,
-core/finetune_training.py, core/finetune_scoring.py and core/checkpoints.py).
+"""Fine-tuning with interpretability maximization (the core/finetune/ package). Tests patch a name in the
+module that defines it (``training.train_epoch``, ``checkpoints.save_backbone``).
 
 One small fine-tuning run (digits at 32 px, Lite0 offline, λ = 1, 3 epochs) is shared by the
 checkpoint, reload, resume and scoring tests; a 1-epoch λ = 0 run is compared bit for bit
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from iis_study.core import finetune as ft
+from iis_study.core.finetune import checkpoints, config, scoring, training
 from iis_study.core.backbones import BackboneSpec, WeightsUnavailableError, build, weights_fingerprint
 from iis_study.core.concepts import patch_elements, prototype_indices
 from iis_study.core.data import load_dataset, stratified_split
@@ -75,9 +76,9 @@ def run_lam1(data, tmp_path_factory):
     # channels_last: the resume test then also covers optimiser state stored contiguous
     cfg = ft.FinetuneConfig(lam=1.0, epochs=3, eval_epochs=(0, 3), **{**BASE, "channels_last": True})
     out = tmp_path_factory.mktemp("ft_lam1")
-    spy = _Spy(ft.save_backbone)
+    spy = _Spy(checkpoints.save_backbone)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ft, "save_backbone", spy)
+        mp.setattr(checkpoints, "save_backbone", spy)
         history = ft.finetune(SPEC, images, elements, cfg, out, SWEEP, NUM_CLASSES, progress=False)
     return cfg, out, history, spy.args[1]
 
@@ -170,35 +171,35 @@ def test_prototype_images_are_the_study_elements_by_id():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match=r"fine_tuning\.device"):
-        ft.resolve_device("cuda")
+        config.resolve_device("cuda")
 
 
 # --------------------------------------------------------------------------- pieces
 
 
 def test_data_order_is_seeded_per_epoch_and_covers_the_images():
-    a = ft.epoch_batches(50, 16, seed=0, epoch=1)
-    assert a == ft.epoch_batches(50, 16, seed=0, epoch=1)
-    assert a != ft.epoch_batches(50, 16, seed=0, epoch=2)
-    assert a != ft.epoch_batches(50, 16, seed=1, epoch=1)
+    a = training.epoch_batches(50, 16, seed=0, epoch=1)
+    assert a == training.epoch_batches(50, 16, seed=0, epoch=1)
+    assert a != training.epoch_batches(50, 16, seed=0, epoch=2)
+    assert a != training.epoch_batches(50, 16, seed=1, epoch=1)
     assert [len(b) for b in a] == [16, 16, 16, 2]
     assert sorted(i for b in a for i in b) == list(range(50))
-    assert [len(b) for b in ft.epoch_batches(49, 16, 0, 1)] == [16, 16, 16]  # a lone image is dropped
+    assert [len(b) for b in training.epoch_batches(49, 16, 0, 1)] == [16, 16, 16]  # a lone image is dropped
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    f = [ft.lr_factor(s, 10, 2) for s in range(10)]
+    f = [training.lr_factor(s, 10, 2) for s in range(10)]
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
     assert all(b < a for a, b in itertools.pairwise(f[2:]))
-    assert ft.lr_factor(10, 10, 2) == pytest.approx(0.0, abs=1e-12)
+    assert training.lr_factor(10, 10, 2) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_heads_come_from_their_own_generators():
     state = torch.get_rng_state()
-    h1, i1 = ft.init_heads(12, 5, 3, seed=0)
+    h1, i1 = training.init_heads(12, 5, 3, seed=0)
     assert torch.equal(torch.get_rng_state(), state)  # no global RNG consumed
-    h2, i2 = ft.init_heads(12, 5, 3, seed=0)
-    h3, _ = ft.init_heads(12, 5, 3, seed=1)
+    h2, i2 = training.init_heads(12, 5, 3, seed=0)
+    h3, _ = training.init_heads(12, 5, 3, seed=1)
     assert torch.equal(h1.weight, h2.weight) and torch.equal(i1.linear.weight, i2.linear.weight)
     assert not torch.equal(h1.weight, h3.weight)
     assert float(h1.weight.detach().abs().max()) <= 1 / math.sqrt(12)
@@ -206,39 +207,39 @@ def test_heads_come_from_their_own_generators():
 
 def test_bn_modes():
     rep = build(SPEC)
-    bns = ft._batchnorms(rep.model)
+    bns = training._batchnorms(rep.model)
     assert bns
-    ft._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="frozen"))
-    ft.set_train_mode(rep.model, "frozen")
+    training._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="frozen"))
+    training.set_train_mode(rep.model, "frozen")
     assert all(not p.requires_grad for bn in bns for p in bn.parameters())
     assert all(not bn.training for bn in bns) and rep.model.conv_stem.training
-    ft._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="eval"))
-    ft.set_train_mode(rep.model, "eval")
+    training._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="eval"))
+    training.set_train_mode(rep.model, "eval")
     assert all(p.requires_grad for p in rep.model.parameters()) and not any(bn.training for bn in bns)
-    ft.set_train_mode(rep.model, "train")
+    training.set_train_mode(rep.model, "train")
     assert all(bn.training for bn in bns)
 
 
 def test_interpretation_loss_reaches_the_backbone_and_vanishes_at_lambda_0(data):
     images, elements = data
     rep = build(SPEC)
-    ft._prepare_backbone(rep.model, ft.FinetuneConfig(channels_last=False))
-    ft.set_train_mode(rep.model, "eval")  # BN statistics fixed: repeated forwards are identical
-    c = ft.concept_vectors(rep, elements)
-    h_std, h_interp = ft.init_heads(rep.dim, 16, NUM_CLASSES, seed=0)
+    training._prepare_backbone(rep.model, ft.FinetuneConfig(channels_last=False))
+    training.set_train_mode(rep.model, "eval")  # BN statistics fixed: repeated forwards are identical
+    c = scoring.concept_vectors(rep, elements)
+    h_std, h_interp = training.init_heads(rep.dim, 16, NUM_CLASSES, seed=0)
     x = torch.stack([torch.from_numpy(images["train"].load(i).copy()).permute(2, 0, 1) for i in range(8)])
     y = torch.as_tensor(images["train"].labels[:8])
     params = [p for p in rep.model.parameters() if p.requires_grad]
     k = n_dropped(0.1, 16)
 
     def grads(lam: float, concepts):
-        z = rep.model(ft.model_input(rep, x, torch.device("cpu"), channels_last=False))
-        loss, parts = ft.finetune_loss(z, y, h_std, h_interp, concepts, k, lam)
+        z = rep.model(training.model_input(rep, x, torch.device("cpu"), channels_last=False))
+        loss, parts = training.finetune_loss(z, y, h_std, h_interp, concepts, k, lam)
         return loss, parts, torch.autograd.grad(loss, params + list(h_interp.parameters()), allow_unused=True)
 
     loss1, parts1, g1 = grads(1.0, c)
     loss0, parts0, g0 = grads(0.0, None)
-    z = rep.model(ft.model_input(rep, x, torch.device("cpu"), channels_last=False))
+    z = rep.model(training.model_input(rep, x, torch.device("cpu"), channels_last=False))
     ce = F.cross_entropy(h_std(z), y)
     g_ce = torch.autograd.grad(ce, params)
     # λ = 1: the interpretation term adds gradient to (nearly) every backbone tensor
@@ -264,7 +265,7 @@ def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
     model = rep.model.to(memory_format=torch.contiguous_format)
     for p in model.parameters():
         p.requires_grad_(True)
-    h_std, _ = ft.init_heads(rep.dim, M, NUM_CLASSES, cfg.seed)
+    h_std, _ = training.init_heads(rep.dim, M, NUM_CLASSES, cfg.seed)
     opt = torch.optim.AdamW(
         [
             {"params": list(model.parameters()), "lr": cfg.lr_backbone},
@@ -274,7 +275,7 @@ def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
         fused=True,
     )
     train = images["train"]
-    per_epoch = len(ft.epoch_batches(len(train), cfg.batch_size, cfg.seed, 1))
+    per_epoch = len(training.epoch_batches(len(train), cfg.batch_size, cfg.seed, 1))
     total = per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * (s / total))))
 
@@ -286,7 +287,7 @@ def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
 
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        for idx in ft.epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch):
+        for idx in training.epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch):
             x = rep.normalise(torch.stack([load(i) for i in idx])).contiguous()
             y = torch.as_tensor(train.labels[idx])
             loss = F.cross_entropy(h_std(model(x)), y)
@@ -369,8 +370,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(run_lam1, data, t
     images, elements = data
     for e in (1, 2):  # the run was interrupted during epoch 3
         shutil.copy(out / f"epoch_{e:03d}.safetensors", tmp_path)
-    spy = _Spy(ft._train_epoch)
-    monkeypatch.setattr(ft, "_train_epoch", spy)
+    spy = _Spy(training.train_epoch)
+    monkeypatch.setattr(training, "train_epoch", spy)
     resumed = ft.finetune(SPEC, images, elements, cfg, tmp_path, SWEEP, NUM_CLASSES, progress=False)
     assert spy.calls == 1  # only epoch 3 was trained
     a, _ = load_tensors(out / "backbone.safetensors")
@@ -387,8 +388,8 @@ def test_finished_run_is_not_trained_again(run_lam1, data, tmp_path, monkeypatch
     cfg, out, history, _ = run_lam1
     images, elements = data
     shutil.copy(out / "epoch_003.safetensors", tmp_path)
-    spy = _Spy(ft._train_epoch)
-    monkeypatch.setattr(ft, "_train_epoch", spy)
+    spy = _Spy(training.train_epoch)
+    monkeypatch.setattr(training, "train_epoch", spy)
     again = ft.finetune(SPEC, images, elements, cfg, tmp_path, SWEEP, NUM_CLASSES, progress=False)
     assert spy.calls == 0 and [r.to_dict() for r in again] == [r.to_dict() for r in history]
     assert (tmp_path / "backbone.safetensors").is_file()
@@ -423,8 +424,8 @@ def test_checkpoint_key_gives_each_representation_its_own_folder_and_resume_work
     # the 32 px run's checkpoints in its keyed folder: the run resumes from them (nothing left to train)
     a.mkdir(parents=True)
     shutil.copy(out / "epoch_003.safetensors", a)
-    spy = _Spy(ft._train_epoch)
-    monkeypatch.setattr(ft, "_train_epoch", spy)
+    spy = _Spy(training.train_epoch)
+    monkeypatch.setattr(training, "train_epoch", spy)
     again = ft.finetune(SPEC, images, elements, cfg, a, SWEEP, NUM_CLASSES, progress=False)
     assert spy.calls == 0 and [r.to_dict() for r in again] == [r.to_dict() for r in history]
     assert (a / "backbone.safetensors").is_file() and not b.exists()

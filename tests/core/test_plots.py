@@ -346,7 +346,12 @@ def test_fine_tuning_curves_two_backbones(tmp_path) -> None:
     np.testing.assert_allclose(control.get_ydata(), expected.to_numpy())
     # IIS is only plotted at the scored epochs (NaN elsewhere)
     np.testing.assert_array_equal(iis_ax.get_lines()[0].get_xdata(), [0, 2])
-    assert len([c for c in acc_ax.collections if isinstance(c, PolyCollection)]) == 2  # min–max bands
+    bands = [c for c in acc_ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2  # min–max bands
+    control_rows = df[(df.backbone == "resnet18") & (df.lam == 0)].groupby("epoch").accuracy_test
+    edge = bands[0].get_paths()[0].vertices[:, 1]  # the band's outline: the seeds' minima and maxima
+    np.testing.assert_allclose(sorted(set(np.round(edge, 12))),
+                               sorted(set(np.round(np.r_[control_rows.min(), control_rows.max()], 12))))
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "min–max over seeds" in legend
     save_png(fig, tmp_path / "ft.png")

@@ -5,6 +5,7 @@ default below. Nodes receive these objects (Kedro builds typed ``params:`` input
 runs, so a bad value stops the run in seconds, naming the parameter). Blocks defined next to the
 code they configure: :class:`~iis_study.core.data.DatasetSpec` (``dataset``),
 :class:`~iis_study.core.heads.SweepConfig` (``sweep``, ``fine_tuning.sweep``),
+:class:`~iis_study.core.finetune.FineTuningParams` (``fine_tuning``) and
 :class:`~iis_study.core.finetune.FinetuneConfig` (``fine_tuning.train``),
 :class:`~iis_study.core.backbones.BackboneSpec` (one entry of ``backbones``).
 """
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from .device import check_device
 from .params import Params, block, check_int, check_open_fraction, check_subset
 
-from .finetune_config import FinetuneConfig
 from .heads.datatypes import SweepConfig
 from .nulls import NULL_KINDS
 
@@ -33,7 +33,7 @@ CORRELATION_GROUPS = ("all", "pretrained", "family")
 GALLERY_TYPES = ("prototype", "cluster")
 
 
-def _moved_to_catalog(values: Mapping[str, Any], parameter: str, entry: str) -> None:
+def moved_to_catalog(values: Mapping[str, Any], parameter: str, entry: str) -> None:
     """A parameter that became a catalog entry: an error saying where it went (not a bare unknown key)."""
     if parameter.rsplit(".", 1)[1] in values:
         raise ValueError(
@@ -80,7 +80,7 @@ class ExtractionParams(Params):
     shard_rows: int = 16384
 
     def __init__(self, **values: Any) -> None:
-        _moved_to_catalog(values, "extraction.cache_dir", "feature_cache")
+        moved_to_catalog(values, "extraction.cache_dir", "feature_cache")
         super().__init__(**values)
 
     def validate(self) -> None:
@@ -319,53 +319,3 @@ def sweep_config(params: Mapping[str, Any] | SweepConfig | None, where: str = "s
 
     cfg = SweepConfig.from_params(params)
     return replace(cfg, device=resolve_device(cfg.device, f"{where}.device"))
-
-
-@block
-class FineTuningParams(Params):
-    """``fine_tuning``: interpretability maximization and its λ = 0 control (METHOD §6).
-
-    ``train`` is the :class:`~iis_study.core.finetune.FinetuneConfig` of every run (its ``lam`` and
-    ``seed`` come from ``lams`` x ``seeds``); ``sweep`` the scoring sweep along training. Checkpoints: the
-    ``fine_tuning_checkpoints`` catalog entry (:class:`~iis_study.core.checkpoints.CheckpointStore`).
-    """
-
-    WHERE = "fine_tuning"
-    backbones: tuple[str, ...] = ()
-    lams: tuple[float, ...] = (0.0, 1.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    train: FinetuneConfig = FinetuneConfig()  # lam and seed: set per run from lams x seeds
-    sweep: SweepConfig = SweepConfig()
-
-    def __init__(self, **values: Any) -> None:
-        _moved_to_catalog(values, "fine_tuning.checkpoint_dir", "fine_tuning_checkpoints")
-        super().__init__(**values)
-
-    def validate(self) -> None:
-        bad = [v for v in self.lams if not isinstance(v, int | float) or isinstance(v, bool) or v < 0]
-        if bad:
-            raise ValueError(f"fine_tuning.lams must be >= 0 (λ weighs the interpretation loss), got {bad}")
-        if not self.seeds:
-            raise ValueError("fine_tuning.seeds must list at least one seed")
-        for s in self.seeds:
-            check_int(s, "fine_tuning.seeds")
-
-    def arms(self) -> list[tuple[float, int]]:
-        """The (λ, seed) runs: every λ of ``lams`` with the λ = 0 control always included."""
-        lams = [float(v) for v in self.lams]
-        if 0.0 not in lams:
-            import logging
-
-            logging.getLogger(__name__).warning("fine_tuning.lams has no λ = 0 control; adding it (the control always runs)")
-            lams = [0.0, *lams]
-        return [(lam, int(seed)) for lam in sorted(set(lams)) for seed in self.seeds]
-
-    def run_config(self, lam: float, seed: int) -> FinetuneConfig:
-        """The :class:`~iis_study.core.finetune.FinetuneConfig` of one (λ, seed) run."""
-        from dataclasses import replace
-
-        return replace(self.train, lam=lam, seed=seed)
-
-    def scoring_sweep(self) -> SweepConfig:
-        """The scoring sweep along training, its device resolved."""
-        return sweep_config(self.sweep, "fine_tuning.sweep")

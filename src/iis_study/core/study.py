@@ -15,12 +15,10 @@ from typing import Any
 import pandas as pd
 
 from .acquisition import ConceptSet
-from .backbones import BackboneSpec
 from .calibration import DrawResults, calibrated_scores
-from .checkpoints import CheckpointStore
-from .config import FineTuningParams, ScoringParams, sweep_config
+from .config import ScoringParams, sweep_config
 from .convergence import budget_check, convergence_report, reference_probe
-from .data import SPLITS, ImageSet
+from .data import SPLITS
 from .features import FeatureSet
 from .heads import ConceptSpace, Split, SweepConfig, SweepResult, fit_heads
 from .nulls import ConceptDraws
@@ -208,40 +206,3 @@ def convergence_record(result: SweepResult, probe_reference: dict[str, Any], sco
     else:
         out["heads_converged"] = bool(record["heads_converged"])
     return out
-
-
-def fine_tune_representation(
-    splits: pd.DataFrame,
-    concept_elements: Any,
-    concepts_prototype: ConceptSet,
-    images: ImageSet,
-    spec: BackboneSpec,
-    fine_tuning: FineTuningParams,
-    checkpoints: CheckpointStore,
-) -> pd.DataFrame:
-    """Fine-tune one representation for every (λ, seed), λ = 0 (cross-entropy only) included.
-
-    Checkpoints go to ``checkpoints.root/<representation key>/lam<λ>_seed<seed>/`` (keyed by
-    the Kedro namespace, so two resolutions of one model never share a folder); an interrupted run
-    resumes from its last saved epoch. The concepts are the study's prototypes of this representation
-    (``concepts_prototype``'s element ids), re-embedded as the backbone trains. Returns one row per
-    (λ, seed, epoch).
-    """
-    import numpy as np
-
-    from .finetune import finetune, prototype_images
-
-    fine_tuning = FineTuningParams.from_params(fine_tuning)
-    by_split = {s: images.subset(splits.loc[splits["split"] == s, "index"].to_numpy()) for s in SPLITS}
-    num_classes = int(np.unique(splits["label"]).size)
-    scoring_sweep = fine_tuning.scoring_sweep()
-    concept_images = prototype_images(concept_elements, concepts_prototype.element_ids)
-    rows = []
-    for lam, seed in fine_tuning.arms():
-        cfg = fine_tuning.run_config(lam, seed)
-        ckpt = checkpoints.run_dir(spec, lam, seed, key=spec.name)
-        logger.info("fine-tuning %s with λ = %g, seed %d -> %s", spec.display_name, lam, seed, ckpt)
-        records = finetune(spec, by_split, concept_images, cfg, ckpt, scoring_sweep, num_classes)
-        for r in records:
-            rows.append({**r.to_dict(), "model": spec.model, "checkpoint": str(ckpt / "backbone.safetensors")})
-    return pd.DataFrame(rows)

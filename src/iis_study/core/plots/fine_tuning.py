@@ -82,18 +82,12 @@ def _lambda_lines(
         ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes, fontsize=_FONT,
                 color="#666666")
         return
-    stats = (
-        valid.assign(lam=valid["lam"].astype(float))
-        .groupby(["lam", "epoch"])[column]
-        .agg(["mean", "min", "max"])
-        .reset_index()
-    )
-    for lam in lams:
-        line = stats[stats["lam"] == lam].sort_values("epoch")
+    data = valid.assign(lam=valid["lam"].astype(float))
+    for lam in lams:  # one call per λ keeps the λ = 0 control's grey; the band is seaborn's min-max interval
+        line = data[data["lam"] == lam]
         if line.empty:
             continue
-        x = line["epoch"].to_numpy(float)
-        label = _lambda_label(lam)
-        ax.plot(x, line["mean"], color=colors[lam], marker="o", markersize=3, linewidth=1.4, label=label)
-        ax.fill_between(x, line["min"], line["max"], color=colors[lam], alpha=0.2, linewidth=0)
+        sns.lineplot(data=line, x="epoch", y=column, ax=ax, estimator="mean", errorbar=("pi", 100),
+                     color=colors[lam], marker="o", markersize=3, markeredgewidth=0, linewidth=1.4,
+                     err_kws={"alpha": 0.2, "linewidth": 0}, label=_lambda_label(lam), legend=False)
     ax.xaxis.get_major_locator().set_params(integer=True)

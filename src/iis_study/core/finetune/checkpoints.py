@@ -34,14 +34,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .backbones import BackboneSpec, spec_dict
-from .data import ImageSet
-from .features import load_tensors, save_tensors
-from .finetune_config import SPLIT_NAMES, EpochRecord, FinetuneConfig
-from .heads import SweepConfig
+from ..backbones import BackboneSpec, spec_dict
+from ..data import ImageSet
+from ..features import load_tensors, save_tensors
+from .config import SPLIT_NAMES, EpochRecord, FinetuneConfig
+from ..heads import SweepConfig
 
 if TYPE_CHECKING:
-    from .finetune_training import _State
+    from .training import _State
 
 # the messages of a fine-tuning run come from one logger, as before checkpoints had their own module
 logger = logging.getLogger("iis_study.core.finetune")
@@ -269,7 +269,7 @@ def _checkpoint_hash(path: Path) -> str | None:
     return meta.get("run_hash")
 
 
-def _resume(checkpoint_dir: Path, run_id: str, state: _State) -> tuple[int, list[EpochRecord]]:
+def resume(checkpoint_dir: Path, run_id: str, state: _State) -> tuple[int, list[EpochRecord]]:
     """Continue from the last readable checkpoint of this run; (0, []) when there is none."""
     for epoch, path in reversed(list_checkpoints(checkpoint_dir)):
         try:

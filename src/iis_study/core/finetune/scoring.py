@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Representation
-from .concepts import Elements
-from .data import ImageSet, array_image_set
-from .features import Features, extract
-from .finetune_config import SPLIT_NAMES, EpochRecord, FinetuneConfig, _check_images, _element_images
-from .heads import ConceptSpace, Split, SweepConfig, fit_heads
-from .scores import score_sweep
+from ..backbones import Representation
+from ..concepts import Elements
+from ..data import ImageSet, array_image_set
+from ..features import Features, extract
+from .config import SPLIT_NAMES, EpochRecord, FinetuneConfig, check_images, element_images
+from ..heads import ConceptSpace, Split, SweepConfig, fit_heads
+from ..scores import score_sweep
 
 if TYPE_CHECKING:
-    from .finetune_training import _State
+    from .training import _State
 
 # the messages of a fine-tuning run come from one logger, as before scoring had its own module
 logger = logging.getLogger("iis_study.core.finetune")
@@ -38,7 +38,7 @@ def prototype_images(elements: np.ndarray | Elements, element_ids: np.ndarray | 
     """The study's M prototype elements (M, S, S, 3): ``elements[element_ids]``, where
     ``element_ids`` are the ids the concepts pipeline stored with its prototype concept space
     (the same seeded draw, over the elements that do not embed to zero)."""
-    arr = _element_images(elements)
+    arr = element_images(elements)
     ids = np.asarray(element_ids.cpu().numpy() if isinstance(element_ids, torch.Tensor) else element_ids)
     if ids.ndim != 1 or len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"prototype element_ids must be a non-empty 1-d integer array, got shape {ids.shape} "
@@ -123,8 +123,8 @@ def evaluate_representation(
     Returns :func:`~iis_study.core.scores.score_sweep`'s summary (``accuracy_linear_probe``,
     ``iis``, ``iis_chance_corrected``, their std and interval, ...).
     """
-    _check_images(images, num_classes)
-    concept_images = _element_images(concept_images)
+    check_images(images, num_classes)
+    concept_images = element_images(concept_images)
     feats = _extract_splits(rep, images, SPLIT_NAMES, num_workers, progress)
     c = concept_vectors(rep, concept_images, num_workers)
     return score_features(feats, c, sweep_config, num_classes, progress)
@@ -139,7 +139,7 @@ def _accuracy(h_std: nn.Module, feats: Features, device: torch.device) -> float:
 # --------------------------------------------------------------------------- scoring an epoch
 
 
-def _evaluate_epoch(
+def evaluate_epoch(
     state: _State,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,

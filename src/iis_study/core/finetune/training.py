@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Representation
-from .data import ImageSet
-from .features import _Resized
-from .finetune_config import FinetuneConfig
-from .heads import derive_seed, sparsify
+from ..backbones import Representation
+from ..data import ImageSet
+from ..features import _Resized
+from .config import FinetuneConfig
+from ..heads import derive_seed, sparsify
 
 
 # --------------------------------------------------------------------------- heads and loss
@@ -98,7 +98,7 @@ def finetune_loss(
 # --------------------------------------------------------------------------- data order and schedule
 
 
-class _LabelledImages(Dataset):
+class LabelledImages(Dataset):
     """Resized uint8 CHW images with their integer labels (decoded in ``DataLoader`` workers)."""
 
     def __init__(self, images: ImageSet, size: int, interpolation: str) -> None:
@@ -222,7 +222,7 @@ class _State:
     scaler: torch.amp.GradScaler
 
 
-def _new_state(rep: Representation, cfg: FinetuneConfig, m: int, num_classes: int, n_train: int,
+def new_state(rep: Representation, cfg: FinetuneConfig, m: int, num_classes: int, n_train: int,
                device: torch.device) -> _State:
     _prepare_backbone(rep.model, cfg)
     h_std, h_interp = init_heads(rep.dim, m, num_classes, cfg.seed)
@@ -232,9 +232,9 @@ def _new_state(rep: Representation, cfg: FinetuneConfig, m: int, num_classes: in
     return _State(rep=rep, h_std=h_std, h_interp=h_interp, opt=opt, sched=sched, scaler=scaler)
 
 
-def _train_epoch(
+def train_epoch(
     state: _State,
-    dataset: _LabelledImages,
+    dataset: LabelledImages,
     concepts: torch.Tensor | None,
     k: int,
     cfg: FinetuneConfig,

@@ -28,7 +28,7 @@ Design choices (the authors published no code for this part; this is our referen
   perturb it.
 * Head initialisation: from dedicated generators per (seed, head) (``nn.Linear``'s default
   uniform bounds), LayerNorm affine at (1, 0).
-* Checkpoints (:mod:`iis_study.core.checkpoints`): after every epoch, ``epoch_{e:03d}.safetensors``
+* Checkpoints (:mod:`.checkpoints`): after every epoch, ``epoch_{e:03d}.safetensors``
   (atomic) holds backbone, heads, optimiser, scheduler, grad-scaler and RNG states plus the history;
   the metadata stores a hash of everything that determines the run, so resuming into a folder of
   another configuration is an error rather than a silent mix. A resumed run equals an
@@ -39,12 +39,12 @@ Design choices (the authors published no code for this part; this is our referen
   :func:`~iis_study.core.features.extract`, heads via :func:`~iis_study.core.heads.sweep`,
   IIS via :func:`~iis_study.core.scores.score_sweep` (:func:`evaluate_representation`).
 
-This module is the entry point (:func:`finetune`) and the public face: the pieces live in
-:mod:`~iis_study.core.finetune_config` (settings, records, input checks),
-:mod:`~iis_study.core.finetune_training` (heads, loss, data order, schedule, one epoch),
-:mod:`~iis_study.core.finetune_scoring` (prototype concepts, IIS along training) and
-:mod:`~iis_study.core.checkpoints` (checkpoint files, resume, the fine-tuned backbone), and every
-name is importable from here as before.
+This module is the training loop (:func:`finetune`); the package :mod:`iis_study.core.finetune` is the
+public face. The pieces: :mod:`.config` (settings, records, input checks), :mod:`.training` (heads,
+loss, data order, schedule, one epoch), :mod:`.scoring` (prototype concepts, IIS along training),
+:mod:`.checkpoints` (checkpoint files, resume, the fine-tuned backbone) and :mod:`.study` (every
+(λ, seed) arm of one representation, the tables over representations). The loop calls the pieces
+through their modules, so a test patches a name where it is defined (``training.train_epoch``).
 """
 
 from __future__ import annotations
@@ -57,34 +57,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import BackboneSpec, Representation, WeightsUnavailableError, build
-from .checkpoints import FORMAT as FORMAT
-from .checkpoints import FORMAT_VERSION as FORMAT_VERSION
-from .checkpoints import _resume, finetuned_spec, list_checkpoints, run_checkpoint_dir, run_hash
-from .checkpoints import save_backbone
-from .checkpoints import load_checkpoint_state as load_checkpoint_state
-from .checkpoints import model_tag as model_tag
-from .checkpoints import save_checkpoint
-from .data import ImageSet
-from .finetune_config import BN_MODES as BN_MODES
-from .finetune_config import DEVICES as DEVICES
-from .finetune_config import SPLIT_NAMES as SPLIT_NAMES
-from .finetune_config import EpochRecord, FinetuneConfig, _check_images, _element_images, resolve_device
-from .finetune_scoring import _evaluate_epoch, concept_vectors, evaluate_representation, prototype_images
-from .finetune_scoring import score_features
-from .finetune_training import InterpretationHead, _LabelledImages, _new_state, _train_epoch
-from .finetune_training import _batchnorms as _batchnorms
-from .finetune_training import _prepare_backbone as _prepare_backbone
-from .finetune_training import batches_per_epoch as batches_per_epoch
-from .finetune_training import epoch_batches, finetune_loss, init_heads, lr_factor, make_optimizer
-from .finetune_training import model_input as model_input
-from .finetune_training import set_train_mode as set_train_mode
-from .finetune_training import steps_per_epoch as steps_per_epoch
-from .heads import SweepConfig, n_dropped
-
-# names imported ``name as name`` are re-exported for the tests and scripts that use them; the
-# functions :func:`finetune` calls are looked up here, so a test that patches ``finetune._train_epoch``
-# or ``finetune.save_backbone`` patches what the run calls
+from ..backbones import BackboneSpec, Representation, WeightsUnavailableError, build
+from ..data import ImageSet
+from ..heads import SweepConfig, n_dropped
+from . import checkpoints, scoring, training
+from .config import EpochRecord, FinetuneConfig, check_images, element_images, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -127,53 +104,34 @@ def finetune(
     """
     cfg.validate()
     sweep_config.validate()
-    _check_images(images, num_classes)
-    concept_images = _element_images(concept_images)
+    check_images(images, num_classes)
+    concept_images = element_images(concept_images)
     m = len(concept_images)
     device = resolve_device(cfg.device)
     rep = _build_backbone(spec, device)
-    run_id = run_hash(spec, rep.weights_fingerprint, images, concept_images, cfg, device, sweep_config, num_classes)
+    run_id = checkpoints.run_hash(
+        spec, rep.weights_fingerprint, images, concept_images, cfg, device, sweep_config, num_classes
+    )
     ckpt_dir = Path(checkpoint_dir)
-    state = _new_state(rep, cfg, m, num_classes, len(images["train"]), device)
-    done, history = _resume(ckpt_dir, run_id, state)
+    state = training.new_state(rep, cfg, m, num_classes, len(images["train"]), device)
+    done, history = checkpoints.resume(ckpt_dir, run_id, state)
     evaluate = functools.partial(
-        _evaluate_epoch, state, images, concept_images, cfg, sweep_config, num_classes, device, progress=progress
+        scoring.evaluate_epoch, state, images, concept_images, cfg, sweep_config, num_classes, device, progress=progress
     )
     if done == 0:
         history = [evaluate(epoch=0, train_loss=None)]
-    dataset = _LabelledImages(images["train"], rep.input_size, rep.interpolation)
+    dataset = training.LabelledImages(images["train"], rep.input_size, rep.interpolation)
     k = n_dropped(cfg.sparsity, m)
     for epoch in range(done + 1, cfg.epochs + 1):
         concepts = None
         if cfg.lam > 0:  # re-embedded with the current backbone; λ = 0 never touches the concepts
-            concepts = concept_vectors(rep, concept_images, cfg.num_workers).to(device)
-        loss = _train_epoch(state, dataset, concepts, k, cfg, device, epoch, progress)
+            concepts = scoring.concept_vectors(rep, concept_images, cfg.num_workers).to(device)
+        loss = training.train_epoch(state, dataset, concepts, k, cfg, device, epoch, progress)
         history.append(evaluate(epoch=epoch, train_loss=loss))
-        save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.safetensors", state, epoch, history, run_id, cfg)
+        checkpoints.save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.safetensors", state, epoch, history, run_id, cfg)
     rep.model.eval()
-    save_backbone(ckpt_dir / "backbone.safetensors", rep.model, {
+    checkpoints.save_backbone(ckpt_dir / "backbone.safetensors", rep.model, {
         "model": spec.model, "run_hash": run_id, "epochs": str(cfg.epochs),
         "preprocess": json.dumps(rep.preprocess_config()),
     })
     return history
-
-
-__all__ = [
-    "EpochRecord",
-    "FinetuneConfig",
-    "InterpretationHead",
-    "concept_vectors",
-    "prototype_images",
-    "epoch_batches",
-    "evaluate_representation",
-    "finetune",
-    "finetune_loss",
-    "finetuned_spec",
-    "init_heads",
-    "list_checkpoints",
-    "lr_factor",
-    "make_optimizer",
-    "run_checkpoint_dir",
-    "save_backbone",
-    "score_features",
-]

@@ -1,6 +1,7 @@
 """Settings, per-epoch records and input checks of a fine-tuning run (:mod:`iis_study.core.finetune`).
 
-:class:`FinetuneConfig` is the ``fine_tuning`` parameter block, validated field by field with
+:class:`FineTuningParams` is the ``fine_tuning`` parameter block, :class:`FinetuneConfig` its ``train``
+block (one run), validated field by field with
 errors that name ``fine_tuning.<field>``; :class:`EpochRecord` is one row of a run's history; the
 input checks and :func:`resolve_device` run before anything is built or trained.
 """
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .concepts import Elements
-from .data import ImageSet
-from .params import Params, block
+from ..concepts import Elements
+from ..data import ImageSet
+from ..config import moved_to_catalog, sweep_config
+from ..heads import SweepConfig
+from ..params import Params, block, check_int
 
 BN_MODES = ("train", "eval", "frozen")
 DEVICES = ("auto", "cpu", "cuda")
@@ -151,7 +154,7 @@ class EpochRecord:
 # --------------------------------------------------------------------------- input checks
 
 
-def _element_images(elements: np.ndarray | Elements) -> np.ndarray:
+def element_images(elements: np.ndarray | Elements) -> np.ndarray:
     arr = elements.images if isinstance(elements, Elements) else np.asarray(elements)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(
@@ -160,7 +163,7 @@ def _element_images(elements: np.ndarray | Elements) -> np.ndarray:
     return arr
 
 
-def _check_images(images: dict[str, ImageSet], num_classes: int) -> None:
+def check_images(images: dict[str, ImageSet], num_classes: int) -> None:
     missing = [s for s in SPLIT_NAMES if s not in images]
     if missing:
         raise ValueError(f"images must have the splits {list(SPLIT_NAMES)}; missing {missing}")
@@ -183,6 +186,56 @@ def _check_images(images: dict[str, ImageSet], num_classes: int) -> None:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error (:mod:`iis_study.core.device`)."""
-    from .device import resolve_device as resolve
+    from ..device import resolve_device as resolve
 
     return torch.device(resolve(device, "fine_tuning.device"))
+
+
+@block
+class FineTuningParams(Params):
+    """``fine_tuning``: interpretability maximization and its λ = 0 control (METHOD §6).
+
+    ``train`` is the :class:`~iis_study.core.finetune.FinetuneConfig` of every run (its ``lam`` and
+    ``seed`` come from ``lams`` x ``seeds``); ``sweep`` the scoring sweep along training. Checkpoints: the
+    ``fine_tuning_checkpoints`` catalog entry (:class:`~iis_study.core.finetune.CheckpointStore`).
+    """
+
+    WHERE = "fine_tuning"
+    backbones: tuple[str, ...] = ()
+    lams: tuple[float, ...] = (0.0, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: FinetuneConfig = FinetuneConfig()  # lam and seed: set per run from lams x seeds
+    sweep: SweepConfig = SweepConfig()
+
+    def __init__(self, **values: Any) -> None:
+        moved_to_catalog(values, "fine_tuning.checkpoint_dir", "fine_tuning_checkpoints")
+        super().__init__(**values)
+
+    def validate(self) -> None:
+        bad = [v for v in self.lams if not isinstance(v, int | float) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise ValueError(f"fine_tuning.lams must be >= 0 (λ weighs the interpretation loss), got {bad}")
+        if not self.seeds:
+            raise ValueError("fine_tuning.seeds must list at least one seed")
+        for s in self.seeds:
+            check_int(s, "fine_tuning.seeds")
+
+    def arms(self) -> list[tuple[float, int]]:
+        """The (λ, seed) runs: every λ of ``lams`` with the λ = 0 control always included."""
+        lams = [float(v) for v in self.lams]
+        if 0.0 not in lams:
+            import logging
+
+            logging.getLogger(__name__).warning("fine_tuning.lams has no λ = 0 control; adding it (the control always runs)")
+            lams = [0.0, *lams]
+        return [(lam, int(seed)) for lam in sorted(set(lams)) for seed in self.seeds]
+
+    def run_config(self, lam: float, seed: int) -> FinetuneConfig:
+        """The :class:`~iis_study.core.finetune.FinetuneConfig` of one (λ, seed) run."""
+        from dataclasses import replace
+
+        return replace(self.train, lam=lam, seed=seed)
+
+    def scoring_sweep(self) -> SweepConfig:
+        """The scoring sweep along training, its device resolved."""
+        return sweep_config(self.sweep, "fine_tuning.sweep")
