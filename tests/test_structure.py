@@ -199,3 +199,60 @@ def test_no_import_cycle():
     graph = _import_graph()
     cycles = _cycles(graph)
     assert not cycles, "import cycles inside iis_study:\n" + "\n".join(_describe(c, graph) for c in cycles)
+
+
+def _core_names(tree: ast.Module) -> set[str]:
+    """Names a nodes module binds to ``iis_study.core`` (its modules and the functions imported from them)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("iis_study.core"):
+            names |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.asname or a.name for a in node.names if a.name.startswith("iis_study.core")}
+    return names
+
+
+def _not_single_core_calls(path: Path) -> list[str]:
+    """The node functions of ``path`` whose body (after the docstring and local imports of the library) is not
+    ``return <one call into iis_study.core>`` with plain arguments (names, constants, attributes, no other call)."""
+    tree = ast.parse(path.read_text())
+    core = _core_names(tree)
+    bad = []
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_"):
+            continue
+        body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        local = {a.asname or a.name for s in body if isinstance(s, ast.ImportFrom)
+                 and (s.module or "").startswith("iis_study.core") for a in s.names}
+        body = [s for s in body if not (isinstance(s, ast.ImportFrom) and (s.module or "").startswith("iis_study.core"))]
+        ok = len(body) == 1 and isinstance(body[0], ast.Return) and isinstance(body[0].value, ast.Call)
+        if ok:
+            call = body[0].value
+            root = call.func
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            inner = [n for arg in [*call.args, *(k.value for k in call.keywords)] for n in ast.walk(arg)
+                     if isinstance(n, ast.Call | ast.Lambda | ast.ListComp | ast.DictComp | ast.GeneratorExp)]
+            ok = isinstance(root, ast.Name) and root.id in core | local and not inner
+        if not ok:
+            bad.append(f"{fn.name} (line {fn.lineno})")
+    return bad
+
+
+@pytest.mark.parametrize("path", NODES, ids=lambda p: p.parent.name)
+def test_every_node_body_is_one_call_into_core(path):
+    bad = _not_single_core_calls(path)
+    assert not bad, f"{path.relative_to(SRC)}: these nodes do more than call iis_study.core once: {bad}"
+
+
+def test_the_one_call_check_sees_a_node_that_computes(tmp_path):
+    """The check fails a node that computes in the pipeline layer (else an empty check would pass)."""
+    src = tmp_path / "nodes.py"
+    src.write_text(
+        "from iis_study.core import study\n\n"
+        "def good(x):\n    '''doc'''\n    return study.f(x)\n\n"
+        "def two(x):\n    y = study.f(x)\n    return y\n\n"
+        "def nested(x):\n    return study.f(sorted(x))\n\n"
+        "def elsewhere(x):\n    return sorted(x)\n"
+    )
+    assert [b.split(" ")[0] for b in _not_single_core_calls(src)] == ["two", "nested", "elsewhere"]

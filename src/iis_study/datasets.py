@@ -347,7 +347,21 @@ class AtomicCSVDataset(_AtomicLocalSave, CSVDataset):
 
 
 class AtomicJSONDataset(_AtomicLocalSave, JSONDataset):
-    """``json.JSONDataset`` whose local saves are write-then-rename (same arguments)."""
+    """``json.JSONDataset`` whose local saves are write-then-rename (same arguments). With ``object:`` (a class
+    path, e.g. ``iis_study.core.results.Scores``) a typed object that converts itself to and from a JSON object
+    (``to_dict()`` / ``from_dict()``), so nodes see the object."""
+
+    def __init__(self, *, object: str | None = None, **kwargs: Any) -> None:  # noqa: A002 - the catalog's key
+        super().__init__(**kwargs)
+        self._object = _import_object(object) if object else None
+
+    def load(self) -> Any:
+        data = super().load()
+        return self._object.from_dict(data) if self._object is not None else data
 
     def _write(self, data: Any, stream: Any) -> None:
+        if self._object is not None:
+            if not isinstance(data, self._object):
+                raise DatasetError(f"{self._filepath}: expected a {self._object.__name__}, got {type(data).__name__}")
+            data = data.to_dict()
         json.dump(data, stream, **self._save_args)

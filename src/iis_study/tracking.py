@@ -31,6 +31,7 @@ from .core.config import ConceptParams, backbone_fields
 from .core.data import DatasetSpec
 from .core.heads import SweepConfig
 from .core.nulls import NULL_KINDS
+from .core.results import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +253,14 @@ class StudyTracker:
         else:
             raise ValueError(f"catalog metadata mlflow.log = {kind!r} is not a kind the tracker knows")
 
-    def log_score_metrics(self, backbone: str, concept_type: str, scores: dict[str, Any]) -> None:
+    def log_score_metrics(self, backbone: str, concept_type: str, scores: Scores) -> None:
         """``<concept_type>.iis`` and the other headline numbers of one representation's run, the nulls'
         ``<concept_type>.iis_null_<kind>`` and ``.iis_excess_<kind>`` with its interval among them."""
         import time
 
         from mlflow.entities import Metric
+
+        scores = scores.to_dict()
 
         now = int(time.time() * 1000)
         metrics = [

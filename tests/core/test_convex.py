@@ -217,9 +217,10 @@ def test_the_l2_path_rule_stops_a_head_where_val_accuracy_falls() -> None:
         early += n < len(vals)
     assert early > 0  # precondition: the rule had something to stop
     # heads the path did not reach do not count against the certificate
-    from iis_study.core.study import convergence_record
     from iis_study.core.config import ScoringParams
+    from iis_study.core.convergence import ReferenceProbe
+    from iis_study.core.study import convergence_record
 
-    ref = {"val_acc": 0.5, "test_acc": 0.5, "c": 1.0}
+    ref = ReferenceProbe(val_acc=0.5, test_acc=0.5, c=1.0, iterations=1, converged=True)
     record = convergence_record(path, ref, ScoringParams())
     assert path.certificate.certified and record["probe_converged"] and record["heads_converged"]

@@ -183,7 +183,7 @@ def test_collect_scores_carries_label_family_layer_and_resolution():
     names = ["lite1", "lite0_r96_stage3"]
     curve = pd.DataFrame({"sparsity": [0.0], "seed": [0], "accuracy": [0.5], "arr": [1.0]})
     scores = {"accuracy_linear_probe": 0.5, "iis": 0.7, "iis_chance_corrected": 0.6}
-    results = {f"{n}.{what}_prototype": v for n in names for what, v in (("scores", scores), ("curve", curve))}
+    results = [v for n in names for v in (scores, curve)]  # per representation: its scores, then its curve
     table, _ = collect_scores({n: reps[n] for n in names}, {"types": ["prototype"]}, results)
     row = table.set_index("backbone").loc["lite0_r96_stage3"]
     assert (row["representation"], row["family"], row["layer"], row["input_size"]) == ("lite0@96/stage3", "lite0", "stage3", 96)

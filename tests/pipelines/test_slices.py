@@ -131,7 +131,35 @@ def test_interpretability_slice():
     own = out["a.sweep_prototype"].test_correct
     assert any(not np.array_equal(c, own) for c in out["a.draws_prototype"].correct.values())
     assert sorted(curve["sparsity"].unique()) == [0.0, 0.5]
-    assert out["a.probe_reference"]["val_acc"] > 0.5  # the reference probe sees the planted classes
+    assert out["a.probe_reference"].val_acc > 0.5  # the reference probe sees the planted classes
+
+
+def test_the_library_call_and_the_pipeline_give_the_same_record():
+    """One path to the score: ``api.interpretability_score`` on a representation's features returns the record
+    the pipeline's nodes write for it (same fields, same numbers; scoring at the block's defaults)."""
+    from iis_study.core.api import interpretability_score
+    from iis_study.core.results import Scores
+
+    g = torch.Generator().manual_seed(1)
+    vectors = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    feats = _synthetic_features()
+    out = _run(
+        interpretability.create_pipeline(["a"], ["prototype"]),
+        **{"a.features": feats, "a.feature_info": {"num_classes": 3},
+           "a.concepts_prototype": stored_space("vectors", "prototype", vectors=vectors, element_ids=torch.arange(5)),
+           "a.concept_draws": build_draws(torch.randn(40, 8, generator=g), {"prototype": vectors}, 5, seed=0, draws=1,
+                                          nulls=(), draw_type={}),
+           "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams()},
+    )
+    split = {s: (feats.split(s).x.numpy(), feats.split(s).y.numpy()) for s in ("train", "val", "test")}
+    report = interpretability_score(split["train"], split["val"], split["test"], vectors.numpy(), num_classes=3,
+                                    sweep_config=TINY_SWEEP)
+    pipeline = out["a.scores_prototype"]
+    assert isinstance(pipeline, Scores) and isinstance(report.scores, Scores)
+    assert list(report.scores.to_dict()) == list(pipeline.to_dict())
+    mine, theirs = pd.Series(report.scores.to_dict()), pd.Series(pipeline.to_dict())
+    pd.testing.assert_series_equal(mine, theirs)
+    pd.testing.assert_frame_equal(report.curve, out["a.curve_prototype"])
 
 
 def test_reporting_slice():

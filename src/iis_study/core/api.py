@@ -9,17 +9,17 @@ For researchers who already have features (from their own training code)::
         concepts=c,                      # (M, D) concept vectors, or element embeddings with concepts="cluster"
     )
     report.iis, report.iis_ci, report.converged
+    report.scores["max_grad"]            # every field of the pipeline's scores record
     report.curve                         # A(s) and ARR(s) per seed and sparsity
 
-It runs exactly what the Kedro pipeline runs for one representation and one concept type: the
-heads by the configured estimator (:func:`~iis_study.core.heads.fit_heads`; by default the convex
-heads, each solved to a certified optimum), the L-BFGS reference probe
-(:func:`~iis_study.core.convergence.reference_probe`) and the scores with their convergence record
-(:func:`~iis_study.core.study.score_representation`, the pipeline's scoring node).
+It runs exactly what the Kedro pipeline runs for one representation and one concept type, through the same
+functions (:mod:`~iis_study.core.study`): the heads by the configured estimator (by default the convex heads,
+each solved to a certified optimum), the L-BFGS reference probe and the scores with their convergence record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import study
 from .concepts import cluster_vectors, prototype_vectors
-from .config import ScoringParams
-from .convergence import reference_probe
-from .heads import ConceptSpace, Split, SweepConfig, SweepResult, fit_heads
-from .study import score_representation
+from .config import ConceptParams, ScoringParams
+from .heads import ConceptSpace, Split, SweepConfig, SweepResult
+from .params import block_values
+from .results import Scores
 
 __all__ = ["ScoreReport", "interpretability_score"]
 
@@ -40,30 +41,51 @@ __all__ = ["ScoreReport", "interpretability_score"]
 class ScoreReport:
     """The IIS of one representation with one concept space, and how far to trust it.
 
+    ``scores`` is the pipeline's record (:class:`~iis_study.core.results.Scores`, a row of ``iis_scores.csv``);
+    the attributes below read it.
+
     Attributes:
-        iis: mean over seeds of the Inherent Interpretability Score (perfect: 0.98).
-        iis_ci: percentile bootstrap interval over test images (level ``ci``).
-        iis_chance_corrected: the same with ``(A(s) - 1/K) / (A_std - 1/K)`` (NaN at chance).
-        accuracy_linear_probe: ``A_std``, test accuracy of the selected probe (mean over seeds).
-        converged: convex: every head certified (gradient within the tolerance); adam: the probe is
-            within 0.5 point of the L-BFGS reference and the IIS did not move between half and the
-            full budget.
-        convergence: the full record (``probe_converged``, ``heads_converged``, ``certified``,
-            ``max_grad``, ``iterations`` or the adam budget test, ``reference_val_acc``, ...).
+        scores: every number the pipeline reports for one concept type: ``iis``, its interval, the
+            chance-corrected IIS, ``A_std``, the certificate (``certified``, ``max_grad``, ``iterations``)
+            or the adam budget test, the reference probe (``scores["reference_val_acc"]``), ...
         curve: one row per seed and sparsity: accuracy, arr, arr_chance_corrected.
-        summary: every number :func:`~iis_study.core.scores.score_sweep` returns.
-        result: the sweep itself (selected heads, per-epoch history, trained parameters).
+        result: the sweep itself (every head, the selected ones, their parameters, the certificate).
     """
 
-    iis: float
-    iis_ci: tuple[float, float]
-    iis_chance_corrected: float
-    accuracy_linear_probe: float
-    converged: bool
-    convergence: dict[str, Any]
+    scores: Scores
     curve: pd.DataFrame
-    summary: dict[str, Any]
     result: SweepResult = field(repr=False)
+
+    @property
+    def iis(self) -> float:
+        """The Inherent Interpretability Score (mean over seeds; perfect: 0.98)."""
+        return self.scores.iis
+
+    @property
+    def iis_ci(self) -> tuple[float, float]:
+        """Its percentile bootstrap interval over test images (level ``scoring.ci``)."""
+        return self.scores.iis_ci
+
+    @property
+    def iis_chance_corrected(self) -> float:
+        """The IIS with ``(A(s) - 1/K) / (A_std - 1/K)`` (NaN at chance)."""
+        return self.scores.iis_chance_corrected
+
+    @property
+    def accuracy_linear_probe(self) -> float:
+        """``A_std``, test accuracy of the selected probe (mean over seeds)."""
+        return self.scores.accuracy_linear_probe
+
+    @property
+    def converged(self) -> bool:
+        """convex: every head certified (gradient within the tolerance); adam: the probe is within 0.5
+        point of the L-BFGS reference and the IIS did not move between half and the full budget."""
+        return self.scores.converged
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Every number of :attr:`scores` as a dict (the row of ``iis_scores.csv``)."""
+        return self.scores.to_dict()
 
 
 def _split(name: str, pair: Any) -> Split:
@@ -104,52 +126,39 @@ def interpretability_score(
     concepts: Any,
     *,
     m: int | None = None,
-    concept_seed: int = 0,
+    concept_seed: int | None = None,
     num_classes: int | None = None,
-    sweep_config: SweepConfig | None = None,
-    n_boot: int = 1000,
-    ci: float = 0.95,
+    sweep_config: SweepConfig | Mapping[str, Any] | None = None,
+    scoring: ScoringParams | Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> ScoreReport:
     """IIS of a representation given its features, with interval, curve and convergence record.
 
+    The same calls as the pipeline's for one representation (:func:`~iis_study.core.study.train_splits`,
+    :func:`~iis_study.core.study.reference_for_splits`, :func:`~iis_study.core.study.score_representation`),
+    with the same defaults (the ``sweep`` and ``scoring`` blocks), so the report holds the same fields.
+
     Args:
-        train, val, test: ``(features (N, D), integer labels (N,))``; heads are trained on train,
-            epoch and learning rate chosen on val, accuracy reported on test.
+        train, val, test: ``(features (N, D), integer labels (N,))``; heads are fitted on train, the L2
+            strength (convex) or the epoch and learning rate (adam) chosen on val, accuracy reported on test.
         concepts: ``(M, D)`` concept vectors (rows are L2-normalised here), or
             ``("prototype", element_embeddings)`` / ``("cluster", element_embeddings)`` with ``m``.
-        train, val, test: heads are fitted on train, the L2 strength (convex) or the epoch and
-            learning rate (adam) chosen on val, accuracy reported on test.
+        concept_seed: the prototype sample / KMeans seed (default: the ``concepts`` block's ``seed``).
         num_classes: K (default: the largest label + 1).
-        sweep_config: the estimator and its grid (default: the study's, the convex heads).
-        n_boot, ci: the bootstrap over test images.
+        sweep_config: the estimator and its grid (a ``SweepConfig`` or a ``sweep`` block; default: the study's,
+            the convex heads).
+        scoring: the bootstrap over test images (a ``ScoringParams`` or a ``scoring`` block: ``n_boot``,
+            ``seed``, ``ci``; default: the study's).
     """
     splits = {name: _split(name, pair) for name, pair in (("train", train), ("val", val), ("test", test))}
     dims = {s.x.shape[1] for s in splits.values()}
     if len(dims) != 1:
         raise ValueError(f"train, val and test features must have the same dimension, got {sorted(dims)}")
     k = int(num_classes) if num_classes is not None else int(max(int(s.y.max()) for s in splits.values())) + 1
+    (concept_seed,) = block_values(ConceptParams, seed=concept_seed)
     space = _concept_space(concepts, m, concept_seed)
     space.validate(dims.pop())
-    cfg = sweep_config or SweepConfig()
-    result = fit_heads(splits["train"], splits["val"], splits["test"], {"concepts": space}, k, cfg, progress=progress)
-    result = result["concepts"]
-    ref = reference_probe(*((s.x, s.y) for s in splits.values()), num_classes=k)
-    summary, curve = score_representation(result, ref.to_dict(), ScoringParams(n_boot=n_boot, ci=ci))
-    record_keys = ("estimator", "probe_converged", "heads_converged", "certified", "max_grad", "max_grad_all",
-                   "iterations", "tolerance", "uncertified", "probe_val_acc", "reference_val_acc",
-                   "reference_test_acc", "reference_c", "steps", "batch_size", "epochs", "budget_delta",
-                   "budget_delta_ci_low", "budget_delta_ci_high", "iis_half_budget", "budget_converged",
-                   "probe_gap", "flat_end", "max_gain_selected", "n_rising", "n_heads")
-    record = {key: summary[key] for key in record_keys if key in summary}
-    return ScoreReport(
-        iis=summary["iis"],
-        iis_ci=(summary["iis_ci_low"], summary["iis_ci_high"]),
-        iis_chance_corrected=summary["iis_chance_corrected"],
-        accuracy_linear_probe=summary["accuracy_linear_probe"],
-        converged=bool(record["probe_converged"] and record["heads_converged"]),
-        convergence=record,
-        curve=curve,
-        summary=summary,
-        result=result,
-    )
+    results, _ = study.train_splits(splits, k, sweep_config, {"concepts": space}, progress=progress)
+    reference = study.reference_for_splits(splits, k)
+    scores, curve = study.score_representation(results["concepts"], reference, scoring)
+    return ScoreReport(scores=scores, curve=curve, result=results["concepts"])

@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .config import ScoringParams
+from .params import block_values
 from .scores import DEFAULT_SPARSITIES, _iis_per_seed
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class ReferenceProbe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> ReferenceProbe:
+        return cls(**record)
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -236,9 +242,9 @@ def budget_check(
     full: np.ndarray,
     half: np.ndarray,
     sparsities: Sequence[float],
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    ci: float | None = None,
     margin: float = BUDGET_MARGIN,
 ) -> dict:
     """Would half the budget have reported another score? (the adam estimator's convergence test)
@@ -249,7 +255,10 @@ def budget_check(
     flagged as still moving (``budget_converged`` false) only when the whole interval lies beyond
     ``±margin``: a trend, not noise. Returns ``iis_half_budget``, ``budget_delta`` (full minus half),
     ``budget_delta_ci_low`` / ``_high``, ``budget_converged``.
+    ``n_boot``, ``seed``, ``ci`` left out: the ``scoring`` block's
+    (:class:`~iis_study.core.config.ScoringParams`).
     """
+    n_boot, seed, ci = block_values(ScoringParams, n_boot=n_boot, seed=seed, ci=ci)
     full = np.asarray(full, dtype=bool)
     half = np.asarray(half, dtype=bool)
     if full.shape != half.shape or full.ndim != 3:

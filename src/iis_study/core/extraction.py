@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,8 @@ import pandas as pd
 import torch
 
 from .backbones import BackboneSpec, build
-from .config import ExtractionParams
+from .concepts import Elements
+from .config import ExtractionParams, backbone_spec
 from .data import SPLITS, ImageSet, array_image_set, check_class_coverage
 from .device import resolve_device
 from .features import (
@@ -44,15 +46,18 @@ def extraction_kwargs(extraction: ExtractionParams, cache: FeatureCache, on_bad_
 
 
 def extract_split_features(
-    spec: BackboneSpec, images: ImageSet, splits: pd.DataFrame, cache: FeatureCache, extraction: ExtractionParams
+    spec: BackboneSpec | Mapping[str, Any], images: ImageSet, splits: pd.DataFrame, cache: FeatureCache,
+    extraction: ExtractionParams,
 ) -> tuple[FeatureSet, dict[str, Any]]:
     """Pooled features of every train/val/test image of the split table, from the cache when present.
+    ``spec``: the representation, or its entry of the expanded ``backbones`` block.
 
     Returns:
         ``features``: the :class:`~iis_study.core.features.FeatureSet` (with ``extraction.storage:
         sharded`` each split's ``x`` is a :class:`~iis_study.core.store.ShardedArray` on disk);
         ``feature_info``: the cache key, weights fingerprint, preprocessing and sizes.
     """
+    spec = spec if isinstance(spec, BackboneSpec) else backbone_spec(spec)
     extraction = ExtractionParams.from_params(extraction)
     sharded = extraction.sharded
     device = resolve_device(extraction.device, "extraction.device")
@@ -122,9 +127,14 @@ def extract_split_features(
 
 
 def embed_elements(
-    spec: BackboneSpec, element_images: np.ndarray, cache: FeatureCache, extraction: ExtractionParams
+    spec: BackboneSpec | Mapping[str, Any], element_images: np.ndarray | Elements, cache: FeatureCache,
+    extraction: ExtractionParams,
 ) -> Embeddings:
-    """Embeddings of the concept elements by the representation (the same code and cache as the features)."""
+    """Embeddings of the concept elements by the representation (the same code and cache as the features).
+    ``spec``: the representation, or its entry of the expanded ``backbones`` block; ``element_images``: the
+    elements' images, or the :class:`~iis_study.core.concepts.Elements` holding them."""
+    spec = spec if isinstance(spec, BackboneSpec) else backbone_spec(spec)
+    element_images = element_images.images if isinstance(element_images, Elements) else element_images
     extraction = ExtractionParams.from_params(extraction)
     feats, key, _ = cached_features(
         spec,

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from .config import CorrelationParams
+from .params import block_values
 from .scores import _kendall_rows, _pearson_rows, _percentile_interval, _validate_boot, paired
 
 logger = logging.getLogger(__name__)
@@ -97,16 +99,20 @@ def correlate_across(
     x: Sequence[float],
     y: Sequence[float],
     families: Sequence[Any] | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    ci: float = 0.95,
+    n_boot: int | None = None,
+    seed: int | None = None,
+    ci: float | None = None,
 ) -> dict[str, Any]:
     """Correlation of paired values across representations, inference as the study allows.
 
     Returns ``{method: {"r", "p", "p_perm", "ci_low", "ci_high"}, "n", "n_clusters", "interval"}``;
     ``interval`` says how the interval was made: ``"bootstrap over representations"``, ``"bootstrap over
     families"`` (when some family holds more than one representation: whole families are resampled), or
-    ``"too few representations"`` (fewer than 5 units to resample; ``ci_low`` / ``ci_high`` are NaN)."""
+    ``"too few representations"`` (fewer than 5 units to resample; ``ci_low`` / ``ci_high`` are NaN).
+    ``n_boot``, ``seed``, ``ci`` left out: the ``correlation`` block's
+    (:class:`~iis_study.core.config.CorrelationParams`).
+    """
+    n_boot, seed, ci = block_values(CorrelationParams, n_boot=n_boot, seed=seed, ci=ci)
     _validate_boot(n_boot, ci)
     xa, ya = paired(x, y)
     n = int(xa.size)

@@ -100,6 +100,13 @@ class Params:
 # -- checks shared by the blocks -----------------------------------------------------------------
 
 
+def block_values(cls: type[Params], **values: Any) -> tuple[Any, ...]:
+    """The given fields of block ``cls``, each left out (``None``) taking the block's default, in the
+    order given: the one place a core function's optional settings get their defaults."""
+    default = cls()
+    return tuple(getattr(default, name) if value is None else value for name, value in values.items())
+
+
 def check_int(value: Any, where: str, lo: int | None = None) -> None:
     """An integer (not a bool), at least ``lo``."""
     if not isinstance(value, int) or isinstance(value, bool) or (lo is not None and value < lo):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from .features import FeatureSet
 from .heads import SweepResult
 from .inference import correlate_across, ranking_stability
 from .nulls import NULL_KINDS
+from .results import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -62,24 +63,27 @@ INTEGER_COLUMNS = ["n_draws", "n_seeds", "n_test", "n_boot", "iterations", "step
 
 
 def collect_scores(
-    backbones: dict[str, Any], concepts: ConceptParams, results: Mapping[str, Any]
+    backbones: dict[str, Any], concepts: ConceptParams, results: Sequence[Scores | pd.DataFrame]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One table of scores and one long table of curves over all representations and concept types.
 
-    ``results`` holds, by catalog name, every ``<backbone>.scores_<type>`` (a scores record) and
-    ``<backbone>.curve_<type>`` (a curve table), for each representation of ``backbones`` and each
-    type of ``concepts.types`` (rows in that order).
+    ``results``: for each representation of ``backbones`` and, within it, each type of ``concepts.types``
+    (rows in that order), its :class:`~iis_study.core.results.Scores` and its curve table, one after the other.
     """
     concepts = ConceptParams.from_params(concepts)
-    expected = [f"{name}.{what}_{ctype}" for name in backbones for ctype in concepts.types for what in ("scores", "curve")]
-    missing = [k for k in expected if k not in results]
-    if missing:
-        raise ValueError(f"collect_scores: missing inputs {missing}")
+    pairs = [(name, ctype) for name in backbones for ctype in concepts.types]
+    if len(results) != 2 * len(pairs):
+        raise ValueError(
+            f"collect_scores: {len(results)} inputs for {len(pairs)} (representation, concept type) pairs; "
+            "each needs its scores and its curve"
+        )
+    by_pair = {pair: (results[2 * i], results[2 * i + 1]) for i, pair in enumerate(pairs)}
     rows, curves = [], []
     for name, entry in backbones.items():
         rep = backbone_fields(entry)
         for ctype in concepts.types:
-            scores, curve = results[f"{name}.scores_{ctype}"], results[f"{name}.curve_{ctype}"]
+            scores, curve = by_pair[name, ctype]
+            scores = scores.to_dict() if isinstance(scores, Scores) else dict(scores)
             rows.append(
                 {
                     "backbone": name,

@@ -21,12 +21,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .config import CorrelationParams, ScoringParams
+from .heads.datatypes import SweepConfig
+from .params import block_values
+
 if TYPE_CHECKING:  # pragma: no cover
     from iis_study.core.heads import SweepResult
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+DEFAULT_SPARSITIES = SweepConfig.sparsities  # the sweep block's grid
 _BOOT_CHUNK_ELEMS = 20_000_000  # bound on replicate-by-sample (or pair-by-pair) work arrays
 
 
@@ -142,7 +146,7 @@ def _bootstrap_iis(correct: np.ndarray, s: np.ndarray, n_boot: int, rng: np.rand
 
 
 def score_sweep(
-    result: SweepResult, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+    result: SweepResult, n_boot: int | None = None, seed: int | None = None, ci: float | None = None
 ) -> tuple[dict, pd.DataFrame]:
     """IIS of a sweep: point estimates over seeds and a bootstrap interval over test samples.
 
@@ -153,8 +157,10 @@ def score_sweep(
     samples of the seed-mean IIS, ``n_boot`` replicates, level ``ci``);
     ``iis_chance_corrected`` (mean over seeds; NaN where ``A_std <= 1/K``) and its
     ``_std``; ``n_seeds``, ``n_test``, ``n_boot``, ``ci``. ``curve`` has one row per
-    seed x sparsity: seed, sparsity, accuracy, arr, arr_chance_corrected.
+    seed x sparsity: seed, sparsity, accuracy, arr, arr_chance_corrected. ``n_boot``, ``seed``, ``ci``
+    left out: the ``scoring`` block's (:class:`~iis_study.core.config.ScoringParams`).
     """
+    n_boot, seed, ci = block_values(ScoringParams, n_boot=n_boot, seed=seed, ci=ci)
     _validate_boot(n_boot, ci)
     correct = np.asarray(result.test_correct, dtype=bool)
     sparsities = np.asarray(result.config.sparsities, dtype=float)
@@ -274,7 +280,8 @@ def paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarr
 
 
 def correlate(
-    x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0, ci: float = 0.95
+    x: Sequence[float], y: Sequence[float], n_boot: int | None = None, seed: int | None = None,
+    ci: float | None = None,
 ) -> dict:
     """Pearson, Spearman and Kendall (tau-b) correlation of paired values, with
     percentile bootstrap intervals over the pairs (resampled with replacement;
@@ -282,8 +289,10 @@ def correlate(
 
     Returns ``{"pearson": {"r", "p", "ci_low", "ci_high"}, "spearman": {...},
     "kendall": {...}, "n": n}``. With fewer than 3 pairs, or constant x or y, every
-    value is NaN and a warning is logged (no exception).
+    value is NaN and a warning is logged (no exception). ``n_boot``, ``seed``, ``ci`` left out: the
+    ``correlation`` block's (:class:`~iis_study.core.config.CorrelationParams`).
     """
+    n_boot, seed, ci = block_values(CorrelationParams, n_boot=n_boot, seed=seed, ci=ci)
     _validate_boot(n_boot, ci)
     xa, ya = paired(x, y)
     n = int(xa.size)

@@ -17,11 +17,12 @@ import pandas as pd
 from .acquisition import ConceptSet
 from .calibration import DrawResults, calibrated_scores
 from .config import ScoringParams, sweep_config
-from .convergence import budget_check, convergence_report, reference_probe
+from .convergence import ReferenceProbe, budget_check, convergence_report, reference_probe
 from .data import SPLITS
 from .features import FeatureSet
 from .heads import ConceptSpace, Split, SweepConfig, SweepResult, fit_heads
 from .nulls import ConceptDraws
+from .results import Scores
 from .scores import plain_scores, score_sweep
 
 logger = logging.getLogger(__name__)
@@ -35,23 +36,32 @@ def feature_splits(features: FeatureSet) -> dict[str, Split]:
 def train_representation(
     features: FeatureSet, feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepConfig,
     concepts: Mapping[str, ConceptSet], draws: ConceptDraws | None = None,
+) -> tuple[SweepResult | DrawResults, ...]:
+    """:func:`train_splits` on a representation's features and its concept sets (the pipeline's
+    ``train_interpreters``): the :class:`SweepResult` of each concept type of ``concepts``, the types in sorted
+    order (whatever order the keywords came in), then the :class:`DrawResults` of each, in the same order."""
+    spaces = {ctype: concept_set.space for ctype, concept_set in concepts.items()}
+    num_classes = int(feature_info["num_classes"])
+    sweeps, draw_results = train_splits(feature_splits(features), num_classes, sweep, spaces, draws)
+    return (*(sweeps[t] for t in sorted(spaces)), *(draw_results[t] for t in sorted(spaces)))
+
+
+def train_splits(
+    splits: Mapping[str, Split], num_classes: int, sweep: Mapping[str, Any] | SweepConfig | None,
+    spaces: Mapping[str, ConceptSpace], draws: ConceptDraws | None = None, progress: bool = True,
 ) -> tuple[dict[str, SweepResult], dict[str, DrawResults]]:
-    """Fit the linear probe and, for every concept type given by keyword, every interpretation head
+    """Fit the linear probe and, for every concept space given by name, every interpretation head
     of the grid together, as one batched computation (the probe once, shared by the concept types),
     by ``sweep.estimator`` (:func:`~iis_study.core.heads.fit_heads`): ``convex``, every head solved to
     a certified optimum, the L2 strength selected on val; or ``adam``, the sparsity x learning-rate x
     seed grid trained together, epoch and learning rate selected on val. Test accuracy is reported.
-    ``concepts``: the :class:`~iis_study.core.acquisition.ConceptSet` of each type; ``draws``: the other
-    concept draws and the null concept sets (:mod:`~iis_study.core.nulls`), solved in the same batch.
-    Returns one :class:`SweepResult` per concept type and the :class:`DrawResults` of each type's draws
-    and nulls."""
+    ``draws``: the other concept draws and the null concept sets (:mod:`~iis_study.core.nulls`), solved in
+    the same batch. Returns one :class:`SweepResult` per concept space and the :class:`DrawResults` of each
+    space's draws and nulls. The one path to the heads of the pipeline and of :mod:`~iis_study.core.api`."""
     cfg = sweep_config(sweep)
-    spaces = {ctype: concept_set.space for ctype, concept_set in concepts.items()}
     extra = {name: ConceptSpace(kind="vectors", vectors=v) for name, v in (draws.vectors if draws else {}).items()}
-    splits = feature_splits(features)
     for space in spaces.values():
         space.validate(splits["train"].x.shape[1])
-    num_classes = int(feature_info["num_classes"])
     grid = (f"{len(cfg.l2_grid)} L2 strengths" if cfg.estimator == "convex"
             else f"{len(cfg.learning_rates)} learning rates x {len(cfg.seeds)} seeds")
     logger.info(
@@ -62,7 +72,8 @@ def train_representation(
         len(cfg.sparsities),
         grid,
     )
-    results = fit_heads(splits["train"], splits["val"], splits["test"], {**spaces, **extra}, num_classes, cfg)
+    results = fit_heads(splits["train"], splits["val"], splits["test"], {**spaces, **extra}, num_classes, cfg,
+                        progress=progress)
     draw_results = {}
     for ctype in spaces:
         names = draws.names(ctype) if draws else []
@@ -76,20 +87,25 @@ def train_representation(
     return {ctype: results[ctype] for ctype in spaces}, draw_results
 
 
-def fit_reference(features: FeatureSet, feature_info: dict[str, Any]) -> dict[str, Any]:
+def fit_reference(features: FeatureSet, feature_info: dict[str, Any]) -> ReferenceProbe:
+    """:func:`reference_for_splits` on a representation's features (the pipeline's ``fit_reference_probe``)."""
+    return reference_for_splits(feature_splits(features), int(feature_info["num_classes"]))
+
+
+def reference_for_splits(splits: Mapping[str, Split], num_classes: int) -> ReferenceProbe:
     """The converged reference for the probe: full-batch L-BFGS logistic regression on the same
     features, its L2 strength selected on val (METHOD §4, "Budget and convergence")."""
-    splits = [(features.split(s).x, features.split(s).y) for s in SPLITS]
-    ref = reference_probe(*splits, num_classes=int(feature_info["num_classes"]))
+    ref = reference_probe(*((splits[s].x, splits[s].y) for s in SPLITS), num_classes=num_classes)
     logger.info(
         "reference probe (L-BFGS, C = %g): val %.4f, test %.4f", ref.c, ref.val_acc, ref.test_acc
     )
-    return ref.to_dict()
+    return ref
 
 
 def score_representation(
-    result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams, draws: DrawResults | None = None
-) -> tuple[dict[str, Any], pd.DataFrame]:
+    result: SweepResult, probe_reference: ReferenceProbe, scoring: ScoringParams | Mapping[str, Any] | None = None,
+    draws: DrawResults | None = None,
+) -> tuple[Scores, pd.DataFrame]:
     """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s), with the
     training budget and the convergence record (probe against its reference, flat val curves).
 
@@ -99,7 +115,7 @@ def score_representation(
     (:func:`~iis_study.core.calibration.calibrated_scores`); ``certified`` then covers every head of every draw
     and null (a set that missed is named in ``uncertified``). The curve, ``max_grad`` and ``iterations`` are
     draw 0's."""
-    scoring = ScoringParams.from_params(scoring)
+    scoring = ScoringParams.from_params(scoring or {})
     scores, curve = score_sweep(result, n_boot=scoring.n_boot, seed=scoring.seed, ci=scoring.ci)
     scores["estimator"] = result.estimator
     if draws is not None and draws.correct:
@@ -134,7 +150,7 @@ def score_representation(
         scores["iis_ci_high"],
         scores["iis_chance_corrected"],
     )
-    return json.loads(json.dumps(scores)), curve
+    return Scores.from_dict(json.loads(json.dumps(scores))), curve
 
 
 def calibration_record(result: SweepResult, draws: DrawResults, scoring: ScoringParams) -> dict[str, Any]:
@@ -160,7 +176,9 @@ def _certified(table: pd.DataFrame, head: str) -> bool:
     return bool((~solved | part["certified"].astype(bool)).all())
 
 
-def convergence_record(result: SweepResult, probe_reference: dict[str, Any], scoring: ScoringParams) -> dict[str, Any]:
+def convergence_record(
+    result: SweepResult, probe_reference: ReferenceProbe, scoring: ScoringParams
+) -> dict[str, Any]:
     """What says that a score came from converged heads (METHOD §4), by estimator.
 
     ``convex``: the certificate (``certified``, the largest final gradient of the selected heads
@@ -173,9 +191,9 @@ def convergence_record(result: SweepResult, probe_reference: dict[str, Any], sco
     """
     ref = probe_reference
     out: dict[str, Any] = {
-        "reference_val_acc": float(ref["val_acc"]),
-        "reference_test_acc": float(ref["test_acc"]),
-        "reference_c": float(ref["c"]),
+        "reference_val_acc": float(ref.val_acc),
+        "reference_test_acc": float(ref.test_acc),
+        "reference_c": float(ref.c),
     }
     probe_sel = result.selected[result.selected["head"] == "probe"]
     out["probe_val_acc"] = float(probe_sel["val_acc"].mean())

@@ -14,7 +14,7 @@ import pandas as pd
 from iis_study.core import acquisition
 from iis_study.core.acquisition import ConceptSet
 from iis_study.core.concepts import Elements
-from iis_study.core.config import ConceptParams, ExtractionParams, backbone_spec
+from iis_study.core.config import ConceptParams, ExtractionParams
 from iis_study.core.data import ImageSet
 from iis_study.core.extraction import embed_elements
 from iis_study.core.nulls import ConceptDraws
@@ -34,8 +34,8 @@ def build_concept_elements(sources: pd.DataFrame, images: ImageSet, concepts: Co
 def embed_concept_elements(
     elements: Elements, feature_cache: FeatureCache, backbone: dict[str, Any], extraction: ExtractionParams
 ) -> Embeddings:
-    """Embeddings of the concept elements by the representation (same code and cache as the features)."""
-    return embed_elements(backbone_spec(backbone), elements.images, feature_cache, extraction)
+    """The concept elements embedded by the representation: :func:`~iis_study.core.extraction.embed_elements`."""
+    return embed_elements(backbone, elements, feature_cache, extraction)
 
 
 def prototype_concepts(element_embeddings: Embeddings, concepts: ConceptParams) -> ConceptSet:

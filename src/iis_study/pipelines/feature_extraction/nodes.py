@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from iis_study.core.config import ExtractionParams, backbone_spec
+from iis_study.core.config import ExtractionParams
 from iis_study.core.data import ImageSet
 from iis_study.core.extraction import extract_split_features
 from iis_study.core.features import FeatureCache, FeatureSet
@@ -29,4 +29,4 @@ def extract_features(
         ``index``; with ``extraction.storage: sharded`` each ``x`` is on disk);
         ``feature_info``: the cache key, weights fingerprint, preprocessing and sizes.
     """
-    return extract_split_features(backbone_spec(backbone), images, splits, feature_cache, extraction)
+    return extract_split_features(backbone, images, splits, feature_cache, extraction)

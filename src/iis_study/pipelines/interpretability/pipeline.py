@@ -22,7 +22,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
                 "concept_draws": "concept_draws",
                 **{ctype: f"concepts_{ctype}" for ctype in types},
             },
-            {**{f"sweep_{t}": f"sweep_{t}" for t in types}, **{f"draws_{t}": f"draws_{t}" for t in types}},
+            [*(f"sweep_{t}" for t in sorted(types)), *(f"draws_{t}" for t in sorted(types))],  # as it returns them
             name="train_interpreters",
         ),
     ]

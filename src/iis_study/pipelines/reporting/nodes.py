@@ -14,13 +14,13 @@ from iis_study.core.config import ConceptParams, CorrelationParams, GalleryParam
 from iis_study.core.data import ImageSet
 from iis_study.core.features import FeatureSet
 from iis_study.core.heads import SweepResult
+from iis_study.core.results import Scores
 
 
 def collect_scores(
-    backbones: dict[str, Any], concepts: ConceptParams, **results: Any
+    backbones: dict[str, Any], concepts: ConceptParams, *results: Scores | pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One table of scores and one long table of curves over all representations and concept types;
-    ``results``: every ``<backbone>.scores_<type>`` and ``<backbone>.curve_<type>``, by name."""
+    """The study's score and curve tables: :func:`~iis_study.core.reporting.collect_scores`."""
     return reporting.collect_scores(backbones, concepts, results)
 
 

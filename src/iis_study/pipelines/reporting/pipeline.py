@@ -44,17 +44,14 @@ def create_pipeline(
 ) -> Pipeline:
     """Gather ``<backbone>.scores_<type>`` / ``curve_<type>`` into the study's tables, correlate, plot."""
     backbones, concept_types = list(backbones), list(concept_types)
-    results = {
-        f"{name}.{what}_{ctype}": f"{name}.{what}_{ctype}"
-        for name in backbones
-        for ctype in concept_types
-        for what in ("scores", "curve")
-    }
+    results = [  # in the order collect_scores reads them: representation, concept type, scores then curve
+        f"{name}.{what}_{ctype}" for name in backbones for ctype in concept_types for what in ("scores", "curve")
+    ]
     study = Pipeline(
         [
             node(
                 collect_scores,
-                {"backbones": "params:backbones", "concepts": "params:concepts", **results},
+                ["params:backbones", "params:concepts", *results],
                 ["iis_scores", "sparsity_curves"],
                 name="collect_scores",
             ),
