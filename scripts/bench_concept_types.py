@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, sweep, sweep_many
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, sweep, sweep_many
 
 
 def make_data(n: tuple[int, int, int], dim: int, classes: int, seed: int = 0) -> tuple[Split, Split, Split]:
@@ -71,11 +71,11 @@ def main() -> None:
         for t in range(args.types)
     }
     data = (train, val, test)
-    warm = SweepConfig(steps=16, seeds=(0,))
+    warm = SweepParams(steps=16, seeds=(0,))
     sweep_many(*data, spaces, 10, warm, progress=False)
     sweep(*data, next(iter(spaces.values())), 10, warm, progress=False)
 
-    cfg = SweepConfig(steps=args.steps, seeds=tuple(range(args.seeds)))
+    cfg = SweepParams(steps=args.steps, seeds=tuple(range(args.seeds)))
     t0 = time.perf_counter()
     apart = {name: sweep(*data, space, 10, cfg, progress=False) for name, space in spaces.items()}
     t_apart = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, fit_heads
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, fit_heads
 from iis_study.core.scores import score_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def main() -> None:
     inputs = None if args.synthetic else _study_inputs(args.backbone)
     source = f"default study, {args.backbone}" if inputs is not None else "synthetic (same shape)"
     splits, concepts, k = inputs if inputs is not None else _synthetic()
-    base = SweepConfig()
+    base = SweepParams()
     import logging
 
     logging.disable(logging.WARNING)  # the warm-up's heads are uncertified on purpose

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench_estimators import _study_inputs
 
-from iis_study.core.heads import ConceptSpace, SweepConfig, fit_heads
+from iis_study.core.heads import ConceptSpace, SweepParams, fit_heads
 from iis_study.datasets import TensorDictDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def main() -> None:
     splits, concepts, k = inputs
     draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
     every = {**concepts, **{n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}}
-    cfg = replace(SweepConfig(), device="cpu")
+    cfg = replace(SweepParams(), device="cpu")
     times = {}
     for name, sets in (("study's concept sets", concepts), ("with draws and nulls", every)):
         start = time.perf_counter()

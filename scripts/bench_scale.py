@@ -57,7 +57,7 @@ def _run_sweep(data: Path, epochs: int, in_memory: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from iis_study.core.heads import ConceptSpace, Split, SweepConfig, sweep
+    from iis_study.core.heads import ConceptSpace, Split, SweepParams, sweep
     from iis_study.core.store import ShardedArray
 
     def split(name: str) -> Split:
@@ -70,7 +70,7 @@ def _run_sweep(data: Path, epochs: int, in_memory: bool) -> dict:
     # prototype-like concepts: embeddings of random val samples
     vectors = F.normalize(val.x[torch.randperm(len(val.y), generator=g)[:CONCEPTS]], dim=1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cfg = SweepConfig(seeds=(0,), epochs=epochs, batch_size=1024)
+    cfg = SweepParams(seeds=(0,), epochs=epochs, batch_size=1024)
     t0 = time.perf_counter()
     result = sweep(train, val, test, ConceptSpace("vectors", vectors=vectors), CLASSES, cfg, progress=False)
     elapsed = time.perf_counter() - t0

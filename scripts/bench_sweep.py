@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from iis_study.core.heads import batched as heads_batched
 from iis_study.core.heads import reference as heads_reference
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, sweep, train_single_head
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, sweep, train_single_head
 
 logger = logging.getLogger("bench_sweep")
 
@@ -99,7 +99,7 @@ class HeadRun:
 
 
 def run_batched(
-    data, concepts: ConceptSpace, cfg: SweepConfig, classes: int, table_csv: str | None = None
+    data, concepts: ConceptSpace, cfg: SweepParams, classes: int, table_csv: str | None = None
 ) -> tuple[float, dict[HeadKey, HeadRun]]:
     train, val, test = data
     t0 = time.perf_counter()
@@ -121,7 +121,7 @@ def run_batched(
 
 
 def run_baseline(
-    data, concepts: ConceptSpace, cfg: SweepConfig, classes: int
+    data, concepts: ConceptSpace, cfg: SweepParams, classes: int
 ) -> tuple[float, dict[HeadKey, HeadRun]]:
     train, val, test = data
     heads = [("probe", s, None, lr) for s in cfg.seeds for lr in cfg.learning_rates]
@@ -247,10 +247,10 @@ def main() -> None:
 
     sizes = QUICK if args.quick else SMALL if args.small else FULL
     epochs = args.epochs or sizes.epochs
-    # budget_rule: SweepConfig's defaults (at least 4,000 steps, >= 16 batches per epoch); otherwise
+    # budget_rule: SweepParams's defaults (at least 4,000 steps, >= 16 batches per epoch); otherwise
     # exactly batch 1024 x `epochs` (steps=1 and one batch per epoch are always met)
     rule = {} if sizes.budget_rule else {"steps": 1, "min_batches_per_epoch": 1}
-    cfg = SweepConfig(seeds=tuple(range(args.seeds)), epochs=epochs, batch_size=1024, device=args.device, **rule)
+    cfg = SweepParams(seeds=tuple(range(args.seeds)), epochs=epochs, batch_size=1024, device=args.device, **rule)
     budget = cfg.plan(sizes.n_train)
     train, val, test, vectors = make_data(sizes, concepts=args.concepts)
     concepts = ConceptSpace("vectors", vectors=vectors)
@@ -279,7 +279,7 @@ def main() -> None:
     # tiny run of both methods and both timed warm
     t_cold, cold = run_batched(data, concepts, cfg, sizes.classes)
     tiny = make_data(QUICK)
-    tiny_cfg = SweepConfig(seeds=(0,), epochs=1, batch_size=256, device=args.device, steps=1, min_batches_per_epoch=1)
+    tiny_cfg = SweepParams(seeds=(0,), epochs=1, batch_size=256, device=args.device, steps=1, min_batches_per_epoch=1)
     sweep(*tiny[:3], ConceptSpace("vectors", vectors=tiny[3]), QUICK.classes, tiny_cfg, progress=False)
     train_single_head(
         *tiny[:3], ConceptSpace("vectors", vectors=tiny[3]), QUICK.classes,

@@ -12,7 +12,7 @@ import argparse
 import time
 
 from iis_study.core.convergence import convergence_report, reference_probe
-from iis_study.core.heads import Split, SweepConfig, sweep
+from iis_study.core.heads import Split, SweepParams, sweep
 from iis_study.core.scores import score_sweep
 from iis_study.datasets import TensorDictDataset
 from iis_study.core.acquisition import ConceptSet
@@ -42,7 +42,7 @@ def main() -> None:
         budgets = [(int(s), int(b)) for b in args.min_batches.split(",") for s in args.steps.split(",")]
         for steps, min_batches in budgets:
             t = time.time()
-            cfg = SweepConfig(steps=steps, seeds=seeds, min_batches_per_epoch=min_batches)
+            cfg = SweepParams(steps=steps, seeds=seeds, min_batches_per_epoch=min_batches)
             r = sweep(sp["train"], sp["val"], sp["test"], c.space, int(sp["train"].y.max()) + 1,
                       cfg, progress=False)
             dt = time.time() - t

@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iis_study.core.backbones import BackboneSpec
+from iis_study.core.backbones import BackboneParams
 from iis_study.core.concepts import patch_elements, prototype_indices
 from iis_study.core.data import ImageSet, load_dataset, stratified_split
-from iis_study.core.finetune import FinetuneConfig, finetune, list_checkpoints, prototype_images
-from iis_study.core.heads import SweepConfig
+from iis_study.core.finetune import FineTuningTrainParams, finetune, list_checkpoints, prototype_images
+from iis_study.core.heads import SweepParams
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
@@ -130,15 +130,15 @@ def main() -> None:
     elements = prototype_images(elements, prototype_indices(len(elements), args.m, 0))  # M prototypes, seed 0
     logger.info("splits %s, %d prototype elements, %d classes",
                 {k: len(v) for k, v in images.items()}, len(elements), num_classes)
-    spec = BackboneSpec(
+    spec = BackboneParams(
         name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=args.input_size
     )
-    sweep_cfg = SweepConfig(seeds=tuple(args.sweep_seeds), epochs=args.sweep_epochs, batch_size=1024)
+    sweep_cfg = SweepParams(seeds=tuple(args.sweep_seeds), epochs=args.sweep_epochs, batch_size=1024)
     out = Path(args.out)
     rows = []
     for lam in args.lams:
         for seed in args.seeds:
-            cfg = FinetuneConfig(
+            cfg = FineTuningTrainParams(
                 lam=lam, sparsity=args.sparsity, epochs=args.epochs, batch_size=args.batch_size,
                 lr_backbone=args.lr_backbone, lr_heads=args.lr_heads, bn_mode=args.bn_mode, seed=seed,
                 num_workers=args.workers, eval_epochs=(0, args.epochs),

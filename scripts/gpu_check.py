@@ -96,8 +96,8 @@ def main() -> None:
     split = lambda a, b: H.Split(x=x[a:b].contiguous(), y=y[a:b].contiguous())  # noqa: E731
     train, val, test = split(0, int(0.8 * n)), split(int(0.8 * n), int(0.9 * n)), split(int(0.9 * n), n)
     vecs = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
-    cfg = H.SweepConfig(device=DEV)
-    H.sweep(train, val, test, H.ConceptSpace("vectors", vectors=vecs), k, H.SweepConfig(device=DEV, epochs=1), progress=False)
+    cfg = H.SweepParams(device=DEV)
+    H.sweep(train, val, test, H.ConceptSpace("vectors", vectors=vecs), k, H.SweepParams(device=DEV, epochs=1), progress=False)
     _sync()
     t0 = time.perf_counter()
     H.sweep(train, val, test, H.ConceptSpace("vectors", vectors=vecs), k, cfg, progress=False)
@@ -107,7 +107,7 @@ def main() -> None:
     # the convex estimator on the same features: every head certified, one L2 grid, CPU vs CUDA agreement
     space = {"concepts": H.ConceptSpace("vectors", vectors=vecs)}
     t0 = time.perf_counter()
-    res = H.fit_heads(train, val, test, space, k, H.SweepConfig(device=DEV), progress=False)["concepts"]
+    res = H.fit_heads(train, val, test, space, k, H.SweepParams(device=DEV), progress=False)["concepts"]
     _sync()
     rows.append(("convex heads: probe + 8 sparsities x 5 L2 strengths, N=40k, D=1280, M=200, K=100, s",
                  f"{time.perf_counter() - t0:.1f} (certified {res.certificate.certified}, "
@@ -119,22 +119,22 @@ def main() -> None:
     rows.append(("sweep end_to_end (E=2000), same grid, s", f"{time.perf_counter() - t0:.1f}"))
 
     # fine-tuning: one epoch over 2048 images at 224 px, λ = 1 and the λ = 0 control
-    from iis_study.core.backbones import BackboneSpec
-    from iis_study.core.finetune import FinetuneConfig, finetune
+    from iis_study.core.backbones import BackboneParams
+    from iis_study.core.finetune import FineTuningTrainParams, finetune
 
     n_ft = 2048 if DEV == "cuda" else 64
     labels = rng.integers(0, 10, size=n_ft)
     imgs = array_image_set(src[:n_ft], labels=labels)
     parts = {"train": imgs, "val": imgs.subset(range(n_ft // 8)), "test": imgs.subset(range(n_ft // 8, n_ft // 4))}
     elements = np.ascontiguousarray(src[: 200 if DEV == "cuda" else 20, :64, :64])  # the M prototype elements
-    spec = BackboneSpec(name="gpu", model=args.model, weights="random", input_size=args.size)
+    spec = BackboneParams(name="gpu", model=args.model, weights="random", input_size=args.size)
     for lam in (1.0, 0.0):
-        fcfg = FinetuneConfig(lam=lam, epochs=1, batch_size=128 if DEV == "cuda" else 16, device=DEV,
+        fcfg = FineTuningTrainParams(lam=lam, epochs=1, batch_size=128 if DEV == "cuda" else 16, device=DEV,
                               num_workers=args.workers, eval_epochs=())
         with tempfile.TemporaryDirectory() as tmp:
             _sync()
             t0 = time.perf_counter()
-            finetune(spec, parts, elements, fcfg, tmp, H.SweepConfig(device=DEV, epochs=1), 10, progress=False)
+            finetune(spec, parts, elements, fcfg, tmp, H.SweepParams(device=DEV, epochs=1), 10, progress=False)
             _sync()
             dt = time.perf_counter() - t0
         rows.append((f"fine-tuning λ={lam:g}: 1 epoch, {n_ft} imgs, batch 128, bf16 AMP, ms/step (incl. re-embedding, eval)",

@@ -49,7 +49,7 @@ def main() -> None:
     y = torch.randint(0, k_cls, (n,), generator=g)
     vectors = F.normalize(torch.randn(m, d, generator=g), dim=1)
     concepts = H.ConceptSpace("vectors", vectors=vectors)
-    cfg = H.SweepConfig(seeds=(0,), epochs=1, batch_size=bsz)
+    cfg = H.SweepParams(seeds=(0,), epochs=1, batch_size=bsz)
     heads = H._BatchedHeads(concepts, cfg, d, k_cls)
     opt = H._StackedAdam(heads.params, heads.lr_axis(), cfg.learning_rates)
     base = H._precompute_base(x, concepts)

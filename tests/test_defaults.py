@@ -24,8 +24,8 @@ from iis_study.core.config import (
     ScoringParams,
     SplitParams,
 )
-from iis_study.core.data import DatasetSpec
-from iis_study.core.heads import SweepConfig
+from iis_study.core.data import DatasetParams
+from iis_study.core.heads import SweepParams
 from iis_study.core.params import Params
 from tests.kedro_project import ROOT
 
@@ -33,8 +33,8 @@ CONF = ROOT / "conf" / "base"
 
 # block name -> its typed class (as validation.validate_study reads them)
 BLOCKS: dict[str, type[Params]] = {
-    "dataset": DatasetSpec, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
-    "sweep": SweepConfig, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
+    "dataset": DatasetParams, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
+    "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
     "fine_tuning": FineTuningParams,
 }
 # data, not defaults

@@ -25,7 +25,7 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 
 from .core.finetune import CheckpointStore
-from .core.data import DatasetSpec, ImageSet, load_dataset
+from .core.data import DatasetParams, ImageSet, load_dataset
 from .core.features import FeatureCache, load_tensors, save_tensors
 from .core.store import ShardedArray, link_or_copy, open_store
 
@@ -70,7 +70,7 @@ class ImageSetDataset(AbstractDataset[None, ImageSet]):
     folder is an error naming ``dataset.<key>``."""
 
     def __init__(self, dataset: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None):
-        self._spec = DatasetSpec.from_params(dataset or {})
+        self._spec = DatasetParams.from_params(dataset or {})
         self._images: ImageSet | None = None
         self.metadata = metadata
 
@@ -251,7 +251,7 @@ class SweepResultDataset(AbstractDataset):
         self.metadata = metadata
 
     def load(self):
-        from .core.heads import Budget, Certificate, SweepConfig, SweepResult
+        from .core.heads import Budget, Certificate, SweepParams, SweepResult
 
         meta_file = self._path / "meta.json"
         if not meta_file.is_file():
@@ -268,7 +268,7 @@ class SweepResultDataset(AbstractDataset):
         if cert is not None:
             cert = Certificate(**{**cert, "uncertified": tuple(cert.get("uncertified", ()))})
         return SweepResult(
-            config=SweepConfig(**cfg),
+            config=SweepParams(**cfg),
             num_classes=int(meta["num_classes"]),
             m=int(meta["m"]),
             table=pd.read_csv(self._path / "table.csv"),

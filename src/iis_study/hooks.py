@@ -15,17 +15,17 @@ logger = logging.getLogger(__name__)
 
 def mlflow_settings(config_loader: Any) -> dict[str, Any]:
     """The ``tracking`` block of ``conf/<env>/mlflow.yml`` (``enabled``, ``experiment``, ``uri``),
-    checked (:class:`~iis_study.core.config.TrackingSettings`): a misspelt key or a wrong type is an
+    checked (:class:`~iis_study.core.config.TrackingParams`): a misspelt key or a wrong type is an
     error naming the file; a missing file or key takes the defaults."""
     from kedro.config import MissingConfigException
 
-    from .core.config import TrackingSettings
+    from .core.config import TrackingParams
 
     try:
         conf = config_loader["mlflow"]
     except MissingConfigException:  # no mlflow.yml: the defaults apply (a YAML error is raised)
         conf = {}
-    return TrackingSettings.from_params((conf or {}).get("tracking")).to_dict()
+    return TrackingParams.from_params((conf or {}).get("tracking")).to_dict()
 
 
 class StudyConfigHook:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .core.config import ConceptParams, backbone_fields
-from .core.data import DatasetSpec
-from .core.heads import SweepConfig
+from .core.data import DatasetParams
+from .core.heads import SweepParams
 from .core.nulls import NULL_KINDS
 from .core.results import Scores
 
@@ -103,9 +103,9 @@ class StudyTracker:
         from mlflow.tracking import MlflowClient
 
         self.params = params
-        from .core.config import TrackingSettings
+        from .core.config import TrackingParams
 
-        cfg = TrackingSettings.from_params(settings)
+        cfg = TrackingParams.from_params(settings)
         self.uri = tracking_uri(project_path, cfg.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -156,7 +156,7 @@ class StudyTracker:
             others = {k: v for k, v in self.params.items() if k not in ("backbones", "families")}
             self._log_resolved_params(rid, {**others, "backbones": {backbone: spec}})
             rep = backbone_fields(spec)
-            dataset = DatasetSpec.from_params(self.params.get("dataset"))
+            dataset = DatasetParams.from_params(self.params.get("dataset"))
             self._log_params(
                 rid,
                 _flat(
@@ -181,7 +181,7 @@ class StudyTracker:
     def _study_summary(self) -> dict[str, Any]:
         """The concept and sweep settings every run shows as parameters (their typed blocks' values)."""
         concepts = ConceptParams.from_params(self.params.get("concepts"))
-        sweep = SweepConfig.from_params(self.params.get("sweep"))
+        sweep = SweepParams.from_params(self.params.get("sweep"))
         return {
             "concept_types": list(concepts.types),
             "m": concepts.m,

@@ -24,7 +24,7 @@ from .core.config import (
     sweep_config,
 )
 from .core.backbones import PENULTIMATE
-from .core.data import DatasetSpec
+from .core.data import DatasetParams
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
     if "tracking" in params:
         raise ValueError("tracking is not a parameter: MLflow settings live in conf/<env>/mlflow.yml "
                          "(tracking: {enabled, experiment, uri})")
-    dataset = DatasetSpec.from_params(params.get("dataset"))
+    dataset = DatasetParams.from_params(params.get("dataset"))
     if dataset.kind == "imagefolder":
         root = Path(dataset.root).expanduser()
         if not root.is_dir():
@@ -111,8 +111,8 @@ def check_dataset_source(params: dict[str, Any], globals_: dict[str, Any]) -> No
     """The images are read from ``globals.yml``'s ``dataset`` (the ``images`` catalog entry); a ``dataset``
     block set among the parameters instead (``parameters.yml``, ``--params dataset.root=...``) would be
     validated and logged but not read: an error naming where the block belongs."""
-    in_params = DatasetSpec.from_params(params.get("dataset"))
-    in_globals = DatasetSpec.from_params((globals_ or {}).get("dataset"))
+    in_params = DatasetParams.from_params(params.get("dataset"))
+    in_globals = DatasetParams.from_params((globals_ or {}).get("dataset"))
     if in_params != in_globals:
         raise ValueError(
             f"dataset: the parameters say {in_params.to_dict()}, but the images are read from the `dataset` block "

@@ -73,14 +73,14 @@ def test_checkpoint_of_wrong_architecture_is_rejected(tmp_path, lite0):
 
 def test_unknown_name_suggests_close_names():
     with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
-        B.BackboneSpec.from_params("x", {"model": "tf_efficientnet_lite", "weights": "random"})
+        B.BackboneParams.from_params("x", {"model": "tf_efficientnet_lite", "weights": "random"})
 
 
 def test_unavailable_weights_say_how_to_pass_a_checkpoint():
     with pytest.raises(B.WeightsUnavailableError, match="checkpoint"):
-        B.BackboneSpec.from_params("x", {"model": "resnet18", "weights": "offline"})
+        B.BackboneParams.from_params("x", {"model": "resnet18", "weights": "offline"})
     with pytest.raises(B.WeightsUnavailableError, match="does not exist"):
-        B.BackboneSpec.from_params("x", {"model": "resnet18", "weights": "/nope/r18.safetensors"})
+        B.BackboneParams.from_params("x", {"model": "resnet18", "weights": "/nope/r18.safetensors"})
 
 
 def test_hub_failure_is_explained(monkeypatch):
@@ -89,7 +89,7 @@ def test_hub_failure_is_explained(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", boom)
     with pytest.raises(B.WeightsUnavailableError, match="weights: /path/to"):
-        B.create_model(B.BackboneSpec(name="x", model="resnet18", weights="hub"))
+        B.create_model(B.BackboneParams(name="x", model="resnet18", weights="hub"))
 
 
 def test_cache_key_changes_with_weights_and_preprocessing(lite0):

@@ -237,9 +237,9 @@ def test_ranking_stability():
 def _small_sweep():
     from dataclasses import replace
 
-    from iis_study.core.heads import SweepConfig
+    from iis_study.core.heads import SweepParams
 
-    return replace(SweepConfig(), sparsities=(0.0, 0.5, 0.8, 0.9), l2_grid=(1.0, 10.0), device="cpu")
+    return replace(SweepParams(), sparsities=(0.0, 0.5, 0.8, 0.9), l2_grid=(1.0, 10.0), device="cpu")
 
 
 def test_self_test_iis_follows_the_share_and_the_null_does_not():

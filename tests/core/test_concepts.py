@@ -263,14 +263,14 @@ def test_no_empty_end_to_end_concept_at_default_settings() -> None:
     has at least one element at initialisation (300 elements for M = 200 had left ~44 empty)."""
     import yaml
 
-    from iis_study.core.heads import ConceptSpace, SweepConfig, _BatchedHeads
+    from iis_study.core.heads import ConceptSpace, SweepParams, _BatchedHeads
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "base"
     concepts = yaml.safe_load((conf / "parameters_concepts.yml").read_text())["concepts"]
     sweep = yaml.safe_load((conf / "parameters_interpretability.yml").read_text())["sweep"]
     e, m = int(concepts["end_to_end_max_elements"]), int(concepts["m"])
     elements = torch.nn.functional.normalize(torch.randn(e, 16, generator=torch.Generator().manual_seed(0)), dim=1)
-    cfg = SweepConfig(
+    cfg = SweepParams(
         sparsities=tuple(sweep["sparsities"]), learning_rates=tuple(sweep["learning_rates"]), seeds=tuple(sweep["seeds"])
     )
     heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=m), cfg, 16, 10)

@@ -15,16 +15,16 @@ from iis_study.core.config import (
     GalleryParams,
     ScoringParams,
     SplitParams,
-    TrackingSettings,
+    TrackingParams,
 )
-from iis_study.core.data import DatasetSpec
-from iis_study.core.finetune import FinetuneConfig, FineTuningParams
-from iis_study.core.heads import SweepConfig
+from iis_study.core.data import DatasetParams
+from iis_study.core.finetune import FineTuningTrainParams, FineTuningParams
+from iis_study.core.heads import SweepParams
 from tests.kedro_project import ROOT
 
 BLOCKS = {
-    "dataset": DatasetSpec, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
-    "sweep": SweepConfig, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
+    "dataset": DatasetParams, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
+    "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
     "fine_tuning": FineTuningParams,
 }
 
@@ -48,12 +48,12 @@ def test_every_shipped_block_builds_and_survives_pickling(block):
 
 def test_a_key_left_out_takes_the_one_default():
     assert ConceptParams(m=7).segments.n_segments == (10, 20, 30) and ConceptParams(m=7).types == ConceptParams.types
-    assert FineTuningParams(train={"epochs": 1}).train.bn_mode == FinetuneConfig().bn_mode
-    assert FineTuningParams().sweep == SweepConfig()
+    assert FineTuningParams(train={"epochs": 1}).train.bn_mode == FineTuningTrainParams().bn_mode
+    assert FineTuningParams().sweep == SweepParams()
 
 
 @pytest.mark.parametrize("cls,values,message", [
-    (SweepConfig, {"stepz": 5}, r"sweep: unknown key\(s\) \['stepz'\]"),
+    (SweepParams, {"stepz": 5}, r"sweep: unknown key\(s\) \['stepz'\]"),
     (ConceptParams, {"segments": {"n_jobz": 2}}, r"concepts.segments: unknown key\(s\) \['n_jobz'\]"),
     (ConceptParams, {"m": 0}, "concepts.m must be a positive integer"),
     (ConceptParams, {"types": ["prototype", "words"]}, "concepts.types must be a non-empty subset"),
@@ -61,7 +61,7 @@ def test_a_key_left_out_takes_the_one_default():
     (CorrelationParams, {"groups": "families"}, "correlation.groups"),
     (GalleryParams, {"sparsity": 1.0}, "gallery.sparsity"),
     (ScoringParams, {"ci": 1.0}, "scoring.ci"),
-    (TrackingSettings, {"enabeld": True}, r"mlflow.yml: unknown key\(s\) \['enabeld'\] under tracking"),
+    (TrackingParams, {"enabeld": True}, r"mlflow.yml: unknown key\(s\) \['enabeld'\] under tracking"),
     (ExtractionParams, {"cache_dir": "x"}, "feature_cache` catalog entry"),
     (FineTuningParams, {"checkpoint_dir": "x"}, "fine_tuning_checkpoints` catalog entry"),
     (FineTuningParams, {"train": {"lr_heads": -1.0}}, r"fine_tuning\.lr_heads"),
@@ -72,7 +72,7 @@ def test_a_bad_value_names_the_parameter(cls, values, message):
 
 
 def test_yaml_lists_become_tuples_and_blocks_stay_frozen():
-    sweep = SweepConfig(sparsities=[0.0, 0.5], seeds=[1])
+    sweep = SweepParams(sparsities=[0.0, 0.5], seeds=[1])
     assert sweep.sparsities == (0.0, 0.5) and sweep.seeds == (1,)
     with pytest.raises(dataclasses.FrozenInstanceError):
         sweep.steps = 3  # type: ignore[misc]

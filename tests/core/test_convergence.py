@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from iis_study.core.convergence import convergence_report, curve_gains, reference_probe, selection_gains
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, n_dropped, sweep
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, n_dropped, sweep
 
 
 def test_budget_plan_adapts_the_batch_and_spreads_the_decay() -> None:
-    cfg = SweepConfig(steps=4000, epochs=30, batch_size=1024, min_batches_per_epoch=16, gamma=0.99)
+    cfg = SweepParams(steps=4000, epochs=30, batch_size=1024, min_batches_per_epoch=16, gamma=0.99)
     small = cfg.plan(1079)  # the default study
     assert (small.batch_size, small.steps_per_epoch, small.epochs) == (68, 16, 250)
     assert small.steps == 4000
@@ -23,12 +23,12 @@ def test_budget_plan_adapts_the_batch_and_spreads_the_decay() -> None:
     big = cfg.plan(1_281_167)  # ImageNet: the authors' batch and 30 epochs (~37,500 steps) already suffice
     assert (big.batch_size, big.epochs, big.gamma) == (1024, 30, 0.99)
     assert big.steps == 30 * math.ceil(1_281_167 / 1024)
-    tiny = SweepConfig(steps=1, epochs=3, batch_size=64, min_batches_per_epoch=1).plan(50)
+    tiny = SweepParams(steps=1, epochs=3, batch_size=64, min_batches_per_epoch=1).plan(50)
     assert (tiny.batch_size, tiny.epochs, tiny.gamma) == (50, 3, 0.99)
     with pytest.raises(ValueError, match="sweep.steps"):
-        SweepConfig(steps=0).validate()
+        SweepParams(steps=0).validate()
     with pytest.raises(ValueError, match="min_batches_per_epoch"):
-        SweepConfig(min_batches_per_epoch=0).validate()
+        SweepParams(min_batches_per_epoch=0).validate()
 
 
 def _blobs(n: int, d: int, k: int, seed: int, scale: float = 1.0, offset: float = 0.0):
@@ -118,8 +118,8 @@ def test_a_short_budget_is_reported_unconverged_and_a_long_one_converged() -> No
     concepts = ConceptSpace("vectors", vectors=torch.nn.functional.normalize(torch.randn(6, 6), dim=1))
     splits = [Split(*s) for s in (tr, va, te)]
     kw = dict(sparsities=(0.5,), learning_rates=(1e-1,), seeds=(0,), epochs=5, probe_centering=False)
-    short = sweep(*splits, concepts, 3, SweepConfig(steps=1, min_batches_per_epoch=1, **kw), progress=False)
-    long = sweep(*splits, concepts, 3, SweepConfig(steps=1500, **kw), progress=False)
+    short = sweep(*splits, concepts, 3, SweepParams(steps=1, min_batches_per_epoch=1, **kw), progress=False)
+    long = sweep(*splits, concepts, 3, SweepParams(steps=1500, **kw), progress=False)
     r_short = convergence_report(short.selected, short.history, ref.to_dict())
     r_long = convergence_report(long.selected, long.history, ref.to_dict())
     assert short.budget.steps == 5 and long.budget.steps >= 1500

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, convex_many, fit_heads, sparsify
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, convex_many, fit_heads, sparsify
 from iis_study.core.heads.convex import keep_ranks
 from iis_study.core.heads.lbfgs import solve_logistic
 from iis_study.core.scores import score_sweep
@@ -55,7 +55,7 @@ def test_every_convex_head_equals_scikit_learn_at_the_same_c() -> None:
     x[7] = 0.0  # an all-zero feature row: its concept scores are all 0, LN maps them to 0 (an all-zero design row)
     train = Split(x=x, y=train.y)
     grid = (0.1, 1.0, 10.0)
-    cfg = SweepConfig(sparsities=SPARSITIES, l2_grid=grid, tolerance=1e-9, max_iter=5000)
+    cfg = SweepParams(sparsities=SPARSITIES, l2_grid=grid, tolerance=1e-9, max_iter=5000)
     result = convex_many(train, val, test, {"p": space}, k, cfg, progress=False)["p"]
     assert result.certificate.certified
     state_table = result.table
@@ -98,7 +98,7 @@ def result_y(x):  # the labels of _problem's train split
 
 def test_the_selected_heads_are_the_solver_heads_and_selection_is_on_val() -> None:
     train, val, test, space, k = _problem(seed=1)
-    cfg = SweepConfig(sparsities=SPARSITIES, tolerance=1e-8)
+    cfg = SweepParams(sparsities=SPARSITIES, tolerance=1e-8)
     result = convex_many(train, val, test, {"p": space}, k, cfg, progress=False)["p"]
     table, sel = result.table, result.selected
     for _, row in sel.iterrows():
@@ -112,7 +112,7 @@ def test_the_selected_heads_are_the_solver_heads_and_selection_is_on_val() -> No
 
 def test_the_stored_heads_reproduce_the_reported_test_predictions() -> None:
     train, val, test, space, k = _problem(seed=6)
-    result = convex_many(train, val, test, {"p": space}, k, SweepConfig(sparsities=SPARSITIES), progress=False)["p"]
+    result = convex_many(train, val, test, {"p": space}, k, SweepParams(sparsities=SPARSITIES), progress=False)["p"]
     st = result.state
     y = test.y.numpy()
     probe = (test.x.double() @ st["probe.weight"][0].double().T + st["probe.bias"][0].double()).argmax(1).numpy()
@@ -126,7 +126,7 @@ def test_the_stored_heads_reproduce_the_reported_test_predictions() -> None:
 
 def test_a_head_given_too_few_iterations_is_reported_uncertified() -> None:
     train, val, test, space, k = _problem(seed=2)
-    cfg = SweepConfig(sparsities=SPARSITIES, tolerance=1e-8, max_iter=3)
+    cfg = SweepParams(sparsities=SPARSITIES, tolerance=1e-8, max_iter=3)
     result = convex_many(train, val, test, {"p": space}, k, cfg, progress=False)["p"]
     cert = result.certificate
     assert not cert.certified
@@ -139,7 +139,7 @@ def test_the_iis_is_the_same_on_one_and_two_threads() -> None:
     # M = 200 correlated concepts: LAPACK's factorisation of their preconditioners rounds differently on 1 and 2
     # threads unless it runs on one (with that undone, the fitted weights differ here)
     train, val, test, space, k = _problem(n=800, d=64, m=200, k=10, seed=3)
-    cfg = SweepConfig(sparsities=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98))
+    cfg = SweepParams(sparsities=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98))
     before = torch.get_num_threads()
     out = {}
     try:
@@ -169,23 +169,23 @@ def test_end_to_end_concepts_are_refused_by_the_convex_estimator_with_a_clear_er
     train, val, test, _, k = _problem()
     e2e = ConceptSpace("end_to_end", elements=torch.randn(60, train.x.shape[1]), n_concepts=5)
     with pytest.raises(ValueError, match="sweep.estimator: adam"):
-        convex_many(train, val, test, {"e": e2e}, k, SweepConfig(), progress=False)
+        convex_many(train, val, test, {"e": e2e}, k, SweepParams(), progress=False)
 
 
 def test_the_estimator_parameter_is_checked() -> None:
     with pytest.raises(ValueError, match="sweep.estimator"):
-        SweepConfig(estimator="sgd")
+        SweepParams(estimator="sgd")
     with pytest.raises(ValueError, match="sweep.l2_grid"):
-        SweepConfig(l2_grid=(0.0,))
+        SweepParams(l2_grid=(0.0,))
     with pytest.raises(ValueError, match="sweep.tolerance"):
-        SweepConfig(tolerance=0)
+        SweepParams(tolerance=0)
 
 
 def test_a_convex_result_round_trips_through_the_catalog_dataset(tmp_path) -> None:
     from iis_study.datasets import SweepResultDataset
 
     train, val, test, space, k = _problem(seed=4)
-    cfg = SweepConfig(sparsities=SPARSITIES, max_iter=5)
+    cfg = SweepParams(sparsities=SPARSITIES, max_iter=5)
     result = convex_many(train, val, test, {"p": space}, k, cfg, progress=False)["p"]
     ds = SweepResultDataset(str(tmp_path / "sweep"))
     ds.save(result)
@@ -199,8 +199,8 @@ def test_a_convex_result_round_trips_through_the_catalog_dataset(tmp_path) -> No
 
 def test_the_l2_path_rule_stops_a_head_where_val_accuracy_falls() -> None:
     train, val, test, space, k = _problem(seed=5)
-    full = convex_many(train, val, test, {"p": space}, k, SweepConfig(sparsities=SPARSITIES), progress=False)["p"]
-    path = convex_many(train, val, test, {"p": space}, k, SweepConfig(sparsities=SPARSITIES, l2_path=True),
+    full = convex_many(train, val, test, {"p": space}, k, SweepParams(sparsities=SPARSITIES), progress=False)["p"]
+    path = convex_many(train, val, test, {"p": space}, k, SweepParams(sparsities=SPARSITIES, l2_path=True),
                        progress=False)["p"]
     assert full.table["solved"].all()
     early = 0

@@ -6,7 +6,7 @@ from PIL import Image
 
 from iis_study.core.data import (
     BadImageError,
-    DatasetSpec,
+    DatasetParams,
     load_dataset,
     read_image,
     stratified_split,
@@ -83,6 +83,6 @@ def test_unreadable_image_is_named(tmp_path):
 
 def test_spec_rejects_unknown_kind_and_keys():
     with pytest.raises(ValueError, match="dataset.kind"):
-        DatasetSpec.from_params({"kind": "mnist"})
+        DatasetParams.from_params({"kind": "mnist"})
     with pytest.raises(ValueError, match="unknown key"):
-        DatasetSpec.from_params({"kind": "digits", "rooot": "x"})
+        DatasetParams.from_params({"kind": "digits", "rooot": "x"})

@@ -20,15 +20,15 @@ import torch.nn.functional as F
 
 from iis_study.core import finetune as ft
 from iis_study.core.finetune import checkpoints, config, scoring, training
-from iis_study.core.backbones import BackboneSpec, WeightsUnavailableError, build, weights_fingerprint
+from iis_study.core.backbones import BackboneParams, WeightsUnavailableError, build, weights_fingerprint
 from iis_study.core.concepts import patch_elements, prototype_indices
 from iis_study.core.data import load_dataset, stratified_split
 from iis_study.core.features import extract, load_tensors, save_tensors
-from iis_study.core.heads import SweepConfig, n_dropped
+from iis_study.core.heads import SweepParams, n_dropped
 
 NUM_CLASSES = 10
-SPEC = BackboneSpec(name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=32)
-SWEEP = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-1,), seeds=(0,), epochs=10, batch_size=64)
+SPEC = BackboneParams(name="lite0", model="tf_efficientnet_lite0", weights="offline", input_size=32)
+SWEEP = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-1,), seeds=(0,), epochs=10, batch_size=64)
 M = 16  # prototypes drawn from the 40 elements
 BASE = {
     "batch_size": 16, "lr_backbone": 1e-4, "lr_heads": 1e-2,
@@ -74,7 +74,7 @@ def run_lam1(data, tmp_path_factory):
     """λ = 1, 3 epochs, IIS scored at epochs 0 and 3; keeps the in-memory model at the end."""
     images, elements = data
     # channels_last: the resume test then also covers optimiser state stored contiguous
-    cfg = ft.FinetuneConfig(lam=1.0, epochs=3, eval_epochs=(0, 3), **{**BASE, "channels_last": True})
+    cfg = ft.FineTuningTrainParams(lam=1.0, epochs=3, eval_epochs=(0, 3), **{**BASE, "channels_last": True})
     out = tmp_path_factory.mktemp("ft_lam1")
     spy = _Spy(checkpoints.save_backbone)
     with pytest.MonkeyPatch.context() as mp:
@@ -108,26 +108,26 @@ def run_lam1(data, tmp_path_factory):
 def test_bad_config_names_the_parameter(field, value):
     """Checked when built (a typed parameter block), naming ``fine_tuning.<field>``."""
     with pytest.raises(ValueError, match=rf"fine_tuning\.{field}"):
-        ft.FinetuneConfig(**{field: value})
+        ft.FineTuningTrainParams(**{field: value})
 
 
 def test_from_params_rejects_unknown_keys_and_accepts_lists():
-    assert ft.FinetuneConfig.from_params({"epochs": 3, "eval_epochs": [0, 3]}).eval_epochs == (0, 3)
+    assert ft.FineTuningTrainParams.from_params({"epochs": 3, "eval_epochs": [0, 3]}).eval_epochs == (0, 3)
     with pytest.raises(ValueError, match="unknown key"):
-        ft.FinetuneConfig.from_params({"lambda": 1.0})
+        ft.FineTuningTrainParams.from_params({"lambda": 1.0})
 
 
 def test_bad_lambda_is_rejected_by_finetune(data, tmp_path):
     images, elements = data
     with pytest.raises(ValueError, match=r"fine_tuning\.lam"):
-        ft.finetune(SPEC, images, elements, ft.FinetuneConfig(lam=-1.0, **BASE), tmp_path, SWEEP, NUM_CLASSES)
+        ft.finetune(SPEC, images, elements, ft.FineTuningTrainParams(lam=-1.0, **BASE), tmp_path, SWEEP, NUM_CLASSES)
 
 
 def test_unknown_backbone_is_an_error(data, tmp_path):
     images, elements = data
-    spec = BackboneSpec(name="mystery", model="resnet_does_not_exist", weights="random")
+    spec = BackboneParams(name="mystery", model="resnet_does_not_exist", weights="random")
     with pytest.raises(ValueError, match=r"backbones\.mystery\.model"):
-        ft.finetune(spec, images, elements, ft.FinetuneConfig(**BASE), tmp_path, SWEEP, NUM_CLASSES,
+        ft.finetune(spec, images, elements, ft.FineTuningTrainParams(**BASE), tmp_path, SWEEP, NUM_CLASSES,
                     progress=False)
 
 
@@ -138,9 +138,9 @@ def test_wrong_architecture_checkpoint_is_an_error(data, tmp_path):
     other = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     path = tmp_path / "resnet10t.safetensors"
     save_tensors(path, other.state_dict())
-    spec = BackboneSpec(name="lite0", model="tf_efficientnet_lite0", weights=str(path), input_size=32)
+    spec = BackboneParams(name="lite0", model="tf_efficientnet_lite0", weights=str(path), input_size=32)
     with pytest.raises(WeightsUnavailableError, match=r"backbones\.lite0\.weights.*architecture"):
-        ft.finetune(spec, images, elements, ft.FinetuneConfig(**BASE), tmp_path / "ck", SWEEP, NUM_CLASSES,
+        ft.finetune(spec, images, elements, ft.FineTuningTrainParams(**BASE), tmp_path / "ck", SWEEP, NUM_CLASSES,
                     progress=False)
     assert not (tmp_path / "ck").exists()  # nothing written
 
@@ -148,7 +148,7 @@ def test_wrong_architecture_checkpoint_is_an_error(data, tmp_path):
 def test_m_is_not_a_fine_tuning_setting():
     """M and the draw are the study's (concepts.m, concepts.seed): a second default would drift."""
     with pytest.raises(ValueError, match=r"fine_tuning.*\bm\b"):
-        ft.FinetuneConfig.from_params({**BASE, "m": 16})
+        ft.FineTuningTrainParams.from_params({**BASE, "m": 16})
 
 
 @pytest.mark.parametrize(
@@ -209,11 +209,11 @@ def test_bn_modes():
     rep = build(SPEC)
     bns = training._batchnorms(rep.model)
     assert bns
-    training._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="frozen"))
+    training._prepare_backbone(rep.model, ft.FineTuningTrainParams(bn_mode="frozen"))
     training.set_train_mode(rep.model, "frozen")
     assert all(not p.requires_grad for bn in bns for p in bn.parameters())
     assert all(not bn.training for bn in bns) and rep.model.conv_stem.training
-    training._prepare_backbone(rep.model, ft.FinetuneConfig(bn_mode="eval"))
+    training._prepare_backbone(rep.model, ft.FineTuningTrainParams(bn_mode="eval"))
     training.set_train_mode(rep.model, "eval")
     assert all(p.requires_grad for p in rep.model.parameters()) and not any(bn.training for bn in bns)
     training.set_train_mode(rep.model, "train")
@@ -223,7 +223,7 @@ def test_bn_modes():
 def test_interpretation_loss_reaches_the_backbone_and_vanishes_at_lambda_0(data):
     images, elements = data
     rep = build(SPEC)
-    training._prepare_backbone(rep.model, ft.FinetuneConfig(channels_last=False))
+    training._prepare_backbone(rep.model, ft.FineTuningTrainParams(channels_last=False))
     training.set_train_mode(rep.model, "eval")  # BN statistics fixed: repeated forwards are identical
     c = scoring.concept_vectors(rep, elements)
     h_std, h_interp = training.init_heads(rep.dim, 16, NUM_CLASSES, seed=0)
@@ -257,7 +257,7 @@ def test_interpretation_loss_reaches_the_backbone_and_vanishes_at_lambda_0(data)
 # --------------------------------------------------------------------------- λ = 0 control
 
 
-def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
+def _plain_ce_reference(images, cfg: ft.FineTuningTrainParams):
     """Plain cross-entropy fine-tuning of backbone + h_std, from torch primitives."""
     from PIL import Image
 
@@ -304,7 +304,7 @@ def _plain_ce_reference(images, cfg: ft.FinetuneConfig):
 
 def test_lambda_0_is_bit_identical_to_plain_cross_entropy(data, tmp_path):
     images, elements = data
-    cfg = ft.FinetuneConfig(lam=0.0, epochs=1, eval_epochs=(), **BASE)
+    cfg = ft.FineTuningTrainParams(lam=0.0, epochs=1, eval_epochs=(), **BASE)
     history = ft.finetune(SPEC, images, elements, cfg, tmp_path, SWEEP, NUM_CLASSES, progress=False)
     ref_model, ref_head, ref_acc = _plain_ce_reference(images, cfg)
     got, _ = load_tensors(tmp_path / "backbone.safetensors")
@@ -344,7 +344,7 @@ def test_backbone_file_reloads_through_build_with_the_same_features(run_lam1, da
     path = out / "backbone.safetensors"
     rep_mem = build(SPEC)
     rep_mem.model.load_state_dict(model.state_dict())  # the in-memory trained weights, frozen copy
-    reloaded = build(BackboneSpec(name="ft", model=SPEC.model, weights=str(path), input_size=32,
+    reloaded = build(BackboneParams(name="ft", model=SPEC.model, weights=str(path), input_size=32,
                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
     via_helper = build(ft.finetuned_spec(SPEC, out))
     model.eval()
@@ -399,7 +399,7 @@ def test_resume_into_a_folder_of_another_config_is_an_error(run_lam1, data, tmp_
     cfg, out, _, _ = run_lam1
     images, elements = data
     shutil.copy(out / "epoch_001.safetensors", tmp_path)
-    other = ft.FinetuneConfig(**{**cfg.__dict__, "lam": 0.5})
+    other = ft.FineTuningTrainParams(**{**cfg.__dict__, "lam": 0.5})
     with pytest.raises(ValueError, match="another run"):
         ft.finetune(SPEC, images, elements, other, tmp_path, SWEEP, NUM_CLASSES, progress=False)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from iis_study.core.heads import (
     ConceptSpace,
     Split,
-    SweepConfig,
+    SweepParams,
     _BatchedHeads,
     _select_lr,
     _StackedAdam,
@@ -187,7 +187,7 @@ def _assert_matches_reference(result, toy, concepts, cfg, head, seed, lr, sparsi
 
 @pytest.fixture(scope="module")
 def vector_sweep(toy):
-    cfg = SweepConfig(
+    cfg = SweepParams(
         steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-2), seeds=(0, 1), epochs=4, batch_size=64
     )
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
@@ -206,7 +206,7 @@ def test_batched_interp_matches_reference(toy, vector_sweep, sparsity, seed, lr)
 
 
 def test_batched_end_to_end_matches_reference(toy):
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(3,), epochs=3, batch_size=64)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(3,), epochs=3, batch_size=64)
     concepts = ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6)
     result = sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
     _assert_matches_reference(result, toy, concepts, cfg, "interp", seed=3, lr=1e-2, sparsity=0.5)
@@ -221,7 +221,7 @@ def test_batched_projection_matches_reference(toy):
         mean=torch.randn(8, generator=g),
         std=torch.rand(8, generator=g) + 0.5,
     )
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0,), epochs=3, batch_size=64)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0,), epochs=3, batch_size=64)
     result = sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
     _assert_matches_reference(result, toy, concepts, cfg, "interp", seed=0, lr=1e-2, sparsity=0.5)
     assert "interp.ln_weight" not in result.state
@@ -269,7 +269,7 @@ def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
         return original(self, bases)
 
     monkeypatch.setattr(batched._SharedProbe, "_stacked_logits", spy)
-    cfg = SweepConfig(
+    cfg = SweepParams(
         steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-1), seeds=(0, 2), epochs=4, batch_size=64
     )
     data = (toy["train"], toy["val"], toy["test"])
@@ -289,7 +289,7 @@ def test_minibatch_of_one_matches_reference(toy):
     # 129 = 2 * 64 + 1: the last minibatch of every epoch holds a single sample
     train = Split(toy["train"].x[:129], toy["train"].y[:129])
     data = {**toy, "train": train}
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.3,), learning_rates=(1e-2,), seeds=(0,), epochs=3, batch_size=64)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.3,), learning_rates=(1e-2,), seeds=(0,), epochs=3, batch_size=64)
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
     result = sweep(train, toy["val"], toy["test"], concepts, 4, cfg, progress=False)
     _assert_matches_reference(result, data, concepts, cfg, "interp", seed=0, lr=1e-2, sparsity=0.3)
@@ -314,9 +314,9 @@ def test_result_shapes_and_selected_consistency(vector_sweep):
 
 def test_init_does_not_depend_on_other_heads(toy):
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
-    small = _BatchedHeads(concepts, SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
+    small = _BatchedHeads(concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
     big = _BatchedHeads(
-        concepts, SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-3, 1e-2), seeds=(0, 1)), 24, 4
+        concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-3, 1e-2), seeds=(0, 1)), 24, 4
     )
     torch.testing.assert_close(small.params["interp.weight"][0, 0, 0], big.params["interp.weight"][1, 1, 1])
     torch.testing.assert_close(small.params["probe.weight"][0, 0], big.params["probe.weight"][1, 1])
@@ -338,7 +338,7 @@ def test_select_lr_ties_go_to_smaller_lr():
 def test_selection_uses_val_not_test(toy):
     # Test labels are rotated (y + 1 mod K): the better a head is on val, the worse on test.
     test = Split(toy["val"].x.clone(), (toy["val"].y + 1) % 4)
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-3, 1e-1), seeds=(0,), epochs=4, batch_size=64)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-3, 1e-1), seeds=(0,), epochs=4, batch_size=64)
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
     result = sweep(toy["train"], toy["val"], test, concepts, 4, cfg, progress=False)
     t = result.table
@@ -374,7 +374,7 @@ def test_selection_uses_val_not_test(toy):
 )
 def test_config_validation_names_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SweepConfig(**kwargs).validate()
+        SweepParams(**kwargs).validate()
 
 
 def test_concept_space_dimension_mismatch_message():
@@ -398,7 +398,7 @@ def test_sweep_rejects_bad_labels(toy):
             toy["test"],
             ConceptSpace("vectors", vectors=toy["vectors"]),
             4,
-            SweepConfig(steps=1, min_batches_per_epoch=1, epochs=1),
+            SweepParams(steps=1, min_batches_per_epoch=1, epochs=1),
             progress=False,
         )
 
@@ -438,7 +438,7 @@ def test_explain_lists_kept_concepts_by_contribution(toy, vector_sweep):
 def test_end_to_end_through_elements_matches_reference(toy):
     """Few elements (E < D): the batched sweep takes the (z·Eᵀ)·A / ‖AᵀE‖ path; it must still
     reproduce the plain single-head reference, which forms C = normalise(AᵀE) explicitly."""
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(3,), epochs=3, batch_size=64)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(3,), epochs=3, batch_size=64)
     concepts = ConceptSpace("end_to_end", elements=toy["elements"][:8], n_concepts=6)
     result = sweep(toy["train"], toy["val"], toy["test"], concepts, 4, cfg, progress=False)
     _assert_matches_reference(result, toy, concepts, cfg, "interp", seed=3, lr=1e-2, sparsity=0.5)
@@ -449,7 +449,7 @@ def test_end_to_end_score_paths_agree():
 
     g = torch.Generator().manual_seed(0)
     elements = torch.randn(10, 32, generator=g)
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=1, batch_size=8)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=1, batch_size=8)
     heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=4), cfg, 4, 3)
     assign = _hard_assignment(heads.params["interp.q"], 0.1, heads._gumbel())
     x = torch.randn(2, 8, 32, generator=g)

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from iis_study.core.heads import SweepConfig, SweepResult, n_dropped, sparsify
+from iis_study.core.heads import SweepParams, SweepResult, n_dropped, sparsify
 from iis_study.core.scores import (
     DEFAULT_SPARSITIES,
     accuracy_retention,
@@ -117,7 +117,7 @@ def test_chance_correction_never_raises_retention(curve, k):
 
 
 @st.composite
-def sweep_outcomes(draw) -> tuple[SweepConfig, np.ndarray]:
+def sweep_outcomes(draw) -> tuple[SweepParams, np.ndarray]:
     """Per-sample correctness (seeds, 1 + P, N) where no head beats its seed's probe."""
     grid = draw(grids())
     n_seeds = draw(st.integers(1, 3))
@@ -129,7 +129,7 @@ def sweep_outcomes(draw) -> tuple[SweepConfig, np.ndarray]:
         correct[s, 0, rng.permutation(n)[:n_probe]] = True
         for h in range(1, 1 + len(grid)):  # any samples, at most as many as the probe got right
             correct[s, h, rng.permutation(n)[: int(rng.integers(0, n_probe + 1))]] = True
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=grid, learning_rates=(0.01,), seeds=tuple(range(n_seeds)), epochs=1)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=grid, learning_rates=(0.01,), seeds=tuple(range(n_seeds)), epochs=1)
     return cfg, correct
 
 

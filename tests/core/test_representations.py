@@ -52,7 +52,7 @@ def test_stage_feature_is_the_pooled_intermediate_of_a_truncated_network():
     trunk = rep.model.trunk
     assert len(trunk.blocks) == 3  # blocks after stage3 (blocks.2) never run
     assert isinstance(trunk.conv_head, torch.nn.Identity)
-    full = B.create_model(B.BackboneSpec(name="full", **LITE0)).eval()
+    full = B.create_model(B.BackboneParams(name="full", **LITE0)).eval()
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         fmap = full.forward_intermediates(rep.normalise(x), indices=[2], intermediates_only=True)[0]
@@ -122,18 +122,18 @@ def test_bad_family_blocks_name_the_parameter(families, message):
 
 def test_unknown_layer_lists_the_layers_the_backbone_has():
     with pytest.raises(ValueError, match=r"backbones.x.layer = 'stage6'.*\['stage1', 'stage2', 'stage3', 'stage4', 'stage5', 'penultimate'\]"):
-        B.BackboneSpec.from_params("x", {**LITE0, "layer": "stage6"})
+        B.BackboneParams.from_params("x", {**LITE0, "layer": "stage6"})
     with pytest.raises(ValueError, match=r"families.f.layers \(f@64/blocks\).*has the layers"):
-        B.BackboneSpec.from_params("f_r64_blocks", {**LITE0, "layer": "blocks", "label": "f@64/blocks", "family": "f"})
+        B.BackboneParams.from_params("f_r64_blocks", {**LITE0, "layer": "blocks", "label": "f@64/blocks", "family": "f"})
 
 
 def test_resolution_below_the_backbone_minimum_is_rejected():
     assert B.min_input_size("tf_efficientnet_lite0") == 32
     with pytest.raises(ValueError, match=r"backbones.x.input_size = 24 .* 32 px"):
-        B.BackboneSpec.from_params("x", {**LITE0, "input_size": 24})
+        B.BackboneParams.from_params("x", {**LITE0, "input_size": 24})
     with pytest.raises(ValueError, match=r"families.f.resolutions \(f@16/stage2\) = 16"):
-        B.BackboneSpec.from_params("f_r16_stage2", {**LITE0, "input_size": 16, "layer": "stage2", "label": "f@16/stage2", "family": "f"})
-    B.BackboneSpec.from_params("ok", {**LITE0, "input_size": 32, "layer": "stage1"})
+        B.BackboneParams.from_params("f_r16_stage2", {**LITE0, "input_size": 16, "layer": "stage2", "label": "f@16/stage2", "family": "f"})
+    B.BackboneParams.from_params("ok", {**LITE0, "input_size": 32, "layer": "stage1"})
 
 
 def _scores(families: dict[str, list[tuple[str, float, float, str]]]) -> pd.DataFrame:
@@ -229,7 +229,7 @@ FAMILY_SPEC = {**LITE0, "input_size": 64, "layer": "stage4", "label": "lite0@64/
 def test_one_pass_for_all_layers_gives_each_layer_bit_for_bit(pooling):
     """build_layers: one forward pass, pooled at every layer of the family; each layer's part,
     fingerprint and preprocessing equal what build() gives for that layer alone."""
-    spec = B.BackboneSpec.from_params("lite0_r64_stage4", {**FAMILY_SPEC, "pooling": pooling})
+    spec = B.BackboneParams.from_params("lite0_r64_stage4", {**FAMILY_SPEC, "pooling": pooling})
     combined, reps = B.build_layers(spec, spec.family_layers)
     assert list(reps) == ["stage2", "stage4", "penultimate"]
     assert combined.model.widths == [24, 112, 1280] and combined.dim == 24 + 112 + 1280
@@ -253,7 +253,7 @@ def test_family_layers_are_extracted_in_one_pass_and_cached_per_layer(tmp_path):
     per batch for all layers, and recomputes only what is missing from the cache."""
     from iis_study.core import features as F
 
-    spec = B.BackboneSpec.from_params("lite0_r64_stage4", FAMILY_SPEC)
+    spec = B.BackboneParams.from_params("lite0_r64_stage4", FAMILY_SPEC)
     images = array_image_set(
         np.random.default_rng(0).integers(0, 256, (10, 40, 40, 3), dtype=np.uint8), labels=np.arange(10) % 3
     )

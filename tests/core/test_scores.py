@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from iis_study.core.heads import SweepConfig, SweepResult
+from iis_study.core.heads import SweepParams, SweepResult
 from iis_study.core.scores import (
     DEFAULT_SPARSITIES,
     _kendall_rows,
@@ -89,7 +89,7 @@ def test_accuracy_retention_rejects_zero_std():
 
 
 def _hand_result(correct: np.ndarray, sparsities=(0.0, 0.5, 0.9), seeds=(0, 1), k=4) -> SweepResult:
-    cfg = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=sparsities, learning_rates=(1e-2,), seeds=seeds)
+    cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=sparsities, learning_rates=(1e-2,), seeds=seeds)
     return SweepResult(
         config=cfg,
         num_classes=k,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iis_study.core.heads import ConceptSpace, Split, SweepConfig, sweep, train_single_head
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, sweep, train_single_head
 from iis_study.core.store import ShardedArray, ShardWriter, link_or_copy, open_store
 
 
@@ -92,7 +92,7 @@ def _sharded(tmp_path, split: Split, name: str, rows: int) -> Split:
     return Split(_write(tmp_path / name, split.x, shard_rows=rows), split.y)
 
 
-CFG = SweepConfig(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=3, batch_size=32)
+CFG = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=3, batch_size=32)
 
 
 def test_sharded_sweep_matches_single_head_reference(tmp_path, problem):

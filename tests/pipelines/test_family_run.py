@@ -38,7 +38,7 @@ def test_family_members_share_one_forward_pass(tmp_path):
     assert sorted(scores["representation"]) == ["lite0@32/penultimate", "lite0@32/stage3"]
     assert scores["iis"].notna().all()
     # each member's features are what extracting that layer alone gives
-    spec = B.BackboneSpec.from_params("one", {**TINY["backbones"]["lite0"], "layer": "stage3"})
+    spec = B.BackboneParams.from_params("one", {**TINY["backbones"]["lite0"], "layer": "stage3"})
     feats, _ = F.load_tensors(project / "data" / "04_feature" / "lite0_r32_stage3" / "features.safetensors")
     alone = B.build(spec)
     assert feats["train.x"].shape[1] == alone.dim == 40

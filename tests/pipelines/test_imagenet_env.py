@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iis_study.core.backbones import BackboneSpec, build
+from iis_study.core.backbones import BackboneParams, build
 from iis_study.study_config import study_parameters
 from iis_study.validation import validate_study
 from tests.kedro_project import make_project, run_in_process
@@ -63,7 +63,7 @@ def test_kedro_run_env_imagenet_stops_before_any_node_without_data(tmp_path):
 def test_every_imagenet_model_builds_with_random_weights(name):
     """Random weights (the hub is not reachable here) at timm's default input size, one image."""
     entry = dict(_params()["backbones"][name])
-    spec = BackboneSpec.from_params(name, {**entry, "weights": "random", "seed": 0})
+    spec = BackboneParams.from_params(name, {**entry, "weights": "random", "seed": 0})
     rep = build(spec)
     assert rep.input_size == 224
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 224, 224), dtype=np.uint8))

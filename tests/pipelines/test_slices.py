@@ -28,10 +28,10 @@ from iis_study.core.config import (
 )
 from iis_study.core.data import load_dataset
 from iis_study.core.features import FeatureCache, FeatureSet, SplitFeatures
-from iis_study.core.heads import SweepConfig
+from iis_study.core.heads import SweepParams
 from iis_study.pipelines import concepts, data_processing, feature_extraction, interpretability, reporting
 
-TINY_SWEEP = SweepConfig(sparsities=(0.0, 0.5), learning_rates=(0.1,), seeds=(0,), steps=1, epochs=2,
+TINY_SWEEP = SweepParams(sparsities=(0.0, 0.5), learning_rates=(0.1,), seeds=(0,), steps=1, epochs=2,
                          min_batches_per_epoch=1, batch_size=64, device="cpu")
 BACKBONE = {"model": "tf_efficientnet_lite0", "weights": "random", "input_size": 32, "seed": 0, "name": "a"}
 
@@ -192,7 +192,7 @@ def test_typed_parameters_reach_the_nodes_as_objects():
     pipes = {"x": interpretability.create_pipeline(["a"], ["prototype"]) + reporting.create_pipeline(["a"], ["prototype"],
                                                                                                     gallery_type="prototype")}
     types = TypeExtractor(pipes).extract_types_from_pipelines()
-    assert types["sweep"] is SweepConfig and types["scoring"] is ScoringParams
+    assert types["sweep"] is SweepParams and types["scoring"] is ScoringParams
     assert types["correlation"] is CorrelationParams and types["gallery"] is GalleryParams
     assert types["concepts"] is ConceptParams
     assert np.all([t.__module__.startswith("iis_study.core") for t in types.values()])

@@ -191,7 +191,7 @@ def test_val_and_test_are_wired_to_their_own_splits(tiny_run):
     import torch
 
     from iis_study.core.backbones import build
-    from iis_study.core.data import DatasetSpec, load_dataset
+    from iis_study.core.data import DatasetParams, load_dataset
     from iis_study.core.features import extract
     from iis_study.datasets import SweepResultDataset, TensorDictDataset
 
@@ -203,7 +203,7 @@ def test_val_and_test_are_wired_to_their_own_splits(tiny_run):
         assert feats[f"{name}.index"].tolist() == rows["index"].tolist(), name
         assert feats[f"{name}.y"].tolist() == rows["label"].tolist(), name
     # the features of the first test images are the backbone's features of exactly those images
-    images = load_dataset(DatasetSpec.from_params(TINY["dataset"]))
+    images = load_dataset(DatasetParams.from_params(TINY["dataset"]))
     rep = build(TINY["backbones"]["lite0"], name="lite0")
     first = feats["test.index"][:4].numpy()
     direct = extract(rep, images.subset(first), batch_size=4, num_workers=0, progress=False).x

@@ -30,7 +30,7 @@ import torch
 from . import study
 from .concepts import cluster_vectors, prototype_vectors
 from .config import ConceptParams, ScoringParams
-from .heads import ConceptSpace, Split, SweepConfig, SweepResult
+from .heads import ConceptSpace, Split, SweepParams, SweepResult
 from .params import block_values
 from .results import Scores
 
@@ -128,7 +128,7 @@ def interpretability_score(
     m: int | None = None,
     concept_seed: int | None = None,
     num_classes: int | None = None,
-    sweep_config: SweepConfig | Mapping[str, Any] | None = None,
+    sweep_config: SweepParams | Mapping[str, Any] | None = None,
     scoring: ScoringParams | Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> ScoreReport:
@@ -145,7 +145,7 @@ def interpretability_score(
             ``("prototype", element_embeddings)`` / ``("cluster", element_embeddings)`` with ``m``.
         concept_seed: the prototype sample / KMeans seed (default: the ``concepts`` block's ``seed``).
         num_classes: K (default: the largest label + 1).
-        sweep_config: the estimator and its grid (a ``SweepConfig`` or a ``sweep`` block; default: the study's,
+        sweep_config: the estimator and its grid (a ``SweepParams`` or a ``sweep`` block; default: the study's,
             the convex heads).
         scoring: the bootstrap over test images (a ``ScoringParams`` or a ``scoring`` block: ``n_boot``,
             ``seed``, ``ci``; default: the study's).

@@ -1,6 +1,6 @@
 """The backbone registry: a name, how to build it, where its weights come from.
 
-A :class:`BackboneSpec` is configuration (one entry of the ``backbones`` parameter block);
+A :class:`BackboneParams` is configuration (one entry of the ``backbones`` parameter block);
 :func:`build` turns it into a :class:`Representation`, a frozen model that maps a batch of
 uint8 images to a pooled feature vector.
 
@@ -17,7 +17,7 @@ A representation is backbone + weights + layer + input resolution + pooling:
   least the backbone's total stride (:func:`min_input_size`, 32 for EfficientNet);
 - ``pooling``: ``avg`` (global average, default) or ``max`` over the spatial positions.
 
-Weight sources (``BackboneSpec.weights``), one entry each of the table
+Weight sources (``BackboneParams.weights``), one entry each of the table
 :data:`~iis_study.core.weights.WEIGHT_SOURCES` in :mod:`iis_study.core.weights`, which loads them
 (:func:`create_model` and the checkpoint readers are re-exported here):
 
@@ -63,7 +63,7 @@ _STAGE = re.compile(r"^stage([1-9][0-9]*)$")
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
+class BackboneParams:
     """One backbone of the study (an entry of the ``backbones`` parameter block)."""
 
     name: str
@@ -99,7 +99,7 @@ class BackboneSpec:
         return f"backbones.{self.name}.{key}"
 
     @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> BackboneSpec:
+    def from_params(cls, name: str, params: dict[str, Any]) -> BackboneParams:
         """Build from a parameter mapping (an entry of the expanded ``backbones``, which may carry its own
         key as ``name``); unknown keys are an error naming the backbone."""
         p = {k: v for k, v in params.items() if k != "name"}
@@ -139,7 +139,7 @@ class BackboneSpec:
             raise ValueError(f"{self.field('pooling')} must be one of {list(POOLINGS)}, got {self.pooling!r}")
         self._validate_layer_and_size()
 
-    def sibling(self, layer: str) -> BackboneSpec:
+    def sibling(self, layer: str) -> BackboneParams:
         """The same representation at another ``layer`` (a family member's label is renamed too)."""
         label = self.label
         if label and label.endswith("/" + self.layer):
@@ -245,7 +245,7 @@ def check_model_name(model: str, where: str = "model") -> None:
 class Representation:
     """A frozen backbone and its preprocessing: uint8 images in, pooled features out."""
 
-    spec: BackboneSpec
+    spec: BackboneParams
     model: nn.Module
     input_size: int
     mean: tuple[float, float, float]
@@ -309,7 +309,7 @@ def _pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     return fmap.amax(dim=(2, 3)) if pooling == "max" else fmap.mean(dim=(2, 3))
 
 
-def layer_model(full: nn.Module, spec: BackboneSpec) -> nn.Module:
+def layer_model(full: nn.Module, spec: BackboneParams) -> nn.Module:
     """The module computing ``spec.layer`` pooled with ``spec.pooling`` from a loaded ``num_classes=0`` model.
 
     ``penultimate`` keeps the model (max pooling swaps timm's global pool); ``stageK`` prunes every
@@ -348,10 +348,10 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def build(spec: BackboneSpec | dict[str, Any], name: str | None = None, device: str = "cpu") -> Representation:
+def build(spec: BackboneParams | dict[str, Any], name: str | None = None, device: str = "cpu") -> Representation:
     """Build the frozen :class:`Representation` of a backbone spec (its layer, pooling and resolution)."""
     if isinstance(spec, dict):
-        spec = BackboneSpec.from_params(name or spec.get("model", "backbone"), spec)
+        spec = BackboneParams.from_params(name or spec.get("model", "backbone"), spec)
     full = create_model(spec)
     fingerprint = representation_fingerprint(weights_fingerprint(full), spec.layer, spec.pooling)
     preprocessing = _preprocessing(spec, full)
@@ -367,7 +367,7 @@ def build(spec: BackboneSpec | dict[str, Any], name: str | None = None, device: 
     return rep
 
 
-def _preprocessing(spec: BackboneSpec, full: nn.Module) -> dict[str, Any]:
+def _preprocessing(spec: BackboneParams, full: nn.Module) -> dict[str, Any]:
     """Input size, mean, std and interpolation of a representation (spec values over timm's)."""
     import timm
 
@@ -447,7 +447,7 @@ class _LayerOf(nn.Module):
 
 
 def build_layers(
-    spec: BackboneSpec, layers: list[str] | tuple[str, ...], device: str = "cpu"
+    spec: BackboneParams, layers: list[str] | tuple[str, ...], device: str = "cpu"
 ) -> tuple[Representation, dict[str, Representation]]:
     """Several layers of one backbone at one resolution from a single forward pass.
 
@@ -490,7 +490,7 @@ def build_layers(
     return combined, reps
 
 
-def spec_dict(spec: BackboneSpec) -> dict[str, Any]:
+def spec_dict(spec: BackboneParams) -> dict[str, Any]:
     """A JSON-friendly dict of the spec (for logging and tracking)."""
     d = asdict(spec)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -3,11 +3,11 @@
 One class per block of ``conf/<env>/parameters_*.yml``; a key left out of the YAML takes the
 default below. Nodes receive these objects (Kedro builds typed ``params:`` inputs before any node
 runs, so a bad value stops the run in seconds, naming the parameter). Blocks defined next to the
-code they configure: :class:`~iis_study.core.data.DatasetSpec` (``dataset``),
-:class:`~iis_study.core.heads.SweepConfig` (``sweep``, ``fine_tuning.sweep``),
+code they configure: :class:`~iis_study.core.data.DatasetParams` (``dataset``),
+:class:`~iis_study.core.heads.SweepParams` (``sweep``, ``fine_tuning.sweep``),
 :class:`~iis_study.core.finetune.FineTuningParams` (``fine_tuning``) and
-:class:`~iis_study.core.finetune.FinetuneConfig` (``fine_tuning.train``),
-:class:`~iis_study.core.backbones.BackboneSpec` (one entry of ``backbones``).
+:class:`~iis_study.core.finetune.FineTuningTrainParams` (``fine_tuning.train``),
+:class:`~iis_study.core.backbones.BackboneParams` (one entry of ``backbones``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from .device import check_device
 from .params import Params, block, check_int, check_open_fraction, check_subset
 
-from .heads.datatypes import SweepConfig
+from .heads.datatypes import SweepParams
 from .nulls import NULL_KINDS
 
 if TYPE_CHECKING:
-    from .backbones import BackboneSpec
+    from .backbones import BackboneParams
 
 CONCEPT_TYPES = ("prototype", "cluster", "end_to_end", "textual")
 ELEMENT_KINDS = ("patches", "segments")
@@ -263,7 +263,7 @@ class GalleryParams(Params):
 
 
 @block
-class TrackingSettings(Params):
+class TrackingParams(Params):
     """``tracking`` in ``conf/<env>/mlflow.yml`` (not a parameter of the study). The store:
     ``MLFLOW_TRACKING_URI`` when set, else ``uri``, else SQLite at ``<project>/mlflow.db``."""
 
@@ -294,28 +294,28 @@ def backbone_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
     is built, no file opened): for tables and MLflow after the run's validation has checked the entry."""
     import dataclasses
 
-    from .backbones import BackboneSpec
+    from .backbones import BackboneParams
 
     def default(f: dataclasses.Field) -> Any:
         return None if f.default is dataclasses.MISSING else f.default
 
-    return {f.name: entry[f.name] if f.name in entry else default(f) for f in dataclasses.fields(BackboneSpec)}
+    return {f.name: entry[f.name] if f.name in entry else default(f) for f in dataclasses.fields(BackboneParams)}
 
 
-def backbone_spec(entry: Mapping[str, Any]) -> BackboneSpec:
-    """The :class:`~iis_study.core.backbones.BackboneSpec` of one entry of the expanded ``backbones``
+def backbone_spec(entry: Mapping[str, Any]) -> BackboneParams:
+    """The :class:`~iis_study.core.backbones.BackboneParams` of one entry of the expanded ``backbones``
     block (the one way an entry becomes a spec; its name is ``name``, else the model)."""
-    from .backbones import BackboneSpec
+    from .backbones import BackboneParams
 
-    return BackboneSpec.from_params(entry.get("name") or entry.get("model") or "backbone", entry)
+    return BackboneParams.from_params(entry.get("name") or entry.get("model") or "backbone", entry)
 
 
-def sweep_config(params: Mapping[str, Any] | SweepConfig | None, where: str = "sweep") -> SweepConfig:
-    """The :class:`~iis_study.core.heads.SweepConfig` of a ``sweep`` block (or ``fine_tuning.sweep``),
+def sweep_config(params: Mapping[str, Any] | SweepParams | None, where: str = "sweep") -> SweepParams:
+    """The :class:`~iis_study.core.heads.SweepParams` of a ``sweep`` block (or ``fine_tuning.sweep``),
     checked, its ``device`` resolved (``auto``: CUDA when present)."""
     from dataclasses import replace
 
     from .device import resolve_device
 
-    cfg = SweepConfig.from_params(params)
+    cfg = SweepParams.from_params(params)
     return replace(cfg, device=resolve_device(cfg.device, f"{where}.device"))

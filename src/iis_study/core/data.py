@@ -4,7 +4,7 @@ An :class:`ImageSet` is a light, picklable list of images with labels: every ima
 decoded on demand by :meth:`ImageSet.load` as an ``(H, W, 3)`` ``uint8`` RGB array, so a
 ``DataLoader`` worker can decode while the main process runs the backbone.
 
-Kinds (``DatasetSpec.kind``):
+Kinds (``DatasetParams.kind``):
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits, rendered as RGB images of
   ``image_size`` pixels (offline, the embedded default);
@@ -50,7 +50,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @block
-class DatasetSpec(Params):
+class DatasetParams(Params):
     """What dataset to read and how (the ``dataset`` block of ``conf/<env>/globals.yml``, which both the
     ``images`` catalog entry and ``params:dataset`` read)."""
 
@@ -291,9 +291,9 @@ def _torchvision_cifar(kind: str, root: str, download: bool) -> ImageSet:
     )
 
 
-def load_dataset(spec: DatasetSpec | dict[str, Any]) -> ImageSet:
+def load_dataset(spec: DatasetParams | dict[str, Any]) -> ImageSet:
     """Open the dataset described by ``spec`` (cheap: images are decoded later)."""
-    spec = DatasetSpec.from_params(spec)
+    spec = DatasetParams.from_params(spec)
     if spec.kind == "digits":
         images = _digits(spec.image_size)
     elif spec.kind == "imagefolder":

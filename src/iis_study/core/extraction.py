@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbones import BackboneSpec, build
+from .backbones import BackboneParams, build
 from .concepts import Elements
 from .config import ExtractionParams, backbone_spec
 from .data import SPLITS, ImageSet, array_image_set, check_class_coverage
@@ -46,7 +46,7 @@ def extraction_kwargs(extraction: ExtractionParams, cache: FeatureCache, on_bad_
 
 
 def extract_split_features(
-    spec: BackboneSpec | Mapping[str, Any], images: ImageSet, splits: pd.DataFrame, cache: FeatureCache,
+    spec: BackboneParams | Mapping[str, Any], images: ImageSet, splits: pd.DataFrame, cache: FeatureCache,
     extraction: ExtractionParams,
 ) -> tuple[FeatureSet, dict[str, Any]]:
     """Pooled features of every train/val/test image of the split table, from the cache when present.
@@ -57,7 +57,7 @@ def extract_split_features(
         sharded`` each split's ``x`` is a :class:`~iis_study.core.store.ShardedArray` on disk);
         ``feature_info``: the cache key, weights fingerprint, preprocessing and sizes.
     """
-    spec = spec if isinstance(spec, BackboneSpec) else backbone_spec(spec)
+    spec = spec if isinstance(spec, BackboneParams) else backbone_spec(spec)
     extraction = ExtractionParams.from_params(extraction)
     sharded = extraction.sharded
     device = resolve_device(extraction.device, "extraction.device")
@@ -127,13 +127,13 @@ def extract_split_features(
 
 
 def embed_elements(
-    spec: BackboneSpec | Mapping[str, Any], element_images: np.ndarray | Elements, cache: FeatureCache,
+    spec: BackboneParams | Mapping[str, Any], element_images: np.ndarray | Elements, cache: FeatureCache,
     extraction: ExtractionParams,
 ) -> Embeddings:
     """Embeddings of the concept elements by the representation (the same code and cache as the features).
     ``spec``: the representation, or its entry of the expanded ``backbones`` block; ``element_images``: the
     elements' images, or the :class:`~iis_study.core.concepts.Elements` holding them."""
-    spec = spec if isinstance(spec, BackboneSpec) else backbone_spec(spec)
+    spec = spec if isinstance(spec, BackboneParams) else backbone_spec(spec)
     element_images = element_images.images if isinstance(element_images, Elements) else element_images
     extraction = ExtractionParams.from_params(extraction)
     feats, key, _ = cached_features(

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import BackboneSpec, Representation, build, build_layers
+from .backbones import BackboneParams, Representation, build, build_layers
 from .data import BadImageError, ImageSet
 from .store import ShardedArray, ShardWriter, atomic_path, atomic_save_npy, check_storage
 
@@ -362,7 +362,7 @@ def extract_cached_layers(
 
 
 def cached_features(
-    spec: BackboneSpec, images: ImageSet, device: str, **kwargs: Any
+    spec: BackboneParams, images: ImageSet, device: str, **kwargs: Any
 ) -> tuple[Features, str, Representation]:
     """Features of ``images`` for ``spec`` from the cache, else extracted and cached.
 

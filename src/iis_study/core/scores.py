@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import stats
 
 from .config import CorrelationParams, ScoringParams
-from .heads.datatypes import SweepConfig
+from .heads.datatypes import SweepParams
 from .params import block_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPARSITIES = SweepConfig.sparsities  # the sweep block's grid
+DEFAULT_SPARSITIES = SweepParams.sparsities  # the sweep block's grid
 _BOOT_CHUNK_ELEMS = 20_000_000  # bound on replicate-by-sample (or pair-by-pair) work arrays
 
 

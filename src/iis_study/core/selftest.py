@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .calibration import calibrated_scores
-from .heads import ConceptSpace, Split, SweepConfig, fit_heads
+from .heads import ConceptSpace, Split, SweepParams, fit_heads
 from .nulls import random_directions
 
 
@@ -54,7 +54,7 @@ def axis_concepts(m: int, dim: int) -> torch.Tensor:
 
 
 def score_share(
-    share: float, sweep: SweepConfig, draws: int = 3, n_boot: int = 300, seed: int = 0, classes: int = 10,
+    share: float, sweep: SweepParams, draws: int = 3, n_boot: int = 300, seed: int = 0, classes: int = 10,
     dim: int = 64, m: int = 16, sizes: Sequence[int] = (600, 300, 600),
 ) -> dict[str, float]:
     """IIS of the axis concepts and of random-direction concepts at one share, each beside the random null
@@ -90,7 +90,7 @@ def score_share(
     }
 
 
-def self_test(shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), sweep: SweepConfig | None = None, **kwargs) -> pd.DataFrame:
+def self_test(shares: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), sweep: SweepParams | None = None, **kwargs) -> pd.DataFrame:
     """One row per share (:func:`score_share`), on the default sweep grid with device ``cpu`` unless given."""
-    sweep = sweep or replace(SweepConfig(), device="cpu")
+    sweep = sweep or replace(SweepParams(), device="cpu")
     return pd.DataFrame([score_share(s, sweep, **kwargs) for s in shares])

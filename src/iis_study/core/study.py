@@ -20,7 +20,7 @@ from .config import ScoringParams, sweep_config
 from .convergence import ReferenceProbe, budget_check, convergence_report, reference_probe
 from .data import SPLITS
 from .features import FeatureSet
-from .heads import ConceptSpace, Split, SweepConfig, SweepResult, fit_heads
+from .heads import ConceptSpace, Split, SweepParams, SweepResult, fit_heads
 from .nulls import ConceptDraws
 from .results import Scores
 from .scores import plain_scores, score_sweep
@@ -34,7 +34,7 @@ def feature_splits(features: FeatureSet) -> dict[str, Split]:
 
 
 def train_representation(
-    features: FeatureSet, feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepConfig,
+    features: FeatureSet, feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepParams,
     concepts: Mapping[str, ConceptSet], draws: ConceptDraws | None = None,
 ) -> tuple[SweepResult | DrawResults, ...]:
     """:func:`train_splits` on a representation's features and its concept sets (the pipeline's
@@ -47,7 +47,7 @@ def train_representation(
 
 
 def train_splits(
-    splits: Mapping[str, Split], num_classes: int, sweep: Mapping[str, Any] | SweepConfig | None,
+    splits: Mapping[str, Split], num_classes: int, sweep: Mapping[str, Any] | SweepParams | None,
     spaces: Mapping[str, ConceptSpace], draws: ConceptDraws | None = None, progress: bool = True,
 ) -> tuple[dict[str, SweepResult], dict[str, DrawResults]]:
     """Fit the linear probe and, for every concept space given by name, every interpretation head

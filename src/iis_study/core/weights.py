@@ -1,6 +1,6 @@
 """Where a backbone's weights come from: the table of weight sources.
 
-``BackboneSpec.weights`` names a source of :data:`WEIGHT_SOURCES`, or is a path to a checkpoint
+``BackboneParams.weights`` names a source of :data:`WEIGHT_SOURCES`, or is a path to a checkpoint
 file. Each source is one function ``spec -> model``: the timm architecture of ``spec.model`` with
 its weights loaded, as a feature extractor (no classifier, ``num_classes=0``):
 
@@ -29,7 +29,7 @@ from torch import nn
 
 class WeightSpec(Protocol):
     """What a weight source reads of a spec (structurally, a
-    :class:`~iis_study.core.backbones.BackboneSpec`; this module does not import it, so that
+    :class:`~iis_study.core.backbones.BackboneParams`; this module does not import it, so that
     :mod:`.backbones` can import this one without a cycle)."""
 
     @property

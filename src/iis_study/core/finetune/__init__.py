@@ -3,13 +3,13 @@
 :func:`finetune` trains one (λ, seed) run (:mod:`.loop`); :func:`fine_tune_representation` every arm of
 one representation and :func:`collect_histories` / :func:`summarise` the tables (:mod:`.study`). The
 pieces: :mod:`.config` (the ``fine_tuning`` block :class:`FineTuningParams`, one run's
-:class:`FinetuneConfig`, :class:`EpochRecord`, input checks), :mod:`.training` (heads, loss, data order,
+:class:`FineTuningTrainParams`, :class:`EpochRecord`, input checks), :mod:`.training` (heads, loss, data order,
 schedule, one epoch), :mod:`.scoring` (prototype concepts, the IIS along training) and
 :mod:`.checkpoints` (checkpoint files, resume, the fine-tuned backbone, :class:`CheckpointStore`).
 """
 
 from .checkpoints import CheckpointStore, finetuned_spec, list_checkpoints, run_checkpoint_dir
-from .config import EpochRecord, FinetuneConfig, FineTuningParams
+from .config import EpochRecord, FineTuningTrainParams, FineTuningParams
 from .loop import finetune
 from .scoring import evaluate_representation, prototype_images, score_features
 from .study import collect_histories, fine_tune_representation, summarise
@@ -18,7 +18,7 @@ __all__ = [
     "CheckpointStore",
     "EpochRecord",
     "FineTuningParams",
-    "FinetuneConfig",
+    "FineTuningTrainParams",
     "collect_histories",
     "evaluate_representation",
     "fine_tune_representation",

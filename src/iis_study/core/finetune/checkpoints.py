@@ -13,7 +13,7 @@ hold, and how a run resumes.
   everything that determines the run (:func:`run_hash`), so resuming into a folder of another
   configuration is an error rather than a silent mix. A resumed run equals an uninterrupted one.
 * The fine-tuned backbone: ``backbone.safetensors`` (:func:`save_backbone`), loadable with
-  ``BackboneSpec(weights=path)``; :func:`finetuned_spec` gives that spec with the preprocessing the
+  ``BackboneParams(weights=path)``; :func:`finetuned_spec` gives that spec with the preprocessing the
   run trained with.
 """
 
@@ -34,11 +34,11 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..backbones import BackboneSpec, spec_dict
+from ..backbones import BackboneParams, spec_dict
 from ..data import ImageSet
 from ..features import load_tensors, save_tensors
-from .config import SPLIT_NAMES, EpochRecord, FinetuneConfig
-from ..heads import SweepConfig
+from .config import SPLIT_NAMES, EpochRecord, FineTuningTrainParams
+from ..heads import SweepParams
 
 if TYPE_CHECKING:
     from .training import _State
@@ -56,7 +56,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=-]*$")
 # --------------------------------------------------------------------------- location
 
 
-def model_tag(spec: BackboneSpec) -> str:
+def model_tag(spec: BackboneParams) -> str:
     """``<model>-<weights kind>`` (``offline``, ``hub``, ``random``, or ``ckpt`` for a file): the
     checkpoint folder of a run when the caller gives no ``checkpoint_key``."""
     return f"{spec.model}-{spec.weights if spec.weights in _NAMED_WEIGHTS else 'ckpt'}"
@@ -74,13 +74,13 @@ class CheckpointStore:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    def run_dir(self, spec: BackboneSpec, lam: float, seed: int, key: str) -> Path:
+    def run_dir(self, spec: BackboneParams, lam: float, seed: int, key: str) -> Path:
         """The folder of one (representation, λ, seed) run."""
         return run_checkpoint_dir(self.root, spec, lam, seed, checkpoint_key=key)
 
 
 def run_checkpoint_dir(
-    root: str | Path, spec: BackboneSpec, lam: float, seed: int, checkpoint_key: str | None = None
+    root: str | Path, spec: BackboneParams, lam: float, seed: int, checkpoint_key: str | None = None
 ) -> Path:
     """The folder of one fine-tuning run: ``root/<key>/lam<λ>_seed<seed>``.
 
@@ -112,13 +112,13 @@ def _array_hash(arr: np.ndarray) -> str:
 
 
 def run_hash(
-    spec: BackboneSpec,
+    spec: BackboneParams,
     initial_fingerprint: str,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,
-    cfg: FinetuneConfig,
+    cfg: FineTuningTrainParams,
     device: torch.device,
-    sweep_config: SweepConfig,
+    sweep_config: SweepParams,
     num_classes: int,
 ) -> str:
     """Hash of everything that determines a run's results (not ``num_workers``, not progress)."""
@@ -185,7 +185,7 @@ def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def save_checkpoint(path: Path, state: _State, epoch: int, history: list[EpochRecord], run_id: str,
-                    cfg: FinetuneConfig) -> None:
+                    cfg: FineTuningTrainParams) -> None:
     """Atomically write every state of the run after ``epoch`` epochs."""
     tensors = {**_prefixed("backbone", state.rep.model), **_prefixed("h_std", state.h_std),
                **_prefixed("h_interp", state.h_interp)}
@@ -295,11 +295,11 @@ def resume(checkpoint_dir: Path, run_id: str, state: _State) -> tuple[int, list[
 
 def save_backbone(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
     """Write the backbone's weights (timm names, no head) as safetensors, loadable with
-    ``BackboneSpec(weights=path)``."""
+    ``BackboneParams(weights=path)``."""
     save_tensors(path, {k: v.detach().cpu() for k, v in model.state_dict().items()}, metadata)
 
 
-def finetuned_spec(spec: BackboneSpec, checkpoint_dir: str | Path, name: str | None = None) -> BackboneSpec:
+def finetuned_spec(spec: BackboneParams, checkpoint_dir: str | Path, name: str | None = None) -> BackboneParams:
     """A spec of the fine-tuned backbone: weights from ``checkpoint_dir/backbone.safetensors`` and
     the preprocessing it was trained with (input size, mean, std stored in the file), which
     matters for ``weights: offline`` (mean = std = 0.5, not timm's defaults)."""

@@ -1,6 +1,6 @@
 """Settings, per-epoch records and input checks of a fine-tuning run (:mod:`iis_study.core.finetune`).
 
-:class:`FineTuningParams` is the ``fine_tuning`` parameter block, :class:`FinetuneConfig` its ``train``
+:class:`FineTuningParams` is the ``fine_tuning`` parameter block, :class:`FineTuningTrainParams` its ``train``
 block (one run), validated field by field with
 errors that name ``fine_tuning.<field>``; :class:`EpochRecord` is one row of a run's history; the
 input checks and :func:`resolve_device` run before anything is built or trained.
@@ -18,7 +18,7 @@ import torch
 from ..concepts import Elements
 from ..data import ImageSet
 from ..config import moved_to_catalog, sweep_config
-from ..heads import SweepConfig
+from ..heads import SweepParams
 from ..params import Params, block, check_int
 
 BN_MODES = ("train", "eval", "frozen")
@@ -30,7 +30,7 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 @block
-class FinetuneConfig(Params):
+class FineTuningTrainParams(Params):
     """Settings of one fine-tuning run: the ``fine_tuning.train`` parameter block, whose ``lam`` and
     ``seed`` each run takes from ``fine_tuning.lams`` x ``fine_tuning.seeds`` (checked when built)."""
 
@@ -195,7 +195,7 @@ def resolve_device(device: str) -> torch.device:
 class FineTuningParams(Params):
     """``fine_tuning``: interpretability maximization and its λ = 0 control (METHOD §6).
 
-    ``train`` is the :class:`~iis_study.core.finetune.FinetuneConfig` of every run (its ``lam`` and
+    ``train`` is the :class:`~iis_study.core.finetune.FineTuningTrainParams` of every run (its ``lam`` and
     ``seed`` come from ``lams`` x ``seeds``); ``sweep`` the scoring sweep along training. Checkpoints: the
     ``fine_tuning_checkpoints`` catalog entry (:class:`~iis_study.core.finetune.CheckpointStore`).
     """
@@ -204,8 +204,8 @@ class FineTuningParams(Params):
     backbones: tuple[str, ...] = ()
     lams: tuple[float, ...] = (0.0, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
-    train: FinetuneConfig = FinetuneConfig()  # lam and seed: set per run from lams x seeds
-    sweep: SweepConfig = SweepConfig()
+    train: FineTuningTrainParams = FineTuningTrainParams()  # lam and seed: set per run from lams x seeds
+    sweep: SweepParams = SweepParams()
 
     def __init__(self, **values: Any) -> None:
         moved_to_catalog(values, "fine_tuning.checkpoint_dir", "fine_tuning_checkpoints")
@@ -230,12 +230,12 @@ class FineTuningParams(Params):
             lams = [0.0, *lams]
         return [(lam, int(seed)) for lam in sorted(set(lams)) for seed in self.seeds]
 
-    def run_config(self, lam: float, seed: int) -> FinetuneConfig:
-        """The :class:`~iis_study.core.finetune.FinetuneConfig` of one (λ, seed) run."""
+    def run_config(self, lam: float, seed: int) -> FineTuningTrainParams:
+        """The :class:`~iis_study.core.finetune.FineTuningTrainParams` of one (λ, seed) run."""
         from dataclasses import replace
 
         return replace(self.train, lam=lam, seed=seed)
 
-    def scoring_sweep(self) -> SweepConfig:
+    def scoring_sweep(self) -> SweepParams:
         """The scoring sweep along training, its device resolved."""
         return sweep_config(self.sweep, "fine_tuning.sweep")

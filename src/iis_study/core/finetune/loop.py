@@ -57,16 +57,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import BackboneSpec, Representation, WeightsUnavailableError, build
+from ..backbones import BackboneParams, Representation, WeightsUnavailableError, build
 from ..data import ImageSet
-from ..heads import SweepConfig, n_dropped
+from ..heads import SweepParams, n_dropped
 from . import checkpoints, scoring, training
-from .config import EpochRecord, FinetuneConfig, check_images, element_images, resolve_device
+from .config import EpochRecord, FineTuningTrainParams, check_images, element_images, resolve_device
 
 logger = logging.getLogger(__name__)
 
 
-def _build_backbone(spec: BackboneSpec, device: torch.device) -> Representation:
+def _build_backbone(spec: BackboneParams, device: torch.device) -> Representation:
     """Build the representation (``build`` validates the spec first), turning weight problems into
     errors that name the parameter."""
     try:
@@ -82,12 +82,12 @@ def _build_backbone(spec: BackboneSpec, device: torch.device) -> Representation:
 
 
 def finetune(
-    spec: BackboneSpec,
+    spec: BackboneParams,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,
-    cfg: FinetuneConfig,
+    cfg: FineTuningTrainParams,
     checkpoint_dir: str | Path,
-    sweep_config: SweepConfig,
+    sweep_config: SweepParams,
     num_classes: int,
     progress: bool = True,
 ) -> list[EpochRecord]:

@@ -20,8 +20,8 @@ from ..backbones import Representation
 from ..concepts import Elements
 from ..data import ImageSet, array_image_set
 from ..features import Features, extract
-from .config import SPLIT_NAMES, EpochRecord, FinetuneConfig, check_images, element_images
-from ..heads import ConceptSpace, Split, SweepConfig, fit_heads
+from .config import SPLIT_NAMES, EpochRecord, FineTuningTrainParams, check_images, element_images
+from ..heads import ConceptSpace, Split, SweepParams, fit_heads
 from ..scores import score_sweep
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def concept_vectors(
 def score_features(
     feats: dict[str, Features],
     concepts: torch.Tensor,
-    sweep_config: SweepConfig,
+    sweep_config: SweepParams,
     num_classes: int,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def evaluate_representation(
     rep: Representation,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,
-    sweep_config: SweepConfig,
+    sweep_config: SweepParams,
     num_classes: int,
     num_workers: int = 0,
     progress: bool = False,
@@ -143,8 +143,8 @@ def evaluate_epoch(
     state: _State,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,
-    cfg: FinetuneConfig,
-    sweep_config: SweepConfig,
+    cfg: FineTuningTrainParams,
+    sweep_config: SweepParams,
     num_classes: int,
     device: torch.device,
     epoch: int,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..backbones import Representation
 from ..data import ImageSet
 from ..features import _Resized
-from .config import FinetuneConfig
+from .config import FineTuningTrainParams
 from ..heads import derive_seed, sparsify
 
 
@@ -143,7 +143,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def make_optimizer(
-    model: nn.Module, heads: Sequence[nn.Module], cfg: FinetuneConfig, n_train: int
+    model: nn.Module, heads: Sequence[nn.Module], cfg: FineTuningTrainParams, n_train: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (backbone and heads in two groups) and its warm-up + cosine schedule."""
     groups = [
@@ -168,7 +168,7 @@ def _use_fused(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------- devices and modes
 
 
-def _amp_dtype(device: torch.device, cfg: FinetuneConfig) -> torch.dtype | None:
+def _amp_dtype(device: torch.device, cfg: FineTuningTrainParams) -> torch.dtype | None:
     """Autocast dtype on CUDA (bf16 where supported, else fp16); ``None`` = no autocast."""
     if not cfg.amp or device.type != "cuda":
         return None
@@ -179,7 +179,7 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [mod for mod in model.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
 
 
-def _prepare_backbone(model: nn.Module, cfg: FinetuneConfig) -> None:
+def _prepare_backbone(model: nn.Module, cfg: FineTuningTrainParams) -> None:
     """Make the backbone trainable; ``bn_mode='frozen'`` freezes BatchNorm affine parameters."""
     for p in model.parameters():
         p.requires_grad_(True)
@@ -222,7 +222,7 @@ class _State:
     scaler: torch.amp.GradScaler
 
 
-def new_state(rep: Representation, cfg: FinetuneConfig, m: int, num_classes: int, n_train: int,
+def new_state(rep: Representation, cfg: FineTuningTrainParams, m: int, num_classes: int, n_train: int,
                device: torch.device) -> _State:
     _prepare_backbone(rep.model, cfg)
     h_std, h_interp = init_heads(rep.dim, m, num_classes, cfg.seed)
@@ -237,7 +237,7 @@ def train_epoch(
     dataset: LabelledImages,
     concepts: torch.Tensor | None,
     k: int,
-    cfg: FinetuneConfig,
+    cfg: FineTuningTrainParams,
     device: torch.device,
     epoch: int,
     progress: bool,

@@ -61,7 +61,7 @@ from .training import _select_lr as _select_lr
 from .training import sweep, sweep_many
 from .convex import Certificate, convex_many
 from .estimators import fit_heads
-from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepConfig, SweepResult
+from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepParams, SweepResult
 
 # the private names above (``name as name``) are re-exported for the tests and scripts that use them
 
@@ -74,7 +74,7 @@ __all__ = [
     "Q_INIT_STD",
     "SingleHeadResult",
     "Split",
-    "SweepConfig",
+    "SweepParams",
     "SweepResult",
     "convex_many",
     "derive_seed",

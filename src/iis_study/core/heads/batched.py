@@ -25,7 +25,7 @@ from .activations import (
 )
 from .masks import _apply_heads, n_dropped
 from .seeds import _eval_chunks, _generator, _gumbel_seed, _init_head
-from .datatypes import ConceptSpace, SweepConfig
+from .datatypes import ConceptSpace, SweepParams
 from ..device import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class _BatchedHeads:
     def __init__(
         self,
         concepts: ConceptSpace,
-        config: SweepConfig,
+        config: SweepParams,
         dim: int,
         num_classes: int,
         probe_shift: torch.Tensor | None = None,

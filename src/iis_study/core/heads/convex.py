@@ -31,7 +31,7 @@ import torch
 from ..device import resolve_device
 from ..store import ShardedArray
 from .activations import _concepts_to, _precompute_base
-from .datatypes import ConceptSpace, Split, SweepConfig, SweepResult
+from .datatypes import ConceptSpace, Split, SweepParams, SweepResult
 from .lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
 from .masks import n_dropped
 from .seeds import _train_mean
@@ -233,7 +233,7 @@ def convex_many(
     test: Split,
     concepts: Mapping[str, ConceptSpace],
     num_classes: int,
-    config: SweepConfig,
+    config: SweepParams,
     progress: bool = True,
 ) -> dict[str, SweepResult]:
     """Every head of every concept space of one representation, and the probe, solved to the
@@ -303,7 +303,7 @@ def convex_many(
 
 
 def _build_result(
-    config: SweepConfig,
+    config: SweepParams,
     k: int,
     m: int,
     cs: list[float],

@@ -1,6 +1,6 @@
 """Configuration and result types of the heads (METHOD §4 defaults).
 
-:class:`SweepConfig` (the grid and the optimisation settings) and the :class:`Budget` it
+:class:`SweepParams` (the grid and the optimisation settings) and the :class:`Budget` it
 plans for a training set; :class:`Split` (features and labels of one split);
 :class:`ConceptSpace` (how concept activations are computed from a representation);
 :class:`SweepResult` (what :func:`~iis_study.core.heads.sweep` returns) and
@@ -29,7 +29,7 @@ ESTIMATORS = ("convex", "adam")
 
 
 @block
-class SweepConfig(Params):
+class SweepParams(Params):
     """Grid and optimisation settings of one sweep (METHOD §4 defaults): the ``sweep`` parameter block
     (and ``fine_tuning.sweep``), checked when built (:class:`~iis_study.core.params.Params`).
 
@@ -152,7 +152,7 @@ class SweepConfig(Params):
 
 @dataclass(frozen=True)
 class Budget:
-    """What a :class:`SweepConfig` means for one training set (see :meth:`SweepConfig.plan`)."""
+    """What a :class:`SweepParams` means for one training set (see :meth:`SweepParams.plan`)."""
 
     batch_size: int
     epochs: int
@@ -340,7 +340,7 @@ class SweepResult:
         budget: the minibatch size, epochs and Adam steps the heads were trained with.
     """
 
-    config: SweepConfig
+    config: SweepParams
     num_classes: int
     m: int
     table: pd.DataFrame

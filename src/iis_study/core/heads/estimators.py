@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 
 from .convex import convex_many
-from .datatypes import ConceptSpace, Split, SweepConfig, SweepResult
+from .datatypes import ConceptSpace, Split, SweepParams, SweepResult
 from .training import sweep_many
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def fit_heads(
     test: Split,
     concepts: Mapping[str, ConceptSpace],
     num_classes: int,
-    config: SweepConfig,
+    config: SweepParams,
     progress: bool = True,
 ) -> dict[str, SweepResult]:
     """The probe and every interpretation head of each concept space, by ``config.estimator``.

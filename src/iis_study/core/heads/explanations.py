@@ -10,10 +10,10 @@ import torch
 
 from .activations import _concepts_from_assignment, _concepts_to, _hard_assignment, _layer_norm
 from .masks import _keep_mask, n_dropped
-from .datatypes import ConceptSpace, SweepConfig, SweepResult
+from .datatypes import ConceptSpace, SweepParams, SweepResult
 
 
-def _sparsity_index(config: SweepConfig, sparsity: float) -> int:
+def _sparsity_index(config: SweepParams, sparsity: float) -> int:
     for i, s in enumerate(config.sparsities):
         if math.isclose(float(s), float(sparsity), rel_tol=0.0, abs_tol=1e-12):
             return i

@@ -23,7 +23,7 @@ from .seeds import (
     _to_device,
     _train_mean,
 )
-from .datatypes import ConceptSpace, HeadKind, SingleHeadResult, Split, SweepConfig
+from .datatypes import ConceptSpace, HeadKind, SingleHeadResult, Split, SweepParams
 from ..device import resolve_device
 
 
@@ -94,7 +94,7 @@ def train_single_head(
     seed: int,
     lr: float,
     sparsity: float | None = None,
-    config: SweepConfig = SweepConfig(),
+    config: SweepParams = SweepParams(),
 ) -> SingleHeadResult:
     """Reference: train ONE head alone with a plain PyTorch loop.
 
@@ -161,7 +161,7 @@ def _build_reference(
     sparsity: float | None,
     lr: float,
     dim: int,
-    config: SweepConfig,
+    config: SweepParams,
     shift: torch.Tensor | None = None,
 ) -> nn.Module:
     dev = resolve_device(config.device, "sweep.device")

@@ -15,7 +15,7 @@ from .activations import _concepts_to, _precompute_base
 from .batched import _BatchedHeads, _SharedProbe, _StackedAdam
 from .masks import _SumCrossEntropy
 from .seeds import _data_seed, _generator, _shard_batches, _to_device, _train_mean
-from .datatypes import Budget, ConceptSpace, HeadKind, Split, SweepConfig, SweepResult
+from .datatypes import Budget, ConceptSpace, HeadKind, Split, SweepParams, SweepResult
 from ..device import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class _BestTracker:
 
 
 def _validate_inputs(
-    train: Split, val: Split, test: Split, concepts: ConceptSpace, num_classes: int, config: SweepConfig
+    train: Split, val: Split, test: Split, concepts: ConceptSpace, num_classes: int, config: SweepParams
 ) -> None:
     config.validate()
     if int(num_classes) < 2:
@@ -106,7 +106,7 @@ def sweep(
     test: Split,
     concepts: ConceptSpace,
     num_classes: int,
-    config: SweepConfig,
+    config: SweepParams,
     progress: bool = True,
 ) -> SweepResult:
     """Train all probe and interpretation heads of the sweep together (METHOD §2-§4).
@@ -125,7 +125,7 @@ def sweep_many(
     test: Split,
     concepts: Mapping[str, ConceptSpace],
     num_classes: int,
-    config: SweepConfig,
+    config: SweepParams,
     progress: bool = True,
 ) -> dict[str, SweepResult]:
     """The sweeps of several concept spaces of one representation, trained as one batched model.
@@ -249,7 +249,7 @@ def _select_lr(val_acc: np.ndarray, lrs: np.ndarray) -> np.ndarray:
 
 
 def _build_result(
-    tracker: _BestTracker, heads: _BatchedHeads, config: SweepConfig, num_classes: int, budget: Budget
+    tracker: _BestTracker, heads: _BatchedHeads, config: SweepParams, num_classes: int, budget: Budget
 ) -> SweepResult:
     lrs = np.asarray(config.learning_rates, dtype=float)
     pv, iv = tracker.val["probe"].cpu().numpy(), tracker.val["interp"].cpu().numpy()
@@ -292,7 +292,7 @@ def _build_result(
     )
 
 
-def _head_index(config: SweepConfig, head: HeadKind) -> pd.DataFrame:
+def _head_index(config: SweepParams, head: HeadKind) -> pd.DataFrame:
     """Seed/sparsity/lr columns in the flattened order of the stacked head tensors."""
     seeds, lrs = list(config.seeds), list(config.learning_rates)
     if head == "probe":
@@ -304,7 +304,7 @@ def _head_index(config: SweepConfig, head: HeadKind) -> pd.DataFrame:
     return df
 
 
-def _head_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
+def _head_table(tracker: _BestTracker, config: SweepParams) -> pd.DataFrame:
     parts = []
     for head in ("probe", "interp"):
         df = _head_index(config, head)
@@ -320,7 +320,7 @@ def _head_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
 
 
 def _selected_table(
-    tracker: _BestTracker, config: SweepConfig, sel_p: np.ndarray, sel_i: np.ndarray
+    tracker: _BestTracker, config: SweepParams, sel_p: np.ndarray, sel_i: np.ndarray
 ) -> pd.DataFrame:
     rows = []
     lrs = config.learning_rates
@@ -364,7 +364,7 @@ def _selected_state(
     return out
 
 
-def _history_table(tracker: _BestTracker, config: SweepConfig) -> pd.DataFrame:
+def _history_table(tracker: _BestTracker, config: SweepParams) -> pd.DataFrame:
     parts = []
     for epoch, rec in enumerate(tracker.history, start=1):
         for head in ("probe", "interp"):

@@ -13,13 +13,13 @@ from iis_study.core.calibration import DrawResults
 from iis_study.core.config import ScoringParams
 from iis_study.core.convergence import ReferenceProbe
 from iis_study.core.features import FeatureSet
-from iis_study.core.heads import SweepConfig, SweepResult
+from iis_study.core.heads import SweepParams, SweepResult
 from iis_study.core.nulls import ConceptDraws
 from iis_study.core.results import Scores
 
 
 def train_interpreters(
-    features: FeatureSet, feature_info: dict[str, Any], sweep: SweepConfig, concept_draws: ConceptDraws,
+    features: FeatureSet, feature_info: dict[str, Any], sweep: SweepParams, concept_draws: ConceptDraws,
     **concepts: ConceptSet,
 ) -> tuple[SweepResult | DrawResults, ...]:
     """Every head of one representation, one batched solve: :func:`~iis_study.core.study.train_representation`."""
