@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+DATA_DIR = "data"  # the study's data folder inside the project (--data-dir: data/<env> for an environment)
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def adam_table(revision: str, doc: str, prefix: str) -> dict[str, tuple[float, f
 
 
 def compare(project: Path, adam: dict[str, tuple[float, float, float]]) -> str:
-    scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
+    scores = pd.read_csv(project / DATA_DIR / "08_reporting" / "iis_scores.csv")
     # draw 0's IIS: the concepts the Adam run scored (the mean over concept draws is in iis_scores.csv's `iis`)
     value = "iis_draw0" if "iis_draw0" in scores else "iis"
     wide = scores.pivot_table(index="representation", columns="concept_type", values=value, sort=False)
@@ -73,9 +75,12 @@ def main() -> None:
     ap.add_argument("--revision", default="5d8afc7")
     ap.add_argument("--doc", default="docs/cifar10_study.md")
     ap.add_argument("--prefix", default="cifar10")
+    ap.add_argument("--data-dir", default="data/cifar10", help="the study's data folder inside the project")
     ap.add_argument("--update", metavar="FILE")
     ap.add_argument("--check", metavar="FILE")
     args = ap.parse_args()
+    global DATA_DIR
+    DATA_DIR = args.data_dir
     table = compare(Path(args.project), adam_table(args.revision, args.doc, args.prefix))
     target = args.update or args.check
     if not target:

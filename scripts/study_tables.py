@@ -33,13 +33,15 @@ from pathlib import Path
 
 import pandas as pd
 
+DATA_DIR = "data"  # the study's data folder inside the project (--data-dir: data/<env> for an environment)
+
 
 def _f(x: float) -> str:
     return f"{x:.3f}"
 
 
 def representation_table(project: Path) -> str:
-    scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
+    scores = pd.read_csv(project / DATA_DIR / "08_reporting" / "iis_scores.csv")
     label = "representation" if "representation" in scores else "backbone"
     types = list(pd.unique(scores["concept_type"]))
     convex = "estimator" in scores and (scores["estimator"] == "convex").all()
@@ -51,7 +53,7 @@ def representation_table(project: Path) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in scores.groupby(label, sort=False):
         first = rows.iloc[0]
-        info = project / "data" / "04_feature" / str(first["backbone"]) / "feature_info.json"
+        info = project / DATA_DIR / "04_feature" / str(first["backbone"]) / "feature_info.json"
         dim = json.loads(info.read_text())["dim"] if info.is_file() else "?"
         std = first["accuracy_linear_probe_std"]
         cells = [str(name), str(dim), _f(first["accuracy_linear_probe"]) + ("" if pd.isna(std) else f" ± {_f(std)}")]
@@ -91,7 +93,7 @@ def _coef(entry: dict) -> str:
 def correlation_table(project: Path, methods: tuple[str, ...] = ("pearson", "spearman")) -> str:
     """One row per (scope, group, score, method): each concept type's ``r [interval], p_perm``; the interval
     column says how it was made ("too few representations": none)."""
-    scopes = json.loads((project / "data" / "08_reporting" / "correlation_scopes.json").read_text())
+    scopes = json.loads((project / DATA_DIR / "08_reporting" / "correlation_scopes.json").read_text())
     groups = scopes["groups"]
     types = list(groups[0]["correlation"])
     head = ["scope", "group", "n", "score", "method", *types, "interval"]
@@ -121,7 +123,7 @@ def correlation_table(project: Path, methods: tuple[str, ...] = ("pearson", "spe
 def nulls_table(project: Path) -> str:
     """One row per (representation, concept type): the IIS over concept draws with its two-level interval,
     the spread by source, and each null's IIS with the excess over it and the excess's interval."""
-    scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
+    scores = pd.read_csv(project / DATA_DIR / "08_reporting" / "iis_scores.csv")
     label = "representation" if "representation" in scores else "backbone"
     kinds = [k for k in ("random", "rotated", "gaussian") if f"iis_null_{k}" in scores]
     level = f"{100 * float(scores['ci'].iloc[0]):g}%" if "ci" in scores else "95%"
@@ -177,7 +179,10 @@ def main() -> None:
     parser.add_argument("--update", metavar="FILE", help="rewrite the marked table blocks of FILE")
     parser.add_argument("--check", metavar="FILE", help="exit 1 if the marked table blocks of FILE differ")
     parser.add_argument("--prefix", default="default", help="marker prefix (default: default)")
+    parser.add_argument("--data-dir", default="data", help="the study's data folder (data/<env> for an environment)")
     args = parser.parse_args()
+    global DATA_DIR
+    DATA_DIR = args.data_dir
     project = Path(args.project)
     tables = {"representations": representation_table(project), "correlations": correlation_table(project),
               "nulls": nulls_table(project)}

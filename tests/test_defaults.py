@@ -23,6 +23,7 @@ from iis_study.core.config import (
     GalleryParams,
     ScoringParams,
     SplitParams,
+    WeightSparsityParams,
 )
 from iis_study.core.data import DatasetParams
 from iis_study.core.heads import SweepParams
@@ -35,7 +36,7 @@ CONF = ROOT / "conf" / "base"
 BLOCKS: dict[str, type[Params]] = {
     "dataset": DatasetParams, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
     "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
-    "fine_tuning": FineTuningParams,
+    "fine_tuning": FineTuningParams, "weight_sparsity": WeightSparsityParams,
 }
 # data, not defaults
 SKIPPED = {"backbones", "families"}

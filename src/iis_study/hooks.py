@@ -28,6 +28,14 @@ def mlflow_settings(config_loader: Any) -> dict[str, Any]:
     return TrackingParams.from_params((conf or {}).get("tracking")).to_dict()
 
 
+def parent_run_name(env: str | None, pipelines: list[str] | None, run_id: str | None) -> str:
+    """The study's MLflow parent run name: the environment (``base`` for conf/base's study, run as ``local``) and
+    the pipelines (``study`` for the default), then the session id: ``cifar10 · study · 2026-12-02T17.36.10``."""
+    where = "base" if env in (None, "", "local") else env
+    what = "+".join("study" if p == "__default__" else p for p in (pipelines or ["__default__"]))
+    return " · ".join(part for part in (where, what, run_id or "") if part)
+
+
 class StudyConfigHook:
     """Make the catalog's representations the expanded ones (the registry reads its own parameters)."""
 
@@ -76,11 +84,14 @@ class ValidationHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        from .validation import check_dataset_source, check_pipeline_matches, validate_study
+        from .validation import check_dataset_source, check_inputs_exist, check_pipeline_matches, validate_study
 
         check_dataset_source(self._params, self._globals)
         validate_study(self._params, set(run_params.get("pipeline_names") or ["__default__"]))
         check_pipeline_matches(self._params, pipeline, self._env, run_params)
+        from kedro.framework.project import pipelines as registry
+
+        check_inputs_exist(pipeline, catalog, self._env, registry)
 
 
 class MlflowTrackingHook:
@@ -116,8 +127,7 @@ class MlflowTrackingHook:
             return
         from .tracking import StudyTracker
 
-        names = run_params.get("pipeline_names") or ["__default__"]
-        run_name = f"{'+'.join(names)} {run_params.get('run_id') or ''}".strip()
+        run_name = parent_run_name(self._env, run_params.get("pipeline_names"), run_params.get("run_id"))
         try:
             self.tracker = StudyTracker(self._params, self._project_path or Path.cwd(), run_name, self._env,
                                         settings=self._settings)
@@ -137,6 +147,8 @@ class MlflowTrackingHook:
     def _track_node(self, node: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Log every output whose catalog entry asks for it (``metadata: {mlflow: {log: ...}}`` in
         catalog.yml; see :meth:`iis_study.tracking.StudyTracker.log_output`)."""
+        if "images" in inputs and "splits" in inputs:  # the image set a node read: fine-tuning's dataset input
+            self.tracker.note_images(inputs["images"], inputs["splits"])
         for name, value in outputs.items():
             what = self._mlflow_metadata(name)
             if what:

@@ -118,6 +118,7 @@ class StudyTracker:
         ).info.run_id
         self.children: dict[str, str] = {}
         self._datasets: set[tuple[str, str]] = set()
+        self.images: tuple[str, str] | None = None  # (name, fingerprint) of the image set the run read
         self._log_resolved_params(self.parent, params)
         study = {
             "dataset": params.get("dataset"),
@@ -205,6 +206,11 @@ class StudyTracker:
             self.log_dataset(self.child(backbone), info["dataset_name"], info["dataset_fingerprint"])
             self.log_dataset(self.parent, info["dataset_name"], info["dataset_fingerprint"])
 
+    def note_images(self, images: Any, splits: Any) -> None:
+        """Remember the image set of the split table (the same fingerprint the features' runs log), once."""
+        if self.images is None:
+            self.images = (images.name, images.subset(splits["index"].to_numpy()).fingerprint())
+
     def log_dataset(self, run_id: str, name: str, fingerprint: str) -> None:
         """The image set (train + val + test of the split table) as an MLflow dataset input, its
         digest the image set's fingerprint (paths, sizes, times and labels, or pixel contents)."""
@@ -268,7 +274,8 @@ class StudyTracker:
             for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected",
                       "certified", "max_grad", "iterations", "budget_delta", "n_draws", "iis_sd_test", "iis_sd_draw",
                       "iis_share_draw", *(f"iis_{w}_{k}{e}" for k in NULL_KINDS for w, e in
-                                          (("null", ""), ("excess", ""), ("excess", "_ci_low"), ("excess", "_ci_high"))))
+                                          (("null", ""), ("excess", ""), ("excess", "_ci_low"), ("excess", "_ci_high"))),
+                      *(k for k in scores if k.startswith("anec_") and k != "anec_certified"))
             if scores.get(k) is not None
         ]
         self.client.log_batch(self.child(backbone), metrics=metrics)
@@ -322,6 +329,9 @@ class StudyTracker:
             rid = run.info.run_id
             self._log_resolved_params(rid, self.params)
             self.children[f"fine_tuning:{bb}:{lam:g}:{seed}"] = rid
+            if self.images is not None:  # the images it was fine-tuned and scored on, as the study's runs show them
+                self.log_dataset(rid, *self.images)
+                self.log_dataset(self.parent, *self.images)
             ft = self.params.get("fine_tuning") or {}
             self._log_params(rid, _flat("", {"backbone": bb, "lam": lam, "seed": seed, "train": ft.get("train", {})}))
             metrics = []

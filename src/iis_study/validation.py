@@ -149,3 +149,33 @@ def check_pipeline_matches(params: dict[str, Any], pipeline: Any, env: str | Non
             + f"{env or '<env>'} when creating a session in Python, and put changes to backbones, families, "
             "concepts.types, gallery or fine_tuning.backbones in conf/<env>/parameters.yml, not --params"
         )
+
+
+PIPELINE_ORDER = ("data_processing", "feature_extraction", "concepts", "interpretability", "reporting", "fine_tuning")
+
+
+def check_inputs_exist(pipeline: Any, catalog: Any, env: str | None, registry: Any) -> None:
+    """A partial run (``--pipeline``, ``--from-nodes``, ...) whose inputs this environment has not written yet stops
+    before any node, naming the pipeline that writes them (``registry``: the project's pipelines by name)."""
+    missing = []
+    for name in sorted(pipeline.inputs()):
+        if name.startswith("params:") or name == "parameters":
+            continue
+        try:
+            there = catalog.exists(name)
+        except Exception:  # a dataset that cannot tell: let the run decide
+            there = True
+        if not there:
+            missing.append(name)
+    if not missing:
+        return
+    writers = {
+        name: next((p for p in PIPELINE_ORDER if p in registry and name in registry[p].all_outputs()), None)
+        for name in missing
+    }
+    first = next((p for p in PIPELINE_ORDER if p in writers.values()), None)
+    flag = f" --env {env}" if env and env != "local" else ""
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    hint = (f"run `kedro run{flag} --pipeline {first}` first (or the whole study: `kedro run{flag}`)" if first
+            else f"run the whole study first: `kedro run{flag}`")
+    raise ValueError(f"this run needs {shown}, which this environment ({env or 'base'}) has not written yet: {hint}")

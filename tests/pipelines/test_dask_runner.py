@@ -138,9 +138,9 @@ def _mlflow_store(project: Path) -> dict:
     exp = client.get_experiment_by_name("iis_study")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("iis_study.level") == "study"
-               and r.info.run_name.startswith("__default__ ")]
+               and " · study · " in r.info.run_name]  # "<env> · study · <session id>"
     parent = max(parents, key=lambda r: r.info.start_time)  # other tests may add runs to tiny_run's store
-    ids = {parent.info.run_id: parent.info.run_name.split()[0]}
+    ids = {parent.info.run_id: "study"}
     ids.update({r.info.run_id: r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") in ids})
 
     def artifacts(run_id: str, path: str | None = None) -> list[str]:
@@ -167,7 +167,7 @@ def _mlflow_store(project: Path) -> dict:
 
 def test_mlflow_store_after_a_dask_run_matches_the_sequential_run(tiny_run, dask_run):
     seq, dsk = _mlflow_store(tiny_run), _mlflow_store(dask_run[0])
-    assert sorted(seq) == sorted(dsk) == sorted(["__default__", *TINY["backbones"]])
+    assert sorted(seq) == sorted(dsk) == sorted(["study", *TINY["backbones"]])
     for name in seq:
         a, b = seq[name], dsk[name]
         assert a["status"] == b["status"] == "FINISHED", name
@@ -177,7 +177,7 @@ def test_mlflow_store_after_a_dask_run_matches_the_sequential_run(tiny_run, dask
         assert a["artifacts"] == b["artifacts"], name
         _assert_same(a["metrics"], b["metrics"], f"{name} metrics")
     assert "features.cache_key" in dsk["lite0"]["params"] and "prototype.iis" in dsk["lite0"]["metrics"]
-    assert "correlation.json" in dsk["__default__"]["artifacts"]
+    assert "correlation.json" in dsk["study"]["artifacts"]
 
 
 def test_worker_logs_reach_the_main_process(dask_run):

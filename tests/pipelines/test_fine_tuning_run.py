@@ -42,3 +42,11 @@ def test_fine_tuning_pipeline(tiny_run):
     hist = client.get_metric_history(runs[0].info.run_id, "accuracy_test")
     assert sorted(h.step for h in hist) == [0, 1]
     assert client.list_artifacts(runs[0].info.run_id, "checkpoint")
+    # each fine-tuning run carries the images it was fine-tuned on, the study's image set (same digest)
+    study_runs = client.search_runs([exp.experiment_id], filter_string="tags.`iis_study.level` = 'backbone'")
+    study_digests = {d.dataset.digest for r in study_runs for d in r.inputs.dataset_inputs}
+    for run in runs:
+        digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
+        assert len(digests) == 1 and digests <= study_digests, (digests, study_digests)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert " · fine_tuning · " in parent.info.run_name  # "<env> · <pipeline> · <session id>"

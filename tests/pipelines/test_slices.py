@@ -25,6 +25,7 @@ from iis_study.core.config import (
     GalleryParams,
     ScoringParams,
     SplitParams,
+    WeightSparsityParams,
 )
 from iis_study.core.data import load_dataset
 from iis_study.core.features import FeatureCache, FeatureSet, SplitFeatures
@@ -117,7 +118,8 @@ def test_interpretability_slice():
     out = _run(
         interpretability.create_pipeline(["a"], ["prototype"]),
         **{"a.features": _synthetic_features(), "a.feature_info": {"num_classes": 3}, "a.concepts_prototype": space,
-           "a.concept_draws": draws, "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(n_boot=20)},
+           "a.concept_draws": draws, "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(n_boot=20),
+           "params:weight_sparsity": WeightSparsityParams(path_length=8)},
     )
     scores, curve = out["a.scores_prototype"], out["a.curve_prototype"]
     assert 0 <= scores["accuracy_linear_probe"] <= 1 and "iis" in scores and "probe_converged" in scores
@@ -126,6 +128,12 @@ def test_interpretability_slice():
         assert scores[f"iis_excess_{kind}"] == pytest.approx(scores["iis"] - scores[f"iis_null_{kind}"])
         assert scores[f"iis_excess_{kind}_ci_low"] <= scores[f"iis_excess_{kind}"] <= scores[f"iis_excess_{kind}_ci_high"]
     assert "iis_null_gaussian" not in scores
+    # weight sparsity on the same concept sets: NEC-matched accuracy beside each null's
+    for kind in ("random", "rotated"):
+        assert 0 <= scores[f"anec_5_null_{kind}"] <= 1
+        assert scores[f"anec_avg_excess_{kind}"] == pytest.approx(scores["anec_avg"] - scores[f"anec_avg_null_{kind}"])
+    path = out["a.weight_sparsity_path"]
+    assert set(path["set"]) == {"draw/prototype/0", *draws.vectors} and (path[path["step"] == 0]["nec"] == 0).all()
     assert set(out["a.draws_prototype"].correct) == set(draws.names("prototype"))
     # each draw and null carries its own heads' predictions, not draw 0's
     own = out["a.sweep_prototype"].test_correct
@@ -149,11 +157,12 @@ def test_the_library_call_and_the_pipeline_give_the_same_record():
            "a.concepts_prototype": stored_space("vectors", "prototype", vectors=vectors, element_ids=torch.arange(5)),
            "a.concept_draws": build_draws(torch.randn(40, 8, generator=g), {"prototype": vectors}, 5, seed=0, draws=1,
                                           nulls=(), draw_type={}),
-           "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams()},
+           "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(),
+           "params:weight_sparsity": WeightSparsityParams(path_length=8)},
     )
     split = {s: (feats.split(s).x.numpy(), feats.split(s).y.numpy()) for s in ("train", "val", "test")}
     report = interpretability_score(split["train"], split["val"], split["test"], vectors.numpy(), num_classes=3,
-                                    sweep_config=TINY_SWEEP)
+                                    sweep_config=TINY_SWEEP, weight_sparsity={"path_length": 8})
     pipeline = out["a.scores_prototype"]
     assert isinstance(pipeline, Scores) and isinstance(report.scores, Scores)
     assert list(report.scores.to_dict()) == list(pipeline.to_dict())

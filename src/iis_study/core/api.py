@@ -29,10 +29,12 @@ import torch
 
 from . import study
 from .concepts import cluster_vectors, prototype_vectors
-from .config import ConceptParams, ScoringParams
+from .calibration import DrawResults
+from .config import ConceptParams, ScoringParams, WeightSparsityParams
 from .heads import ConceptSpace, Split, SweepParams, SweepResult
 from .params import block_values
 from .results import Scores
+from .weight_sparsity import elastic_net_paths
 
 __all__ = ["ScoreReport", "interpretability_score"]
 
@@ -130,6 +132,7 @@ def interpretability_score(
     num_classes: int | None = None,
     sweep_config: SweepParams | Mapping[str, Any] | None = None,
     scoring: ScoringParams | Mapping[str, Any] | None = None,
+    weight_sparsity: WeightSparsityParams | Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> ScoreReport:
     """IIS of a representation given its features, with interval, curve and convergence record.
@@ -149,6 +152,8 @@ def interpretability_score(
             the convex heads).
         scoring: the bootstrap over test images (a ``ScoringParams`` or a ``scoring`` block: ``n_boot``,
             ``seed``, ``ci``; default: the study's).
+        weight_sparsity: the final layer's elastic-net path, NEC and ANEC (a ``weight_sparsity`` block; default:
+            the study's; ``{"enabled": False}`` skips it). Concept vectors only.
     """
     splits = {name: _split(name, pair) for name, pair in (("train", train), ("val", val), ("test", test))}
     dims = {s.x.shape[1] for s in splits.values()}
@@ -160,5 +165,10 @@ def interpretability_score(
     space.validate(dims.pop())
     results, _ = study.train_splits(splits, k, sweep_config, {"concepts": space}, progress=progress)
     reference = study.reference_for_splits(splits, k)
-    scores, curve = study.score_representation(results["concepts"], reference, scoring)
+    ws = WeightSparsityParams.from_params(weight_sparsity or {})
+    paths, one = None, DrawResults(correct={}, certified={}, draws=1, nulls=(), concept_type="concepts")
+    if ws.enabled and space.kind == "vectors":
+        paths = elastic_net_paths(splits["train"], splits["val"], splits["test"], {"draw/concepts/0": space.vectors},
+                                  k, ws)
+    scores, curve = study.score_representation(results["concepts"], reference, scoring, one, paths, ws)
     return ScoreReport(scores=scores, curve=curve, result=results["concepts"])

@@ -209,6 +209,35 @@ class ScoringParams(Params):
 
 
 @block
+class WeightSparsityParams(Params):
+    """``weight_sparsity``: the elastic-net path of the final layer on the IIS's concept activations, and NEC /
+    ANEC, the concept-bottleneck papers' weight sparsity (:mod:`~iis_study.core.weight_sparsity`)."""
+
+    WHERE = "weight_sparsity"
+    enabled: bool = True
+    nec_levels: tuple[float, ...] = (5, 10, 15, 20, 25, 30)  # ANEC-avg over these; ANEC-<first> reported too
+    alpha: float = 0.99  # the L1 share of the elastic net
+    path_length: int = 40  # strengths on the path (it stops once every set is past the largest NEC level)
+    min_ratio: float = 1e-4  # the path's smallest strength, relative to lambda_max
+    tolerance: float = 1e-4  # on the optimality residual (mean cross-entropy units)
+    max_iter: int = 5000
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"weight_sparsity.enabled must be true or false, got {self.enabled!r}")
+        bad = [v for v in self.nec_levels if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0]
+        if not self.nec_levels or bad:
+            raise ValueError(f"weight_sparsity.nec_levels must list positive NEC levels, got {self.nec_levels!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 < self.alpha <= 1:
+            raise ValueError(f"weight_sparsity.alpha (the L1 share) must be in (0, 1], got {self.alpha!r}")
+        check_int(self.path_length, "weight_sparsity.path_length", 2)
+        check_open_fraction(self.min_ratio, "weight_sparsity.min_ratio")
+        if not isinstance(self.tolerance, int | float) or self.tolerance <= 0:
+            raise ValueError(f"weight_sparsity.tolerance must be > 0, got {self.tolerance!r}")
+        check_int(self.max_iter, "weight_sparsity.max_iter", 1)
+
+
+@block
 class CorrelationParams(Params):
     """``correlation``: accuracy vs IIS across representations, per scope (METHOD §6).
 

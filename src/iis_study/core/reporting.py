@@ -343,6 +343,20 @@ def nulls_figure(iis_scores: pd.DataFrame):
     return plots.iis_with_nulls(_labelled(iis_scores))
 
 
+def anec_nulls_figure(iis_scores: pd.DataFrame):
+    """Each representation's weight-sparsity accuracy (ANEC-avg) beside its nulls', per concept type; a placeholder
+    when the study ran no weight-sparsity path."""
+    from . import plots
+
+    if "anec_avg" not in iis_scores or iis_scores["anec_avg"].isna().all():
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no weight-sparsity path in this study", ha="center", va="center")
+        return fig
+    return plots.iis_with_nulls(_labelled(iis_scores), score="anec_avg", label="ANEC-avg (test accuracy)")
+
+
 def sparsity_figure(sparsity_curves: pd.DataFrame):
     """ARR against sparsity for every representation, per concept type."""
     from . import plots

@@ -16,13 +16,14 @@ import pandas as pd
 
 from .acquisition import ConceptSet
 from .calibration import DrawResults, calibrated_scores
-from .config import ScoringParams, sweep_config
+from .config import ScoringParams, WeightSparsityParams, sweep_config
 from .convergence import ReferenceProbe, budget_check, convergence_report, reference_probe
 from .data import SPLITS
 from .features import FeatureSet
 from .heads import ConceptSpace, Split, SweepParams, SweepResult, fit_heads
 from .nulls import ConceptDraws
 from .results import Scores
+from .weight_sparsity import PATH_COLUMNS, elastic_net_paths, weight_sparsity_scores
 from .scores import plain_scores, score_sweep
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,30 @@ def reference_for_splits(splits: Mapping[str, Split], num_classes: int) -> Refer
     return ref
 
 
+def weight_sparsity_path(
+    features: FeatureSet, feature_info: dict[str, Any], draws: ConceptDraws,
+    params: WeightSparsityParams | Mapping[str, Any] | None, concepts: Mapping[str, ConceptSet],
+) -> pd.DataFrame:
+    """The elastic-net path of the final layer on every concept set of one representation, its draws and nulls
+    (:func:`~iis_study.core.weight_sparsity.elastic_net_paths`): the study's set of each concept type is
+    ``draw/<type>/0``. Concept types that are not vectors (end-to-end, textual) have no path. Empty when
+    ``weight_sparsity.enabled`` is false."""
+    params = WeightSparsityParams.from_params(params or {})
+    if not params.enabled:
+        return pd.DataFrame(columns=PATH_COLUMNS)
+    sets = {f"draw/{t}/0": c.space.vectors for t, c in concepts.items()
+            if c.space.kind == "vectors" and c.space.vectors is not None}
+    sets.update(draws.vectors if draws else {})
+    splits = feature_splits(features)
+    logger.info("weight-sparsity path: %d concept sets x %d strengths", len(sets), params.path_length)
+    return elastic_net_paths(splits["train"], splits["val"], splits["test"], sets, int(feature_info["num_classes"]),
+                             params)
+
+
 def score_representation(
     result: SweepResult, probe_reference: ReferenceProbe, scoring: ScoringParams | Mapping[str, Any] | None = None,
-    draws: DrawResults | None = None,
+    draws: DrawResults | None = None, weight_sparsity: pd.DataFrame | None = None,
+    weight_sparsity_params: WeightSparsityParams | Mapping[str, Any] | None = None,
 ) -> tuple[Scores, pd.DataFrame]:
     """IIS, chance-corrected IIS, bootstrap interval, and the accuracy curve A(s) / ARR(s), with the
     training budget and the convergence record (probe against its reference, flat val curves).
@@ -114,7 +136,8 @@ def score_representation(
     each null's IIS and the excess over it stand beside it
     (:func:`~iis_study.core.calibration.calibrated_scores`); ``certified`` then covers every head of every draw
     and null (a set that missed is named in ``uncertified``). The curve, ``max_grad`` and ``iterations`` are
-    draw 0's."""
+    draw 0's. With ``weight_sparsity`` (the representation's path, :func:`weight_sparsity_path`) the type's
+    NEC-matched accuracies beside their nulls' (:func:`~iis_study.core.weight_sparsity.weight_sparsity_scores`)."""
     scoring = ScoringParams.from_params(scoring or {})
     scores, curve = score_sweep(result, n_boot=scoring.n_boot, seed=scoring.seed, ci=scoring.ci)
     scores["estimator"] = result.estimator
@@ -128,6 +151,9 @@ def score_representation(
         if missed:  # a draw or null set with a head beyond the tolerance, named beside draw 0's heads
             scores["uncertified"] = "; ".join([s for s in [scores.get("uncertified", "")] if s] + missed)
             logger.warning("concept draws / null sets NOT certified: %s; raise sweep.max_iter", ", ".join(missed))
+    if draws is not None and weight_sparsity is not None and len(weight_sparsity):
+        scores.update(weight_sparsity_scores(weight_sparsity, draws.concept_type, draws.draws, draws.nulls,
+                                             weight_sparsity_params))
     scores = plain_scores(scores)
     if result.certificate is None:
         if not scores["probe_converged"]:

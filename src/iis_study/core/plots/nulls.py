@@ -16,23 +16,25 @@ _NULL_LABELS = {
 }
 
 
-def iis_with_nulls(iis_scores: pd.DataFrame) -> Figure:
-    """One panel per concept type: per representation, the IIS over concept draws (with its two-level
-    interval) and the IIS of each null concept set (``iis_null_<kind>``, with the excess's interval
-    around it read as IIS - excess bounds), side by side."""
-    _require_columns(iis_scores, ["concept_type", "iis"], "iis_scores")
+def iis_with_nulls(iis_scores: pd.DataFrame, score: str = "iis", label: str = "IIS") -> Figure:
+    """One panel per concept type: per representation, the score over concept draws (with its two-level
+    interval) and the score of each null concept set (``<score>_null_<kind>``, with the excess's interval
+    around it read as score - excess bounds), side by side. ``score="anec_avg"``: the weight-sparsity
+    accuracy (ANEC-avg) of the concepts beside its nulls' (no interval: points only)."""
+    _require_columns(iis_scores, ["concept_type", score], "iis_scores")
     name = "representation" if "representation" in iis_scores else "backbone"
-    kinds = [k for k in _NULL_LABELS if f"iis_null_{k}" in iis_scores and iis_scores[f"iis_null_{k}"].notna().any()]
+    kinds = [k for k in _NULL_LABELS if f"{score}_null_{k}" in iis_scores and iis_scores[f"{score}_null_{k}"].notna().any()]
     rows = []
     for r in iis_scores.itertuples(index=False):
         rec = r._asdict()
         rows.append({"concept_type": rec["concept_type"], "representation": str(rec[name]), "what": "concepts",
-                     "value": rec["iis"], "lo": rec.get("iis_ci_low", np.nan), "hi": rec.get("iis_ci_high", np.nan)})
+                     "value": rec[score], "lo": rec.get(f"{score}_ci_low", np.nan),
+                     "hi": rec.get(f"{score}_ci_high", np.nan)})
         for k in kinds:
-            null = rec[f"iis_null_{k}"]
-            # the null's interval drawn as the excess interval moved onto the null: IIS - [excess bounds]
-            lo = rec["iis"] - rec.get(f"iis_excess_{k}_ci_high", np.nan)
-            hi = rec["iis"] - rec.get(f"iis_excess_{k}_ci_low", np.nan)
+            null = rec[f"{score}_null_{k}"]
+            # the null's interval drawn as the excess interval moved onto the null: score - [excess bounds]
+            lo = rec[score] - rec.get(f"{score}_excess_{k}_ci_high", np.nan)
+            hi = rec[score] - rec.get(f"{score}_excess_{k}_ci_low", np.nan)
             rows.append({"concept_type": rec["concept_type"], "representation": str(rec[name]),
                          "what": _NULL_LABELS[k], "value": null, "lo": lo, "hi": hi})
     data = pd.DataFrame(rows)
@@ -54,7 +56,7 @@ def iis_with_nulls(iis_scores: pd.DataFrame) -> Figure:
                         color=colors[what], ms=5, capsize=2, lw=1, label=what)
         ax.set_xticks(range(len(reps)))
         ax.set_xticklabels(reps, rotation=45, ha="right", fontsize=_SMALL)
-        ax.set_ylabel("IIS", fontsize=_FONT)
+        ax.set_ylabel(label, fontsize=_FONT)
         ax.set_title(f"{ctype} concepts and their nulls", fontsize=_FONT)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()

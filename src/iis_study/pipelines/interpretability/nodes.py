@@ -10,7 +10,7 @@ import pandas as pd
 from iis_study.core import study
 from iis_study.core.acquisition import ConceptSet
 from iis_study.core.calibration import DrawResults
-from iis_study.core.config import ScoringParams
+from iis_study.core.config import ScoringParams, WeightSparsityParams
 from iis_study.core.convergence import ReferenceProbe
 from iis_study.core.features import FeatureSet
 from iis_study.core.heads import SweepParams, SweepResult
@@ -26,13 +26,22 @@ def train_interpreters(
     return study.train_representation(features, feature_info, sweep, concepts, concept_draws)
 
 
+def fit_weight_sparsity(
+    features: FeatureSet, feature_info: dict[str, Any], concept_draws: ConceptDraws,
+    weight_sparsity: WeightSparsityParams, **concepts: ConceptSet,
+) -> pd.DataFrame:
+    """The final layer's elastic-net path on every concept set: :func:`~iis_study.core.study.weight_sparsity_path`."""
+    return study.weight_sparsity_path(features, feature_info, concept_draws, weight_sparsity, concepts)
+
+
 def fit_reference_probe(features: FeatureSet, feature_info: dict[str, Any]) -> ReferenceProbe:
     """The representation's L-BFGS reference probe: :func:`~iis_study.core.study.fit_reference`."""
     return study.fit_reference(features, feature_info)
 
 
 def score_interpreters(
-    result: SweepResult, draws: DrawResults, probe_reference: ReferenceProbe, scoring: ScoringParams
+    result: SweepResult, draws: DrawResults, probe_reference: ReferenceProbe, scoring: ScoringParams,
+    weight_sparsity_path: pd.DataFrame, weight_sparsity: WeightSparsityParams,
 ) -> tuple[Scores, pd.DataFrame]:
     """A concept type's scores beside its nulls, and its curve: :func:`~iis_study.core.study.score_representation`."""
-    return study.score_representation(result, probe_reference, scoring, draws)
+    return study.score_representation(result, probe_reference, scoring, draws, weight_sparsity_path, weight_sparsity)

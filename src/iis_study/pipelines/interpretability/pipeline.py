@@ -5,7 +5,7 @@ from collections.abc import Iterable
 from kedro.pipeline import Pipeline, node
 
 from ..namespaces import per_backbone
-from .nodes import fit_reference_probe, score_interpreters, train_interpreters
+from .nodes import fit_reference_probe, fit_weight_sparsity, score_interpreters, train_interpreters
 
 
 def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
@@ -25,12 +25,25 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
             [*(f"sweep_{t}" for t in sorted(types)), *(f"draws_{t}" for t in sorted(types))],  # as it returns them
             name="train_interpreters",
         ),
+        node(
+            fit_weight_sparsity,
+            {
+                "features": "features",
+                "feature_info": "feature_info",
+                "concept_draws": "concept_draws",
+                "weight_sparsity": "params:weight_sparsity",
+                **{ctype: f"concepts_{ctype}" for ctype in types},
+            },
+            "weight_sparsity_path",
+            name="fit_weight_sparsity",
+        ),
     ]
     for ctype in types:
         nodes.append(
             node(
                 score_interpreters,
-                [f"sweep_{ctype}", f"draws_{ctype}", "probe_reference", "params:scoring"],
+                [f"sweep_{ctype}", f"draws_{ctype}", "probe_reference", "params:scoring", "weight_sparsity_path",
+                 "params:weight_sparsity"],
                 [f"scores_{ctype}", f"curve_{ctype}"],
                 name=f"score_{ctype}_interpreters",
             )
@@ -40,4 +53,4 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
 
 def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
     """For every backbone and concept type: ``sweep_<type>``, ``draws_<type>``, ``scores_<type>``, ``curve_<type>``."""
-    return per_backbone(base_pipeline(list(concept_types)), backbones, shared_params=("sweep", "scoring"))
+    return per_backbone(base_pipeline(list(concept_types)), backbones, shared_params=("sweep", "scoring", "weight_sparsity"))

@@ -42,8 +42,13 @@ def plot_iis_vs_accuracy_scopes(iis_scores: pd.DataFrame, correlation_scopes: di
 
 
 def plot_iis_with_nulls(iis_scores: pd.DataFrame):
-    """Each representation's IIS beside its nulls (``reporting.nulls_figure``)."""
+    """Each representation's IIS beside its nulls: :func:`~iis_study.core.reporting.nulls_figure`."""
     return reporting.nulls_figure(iis_scores)
+
+
+def plot_anec_with_nulls(iis_scores: pd.DataFrame):
+    """Each representation's ANEC-avg beside its nulls': :func:`~iis_study.core.reporting.anec_nulls_figure`."""
+    return reporting.anec_nulls_figure(iis_scores)
 
 
 def plot_sparsity_curves(sparsity_curves: pd.DataFrame):

@@ -12,6 +12,7 @@ from .nodes import (
     plot_concept_gallery,
     plot_iis_vs_accuracy,
     plot_iis_vs_accuracy_scopes,
+    plot_anec_with_nulls,
     plot_iis_with_nulls,
     plot_sparsity_curves,
 )
@@ -70,6 +71,7 @@ def create_pipeline(
             ),
             node(plot_sparsity_curves, "sparsity_curves", "sparsity_curves_plot", name="plot_sparsity_curves"),
             node(plot_iis_with_nulls, "iis_scores", "iis_nulls_plot", name="plot_iis_with_nulls"),
+            node(plot_anec_with_nulls, "iis_scores", "anec_nulls_plot", name="plot_anec_with_nulls"),
         ]
     )
     if gallery_type and gallery_type in concept_types:

@@ -1,0 +1,102 @@
+"""Weight sparsity (core/weight_sparsity.py): the elastic-net path against scikit-learn, NEC, ANEC and the nulls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iis_study.core.config import WeightSparsityParams
+from iis_study.core.heads import Split
+from iis_study.core.weight_sparsity import (
+    _fista,
+    accuracy_at_nec,
+    anec,
+    elastic_net_paths,
+    weight_sparsity_scores,
+)
+
+
+def _problem(seed: int = 0, n: int = 300, m: int = 12, k: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    a = torch.randn(n, m, generator=g, dtype=torch.float64)
+    a[:, :k] += 1.5 * F.one_hot(y, k).double()  # the first k columns carry the classes
+    return (a - a.mean(0)) / a.std(0), y
+
+
+def test_one_solve_matches_scikit_learns_elastic_net():
+    """The objective mean CE + λ(α‖W‖₁ + (1-α)/2‖W‖²), bias free, is scikit-learn's with C = 1/(Nλ), l1_ratio = α."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    a, y = _problem()
+    n, m, k, alpha, lam = a.shape[0], a.shape[1], 3, 0.9, 0.02
+    design = torch.cat([a, torch.ones(n, 1, dtype=a.dtype)], 1)
+    lip = 0.5 * torch.linalg.eigvalsh(design.T @ design / n)[-1]
+    w, b, kkt, _ = _fista(a.unsqueeze(0), F.one_hot(y, k).double(), torch.zeros(1, k, m, dtype=a.dtype),
+                          torch.zeros(1, k, dtype=a.dtype), torch.tensor([lam], dtype=a.dtype), alpha,
+                          lip.view(1), tolerance=1e-9, max_iter=200_000)
+    assert float(kkt[0]) <= 1e-9
+    ref = sklearn.LogisticRegression(solver="saga", l1_ratio=alpha, C=1.0 / (n * lam),
+                                     tol=1e-12, max_iter=100_000).fit(a.numpy(), y.numpy())
+    np.testing.assert_allclose(w[0].numpy(), ref.coef_, atol=2e-4)
+    assert set(np.flatnonzero(np.abs(ref.coef_.ravel()) > 1e-6)) == set(np.flatnonzero(w[0].numpy().ravel()))
+    # the bias is free: the softmax is invariant to a shift, so compare centred biases
+    np.testing.assert_allclose(b[0].numpy() - b[0].numpy().mean(), ref.intercept_ - ref.intercept_.mean(), atol=2e-4)
+
+
+def _splits(seed: int = 0, d: int = 16, k: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in (240, 90, 90):
+        y = torch.arange(n) % k
+        x = torch.randn(n, d, generator=g) + 2.0 * F.one_hot(y, d).float()
+        out.append(Split(x=x, y=y))
+    return out
+
+
+def test_the_path_starts_empty_is_certified_and_batching_changes_nothing():
+    train, val, test = _splits()
+    g = torch.Generator().manual_seed(3)
+    sets = {f"s{i}": F.normalize(torch.randn(8, 16, generator=g), dim=1) for i in range(3)}
+    params = WeightSparsityParams(path_length=12)
+    both = elastic_net_paths(train, val, test, sets, 3, params)
+    assert list(both.groupby("set").size()) == [12, 12, 12]
+    assert (both[both["step"] == 0]["nec"] == 0).all()  # λ_max: every weight zero
+    assert (both["kkt"] <= params.tolerance).all()
+    assert both.groupby("set")["nec"].max().gt(0).all()
+    alone = elastic_net_paths(train, val, test, {"s1": sets["s1"]}, 3, params)
+    pd.testing.assert_frame_equal(both[both["set"] == "s1"].reset_index(drop=True), alone, atol=1e-6)
+
+
+def test_anec_selects_on_val_within_the_budget_and_reports_test():
+    path = pd.DataFrame({"step": [0, 1, 2, 3], "nec": [0.0, 4.0, 5.0, 9.0], "val_acc": [0.1, 0.6, 0.6, 0.9],
+                         "test_acc": [0.1, 0.55, 0.7, 0.95]})
+    assert accuracy_at_nec(path, 5) == 0.55  # tie on val at NEC <= 5: the sparser model
+    assert accuracy_at_nec(path, 10) == 0.95
+    assert accuracy_at_nec(path, 3) == 0.1
+    assert anec(path, (5, 10)) == (0.55, pytest.approx((0.55 + 0.95) / 2))
+
+
+def test_scores_average_draws_and_stand_beside_each_null():
+    rows = []
+    for name, acc in (("draw/prototype/0", 0.8), ("draw/prototype/1", 0.6), ("null/random/0", 0.5),
+                      ("null/random/1", 0.3), ("null/rotated.prototype/0", 0.7), ("null/rotated.prototype/1", 0.7),
+                      ("draw/cluster/0", 0.1)):
+        rows += [{"set": name, "step": 0, "nec": 0.0, "val_acc": 0.1, "test_acc": 0.1, "kkt": 0.0},
+                 {"set": name, "step": 1, "nec": 5.0, "val_acc": acc, "test_acc": acc, "kkt": 0.0}]
+    out = weight_sparsity_scores(pd.DataFrame(rows), "prototype", 2, ("random", "rotated"),
+                                 WeightSparsityParams(nec_levels=(5, 10)))
+    assert out["anec_5"] == pytest.approx(0.7) and out["anec_avg"] == pytest.approx(0.7)
+    assert out["anec_avg_sd_draw"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert out["anec_5_null_random"] == pytest.approx(0.4)
+    assert out["anec_avg_excess_rotated"] == pytest.approx(0.0)
+    assert out["anec_certified"]
+
+
+def test_bad_parameters_name_the_block():
+    with pytest.raises(ValueError, match="weight_sparsity.alpha"):
+        WeightSparsityParams(alpha=0.0)
+    with pytest.raises(ValueError, match="weight_sparsity.nec_levels"):
+        WeightSparsityParams(nec_levels=())
