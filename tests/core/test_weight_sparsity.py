@@ -100,3 +100,11 @@ def test_bad_parameters_name_the_block():
         WeightSparsityParams(alpha=0.0)
     with pytest.raises(ValueError, match="weight_sparsity.nec_levels"):
         WeightSparsityParams(nec_levels=())
+
+
+def test_a_type_without_a_path_gets_no_numbers():
+    """End-to-end and textual concepts are not vectors the path can read: their scores carry no ANEC (not NaN, not
+    'uncertified')."""
+    paths = pd.DataFrame({"set": ["draw/prototype/0"], "step": [0], "nec": [0.0], "val_acc": [0.1], "test_acc": [0.1],
+                          "kkt": [0.0]})
+    assert weight_sparsity_scores(paths, "end_to_end", 1, ()) == {}

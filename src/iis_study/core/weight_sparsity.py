@@ -196,6 +196,8 @@ def weight_sparsity_scores(
         return [g[0] for g in got], [g[1] for g in got]
 
     real = [f"draw/{concept_type}/{r}" for r in range(draws)]
+    if not paths["set"].isin(real).any():  # a type with no path (end-to-end, textual): no weight-sparsity numbers
+        return {}
     k_first, k_avg = over(real)
     out: dict[str, Any] = {first: float(np.mean(k_first)) if k_first else float("nan"),
                            "anec_avg": float(np.mean(k_avg)) if k_avg else float("nan"),
