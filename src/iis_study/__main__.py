@@ -1,4 +1,5 @@
-"""Run the project as ``python -m iis_study`` (the same as ``kedro run``)."""
+"""Run the project as ``python -m iis_study`` / ``iis-study`` (the same as ``kedro run``); ``iis-study new``
+writes and runs a study of your own images and backbones (:mod:`iis_study.new_study`)."""
 
 import sys
 from pathlib import Path
@@ -9,7 +10,11 @@ from kedro.framework.project import configure_project
 
 
 def main(*args: Any, **kwargs: Any) -> Any:
-    """Entry point: configure the project and call its ``run`` command."""
+    """Entry point: ``new`` -> :func:`iis_study.new_study.main`; else configure the project and call its ``run``."""
+    if not args and len(sys.argv) > 1 and sys.argv[1] == "new":
+        from .new_study import main as new_study
+
+        sys.exit(new_study(sys.argv[2:]))
     package_name = Path(__file__).parent.name
     configure_project(package_name)
     kwargs["standalone_mode"] = not hasattr(sys, "ps1")
