@@ -101,7 +101,7 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'mlflow.db'}")
     exp = client.get_experiment_by_name("iis_study")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("iis_study.level") == "study" and "__default__" in r.info.run_name]
+    parents = [r for r in runs if r.data.tags.get("iis_study.level") == "study" and " · study · " in r.info.run_name]
     assert parents, [r.info.run_name for r in runs]
     parent = parents[-1]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -125,7 +125,7 @@ def _study_runs(tiny_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'mlflow.db'}")
     exp = client.get_experiment_by_name("iis_study")
     runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.data.tags.get("iis_study.level") == "study" and "__default__" in r.info.run_name][-1]
+    parent = [r for r in runs if r.data.tags.get("iis_study.level") == "study" and " · study · " in r.info.run_name][-1]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     return client, parent, children
 

@@ -42,8 +42,12 @@ PATH_COLUMNS = ["set", "step", "lam", "nec", "val_acc", "test_acc", "kkt", "iter
 
 
 def _design(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """The IIS heads' inputs for one concept set, ``LN(z·Cᵀ)`` (N, M), float32."""
-    return _precompute_base(x.float(), ConceptSpace(kind="vectors", vectors=vectors.float()))
+    """The IIS heads' inputs for one concept set, ``LN(z·Cᵀ)`` (N, M), float32; sharded features
+    (:class:`~iis_study.core.store.ShardedArray`) are read block by block (only the N x M activations are kept)."""
+    space = ConceptSpace(kind="vectors", vectors=vectors.float())
+    if hasattr(x, "iter_blocks"):
+        return torch.cat([_precompute_base(torch.as_tensor(r).float(), space) for _, r in x.iter_blocks()])
+    return _precompute_base(x.float(), space)
 
 
 def _kkt(grad_w: torch.Tensor, grad_b: torch.Tensor, w: torch.Tensor, lam_l1: torch.Tensor) -> torch.Tensor:
