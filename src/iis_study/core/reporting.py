@@ -322,17 +322,22 @@ def iis_vs_accuracy_figure(iis_scores: pd.DataFrame, correlation: dict[str, Any]
     return plots.iis_vs_accuracy(_labelled(iis_scores), correlation, score="iis")
 
 
+def _placeholder(text: str):
+    """A small figure that says why there is nothing to plot (a versioned save needs a file)."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(4, 1))
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    return fig
+
+
 def scope_figures(iis_scores: pd.DataFrame, correlation_scopes: dict[str, Any]) -> dict[str, Any]:
     """One IIS-vs-accuracy figure per correlation scope, keyed by its file name (``<scope>.png``)."""
     from . import plots
 
     figures = plots.iis_vs_accuracy_by_scope(_labelled(iis_scores), correlation_scopes, score="iis")
     if not figures:  # e.g. correlation.groups: [family] without families; a versioned save needs a file
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=(4, 1))
-        fig.text(0.5, 0.5, "no correlation scope with representations", ha="center", va="center")
-        figures = {"none": fig}
+        figures = {"none": _placeholder("no correlation scope with representations")}
     return {f"{name}.png": fig for name, fig in figures.items()}
 
 
@@ -349,11 +354,7 @@ def anec_nulls_figure(iis_scores: pd.DataFrame):
     from . import plots
 
     if "anec_avg" not in iis_scores or iis_scores["anec_avg"].isna().all():
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=(4, 1))
-        fig.text(0.5, 0.5, "no weight-sparsity path in this study", ha="center", va="center")
-        return fig
+        return _placeholder("no weight-sparsity path in this study")
     return plots.iis_with_nulls(_labelled(iis_scores), score="anec_avg", label="ANEC-avg (test accuracy)")
 
 
