@@ -84,6 +84,11 @@ def set_name(role: str, what: str, draw: int) -> str:
     return f"{role}/{what}/{int(draw)}"
 
 
+def null_set_name(kind: str, concept_type: str, draw: int) -> str:
+    """The key of null ``kind``'s set at ``draw`` for ``concept_type``'s score (the rotated null is per type)."""
+    return set_name("null", f"rotated.{concept_type}" if kind == "rotated" else kind, draw)
+
+
 @dataclass
 class ConceptDraws:
     """A representation's extra concept draws and null concept sets, by :func:`set_name`: (M, D) unit rows each.

@@ -21,7 +21,7 @@ from .convergence import ReferenceProbe, budget_check, convergence_report, refer
 from .data import SPLITS
 from .features import FeatureSet
 from .heads import ConceptSpace, Split, SweepParams, SweepResult, fit_heads
-from .nulls import ConceptDraws
+from .nulls import ConceptDraws, set_name
 from .results import Scores
 from .weight_sparsity import PATH_COLUMNS, elastic_net_paths, weight_sparsity_scores
 from .scores import plain_scores, score_sweep
@@ -114,7 +114,7 @@ def weight_sparsity_path(
     params = WeightSparsityParams.from_params(params or {})
     if not params.enabled:
         return pd.DataFrame(columns=PATH_COLUMNS)
-    sets = {f"draw/{t}/0": c.space.vectors for t, c in concepts.items()
+    sets = {set_name("draw", t, 0): c.space.vectors for t, c in concepts.items()
             if c.space.kind == "vectors" and c.space.vectors is not None}
     sets.update(draws.vectors if draws else {})
     splits = feature_splits(features)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .config import WeightSparsityParams
 from .heads import ConceptSpace, Split
 from .heads.activations import _precompute_base
+from .nulls import null_set_name, set_name
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def weight_sparsity_scores(
         got = [anec(paths[paths["set"] == n], levels) for n in names if (paths["set"] == n).any()]
         return [g[0] for g in got], [g[1] for g in got]
 
-    real = [f"draw/{concept_type}/{r}" for r in range(draws)]
+    real = [set_name("draw", concept_type, r) for r in range(draws)]
     if not paths["set"].isin(real).any():  # a type with no path (end-to-end, textual): no weight-sparsity numbers
         return {}
     k_first, k_avg = over(real)
@@ -208,8 +209,7 @@ def weight_sparsity_scores(
                            "anec_avg_sd_draw": float(np.std(k_avg, ddof=1)) if len(k_avg) > 1 else float("nan")}
     used = list(real)
     for kind in nulls:
-        what = f"rotated.{concept_type}" if kind == "rotated" else kind
-        names = [f"null/{what}/{r}" for r in range(draws)]
+        names = [null_set_name(kind, concept_type, r) for r in range(draws)]
         used += names
         n_first, n_avg = over(names)
         out[f"{first}_null_{kind}"] = float(np.mean(n_first)) if n_first else float("nan")
