@@ -108,3 +108,53 @@ def test_a_type_without_a_path_gets_no_numbers():
     paths = pd.DataFrame({"set": ["draw/prototype/0"], "step": [0], "nec": [0.0], "val_acc": [0.1], "test_acc": [0.1],
                           "kkt": [0.0]})
     assert weight_sparsity_scores(paths, "end_to_end", 1, ()) == {}
+
+
+def test_path_points_match_scikit_learn_on_correlated_concepts():
+    """Each path point (solved on a working set of concepts, certified on all) is scikit-learn's elastic-net fit
+    at the same strength: the same support (NEC) and the same val accuracy. Correlated concepts make the strong
+    rule leave out concepts that must enter (the working set has to grow)."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from iis_study.core.weight_sparsity import _design
+
+    train, val, _ = _splits(seed=1)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 16, generator=g)
+    vectors = F.normalize(base.repeat(4, 1) + 0.6 * torch.randn(12, 16, generator=g), dim=1)  # 12 concepts, 3 groups
+    params = WeightSparsityParams(path_length=10, min_ratio=1e-3, tolerance=1e-5, max_iter=50_000,
+                                  nec_levels=(100,))
+    path = elastic_net_paths(train, val, val, {"s": vectors}, 3, params)
+    a = _design(train.x, vectors).double().numpy()
+    mean, std = a.mean(0), a.std(0, ddof=1)
+    a, a_val = (a - mean) / std, (_design(val.x, vectors).double().numpy() - mean) / std
+    y = train.y.numpy()
+    onehot = np.eye(3)[y]
+    prior = onehot.mean(0)
+    lam_max = np.abs((prior - onehot).T @ a / len(y)).max() / params.alpha * (1 + 1e-6)  # written apart
+    for _, row in path[path["step"].isin([2, 4, 6, 8])].iterrows():
+        lam = lam_max * row["lam"]
+        ref = sklearn.LogisticRegression(solver="saga", l1_ratio=params.alpha, C=1.0 / (len(y) * lam),
+                                         tol=1e-12, max_iter=200_000).fit(a, y)
+        # within one weight: at a float32 tolerance of 1e-5 a weight at the edge of the threshold may go either way
+        assert row["nec"] == pytest.approx((np.abs(ref.coef_) > 1e-7).sum() / 3, abs=1.01 / 3), row["step"]
+        assert row["val_acc"] == pytest.approx((ref.predict(a_val) == val.y.numpy()).mean(), abs=1.5 / len(val.y))
+        assert row["kkt"] <= params.tolerance
+
+
+def test_a_working_set_that_starts_empty_grows_to_the_certified_solution():
+    """``_solve_at`` from an empty working set (every concept left out) reaches the solution it reaches with every
+    concept in: the concepts whose optimality condition fails are added until none does."""
+    from iis_study.core.weight_sparsity import _solve_at
+
+    a, y = _problem(seed=2)
+    a = a.float().unsqueeze(0)
+    onehot = F.one_hot(y, 3).float()
+    b0 = onehot.mean(0).log().view(1, 3)
+    lam = torch.tensor([0.02])
+    out = {}
+    for start in ("empty", "all"):
+        cand = torch.full((1, 12), start == "all")
+        out[start] = _solve_at(a, onehot, torch.zeros(1, 3, 12), b0.clone(), lam, cand, 0.9, 1e-5, 50_000)
+    w_empty, _, kkt, _, _ = out["empty"]
+    assert float(kkt[0]) <= 1e-5 and int((w_empty != 0).sum()) > 3
+    torch.testing.assert_close(w_empty, out["all"][0], atol=1e-4, rtol=0)
