@@ -9,7 +9,9 @@ Reads ``data/08_reporting/iis_scores.csv``, ``data/08_reporting/correlation_scop
     probe accuracy, its bootstrap interval over representations (whole families; none with fewer than
     5: "too few representations") and its permutation p-value; the ranking stability over concept draws;
   * one row per (representation, concept type): the IIS over concept draws, its spread by source, and
-    each null's IIS with the excess over it (``-nulls`` block, where the page has one).
+    each null's IIS with the excess over it (``-nulls`` block, where the page has one);
+  * one row per (representation, concept type): the IIS beside NEC / ANEC, the weight sparsity of the same
+    concepts, with each null's ANEC-avg (``-anec`` block).
 
 Usage::
 
@@ -149,6 +151,38 @@ def nulls_table(project: Path) -> str:
     return "\n".join(lines)
 
 
+def anec_table(project: Path) -> str:
+    """One row per (representation, concept type) with a weight-sparsity path: the IIS (activation sparsity) and
+    its excess over random directions beside ANEC-k at the first NEC level and ANEC-avg (weight sparsity, the
+    concept-bottleneck papers' measure), each null's ANEC-avg with the excess over it, and whether every path
+    point was certified."""
+    scores = pd.read_csv(project / DATA_DIR / "08_reporting" / "iis_scores.csv")
+    if "anec_avg" not in scores:
+        return "| no weight-sparsity numbers in this run (weight_sparsity.enabled: false) |\n|---|"
+    label = "representation" if "representation" in scores else "backbone"
+    first = next(c for c in scores if re.fullmatch(r"anec_[0-9.]+", c))
+    kinds = [k for k in ("random", "rotated", "gaussian") if f"anec_avg_null_{k}" in scores]
+    head = ["representation", "concepts", "A_std", "IIS", "IIS excess over random" if "iis_excess_random" in scores
+            else "", f"ANEC-{first[5:]}", "ANEC-avg"]
+    head = [h for h in head if h] + [f"null {k}: ANEC-avg, excess" for k in kinds] + ["path certified"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in scores.itertuples(index=False):
+        d = r._asdict()
+        if pd.isna(d.get("anec_avg")):
+            continue
+        cells = [str(d[label]), str(d["concept_type"]), _f(d["accuracy_linear_probe"]), _f(d["iis"])]
+        if "iis_excess_random" in scores:
+            cells.append(f"{d['iis_excess_random']:+.3f}")
+        sd = d.get("anec_avg_sd_draw")
+        cells += [_f(d[first]), _f(d["anec_avg"]) + ("" if pd.isna(sd) else f" ± {_f(sd)}")]
+        for k in kinds:
+            null = d.get(f"anec_avg_null_{k}")
+            cells.append("" if pd.isna(null) else f"{_f(null)}, {d[f'anec_avg_excess_{k}']:+.3f}")
+        cells.append("yes" if str(d.get("anec_certified")).lower() == "true" else "**no**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def replace_marked(text: str, name: str, table: str) -> str:
     """``text`` with the block between the ``study_tables:<name>`` markers replaced by ``table``."""
     pattern = re.compile(rf"(<!-- study_tables:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /study_tables:{re.escape(name)} -->)", re.S)
@@ -185,7 +219,7 @@ def main() -> None:
     DATA_DIR = args.data_dir
     project = Path(args.project)
     tables = {"representations": representation_table(project), "correlations": correlation_table(project),
-              "nulls": nulls_table(project)}
+              "nulls": nulls_table(project), "anec": anec_table(project)}
     target = args.update or args.check
     if not target:
         print(tables["representations"])
@@ -193,6 +227,8 @@ def main() -> None:
         print(tables["correlations"])
         print()
         print(tables["nulls"])
+        print()
+        print(tables["anec"])
         return
     path = Path(target)
     text = path.read_text()

@@ -29,7 +29,9 @@ def _project(tmp_path: Path) -> Path:
             "iis_chance_corrected": 0.6, "estimator": "convex", "certified": True, "max_grad": 1e-6, "iterations": 100,
             "heads_converged": True, "n_draws": 3, "iis_sd_test": 0.02, "iis_sd_draw": 0.01, "iis_share_draw": 0.1,
             "iis_null_random": 0.75, "iis_excess_random": -0.05 + 0.01 * i, "iis_excess_random_ci_low": -0.08,
-            "iis_excess_random_ci_high": -0.01,
+            "iis_excess_random_ci_high": -0.01, "anec_5": 0.6, "anec_avg": 0.7 + 0.01 * i, "anec_avg_sd_draw": 0.02,
+            "anec_5_null_random": 0.5, "anec_avg_null_random": 0.66, "anec_avg_excess_random": 0.04 + 0.01 * i,
+            "anec_certified": i != 2,
         })
     pd.DataFrame(rows).to_csv(rep / "iis_scores.csv", index=False)
     entry = {m: {"r": 0.5, "p": 0.2, "p_perm": 0.33, "ci_low": None, "ci_high": None} for m in ("pearson", "spearman", "kendall")}
@@ -44,7 +46,7 @@ def test_check_fails_on_a_stale_table_and_passes_after_update(tmp_path):
     project = _project(tmp_path)
     doc = tmp_path / "doc.md"
     blocks = "".join(f"<!-- study_tables:x-{k} -->\n| stale |\n<!-- /study_tables:x-{k} -->\n"
-                     for k in ("representations", "correlations", "nulls"))
+                     for k in ("representations", "correlations", "nulls", "anec"))
     doc.write_text("# page\n" + blocks)
     assert _run(str(project), "--check", str(doc), "--prefix", "x").returncode == 1
     assert _run(str(project), "--update", str(doc), "--prefix", "x").returncode == 0
@@ -53,6 +55,7 @@ def test_check_fails_on_a_stale_table_and_passes_after_update(tmp_path):
     assert "too few representations" in text and "p_perm 0.330" in text
     assert "| +0.50, p_perm 0.330 |" in text  # no interval on 3 representations
     assert "-0.030" in text  # an excess from the nulls block
+    assert "| c | prototype | 0.900 | 0.720 | -0.030 | 0.600 | 0.720 ± 0.020 | 0.660, +0.060 | **no** |" in text
     # one changed number in the run makes the page stale again
     scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
     scores.loc[0, "iis_null_random"] = 0.5
