@@ -158,3 +158,18 @@ def test_a_working_set_that_starts_empty_grows_to_the_certified_solution():
     w_empty, _, kkt, _, _ = out["empty"]
     assert float(kkt[0]) <= 1e-5 and int((w_empty != 0).sum()) > 3
     torch.testing.assert_close(w_empty, out["all"][0], atol=1e-4, rtol=0)
+
+
+def test_a_set_leaves_the_path_at_its_first_point_past_the_largest_level():
+    """Only NEC <= the largest level is ever read: each set's path ends at its first point past it (the sets of a
+    batch may end at different points), and what was solved before is unchanged."""
+    train, val, test = _splits()
+    g = torch.Generator().manual_seed(3)
+    sets = {f"s{i}": F.normalize(torch.randn(8, 16, generator=g), dim=1) for i in range(3)}
+    full = elastic_net_paths(train, val, test, sets, 3, WeightSparsityParams(path_length=12))
+    short = elastic_net_paths(train, val, test, sets, 3, WeightSparsityParams(path_length=12, nec_levels=(1,)))
+    for name, path in short.groupby("set"):
+        assert (path["nec"].iloc[:-1] <= 1).all() and path["nec"].iloc[-1] > 1, name
+        pd.testing.assert_frame_equal(path.reset_index(drop=True),
+                                      full[full["set"] == name].iloc[: len(path)].reset_index(drop=True), atol=1e-6)
+    assert short.groupby("set").size().lt(12).all()

@@ -11,8 +11,8 @@ study's concept sets, their concept draws and their nulls (:mod:`~iis_study.core
 The path. Columns are standardised on train; the objective per set at strength ``λ`` is the mean multinomial
 cross-entropy plus ``λ·(α‖W‖₁ + (1-α)/2·‖W‖²)`` (bias not penalised), a convex problem. ``λ`` runs down a
 geometric grid from ``λ_max`` (the smallest strength at which ``W = 0`` is optimal: every model there has NEC 0)
-towards ``min_ratio · λ_max`` (stopping once every set's NEC is past the largest NEC level: the denser end is never
-read), each solve warm-started from the last, every concept set of a representation in one batched computation
+towards ``min_ratio · λ_max`` (a set leaves the path at its first point past the largest NEC level: the denser end
+is never read), each solve warm-started from the last, every concept set of a representation in one batched computation
 (FISTA with adaptive restart). Each point is solved on a working set of concepts (those already non-zero and
 those the sequential strong rule keeps, grown by every concept whose optimality condition fails outside it, as
 glmnet does), with the step ``1/L`` from the largest eigenvalue of the working set's Gram matrix; the logits are
@@ -216,25 +216,29 @@ def _paths_of(
     rows = []
     top = max(params.nec_levels)
     lam_prev = lam_max
+    live = torch.ones(s, dtype=torch.bool)  # sets still at or below the largest NEC level
+    kkt, iters = torch.zeros(s, dtype=a_tr.dtype), torch.zeros(s, dtype=torch.long)
     for step, ratio in enumerate(ratios):
         lam = lam_max * float(ratio)
         # the sequential strong rule (Tibshirani et al. 2012): a concept whose gradient at the last point is
         # below α(2λ - λ_prev) in every class is likely to stay at zero; it starts outside the working set and
         # enters only if its optimality condition fails (the certificate is on every concept)
         strong = (grad.abs() >= (params.alpha * (2 * lam - lam_prev)).view(-1, 1, 1)).any(dim=1)
-        w, b, kkt, iters, grad = _solve_at(a_tr, y, w, b, lam, strong, params.alpha, params.tolerance,
-                                           params.max_iter)
+        idx = live.nonzero().flatten()
+        w[idx], b[idx], kkt[idx], iters[idx], grad[idx] = _solve_at(
+            a_tr[idx], y, w[idx], b[idx], lam[idx], strong[idx], params.alpha, params.tolerance, params.max_iter)
         lam_prev = lam
         nec = (w != 0).sum(dim=(1, 2)).double() / k
         acc = {}
         for split, a, labels in (("val", a_va, val.y), ("test", a_te, test.y)):
             pred = torch.baddbmm(b.unsqueeze(1), a, w.transpose(1, 2)).argmax(dim=-1)
             acc[split] = (pred == labels.long().view(1, -1)).double().mean(dim=1)
-        for i, name in enumerate(names):
-            rows.append({"set": name, "step": step, "lam": float(ratio), "nec": float(nec[i]),
+        for i in idx.tolist():
+            rows.append({"set": names[i], "step": step, "lam": float(ratio), "nec": float(nec[i]),
                          "val_acc": float(acc["val"][i]), "test_acc": float(acc["test"][i]),
                          "kkt": float(kkt[i]), "iterations": int(iters[i])})
-        if bool((nec > top).all()):  # every set is past the largest NEC level: the denser end is never read
+        live &= nec <= top  # past the largest NEC level: the rest of this set's path is never read
+        if not bool(live.any()):
             break
     worst = max(r["kkt"] for r in rows)
     if worst > params.tolerance:
