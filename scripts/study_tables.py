@@ -162,16 +162,16 @@ def anec_table(project: Path) -> str:
     label = "representation" if "representation" in scores else "backbone"
     first = next(c for c in scores if re.fullmatch(r"anec_[0-9.]+", c))
     kinds = [k for k in ("random", "rotated", "gaussian") if f"anec_avg_null_{k}" in scores]
-    head = ["representation", "concepts", "A_std", "IIS", "IIS excess over random" if "iis_excess_random" in scores
-            else "", f"ANEC-{first[5:]}", "ANEC-avg"]
-    head = [h for h in head if h] + [f"null {k}: ANEC-avg, excess" for k in kinds] + ["path certified"]
+    excess = "iis_excess_random" in scores
+    head = ["representation", "concepts", "A_std", "IIS"] + (["IIS excess over random"] if excess else [])
+    head += [f"ANEC-{first[5:]}", "ANEC-avg"] + [f"null {k}: ANEC-avg, excess" for k in kinds] + ["path certified"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in scores.itertuples(index=False):
         d = r._asdict()
         if pd.isna(d.get("anec_avg")):
             continue
         cells = [str(d[label]), str(d["concept_type"]), _f(d["accuracy_linear_probe"]), _f(d["iis"])]
-        if "iis_excess_random" in scores:
+        if excess:
             cells.append(f"{d['iis_excess_random']:+.3f}")
         sd = d.get("anec_avg_sd_draw")
         cells += [_f(d[first]), _f(d["anec_avg"]) + ("" if pd.isna(sd) else f" ± {_f(sd)}")]

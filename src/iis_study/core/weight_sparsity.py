@@ -11,14 +11,15 @@ study's concept sets, their concept draws and their nulls (:mod:`~iis_study.core
 The path. Columns are standardised on train; the objective per set at strength ``λ`` is the mean multinomial
 cross-entropy plus ``λ·(α‖W‖₁ + (1-α)/2·‖W‖²)`` (bias not penalised), a convex problem. ``λ`` runs down a
 geometric grid from ``λ_max`` (the smallest strength at which ``W = 0`` is optimal: every model there has NEC 0)
-towards ``min_ratio · λ_max`` (a set leaves the path at its first point past the largest NEC level: the denser end
-is never read), each solve warm-started from the last, every concept set of a representation in one batched computation
-(FISTA with adaptive restart). Each point is solved on a working set of concepts (those already non-zero and
-those the sequential strong rule keeps, grown by every concept whose optimality condition fails outside it, as
-glmnet does), with the step ``1/L`` from the largest eigenvalue of the working set's Gram matrix; the logits are
-laid out (sets, classes, images) so that the softmax runs over a contiguous axis. Each solve stops when its
-optimality residual over every concept (the largest entry of the minimum-norm subgradient, the bias gradient
-included) is within ``tolerance``; ``kkt`` records it, so a path point is certified as the convex heads are. Accuracy at NEC level k: among the path's models with NEC <= k, the one with the best val accuracy
+towards ``min_ratio · λ_max`` (a set leaves the path at its first point past the largest NEC level: the denser
+end is never read), each solve warm-started from the last, every concept set of a representation in one batched
+computation (FISTA with adaptive restart). Each point is solved on a working set of concepts (those already
+non-zero and those the sequential strong rule keeps, grown by every concept whose optimality condition fails
+outside it, as glmnet does), with the step ``1/L`` from the largest eigenvalue of the working set's Gram matrix;
+the logits are laid out (sets, classes, images) so that the softmax runs over a contiguous axis. Each solve stops
+when its optimality residual over every concept (the largest entry of the minimum-norm subgradient, the bias
+gradient included) is within ``tolerance``; ``kkt`` records it, so a path point is certified as the convex heads
+are. Accuracy at NEC level k: among the path's models with NEC <= k, the one with the best val accuracy
 (ties: the sparser), reported on test.
 """
 
@@ -71,7 +72,7 @@ def _fista(
 
     ``a`` (S, N, M) standardised activations, ``y_onehot`` (N, K). Returns ``w``, ``b``, the final residual
     (S,) and the iterations (S,). A set leaves the batch once its residual is within ``tolerance`` (the others
-    go on without it): each set's iterates are those it would have alone."""
+    go on without it); no set's step, momentum or restart depends on another's."""
     s_all = a.shape[0]
     a_t, y_t = a.transpose(1, 2).contiguous(), y_onehot.T.contiguous()
     w_out, b_out = w.clone(), b.clone()
