@@ -265,7 +265,7 @@ def convex_many(
     probe_designs = {s: FeatureDesign(xs[s], shift, scale, ys[s], dev) for s in splits}
     probe_fit = solve_logistic(
         probe_designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev,
-        keep_going=_path_rule(probe_designs["val"]) if config.l2_path else None,
+        keep_going=_path_rule(probe_designs["val"]) if config.l2_path else None, solver=config.solver,
     )
     probe_correct = {s: _correct(probe_designs[s], probe_fit.weight, probe_fit.bias)[0] for s in ("val", "test")}
     # the interpretation heads: concept spaces of equal M solved together
@@ -282,7 +282,7 @@ def convex_many(
         }
         fit = solve_logistic(
             designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev,
-            keep_going=_path_rule(designs["val"]) if config.l2_path else None,
+            keep_going=_path_rule(designs["val"]) if config.l2_path else None, solver=config.solver,
         )
         correct = {s: _correct(designs[s], fit.weight, fit.bias) for s in ("val", "test")}  # (T·P, L, N)
         n_p = len(keeps)

@@ -26,6 +26,7 @@ ConceptKind = Literal["vectors", "end_to_end", "projection"]
 _CONCEPT_KINDS = ("vectors", "end_to_end", "projection")
 _NORM_TOL = 1e-3
 ESTIMATORS = ("convex", "adam")
+SOLVERS = ("newton", "lbfgs")  # the convex estimator's solvers
 
 
 @block
@@ -37,7 +38,7 @@ class SweepParams(Params):
     head, LayerNorm without affine, as L2-penalised multinomial logistic regression to a certified
     optimum (:mod:`~iis_study.core.heads.convex`); ``adam`` trains the authors' head (learnable
     LayerNorm affine, Adam over the learning-rate grid, epoch selection on val). The convex estimator
-    reads ``sparsities``, ``l2_grid``, ``tolerance``, ``max_iter`` and ``device``; the Adam settings
+    reads ``sparsities``, ``l2_grid``, ``solver``, ``tolerance``, ``max_iter`` and ``device``; the Adam settings
     below (``learning_rates`` to ``gumbel_tau``) are the adam estimator's.
 
     Attributes:
@@ -51,7 +52,11 @@ class SweepParams(Params):
             unless val accuracy falls and rises again along the path). ``false``: every strength.
         tolerance: convex: a head is solved when the largest entry of the gradient of its per-sample
             objective is at most this (its certificate).
-        max_iter: convex: L-BFGS iterations per head and L2 strength before it is reported uncertified.
+        solver: convex: ``newton`` (truncated Newton, :mod:`~iis_study.core.heads.newton`: tens of steps;
+            a streamed design falls back to L-BFGS) or ``lbfgs`` (:mod:`~iis_study.core.heads.lbfgs`).
+            Same problem, same certificate.
+        max_iter: convex: solver iterations (Newton steps or L-BFGS iterations) per head and L2 strength
+            before it is reported uncertified.
         learning_rates: Adam learning rates tried for every head (selection on val).
         seeds: adam: one full set of heads per seed (init, data order, Gumbel noise). The convex
             estimator has one optimum per head and no random choice: it reports one "seed", 0.
@@ -88,6 +93,7 @@ class SweepParams(Params):
     estimator: str = "convex"
     l2_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)
     l2_path: bool = False
+    solver: str = "newton"
     tolerance: float = 1e-5
     max_iter: int = 6000
 
@@ -144,6 +150,8 @@ class SweepParams(Params):
         grid = [float(c) for c in self.l2_grid]
         if not grid or any(not math.isfinite(c) or c <= 0 for c in grid) or len(set(grid)) != len(grid):
             raise ValueError(f"sweep.l2_grid must hold distinct values > 0, got {tuple(self.l2_grid)}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"sweep.solver must be one of {SOLVERS}, got {self.solver!r}")
         if not (math.isfinite(float(self.tolerance)) and float(self.tolerance) > 0):
             raise ValueError(f"sweep.tolerance must be > 0, got {self.tolerance}")
         if int(self.max_iter) < 1:

@@ -33,6 +33,9 @@ from typing import Protocol
 
 import torch
 
+from . import newton
+from .datatypes import SOLVERS
+
 logger = logging.getLogger(__name__)
 
 ARMIJO = 1e-4
@@ -71,6 +74,7 @@ class LogisticFit:
     certified: torch.Tensor
     tol: float
     solved: torch.Tensor | None = None  # (G, L): heads the path reached (all when no path rule)
+    products: torch.Tensor | None = None  # (G, L): Hessian-vector products (the Newton solver)
 
 
 def _objective(
@@ -162,6 +166,7 @@ def solve_logistic(
     device: torch.device | str = "cpu",
     keep_going: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
+    solver: str = "newton",
 ) -> LogisticFit:
     """Solve every head of ``design`` x ``cs`` to ``tol`` (see the module docstring).
 
@@ -170,7 +175,14 @@ def solve_logistic(
     called after strength ``l`` with the solutions of the groups still on the path, returns which of
     them go on to the next strength (the default: all); a head not solved has NaN weights and
     gradient and ``solved`` false. Products and the certificate are float64.
+
+    ``solver``: ``newton`` (the truncated Newton of :mod:`.newton`, where the design is materialised and has
+    at most ``newton.MAX_FEATURES`` columns with its bias; else, e.g. a probe on 1,280 features or a streamed
+    design, L-BFGS) or ``lbfgs``. ``iterations`` counts Newton steps or L-BFGS
+    iterations; ``products`` the Hessian-vector products (Newton).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"sweep.solver must be one of {SOLVERS}, got {solver!r}")
     cs = [float(c) for c in cs]
     if not cs or any(not (c > 0) for c in cs):
         raise ValueError(f"the L2 grid (inverse strengths C) must be > 0, got {tuple(cs)}")
@@ -186,15 +198,25 @@ def solve_logistic(
     loss = torch.full((n_g, n_c), math.nan, dtype=f64, device=dev)
     gmax = torch.full((n_g, n_c), math.nan, dtype=f64, device=dev)
     groups = torch.arange(n_g, device=dev)
-    gram = _gram(design, groups)
+    dense = newton.dense_design(design, groups, k) if solver == "newton" and f + 1 <= newton.MAX_FEATURES else None
+    products = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
+    gram = _gram(design, groups) if dense is None else None
     start = torch.zeros(n_g, 1, k * (f + 1), dtype=f64, device=dev)
     for step, li in enumerate(order):
         inv_cn = inv_cn_all[li : li + 1]
-        pinv = _preconditioners(gram[groups], design.n, inv_cn, PRECOND_SCALE / k)
         th = start.clone()
         it_l = torch.zeros(len(groups), 1, dtype=torch.long, device=dev)
         stalled = torch.zeros(len(groups), 1, dtype=torch.bool, device=dev)
-        _lbfgs(design, th, groups, inv_cn, k, tol, int(max_iter), history, it_l, stalled, pinv, progress)
+        if dense is not None:
+            flat = th.view(len(groups), k, f + 1)
+            prod_l = torch.zeros(len(groups), dtype=torch.long, device=dev)
+            newton.newton(dense, flat, groups, float(inv_cn[0]), tol, int(max_iter), it_l[:, 0], stalled[:, 0], prod_l)
+            products[groups, li] = prod_l
+            if progress is not None:
+                progress(int(it_l.sum()))
+        else:
+            pinv = _preconditioners(gram[groups], design.n, inv_cn, PRECOND_SCALE / k)
+            _lbfgs(design, th, groups, inv_cn, k, tol, int(max_iter), history, it_l, stalled, pinv, progress)
         l_final, g_final = _objective(design, th, groups, inv_cn, k, f64)  # the certificate, float64
         theta[groups, li] = th[:, 0]
         iters[groups, li] = it_l[:, 0]
@@ -220,6 +242,7 @@ def solve_logistic(
         certified=solved & (gmax <= tol),
         tol=float(tol),
         solved=solved,
+        products=products,
     )
 
 
