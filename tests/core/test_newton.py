@@ -99,6 +99,20 @@ def test_a_wide_design_falls_back_to_lbfgs(monkeypatch) -> None:
     assert not called and bool(fit.certified.all()) and fit.products.sum() == 0
 
 
+def test_a_streamed_design_falls_back_to_lbfgs(monkeypatch) -> None:
+    """A design too large to hold is streamed in row blocks: Newton would build it whole, so L-BFGS solves it."""
+    from iis_study.core.heads import convex
+
+    train, _, _, space, k = _problem(seed=17)
+    monkeypatch.setattr(convex, "MATERIALISE_BYTES", 0)
+    design = _design(train, space)
+    assert not design.materialised
+    called = []
+    monkeypatch.setattr(newton_mod, "newton", lambda *a, **kw: called.append(1))
+    fit = solve_logistic(design, k, (1.0,), tol=1e-6, max_iter=2000, solver="newton")
+    assert not called and bool(fit.certified.all())
+
+
 def test_the_newton_estimator_selects_the_same_heads_as_lbfgs() -> None:
     train, val, test, space, k = _problem(seed=16)
     res = {

@@ -51,7 +51,7 @@ class Certificate:
         tolerance: the stopping rule: largest absolute entry of a head's gradient (per-sample objective).
         max_grad: the largest final gradient among the *selected* heads (probe and every sparsity).
         max_grad_all: the largest over every head of the grid (every L2 strength).
-        iterations: the most L-BFGS iterations any head of the grid took.
+        iterations: the most solver iterations (Newton steps or L-BFGS iterations) any head of the grid took.
         certified: every head of the grid (probe included) ended within ``tolerance``.
         uncertified: the heads that did not, as ``"probe C=..."`` / ``"s=0.9 C=..."``.
     """
@@ -100,6 +100,11 @@ class ConceptDesign:
         if self.groups * self.n * self.features * 8 <= MATERIALISE_BYTES:
             everyone = torch.arange(self.groups, device=self.a.device)
             self._cache[torch.float64] = self._build(everyone, slice(None), torch.float64)
+
+    @property
+    def materialised(self) -> bool:
+        """Whether the float64 design is built once and held (else it is streamed in row blocks)."""
+        return torch.float64 in self._cache
 
     def _build(self, groups: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         tg = self.type_of[groups]
@@ -161,6 +166,11 @@ class FeatureDesign:
         for start in range(0, self.n, step):
             rows = self.x[start : start + step]
             yield self._rows(rows, dtype), self.y[start : start + rows.shape[0]]
+
+    @property
+    def materialised(self) -> bool:
+        """Whether the float64 design is built once and held (else it is streamed in row blocks)."""
+        return torch.float64 in self._cache
 
     def _rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return ((rows.to(torch.float64) - self.shift) / self.scale).to(dtype).unsqueeze(0)

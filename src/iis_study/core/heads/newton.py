@@ -12,10 +12,8 @@ costs -- two batched matrix products -- and never builds the ``K(F+1)``-square H
 The products inside the conjugate gradients run in float32 (a search direction needs no more); the objective,
 the gradient and so the certificate are float64.
 
-The preconditioner is block-diagonal over classes, each block a Kronecker factor of the exact one,
-``c_k [X 1]ᵀ[X 1] / N + λ I``, with ``c_k`` the mean softmax curvature ``p_nk(1 - p_nk)`` of class ``k`` at the
-current iterate. The Gram ``[X 1]ᵀ[X 1]`` is eigendecomposed once per design group, so the preconditioner of any
-curvature and strength is two products with its eigenvectors (no factorisation per step).
+The preconditioner is the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 - p_k)) [X 1] / N + λ I`` at the
+strength's warm start, inverted once per strength and projected onto ``Σ_k v_k = 0`` (:class:`ClassBlocks`).
 
 Only the solve of one L2 strength lives here: :func:`newton` is the inner solver of
 :func:`~iis_study.core.heads.lbfgs.solve_logistic`, which walks the strengths with warm starts.
@@ -30,12 +28,12 @@ import torch
 ARMIJO = 1e-4
 MAX_LINE_SEARCH = 40
 BLOCK_BYTES = 256 * 2**20  # the preconditioner's blocks are built this many bytes of weighted rows at a time
-MAX_CG = 200
+MAX_CG = 200  # per Newton step; a step with fewer converged CG iterations is still a descent direction
 # the class blocks cost K·N·(F+1)² to build and K·(F+1)² floats to keep: Newton up to this many columns (the
 # concept heads, M + 1 = 201); a wider design (a probe on 1,280 features) is L-BFGS's
-MAX_FEATURES = 512  # per Newton step; a step with fewer converged CG iterations is still a descent direction
-FORCING = 0.1
-TARGET = 0.3  # CG stops at relative residual min(FORCING, sqrt(|g|)): superlinear near the optimum
+MAX_FEATURES = 512
+FORCING = 0.1  # CG stops at relative residual min(FORCING, sqrt(|g|)): superlinear near the optimum ...
+TARGET = 0.3  # ... or once the gradient it predicts is within TARGET x the tolerance
 
 
 class DenseDesign:
@@ -148,9 +146,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _cg(
     design: DenseDesign, groups: torch.Tensor, p: torch.Tensor, pre: ClassBlocks, lam: torch.Tensor, g: torch.Tensor,
     eta: torch.Tensor, target: float, max_cg: int,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Preconditioned conjugate gradients on ``H d = -g`` per head, float32, until ``|r| <= eta |g|`` (or a
-    head's curvature along its direction is not positive). Returns ``d`` (float64) and the products run."""
+    head's curvature along its direction is not positive). Returns ``d`` (float64) and each head's products."""
     xa = design.xa32[groups]
     b = -g.float()
     lam32 = lam.float()
@@ -161,10 +159,10 @@ def _cg(
     rz = _dot(r, z)
     goal = eta.float() * b.flatten(1).norm(dim=1)
     live = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
-    products = 0
+    products = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     for _ in range(max_cg):
         hs = _hess_vec(xa, p, s, lam32, design.n)
-        products += 1
+        products += live.long()
         shs = _dot(s, hs)
         ok = live & (shs > 0)
         alpha = torch.where(ok, rz / torch.where(ok, shs, 1.0), 0.0)
@@ -211,6 +209,7 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
     live = torch.arange(h_all, device=theta.device)
     lam_t = torch.full((h_all,), lam, dtype=torch.float64, device=theta.device)
     x = theta.clone()
+    torch.set_num_threads(1 if h_all < 2 else threads)
     f, g, p = loss_grad(design, groups, x, lam_t)
     pre_all = None
     for _ in range(max_iter):
@@ -245,6 +244,7 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
         for _ in range(MAX_LINE_SEARCH):
             todo = (~done).nonzero().flatten()
             trial = x[todo] + t[todo].view(-1, 1, 1) * d[todo]
+            torch.set_num_threads(1 if todo.numel() < 2 else threads)
             ft, gt, pt = loss_grad(design, grp[todo], trial, lam_t[todo])
             ok = torch.isfinite(ft) & (ft <= f[todo] + ARMIJO * t[todo] * gd[todo])
             acc = todo[ok]
@@ -269,11 +269,10 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
 
 def dense_design(design, groups: torch.Tensor, num_classes: int) -> DenseDesign | None:
     """The :class:`DenseDesign` of a :class:`~iis_study.core.heads.lbfgs.Design` whose float64 matrix is
-    materialised (one block of every row); ``None`` for a streamed design."""
-    blocks = iter(design.blocks(groups, torch.float64))
-    x, y = next(blocks)
-    if x.shape[1] != design.n:
+    materialised (``design.materialised``); ``None`` for a streamed one (it would be built whole here)."""
+    if not getattr(design, "materialised", False):
         return None
+    x, y = next(iter(design.blocks(groups, torch.float64)))
     return DenseDesign(x, y, num_classes)
 
 
