@@ -47,6 +47,20 @@ def _study_inputs(backbone: str):
     return splits, concepts, int(max(int(s.y.max()) for s in splits.values())) + 1
 
 
+def _study_sets(backbone: str):
+    """``(splits, concepts, draws, k)``: :func:`_study_inputs` and the study's concept draws and null sets as
+    concept spaces (name -> space); exits asking for ``make run`` when the study's files are absent."""
+    from iis_study.datasets import TensorDictDataset
+
+    inputs = _study_inputs(backbone)
+    path = ROOT / "data" / "05_model_input" / backbone / "concept_draws.safetensors"
+    if inputs is None or not path.is_file():
+        raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
+    splits, concepts, k = inputs
+    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
+    return splits, concepts, {n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}, k
+
+
 def _synthetic(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     k, d, m = 10, 1280, 200

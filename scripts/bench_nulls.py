@@ -15,27 +15,18 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from bench_estimators import _study_inputs
+from bench_estimators import _study_sets
 
-from iis_study.core.heads import ConceptSpace, SweepParams, fit_heads
-from iis_study.datasets import TensorDictDataset
-
-ROOT = Path(__file__).resolve().parents[1]
+from iis_study.core.heads import SweepParams, fit_heads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="lite0")
     args = parser.parse_args()
-    inputs = _study_inputs(args.backbone)
-    path = ROOT / "data" / "05_model_input" / args.backbone / "concept_draws.safetensors"
-    if inputs is None or not path.is_file():
-        raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
-    splits, concepts, k = inputs
-    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
-    every = {**concepts, **{n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}}
+    splits, concepts, draws, k = _study_sets(args.backbone)
+    every = {**concepts, **draws}
     cfg = replace(SweepParams(), device="cpu")
     times = {}
     for name, sets in (("study's concept sets", concepts), ("with draws and nulls", every)):

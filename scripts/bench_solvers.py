@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
-import numpy as np
 import torch
-from bench_estimators import _study_inputs
+from bench_estimators import _study_sets
 
-from iis_study.core.heads import ConceptSpace, SweepParams
+from iis_study.core.heads import SweepParams
 from iis_study.core.heads.convex import ConceptDesign, _activations
 from iis_study.core.heads.lbfgs import solve_logistic
 from iis_study.core.heads.masks import n_dropped
-from iis_study.datasets import TensorDictDataset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _solve(design, k, cfg, solver):
@@ -86,13 +80,8 @@ def main() -> None:
     parser.add_argument("--skip-sklearn", action="store_true")
     args = parser.parse_args()
     cfg = SweepParams(device="cpu")
-    inputs = _study_inputs(args.backbone)
-    path = ROOT / "data" / "05_model_input" / args.backbone / "concept_draws.safetensors"
-    if inputs is None or not path.is_file():
-        raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
-    splits, concepts, k = inputs
-    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
-    spaces = list(concepts.values()) + [ConceptSpace(kind="vectors", vectors=v) for v in draws.vectors.values()]
+    splits, concepts, draws, k = _study_sets(args.backbone)
+    spaces = list(concepts.values()) + list(draws.values())
     spaces = spaces[: args.sets]
     train = splits["train"]
     keeps = [spaces[0].m - n_dropped(s, spaces[0].m) for s in cfg.sparsities]
@@ -109,7 +98,6 @@ def main() -> None:
     syn = ConceptDesign([a], [m - n_dropped(s, m) for s in sparsities], y)
     _compare(syn, k100, SweepParams(device="cpu", l2_grid=(0.1, 1.0, 10.0)), args.skip_sklearn,
              "synthetic K = 100 (C = 0.1, 1, 10)")
-    np.set_printoptions(precision=3)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ Only the solve of one L2 strength lives here: :func:`newton` is the inner solver
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 ARMIJO = 1e-4
@@ -204,6 +202,16 @@ def newton(
         torch.set_num_threads(threads)
 
 
+def _retire(
+    theta: torch.Tensor, live: torch.Tensor, out: torch.Tensor, state: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Write the heads ``out`` (a mask over the live heads) back into ``theta`` and drop them from the batch:
+    ``state[0]`` is the iterate, every entry of ``state`` is indexed by live head."""
+    theta[live[out]] = state[0][out]
+    keep = (~out).nonzero().flatten()
+    return live[keep], tuple(t[keep] for t in state)
+
+
 def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products, max_cg, threads) -> None:
     h_all = theta.shape[0]
     live = torch.arange(h_all, device=theta.device)
@@ -216,9 +224,7 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
         gmax = g.abs().flatten(1).amax(dim=1)
         act = gmax > tol
         if not bool(act.all()):
-            theta[live[~act]] = x[~act]
-            keep = act.nonzero().flatten()
-            live, x, f, g, p, lam_t = live[keep], x[keep], f[keep], g[keep], p[keep], lam_t[keep]
+            live, (x, f, g, p, lam_t) = _retire(theta, live, ~act, (x, f, g, p, lam_t))
             if live.numel() == 0:
                 return
         # a batched product of one head is split across threads inside its matrix product, which rounds
@@ -259,9 +265,7 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
         iters[live] += 1
         x, f, g, p = x1, f1, g1, p1
         if bool(failed.any()):
-            keep = (~failed).nonzero().flatten()
-            theta[live[failed]] = x[failed]
-            live, x, f, g, p, lam_t = live[keep], x[keep], f[keep], g[keep], p[keep], lam_t[keep]
+            live, (x, f, g, p, lam_t) = _retire(theta, live, failed, (x, f, g, p, lam_t))
             if live.numel() == 0:
                 return
     theta[live] = x
@@ -275,7 +279,3 @@ def dense_design(design, groups: torch.Tensor, num_classes: int) -> DenseDesign 
     x, y = next(iter(design.blocks(groups, torch.float64)))
     return DenseDesign(x, y, num_classes)
 
-
-def lam_of(c: float, n: int) -> float:
-    """The per-sample L2 strength of inverse strength ``C`` on ``N`` samples (scikit-learn's convention)."""
-    return 1.0 / (float(c) * n) if math.isfinite(c) else 0.0
