@@ -4,20 +4,25 @@ On the default study's Lite0 (``make run`` first: its cached features, concepts 
 every concept set (the study's 2 and the 16 draws and nulls: 18 sets x 8 sparsities x 5 strengths = 720 heads) is
 solved by ``solver="lbfgs"`` (the baseline) and ``solver="newton"`` one after the other, and a sample of heads by
 scikit-learn's ``LogisticRegression`` (``newton-cholesky`` and ``lbfgs``, one head at a time, extrapolated to all
-720). Then the same on a synthetic K = 100 shape. Prints times, ratios, steps, Hessian-vector products, the largest
+720). Then L-BFGS and Newton on a synthetic K = 100 shape (no scikit-learn there: its ``newton-cholesky`` would
+form a 20,100-square Hessian per head). Prints times, ratios, steps, Hessian-vector products, the largest
 objective difference and whether every head is certified.
 
 Usage::
 
-    PYTHONPATH=src python scripts/bench_solvers.py [--backbone lite0] [--skip-sklearn] [--sets 18]
+    PYTHONPATH=src python scripts/bench_solvers.py [--backbone lite0] [--sklearn-groups 1] [--sets 18]
+        [--update docs/performance.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+
 import torch
 from bench_estimators import _study_sets
+from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
 from iis_study.core.heads import SweepParams
 from iis_study.core.heads.convex import ConceptDesign, _activations
@@ -31,15 +36,14 @@ def _solve(design, k, cfg, solver):
     return fit, time.perf_counter() - start
 
 
-def _report(name, fit, seconds, base=None):
+def _row(shape, name, fit, seconds, base):
     its = fit.iterations
-    line = (f"  {name:<8} {seconds:7.1f} s  certified {bool(fit.certified.all())}  largest gradient "
-            f"{float(fit.grad.max()):.1e}  steps per head mean {float(its.double().mean()):.1f} max {int(its.max())}")
-    if fit.products is not None and int(fit.products.sum()):
-        line += f"  Hessian-vector products per head {float(fit.products.double().mean()):.0f}"
-    if base is not None:
-        line += f"  speed-up {base / seconds:.1f}x"
-    print(line)
+    products = f"{float(fit.products.double().mean()):.0f}" if fit.products is not None and int(fit.products.sum()) else "—"
+    row = (f"| {shape} | {name} | {seconds:.1f} s | {'yes' if bool(fit.certified.all()) else '**no**'} "
+           f"({float(fit.grad.max()):.1e}) | {float(its.double().mean()):.1f} / {int(its.max())} | {products} "
+           f"| {base / seconds:.1f}× |")
+    print(row)
+    return row
 
 
 def _sklearn(design, k, cfg, groups, solver):
@@ -54,30 +58,36 @@ def _sklearn(design, k, cfg, groups, solver):
     return (time.perf_counter() - start) / n
 
 
-def _compare(design, k, cfg, skip_sklearn, label):
+def _compare(design, k, cfg, sklearn_groups, label):
+    """The table rows of one shape: L-BFGS (the baseline), Newton, scikit-learn per head (extrapolated)."""
     heads = design.groups * len(cfg.l2_grid)
-    print(f"{label}: {design.groups} head groups x {len(cfg.l2_grid)} strengths = {heads} heads, N = {design.n}, "
-          f"M = {design.features}, K = {k}")
+    shape = f"{label}: {heads} heads (N {design.n}, M {design.features}, K {k})"
+    print(shape)
     lb, t_lb = _solve(design, k, cfg, "lbfgs")
-    _report("lbfgs", lb, t_lb)
+    rows = [_row(shape, "L-BFGS (`lbfgs`), the baseline", lb, t_lb, t_lb)]
     nt, t_nt = _solve(design, k, cfg, "newton")
-    _report("newton", nt, t_nt, base=t_lb)
-    print(f"  largest objective difference newton - lbfgs: {float((nt.loss - lb.loss).max()):+.1e} "
-          f"(most negative {float((nt.loss - lb.loss).min()):+.1e})")
-    if not skip_sklearn:
-        sample = list(range(0, design.groups, max(1, design.groups // 4)))[:4]
+    rows.append(_row(shape, "truncated Newton (`newton`)", nt, t_nt, t_lb))
+    diff = nt.loss - lb.loss
+    print(f"  objective newton - lbfgs: {float(diff.min()):+.1e} to {float(diff.max()):+.1e}")
+    if sklearn_groups:
+        sample = list(range(0, design.groups, max(1, design.groups // sklearn_groups)))[:sklearn_groups]
         for solver in ("newton-cholesky", "lbfgs"):
             per = _sklearn(design, k, cfg, sample, solver)
-            print(f"  scikit-learn {solver}: {per:.2f} s per head on {len(sample) * len(cfg.l2_grid)} heads -> "
-                  f"{per * heads:.0f} s for all {heads} (one head at a time)")
-    return t_lb, t_nt
+            n = len(sample) * len(cfg.l2_grid)
+            row = (f"| {shape} | scikit-learn `{solver}`, one head at a time ({n} heads timed, × {heads}) "
+                   f"| {per * heads:.0f} s | — | — | — | {t_lb / (per * heads):.2f}× |")
+            print(row)
+            rows.append(row)
+    return rows, (float(diff.min()), float(diff.max()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="lite0")
     parser.add_argument("--sets", type=int, default=18, help="concept sets of the study to solve (18: all)")
-    parser.add_argument("--skip-sklearn", action="store_true")
+    parser.add_argument("--sklearn-groups", type=int, default=1,
+                        help="head groups timed with scikit-learn, every strength of each (0: none)")
+    parser.add_argument("--update", metavar="FILE", help="write the table into FILE's <!-- bench_solvers --> block")
     args = parser.parse_args()
     cfg = SweepParams(device="cpu")
     splits, concepts, draws, k = _study_sets(args.backbone)
@@ -86,7 +96,7 @@ def main() -> None:
     train = splits["train"]
     keeps = [spaces[0].m - n_dropped(s, spaces[0].m) for s in cfg.sparsities]
     design = ConceptDesign([_activations(train, sp, "cpu") for sp in spaces], keeps, train.y.long())
-    _compare(design, k, cfg, args.skip_sklearn, f"{args.backbone}, {len(spaces)} concept sets")
+    rows, gap = _compare(design, k, cfg, args.sklearn_groups, f"{args.backbone}, {len(spaces)} concept sets")
 
     g = torch.Generator().manual_seed(0)
     k100, n, m = 100, 3000, 200
@@ -96,8 +106,18 @@ def main() -> None:
     a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True)
     sparsities = (0.0, 0.9)
     syn = ConceptDesign([a], [m - n_dropped(s, m) for s in sparsities], y)
-    _compare(syn, k100, SweepParams(device="cpu", l2_grid=(0.1, 1.0, 10.0)), args.skip_sklearn,
-             "synthetic K = 100 (C = 0.1, 1, 10)")
+    # no scikit-learn here: its newton-cholesky would build and factor a 20,100-square Hessian per head
+    rows += _compare(syn, k100, SweepParams(device="cpu", l2_grid=(0.1, 1.0, 10.0)), 0, "synthetic, C = 0.1, 1, 10")[0]
+    if args.update:
+        text = "\n".join([
+            "| shape | solver | time | every head certified (largest gradient) | steps per head (mean / max) "
+            "| Hessian-vector products per head | speed-up over L-BFGS |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Objective values, Newton minus L-BFGS, on {args.backbone}'s heads: {gap[0]:+.1e} to {gap[1]:+.1e}.",
+        ])
+        sync_block(Path(args.update), "bench_solvers", text, update=True)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,8 @@ class ClassBlocks:
     products at C >= 10). Gradient and Hessian-vector products of a point with ``Σ_k w_k = 0`` (every iterate
     from a zero or warm start: the optimum lies there) stay in it, so the projected preconditioner is exact
     on the subspace that matters. The blocks are built once per L2 strength at its warm start ("lagged"); a
-    block costs ``N (F+1)²`` per class, about K/2 gradients, so building them every Newton step costs more
-    than it saves."""
+    block costs ``N (F+1)²`` per class, about (F+1)/2 Hessian-vector products, so building them every Newton
+    step costs more than it saves."""
 
     def __init__(self, design: "DenseDesign", groups: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
         xa = design.xa32
@@ -109,8 +109,9 @@ class ClassBlocks:
         chunk = max(1, BLOCK_BYTES // (k * n * f1 * 4))
         for i in range(0, h, chunk):
             x = xa[groups[i : i + chunk]]  # (h', N, F+1)
-            w = curv[i : i + chunk].unsqueeze(-1) * x.unsqueeze(1)  # (h', K, N, F+1)
-            blocks[i : i + chunk] = torch.matmul(w.transpose(-1, -2), x.unsqueeze(1))
+            w = curv[i : i + chunk].unsqueeze(2) * x.transpose(1, 2).contiguous().unsqueeze(1)  # (h', K, F+1, N)
+            # one product per head, every class's rows stacked: (h', K(F+1), N) @ (h', N, F+1)
+            blocks[i : i + chunk] = torch.bmm(w.reshape(-1, k * f1, n), x).view(-1, k, f1, f1)
         blocks = blocks.double().div_(n)
         blocks.diagonal(dim1=-2, dim2=-1).add_(lam.view(-1, 1, 1) + 1e-12)
         # LAPACK rounds differently on 1 and 2 threads, and the preconditioner steers the iterates: one thread
@@ -219,7 +220,7 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
     x = theta.clone()
     torch.set_num_threads(1 if h_all < 2 else threads)
     f, g, p = loss_grad(design, groups, x, lam_t)
-    pre_all = None
+    pre_all = pre = pre_for = None
     for _ in range(max_iter):
         gmax = g.abs().flatten(1).amax(dim=1)
         act = gmax > tol
@@ -233,7 +234,8 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
         grp = groups[live]
         if pre_all is None:  # once per strength, at its warm start (ClassBlocks)
             pre_all, pre_live = ClassBlocks(design, grp, p, lam_t), live.clone()
-        pre = pre_all.select(torch.searchsorted(pre_live, live))
+        if pre is None or pre_for.numel() != live.numel():  # heads left the batch: their blocks too
+            pre, pre_for = pre_all.select(torch.searchsorted(pre_live, live)), live
         gnorm = g.flatten(1).norm(dim=1)
         eta = torch.clamp(gnorm.sqrt(), max=FORCING)
         d, n_prod = _cg(design, grp, p.float(), pre, lam_t, g, eta, TARGET * tol, max_cg)
