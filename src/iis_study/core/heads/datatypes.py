@@ -53,7 +53,7 @@ class SweepParams(Params):
         tolerance: convex: a head is solved when the largest entry of the gradient of its per-sample
             objective is at most this (its certificate).
         solver: convex: ``newton`` (truncated Newton, :mod:`~iis_study.core.heads.newton`: tens of steps;
-            a streamed design falls back to L-BFGS) or ``lbfgs`` (:mod:`~iis_study.core.heads.lbfgs`).
+            a streamed design or one wider than 511 columns falls back to L-BFGS) or ``lbfgs`` (:mod:`~iis_study.core.heads.lbfgs`).
             Same problem, same certificate.
         max_iter: convex: solver iterations (Newton steps or L-BFGS iterations) per head and L2 strength
             before it is reported uncertified.
