@@ -173,3 +173,50 @@ def test_a_set_leaves_the_path_at_its_first_point_past_the_largest_level():
         pd.testing.assert_frame_equal(path.reset_index(drop=True),
                                       full[full["set"] == name].iloc[: len(path)].reset_index(drop=True), atol=1e-6)
     assert short.groupby("set").size().lt(12).all()
+
+
+def _correlated(seed: int = 1):
+    train, val, test = _splits(seed=seed)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 16, generator=g)
+    vectors = F.normalize(base.repeat(4, 1) + 0.6 * torch.randn(12, 16, generator=g), dim=1)  # 12 concepts, 3 groups
+    return train, val, test, vectors
+
+
+def test_newton_and_fista_reach_the_same_path_newton_in_a_few_steps():
+    """Both solvers certify every point at a tight tolerance, so they find the same models (NEC, val and test
+    accuracy); Newton needs a few steps a point where FISTA needs hundreds of iterations."""
+    train, val, test, vectors = _correlated()
+    paths = {}
+    for solver in ("newton", "fista"):
+        params = WeightSparsityParams(path_length=10, min_ratio=1e-3, tolerance=1e-6, max_iter=100_000,
+                                      nec_levels=(100,), solver=solver)
+        paths[solver] = elastic_net_paths(train, val, test, {"s": vectors}, 3, params)
+        assert (paths[solver]["kkt"] <= 1e-6).all(), solver
+    newton, fista = paths["newton"], paths["fista"]
+    assert list(newton["step"]) == list(fista["step"])
+    # within one weight: at the tolerance a weight at the edge of the threshold may be a hair off zero
+    np.testing.assert_allclose(newton["nec"], fista["nec"], atol=1.01 / 3)
+    np.testing.assert_allclose(newton[["val_acc", "test_acc"]], fista[["val_acc", "test_acc"]], atol=1.01 / 90)
+    assert newton["iterations"].mean() <= 8 and fista["iterations"].mean() > 10 * newton["iterations"].mean()
+
+
+def test_a_newton_solve_that_stalls_is_finished_by_fista(monkeypatch):
+    """Newton cut off after one step per call leaves the point to FISTA, which certifies it: the path is the
+    same as Newton's own."""
+    import iis_study.core.weight_sparsity as ws
+
+    train, val, test, vectors = _correlated()
+    params = WeightSparsityParams(path_length=8, min_ratio=1e-3, tolerance=1e-6, max_iter=100_000,
+                                  nec_levels=(100,))
+    full = elastic_net_paths(train, val, test, {"s": vectors}, 3, params)
+    monkeypatch.setattr(ws, "NEWTON_STEPS", 1)
+    cut = elastic_net_paths(train, val, test, {"s": vectors}, 3, params)
+    assert (cut["kkt"] <= 1e-6).all()
+    assert cut["iterations"].max() > full["iterations"].max()  # FISTA's iterations were added
+    pd.testing.assert_frame_equal(cut[["nec", "val_acc", "test_acc"]], full[["nec", "val_acc", "test_acc"]])
+
+
+def test_the_path_solver_is_checked():
+    with pytest.raises(ValueError, match="weight_sparsity.solver"):
+        WeightSparsityParams(solver="cd")

@@ -208,6 +208,9 @@ class ScoringParams(Params):
         check_open_fraction(self.ci, "scoring.ci")
 
 
+PATH_SOLVERS = ("newton", "fista")
+
+
 @block
 class WeightSparsityParams(Params):
     """``weight_sparsity``: the elastic-net path of the final layer on the IIS's concept activations, and NEC /
@@ -220,7 +223,8 @@ class WeightSparsityParams(Params):
     path_length: int = 40  # strengths on the path (it stops once every set is past the largest NEC level)
     min_ratio: float = 1e-4  # the path's smallest strength, relative to lambda_max
     tolerance: float = 1e-4  # on the optimality residual (mean cross-entropy units)
-    max_iter: int = 5000
+    max_iter: int = 5000  # FISTA iterations per point where Newton stalls (or with solver: fista)
+    solver: str = "newton"  # newton: orthant-wise Newton on the free weights | fista: first-order (the baseline)
 
     def validate(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -235,6 +239,8 @@ class WeightSparsityParams(Params):
         if not isinstance(self.tolerance, int | float) or self.tolerance <= 0:
             raise ValueError(f"weight_sparsity.tolerance must be > 0, got {self.tolerance!r}")
         check_int(self.max_iter, "weight_sparsity.max_iter", 1)
+        if self.solver not in PATH_SOLVERS:
+            raise ValueError(f"weight_sparsity.solver must be one of {PATH_SOLVERS}, got {self.solver!r}")
 
 
 @block

@@ -13,10 +13,13 @@ cross-entropy plus ``λ·(α‖W‖₁ + (1-α)/2·‖W‖²)`` (bias not penali
 geometric grid from ``λ_max`` (the smallest strength at which ``W = 0`` is optimal: every model there has NEC 0)
 towards ``min_ratio · λ_max`` (a set leaves the path at its first point past the largest NEC level: the denser
 end is never read), each solve warm-started from the last, every concept set of a representation in one batched
-computation (FISTA with adaptive restart). Each point is solved on a working set of concepts (those already
-non-zero and those the sequential strong rule keeps, grown by every concept whose optimality condition fails
-outside it, as glmnet does), with the step ``1/L`` from the largest eigenvalue of the working set's Gram matrix;
-the logits are laid out (sets, classes, images) so that the softmax runs over a contiguous axis. Each solve stops
+computation. Each point is solved on a working set of concepts (those already non-zero and those the sequential
+strong rule keeps, grown by every concept whose optimality condition fails outside it, as glmnet does) by proximal
+Newton (:func:`_newton`, the default ``solver: newton``: a handful of steps a point, each minimising the exact
+second-order model by coordinate descent); a set whose Newton solve stalls, and every set with ``solver: fista``
+(the first-order baseline), is finished by FISTA with adaptive restart and the step ``1/L`` from the largest
+eigenvalue of the working set's Gram matrix. The logits are laid out (sets, classes, images) so that the softmax
+runs over a contiguous axis. Each solve stops
 when its optimality residual over every concept (the largest entry of the minimum-norm subgradient, the bias
 gradient included) is within ``tolerance``; ``kkt`` records it, so a path point is certified as the convex heads
 are. Accuracy at NEC level k: among the path's models with NEC <= k, the one with the best val accuracy
@@ -30,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 import torch
@@ -42,6 +46,7 @@ from .nulls import null_set_name, set_name
 
 logger = logging.getLogger(__name__)
 
+# iterations: Newton steps (and FISTA iterations where FISTA finished a point) summed over the working-set rounds
 PATH_COLUMNS = ["set", "step", "lam", "nec", "val_acc", "test_acc", "kkt", "iterations"]
 
 
@@ -138,9 +143,146 @@ def _smooth_grads(a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: t
     return _grads_t(a, a.transpose(1, 2).contiguous(), y_onehot.T.contiguous(), w, b, l2)
 
 
+NEWTON_STEPS = 50  # orthant-wise Newton steps per solve before FISTA takes over (a handful are used: docs/performance.md)
+NEWTON_MARGIN = 0.25  # Newton stops at this share of the tolerance: the float32 certificate on every concept follows
+QP_FORCING = 0.1  # each step's model is minimised until no coordinate moves its gradient by more than this x residual
+QP_SWEEPS = 500  # coordinate-descent sweeps per step at most
+
+
+def _objective(a_t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l1: torch.Tensor,
+               l2: torch.Tensor) -> torch.Tensor:
+    """Per set, mean cross-entropy + ``l1·‖W‖₁ + l2/2·‖W‖²`` (``a_t`` (S, M, N), ``labels`` (N,))."""
+    z = torch.baddbmm(b.unsqueeze(2), w, a_t)
+    picked = z.gather(1, labels.view(1, 1, -1).expand(z.shape[0], 1, -1)).squeeze(1)
+    ce = (torch.logsumexp(z, dim=1) - picked).mean(dim=1)
+    return ce + l1 * w.abs().sum(dim=(1, 2)) + 0.5 * l2 * (w * w).sum(dim=(1, 2))
+
+
+@numba.njit(cache=True)
+def _lasso_qp(hess, grad, start, l1, penalised, forcing, max_sweeps):  # pragma: no cover - compiled
+    """Per set ``r``, the step ``d`` minimising ``gᵀd + ½dᵀHd + l1_r·Σ_{penalised q} |start_q + d_q|`` by cyclic
+    coordinate descent (glmnet's and liblinear's inner solver): sweeps until no coordinate moved the model's
+    gradient by more than ``forcing[r]`` (or ``max_sweeps``). ``hess`` (R, Q, Q) symmetric, float64."""
+    sets, width = grad.shape
+    step = np.zeros((sets, width))
+    for r in range(sets):
+        moved = np.zeros(width)  # H d
+        for _ in range(max_sweeps):
+            biggest = 0.0
+            for q in range(width):
+                h = hess[r, q, q]
+                old = start[r, q] + step[r, q]
+                u = old - (grad[r, q] + moved[q]) / h
+                if penalised[r, q]:
+                    cut = l1[r] / h
+                    new = u - cut if u > cut else (u + cut if u < -cut else 0.0)
+                else:
+                    new = u
+                delta = new - old
+                if delta != 0.0:
+                    step[r, q] += delta
+                    for j in range(width):
+                        moved[j] += hess[r, q, j] * delta
+                    biggest = max(biggest, abs(delta) * h)
+            if biggest <= forcing[r]:
+                break
+    return step
+
+
+def _newton(
+    a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, alpha: float,
+    tolerance: float, max_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every set's elastic-net logistic regression at ``lam`` (S,) by proximal Newton, from ``(w, b)``.
+
+    Each step (newGLMNET: Yuan, Ho & Lin 2012, liblinear's L1 logistic solver; glmnet's outer loop) builds the
+    smooth part's exact second-order model on the *free* weights — those non-zero and those at zero whose
+    optimality condition fails by more than the tolerance — and the biases: the Hessian
+    ``Σᵢ (diag pᵢ - pᵢpᵢᵀ) ⊗ xᵢxᵢᵀ / N + (1-α)λ`` (at most ``K·NEC + K`` square, small; formed in float32,
+    the gradient, the objective and the residual are float64), minimises model + ``αλ‖W‖₁`` over the step by
+    coordinate descent (:func:`_lasso_qp`, to a forcing of 0.1 x the current residual), and cuts the step back
+    until the whole objective falls by a share of the model's decrease (Tseng & Yun's Armijo rule). Weights that
+    the L1 term sets to zero leave the model exactly; near the solution the free set is the support and the
+    steps converge quadratically. ``a`` (S, N, M), ``y_onehot`` (N, K). Returns ``w``, ``b`` (in ``a``'s
+    dtype), the float64 optimality residual (S,) and the steps (S,); a set still above ``tolerance`` after
+    ``max_steps`` (or whose line search found no decrease) is returned where it stopped."""
+    max_steps = NEWTON_STEPS if max_steps is None else max_steps
+    dtype = a.dtype
+    a, y = a.double(), y_onehot.double()
+    w, b, lam = w.double().clone(), b.double().clone(), lam.double()
+    s_all, n, m = a.shape
+    k = w.shape[1]
+    a_t = a.transpose(1, 2).contiguous()
+    # [a, 1, 0]: the bias column and a zero column for padding, float32 for the Hessian's products
+    a_ext = torch.cat([a, torch.ones(s_all, n, 1, dtype=a.dtype), torch.zeros(s_all, n, 1, dtype=a.dtype)], 2).float()
+    y_t, labels = y.T.contiguous(), y.argmax(dim=1)
+    l1_all, l2_all = alpha * lam, (1.0 - alpha) * lam
+    res_out = torch.full((s_all,), math.inf, dtype=torch.float64)
+    steps = torch.zeros(s_all, dtype=torch.long)
+    live = torch.arange(s_all)
+    bias_cls = torch.arange(k)
+    for step in range(max_steps + 1):
+        wl, bl, l1, l2 = w[live], b[live], l1_all[live].view(-1, 1, 1), l2_all[live].view(-1, 1, 1)
+        z = torch.baddbmm(bl.unsqueeze(2), wl, a_t[live])  # (R, K, N)
+        prob = torch.softmax(z, dim=1)
+        diff = prob - y_t
+        gw = torch.bmm(diff, a[live]) / n + l2 * wl
+        gb = diff.mean(dim=2)
+        pg = torch.where(wl != 0, gw + l1 * torch.sign(wl), torch.sign(gw) * (gw.abs() - l1).clamp_min(0.0))
+        res = torch.maximum(pg.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1))
+        res_out[live] = res
+        go = res > tolerance
+        if step == max_steps or not bool(go.any()):
+            break
+        live, wl, bl, l1, l2, res = live[go], wl[go], bl[go], l1[go], l2[go], res[go]
+        prob, z, gw, gb, r = prob[go], z[go], gw[go], gb[go], int(go.sum())
+        steps[live] += 1
+        free = ((wl != 0) | (gw.abs() - l1 > tolerance)).reshape(r, k * m)
+        width = int(free.sum(dim=1).max())
+        order = torch.sort((~free).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        valid = torch.gather(free, 1, order)
+        cls = torch.cat([torch.where(valid, order // m, 0), bias_cls.expand(r, k)], 1)
+        col = torch.cat([torch.where(valid, order % m, m + 1), torch.full((r, k), m)], 1)  # m: the bias, m+1: none
+        x_f = torch.gather(a_ext[live], 2, col.unsqueeze(1).expand(-1, n, -1))  # (R, N, Q)
+        u = x_f * torch.gather(prob.transpose(1, 2).float(), 2, cls.unsqueeze(1).expand(-1, n, -1))
+        ut = u.transpose(1, 2)
+        hess = (torch.bmm(ut, x_f).mul_(cls.unsqueeze(2) == cls.unsqueeze(1)).sub_(torch.bmm(ut, u))).double() / n
+        ridge = torch.cat([torch.where(valid, l2.view(-1, 1), 1.0), torch.full((r, k), 1e-10, dtype=a.dtype)], 1)
+        hess.diagonal(dim1=1, dim2=2).add_(ridge)
+        grad = torch.cat([torch.gather(gw.reshape(r, -1), 1, order) * valid, gb], 1)
+        start = torch.cat([torch.gather(wl.reshape(r, -1), 1, order) * valid, bl], 1)
+        penalised = torch.cat([valid, torch.zeros(r, k, dtype=torch.bool)], 1)
+        d = torch.from_numpy(_lasso_qp(hess.numpy(), grad.numpy(), start.numpy(), l1.view(-1).numpy(),
+                                       penalised.numpy(), (QP_FORCING * res).numpy(), QP_SWEEPS))
+        d_w = torch.zeros(r, k * m, dtype=a.dtype).scatter_(1, order, d[:, :width] * valid).reshape(r, k, m)
+        d_b = d[:, width:]
+        l1v, l2v = l1.view(-1), l2.view(-1)
+        l1_now = wl.abs().sum(dim=(1, 2))
+        # the model's decrease (< 0 unless at the optimum): gᵀd + αλ(‖W + d‖₁ - ‖W‖₁)
+        decrease = (gw * d_w).sum(dim=(1, 2)) + (gb * d_b).sum(dim=1) + l1v * ((wl + d_w).abs().sum(dim=(1, 2)) - l1_now)
+        f0 = _objective(a_t[live], labels, wl, bl, l1v, l2v)
+        t = torch.ones(r, dtype=a.dtype)
+        todo = decrease < 0
+        w_new, b_new = wl.clone(), bl.clone()
+        for _ in range(40):
+            cand, cand_b = wl + t.view(-1, 1, 1) * d_w, bl + t.view(-1, 1) * d_b
+            ok = todo & (_objective(a_t[live], labels, cand, cand_b, l1v, l2v) <= f0 + 1e-4 * t * decrease)
+            w_new[ok], b_new[ok] = cand[ok], cand_b[ok]
+            todo &= ~ok
+            if not bool(todo.any()):
+                break
+            t = torch.where(todo, t * 0.5, t)
+        w[live], b[live] = w_new, b_new
+        stalled = (w_new == wl).all(dim=(1, 2)) & (b_new == bl).all(dim=1)  # no decrease found: left to FISTA
+        if bool(stalled.any()):
+            live = live[~stalled]
+            if len(live) == 0:
+                break
+    return w.to(dtype), b.to(dtype), res_out, steps
+
 def _solve_at(
     a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: torch.Tensor,
-    candidates: torch.Tensor, alpha: float, tolerance: float, max_iter: int,
+    candidates: torch.Tensor, alpha: float, tolerance: float, max_iter: int, solver: str = "newton",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One path point for every set, solved on a working set of concepts and certified on all of them.
 
@@ -165,8 +307,17 @@ def _solve_at(
         valid = torch.gather(act, 1, order)  # (R, P)
         a_w = torch.gather(a[rows], 2, order.unsqueeze(1).expand(-1, a.shape[1], -1)) * valid.unsqueeze(1)
         w_w = torch.gather(w[rows], 2, order.unsqueeze(1).expand(-1, k, -1)) * valid.unsqueeze(1)
-        w_w, b_new, _, it = _fista(a_w, y_onehot, w_w, b[rows], lam[rows], alpha, _lipschitz(a_w), tolerance,
-                                   max(1, max_iter - int(iters[rows].min())))
+        if solver == "newton":
+            w_w, b_new, res, it = _newton(a_w, y_onehot, w_w, b[rows], lam[rows], alpha, NEWTON_MARGIN * tolerance)
+            stuck = (res > NEWTON_MARGIN * tolerance).nonzero().flatten()
+        else:
+            b_new, it, stuck = b[rows].clone(), torch.zeros(len(rows), dtype=torch.long), torch.arange(len(rows))
+        if len(stuck):  # FISTA, or Newton stalled (rare): FISTA from where it stopped
+            a_s = a_w[stuck]
+            w_w[stuck], b_new[stuck], _, more = _fista(
+                a_s, y_onehot, w_w[stuck], b_new[stuck], lam[rows][stuck], alpha, _lipschitz(a_s), tolerance,
+                max(1, max_iter - int(iters[rows].min())))
+            it[stuck] += more
         full = torch.zeros(len(rows), k, m, dtype=w.dtype).scatter_add_(
             2, order.unsqueeze(1).expand(-1, k, -1), w_w * valid.unsqueeze(1))
         w[rows], b[rows], iters[rows] = full, b_new, iters[rows] + it
@@ -227,7 +378,8 @@ def _paths_of(
         strong = (grad.abs() >= (params.alpha * (2 * lam - lam_prev)).view(-1, 1, 1)).any(dim=1)
         idx = live.nonzero().flatten()
         w[idx], b[idx], kkt[idx], iters[idx], grad[idx] = _solve_at(
-            a_tr[idx], y, w[idx], b[idx], lam[idx], strong[idx], params.alpha, params.tolerance, params.max_iter)
+            a_tr[idx], y, w[idx], b[idx], lam[idx], strong[idx], params.alpha, params.tolerance, params.max_iter,
+            params.solver)
         lam_prev = lam
         nec = (w != 0).sum(dim=(1, 2)).double() / k
         acc = {}
