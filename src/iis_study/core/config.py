@@ -201,11 +201,13 @@ class ScoringParams(Params):
     n_boot: int = 1000
     seed: int = 0
     ci: float = 0.95
+    power: float = 0.8  # the detectable excess / difference is detected (interval excludes 0) this often
 
     def validate(self) -> None:
         check_int(self.n_boot, "scoring.n_boot", 1)
         check_int(self.seed, "scoring.seed", 0)
         check_open_fraction(self.ci, "scoring.ci")
+        check_open_fraction(self.power, "scoring.power")
 
 
 @block
