@@ -114,8 +114,12 @@ def _correlation_lines(correlation: dict[str, Any]) -> list[str]:
             sp = rec.get("spearman") or {}
             r, p = sp.get("r"), sp.get("p_perm")
             n = rec.get("n_backbones", rec.get("n"))
+            if n is not None and int(n) < MIN_INTERVAL and (r is None or (isinstance(r, float) and math.isnan(r))):
+                lines.append(f"{ctype:<10} accuracy vs {score} over {n} ({rec.get('scope', '')}): no verdict: fewer "
+                             f"than {MIN_INTERVAL} representations")
+                continue
             if r is None or (isinstance(r, float) and math.isnan(r)):
-                lines.append(f"{ctype:<10} accuracy vs {score}: undefined over {n} representations")
+                lines.append(f"{ctype:<10} accuracy vs {score}: undefined over {n} representations (a constant score)")
                 continue
             head = f"{ctype:<10} accuracy vs {score} over {n} ({rec.get('scope', '')}): Spearman {r:+.2f}, permutation p {_fmt(p)}"
             if rec.get("interval") == TOO_FEW:
@@ -155,14 +159,15 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
             f"Size check (two-sided {1 - ci:.0%} level, power {power:.0%}"
             + (f"; {int(n_test)} test images" if n_test is not None and not pd.isna(n_test) else "")
             + (f", {num_classes} classes" if num_classes else "")
-            + "): 'detectable' is the smallest excess this study tells from zero that often; two representations' "
-            "IIS must differ by about 'difference' to be told apart.")
+            + "): 'detectable' is the smallest excess over a null this study tells from zero that often; two "
+            "representations' IIS must differ by about the 'detectable IIS difference' to be told apart.")
     lines.append("")
     for r in table.to_dict("records"):
         cert = "certified" if _truthy(r.get("certified")) else "NOT certified"
         parts = [f"{r['representation']:<28} {r['concept_type']:<10} A_std {_fmt(r['accuracy_linear_probe'])}  "
                  f"IIS {_fmt(r['iis'])} [{_fmt(r['iis_ci_low'])}, {_fmt(r['iis_ci_high'])}]  {cert}"
-                 + (f"  (difference {_fmt(r['iis_detectable_difference'])})" if "iis_detectable_difference" in r else "")]
+                 + (f"  (detectable IIS difference {_fmt(r['iis_detectable_difference'])})"
+                    if "iis_detectable_difference" in r else "")]
         readings, warnings = [], []
         for k in nulls:
             if pd.isna(r.get(f"iis_null_{k}")):

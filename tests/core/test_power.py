@@ -112,6 +112,8 @@ def test_the_summary_gives_a_correlation_verdict_only_from_5_representations(tmp
            "interval": "too few representations", "scope": "all"}
     few = _correlation_lines({"prototype": {"iis": rec}})
     assert len(few) == 1 and "no verdict" in few[0]
+    one = _correlation_lines({"prototype": {"iis": {**rec, "n_backbones": 1, "spearman": {"r": math.nan}}}})
+    assert "no verdict: fewer than 5" in one[0]
     many = _correlation_lines({"prototype": {"iis": {**rec, "n_backbones": 6, "interval": "bootstrap over representations",
                                                       "spearman": {"r": 0.9, "p_perm": 0.01, "ci_low": 0.3, "ci_high": 1.0}}}})
     assert "iis rises with accuracy" in many[0]

@@ -198,7 +198,7 @@ def calibration_record(result: SweepResult, draws: DrawResults, scoring: Scoring
                 f"[{out[f'iis_excess_{k}_ci_low']:+.4f}, {out[f'iis_excess_{k}_ci_high']:+.4f}]" for k in nulls),
     )
     for k in nulls:
-        warning = size_warning(out, k, result.num_classes)
+        warning = size_warning({**out, "ci": scoring.ci}, k, result.num_classes)
         if warning:
             logger.warning("%s: %s", draws.concept_type, warning)
     return out
