@@ -1,7 +1,8 @@
 """The Inherent Interpretability Score and its statistics (METHOD §4 and §7).
 
 * :func:`iis` -- trapezoid area under the accuracy-retention curve over the sparsity
-  grid, *not* divided by the grid's span (a perfect score is 0.98 on the default grid).
+  grid, *not* divided by the grid's span (heads matching the probe at every sparsity score 0.98 on the default
+  grid; not a ceiling: a head that beats the probe on the test split has ARR > 1).
 * :func:`accuracy_retention` / :func:`chance_corrected_retention` -- ``A(s) / A_std`` and
   ``(A(s) - 1/K) / (A_std - 1/K)``.
 * :func:`score_sweep` -- IIS of a :class:`~iis_study.core.heads.SweepResult`: mean and
