@@ -81,10 +81,11 @@ def _fmt(v: Any) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"
 
 
-RANGE = ("IIS is the area under ARR(s) = A(s) / A_std over the sparsity grid (0 ... 0.98): 0.98 is the score of "
-         "heads that match the probe at every sparsity, not a ceiling. ARR exceeds 1 where a sparse head beats the "
-         "probe on the test split, so an IIS above 0.98 means the heads beat the probe there (on a small test split, "
-         "mostly chance: read the interval).")
+RANGE = ("IIS is the area under ARR(s) = A(s) / A_std over the sparsity grid: heads that match the probe at every "
+         "sparsity score the grid's span (0.98 on the default grid), which is not a ceiling: ARR exceeds 1 where a "
+         "sparse head beats the probe on the test split. An IIS above the span has three causes to tell apart: "
+         "chance on a small test split (read the interval), heads that genuinely beat the probe, or a probe that "
+         "did not converge (see the columns probe_converged and probe_gap, and certified, in iis_scores.csv).")
 
 
 def _truthy(v: Any) -> bool:
@@ -126,6 +127,10 @@ def _correlation_lines(correlation: dict[str, Any]) -> list[str]:
                 verdict = f"no verdict: fewer than {MIN_INTERVAL} representations (or families) give no interval"
             else:
                 lo, hi = sp.get("ci_low"), sp.get("ci_high")
+                if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)) or \
+                        (isinstance(hi, float) and math.isnan(hi)):
+                    lines.append(f"{head}; no verdict: no interval")
+                    continue
                 where = f"[{lo:+.2f}, {hi:+.2f}]"
                 verdict = (f"{score} rises with accuracy {where}" if lo > 0 else f"{score} falls with accuracy {where}"
                            if hi < 0 else f"no trend distinguishable from none {where}")
@@ -142,7 +147,8 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
 
     import pandas as pd
 
-    from iis_study.core.power import reading, size_warning
+    from iis_study.core.config import ScoringParams
+    from iis_study.core.power import WORTH_DETECTING, describe, size_warning
 
     scores_csv = Path(scores_csv)
     correlation_json = correlation_json or scores_csv.parent / "correlation.json"
@@ -153,14 +159,18 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
     lines = [RANGE]
     first = table.iloc[0].to_dict() if len(table) else {}
     if first:
-        ci, power = float(first.get("ci", 0.95)), float(first.get("power", 0.8))
+        defaults = ScoringParams()
+        ci, power = float(first.get("ci", defaults.ci)), float(first.get("power", defaults.power))
         n_test = first.get("n_test")
         lines.append(
             f"Size check (two-sided {1 - ci:.0%} level, power {power:.0%}"
             + (f"; {int(n_test)} test images" if n_test is not None and not pd.isna(n_test) else "")
             + (f", {num_classes} classes" if num_classes else "")
-            + "): 'detectable' is the smallest excess over a null this study tells from zero that often; two "
-            "representations' IIS must differ by about the 'detectable IIS difference' to be told apart.")
+            + "): 'detectable' is the smallest excess over a null this study tells from zero that often; the "
+            "'detectable IIS difference' is the same for a test on the difference of two independent scores "
+            "(likely conservative for scores on the same test images, whose noise is positively correlated); "
+            "two printed intervals that do not overlap need about 1.3 times more. The study is called too small "
+            f"for a null only where its detectable excess exceeds {WORTH_DETECTING:.2f}.")
     lines.append("")
     for r in table.to_dict("records"):
         cert = "certified" if _truthy(r.get("certified")) else "NOT certified"
@@ -177,12 +187,13 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
                          f"[{_fmt(lo)}, {_fmt(hi)}]"
                          + (f"; detectable {_fmt(r.get(f'iis_excess_{k}_detectable'))}"
                             if f"iis_excess_{k}_detectable" in r else "") + ")")
-            if lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi)):
-                readings.append(f"{reading(lo, hi)} {k}")
-                w = size_warning(r, k, num_classes or 1, test_fraction if num_classes else None) \
+            said = describe(r, k)
+            if said:
+                readings.append(said)
+                w = size_warning(r, k, num_classes, test_fraction if num_classes else None) \
                     if f"iis_excess_{k}_detectable" in r else None
                 if w:
-                    warnings.append(f"WARNING {w}")
+                    warnings.append(w if w.startswith("NOTE") else f"WARNING {w}")
         if readings:
             parts.append("reading: " + "; ".join(readings))
         parts += warnings

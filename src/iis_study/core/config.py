@@ -208,6 +208,9 @@ class ScoringParams(Params):
         check_int(self.seed, "scoring.seed", 0)
         check_open_fraction(self.ci, "scoring.ci")
         check_open_fraction(self.power, "scoring.power")
+        from .power import check_power  # above (1 - ci) / 2: a power no effect at all reaches is no requirement
+
+        check_power(float(self.ci), float(self.power))
 
 
 @block

@@ -10,7 +10,8 @@ estimate falls beyond it with probability ``power`` when the effect is ``(q_ci +
 With several concept draws the standard error is itself estimated with ``ν`` degrees of freedom (Welch-
 Satterthwaite, as the interval's): the multiplier is then the noncentrality ``δ`` at which a noncentral
 ``t_ν(δ)`` exceeds the interval's ``t_ν(0.5 + ci/2)`` with probability ``power`` (the sum of the two t
-quantiles, the usual shortcut, detects only about 70 % of the time at ``ν`` of 2 to 4).
+quantiles, the usual shortcut, detects 0.73 / 0.77 / 0.78 / 0.79 of the time at ``ν`` = 1 / 2 / 3 / 4 for a
+promised 0.80).
 
 ``se`` is the run's own: the square root of the two-level variance of the mean over concept draws
 (:func:`~iis_study.core.calibration.two_level`; the test-image bootstrap alone with one draw), ``ν`` its degrees
@@ -21,11 +22,23 @@ How many images. The variance has a part that more test images shrink (``var_tes
 part they do not (``var_fixed``: the concept draw's own variance over R draws). An effect ``e`` is detectable
 with ``N'`` test images when ``q² · (var_test · N / N' + var_fixed) = e²``, so
 ``N' = N · var_test / ((e / q)² - var_fixed)``, infinite when the concept draw alone is too noisy (more draws,
-not more images, would help). Images per class in the whole folder: ``N' / (K · test fraction)``.
+not more images, would help). Images per class in the whole folder: ``N' / (K · test fraction)``. ``q`` keeps
+today's degrees of freedom (with few draws, ``q`` is too large for the bigger study: ``N'`` errs high) and a
+``var_fixed`` estimated as 0 makes ``N'`` ignore the concept draw's variance. Applied to the *observed* excess
+it is an order of magnitude only, "if the true excess were the observed one": with one draw
+``N' / N = (q / z_obs)²`` carries no information beyond the interval and may be off by a large factor either way.
 
-The difference between two representations' IIS: with the same spread each and independent test noise,
-``detectable · sqrt(2)``; they are scored on the same test images, whose shared noise cancels in a paired
-difference, so this is an upper bound.
+The difference between two representations' IIS: ``detectable · sqrt(2)`` (3.96 · se at 95 % / 80 %) is for a
+test on the difference of two *independent* scores of the same spread. Two printed intervals that do not overlap
+need about 1.3 times more, ``(2 · 1.96 + 0.84 · sqrt(2)) · se ≈ 5.1 · se``. Two representations are scored on
+the same test images; their test noise, positively correlated, partly cancels in a paired difference, so the
+figure is then likely conservative.
+
+When to warn (:data:`WORTH_DETECTING`): an interval that holds the null is read neutrally ("not distinguishable
+from it (this study detects excesses ≥ X)"); a precise null result is a result. The study is called too small only
+when X exceeds the excess worth detecting, 0.05 IIS units (about 5 % of the default grid's span, and mid-range of
+the gaps the default study finds between its concepts and their rotated null, +0.025 to +0.11:
+docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -37,19 +50,30 @@ import numpy as np
 from scipy import optimize, stats
 
 READINGS = ("above", "below", "not distinguishable from")
+WORTH_DETECTING = 0.05  # IIS units: a study whose detectable excess is larger is called too small (module docstring)
 
 
 def multiplier(ci: float, power: float, df: float = math.inf) -> float:
     """``q_ci + q_power``: the detectable effect in standard errors (two-sided level ``ci``, power ``power``)."""
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"scoring.ci must lie in (0, 1), got {ci}")
-    if not 0.0 < power < 1.0:
-        raise ValueError(f"scoring.power must lie in (0, 1), got {power}")
+    check_power(ci, power)
     if not math.isfinite(df) or df > 1e4:
         return float(stats.norm.ppf(0.5 + ci / 2) + stats.norm.ppf(power))
     crit = float(stats.t.ppf(0.5 + ci / 2, df))  # the estimate / its se beyond this: the interval excludes 0
-    lo = crit + float(stats.norm.ppf(power)) - 1.0
-    return float(optimize.brentq(lambda d: stats.nct.sf(crit, df, d) - power, max(lo, 0.0), 1e3 + 10 * crit))
+    # f(0) = (1 - ci) / 2 - power < 0 (check_power), f grows with δ to 1 - power > 0: the root lies in (0, hi)
+    hi = 10.0 + 10 * crit
+    while stats.nct.sf(crit, df, hi) < power:
+        hi *= 2
+    return float(optimize.brentq(lambda d: stats.nct.sf(crit, df, d) - power, 0.0, hi))
+
+
+def check_power(ci: float, power: float) -> None:
+    """``scoring.power`` above the level's one-sided tail ``(1 - ci) / 2`` (no effect at all reaches that) and
+    below 1; ``scoring.ci`` in (0, 1)."""
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"scoring.ci must lie in (0, 1), got {ci}")
+    if not (1.0 - ci) / 2 < power < 1.0:
+        raise ValueError(f"scoring.power must lie in ({(1.0 - ci) / 2:g}, 1) at scoring.ci {ci:g} (a power at or "
+                         f"below (1 - ci) / 2 is reached with no effect at all), got {power}")
 
 
 def detectable(se: float, ci: float, power: float, df: float = math.inf) -> float:
@@ -69,13 +93,6 @@ def test_images_needed(effect: float, var_test: float, var_fixed: float, n_test:
     if target <= 0:
         return math.inf
     return float(n_test) * float(var_test) / target
-
-
-def images_per_class(n_test: float, num_classes: int, test_fraction: float) -> float:
-    """Images per class in the whole image folder whose test split holds ``n_test`` images."""
-    if not 0.0 < test_fraction <= 1.0:
-        raise ValueError(f"splits.fractions: the test fraction must lie in (0, 1], got {test_fraction}")
-    return float(n_test) / int(num_classes) / float(test_fraction)
 
 
 def reading(ci_low: float, ci_high: float) -> str:
@@ -105,39 +122,77 @@ def _count(n: float) -> str:
     return f"{math.ceil(n):,}"
 
 
-def size_warning(scores: dict, kind: str, num_classes: int | None, test_fraction: float | None = None) -> str | None:
-    """The warning of a score that cannot be told from null ``kind`` (its excess interval holds zero), else None:
-    the smallest excess the study detects and how many images per class (in the whole folder with
-    ``test_fraction``; test images per class without) an excess of the observed size would need."""
+def _finite(v) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def describe(scores: dict, kind: str) -> str | None:
+    """The reading against null ``kind``: ``above random``, ``below random``, or, where the interval holds zero,
+    ``not distinguishable from random (this study detects excesses >= X)`` (neutral: a precise null result is a
+    result); None without an interval."""
     lo, hi = scores.get(f"iis_excess_{kind}_ci_low"), scores.get(f"iis_excess_{kind}_ci_high")
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or reading(lo, hi) != READINGS[2]:
+    if not (_finite(lo) and _finite(hi)):
         return None
-    excess, mde = scores[f"iis_excess_{kind}"], scores[f"iis_excess_{kind}_detectable"]
-    needed = scores.get(f"iis_excess_{kind}_n_test_needed", math.nan)
-    level = f"two-sided {1 - scores.get('ci', 0.95):.0%}, power {scores.get('power', 0.8):.0%}"
-    what = ("test images" if not num_classes else "images per class" if test_fraction else "test images per class")
-    text = (f"too few test images ({scores.get('n_test', '?')}) to tell it from the {kind} null: an excess below "
-            f"{mde:.3f} cannot be told from zero ({level})")
-    n_now = scores.get("n_test")
-    if needed is None or math.isnan(needed):
+    text = f"{reading(lo, hi)} {kind}"
+    if reading(lo, hi) != READINGS[2]:
         return text
-    if math.isinf(needed):
-        if scores.get(f"iis_excess_{kind}") == 0 or abs(excess) < 1e-12:
-            return text + "; the observed excess is zero: no number of images would tell it from zero"
-        return text + (f"; no number of images would tell an excess of the observed size ({excess:+.3f}) from zero: "
-                       "the concept draw's own spread is larger; more concept draws (concepts.draws) would be needed")
+    mde = scores.get(f"iis_excess_{kind}_detectable")
+    if not _finite(mde):
+        return text
+    if mde <= 0:  # identical predictions: the excess and its interval are exactly 0
+        return text + " (no spread measured: the concepts' and the null's predictions agree on every test image)"
+    return text + f" (this study detects excesses >= {mde:.3f})"
+
+
+def size_warning(scores: dict, kind: str, num_classes: int | None, test_fraction: float | None = None) -> str | None:
+    """A warning where the study is too small for null ``kind``: its excess interval holds zero *and* the smallest
+    excess it detects is larger than :data:`WORTH_DETECTING`; else None (the neutral reading, :func:`describe`,
+    says what it detects). Starts ``WARNING too few test images`` where more images would help, ``NOTE`` where
+    only more concept draws would (the concept draw's own spread exceeds an excess of the observed size). The
+    images an excess of the observed size would need are an order of magnitude only, "if the true excess were
+    the observed one": per class in the whole folder with ``test_fraction``; test images per class without; all
+    test images without ``num_classes``."""
+    from .config import ScoringParams
+
+    lo, hi = scores.get(f"iis_excess_{kind}_ci_low"), scores.get(f"iis_excess_{kind}_ci_high")
+    if not (_finite(lo) and _finite(hi)) or reading(lo, hi) != READINGS[2]:
+        return None
+    excess, mde = scores[f"iis_excess_{kind}"], scores.get(f"iis_excess_{kind}_detectable")
+    if not _finite(mde) or mde <= WORTH_DETECTING:
+        return None
+    needed = scores.get(f"iis_excess_{kind}_n_test_needed", math.nan)
+    defaults = ScoringParams()
+    ci, pw = scores.get("ci", defaults.ci), scores.get("power", defaults.power)
+    level = f"two-sided {1 - ci:.0%}, power {pw:.0%}"
+    n_now = scores.get("n_test")
+    if needed is not None and not _finite(needed) and not math.isnan(float(needed)) and abs(excess) > 1e-12:
+        return (f"NOTE on the {kind} null: this study detects excesses >= {mde:.3f} only ({level}), and no number "
+                f"of test images would tell an excess of the observed size ({excess:+.3f}) from zero: the concept "
+                "draw's own spread is larger; more concept draws (concepts.draws), not more images, would be needed")
+    text = (f"too few test images ({n_now if n_now is not None else '?'}) for the {kind} null: this study detects "
+            f"excesses >= {mde:.3f} only ({level}), more than the {WORTH_DETECTING:.2f} worth detecting")
+    if not _finite(needed) or (n_now is not None and needed <= n_now):
+        return text  # no count to give (zero excess or spread), or the observed size is detectable already
+    what = ("test images" if not num_classes else "images per class" if test_fraction else "test images per class")
     per_class = needed / int(num_classes or 1)
     if test_fraction:
         per_class = per_class / float(test_fraction)
-    if n_now is not None and needed <= n_now:  # the observed excess is detectable in expectation: this draw missed
-        return text
-    return text + f"; about {_count(per_class)} {what} would be needed to tell an excess of the observed size ({excess:+.3f}) from zero"
+    return text + (f"; if the true excess were the observed one ({excess:+.3f}), about {_count(per_class)} {what} "
+                   "would detect it (an order of magnitude only: the observed excess is this uncertain)")
 
 
 # --------------------------------------------------------------------------- a simulated study (tests, scripts)
 
 SIM_PROBE = 0.85
 SIM_HEADS = (0.85, 0.85, 0.84, 0.82, 0.78, 0.68, 0.58, 0.45)  # the null's heads along the default grid
+
+
+def max_excess(sparsities: Sequence[float], probe: float = SIM_PROBE, heads: Sequence[float] = SIM_HEADS) -> float:
+    """The largest excess :func:`simulated_study` holds: the one that lifts its best head to accuracy 1."""
+    return (1.0 - float(np.max(heads))) * float(np.sum(np.diff(np.asarray(sparsities, dtype=float)))) / probe
 
 
 def simulated_study(
@@ -148,7 +203,9 @@ def simulated_study(
 
     The probe is right on a test image when a uniform falls below ``probe``; the null's head at sparsity j when
     its uniform falls below ``heads[j]``, the concepts' below ``heads[j] + δ`` with ``δ = excess · probe /
-    span`` (``span``: the grid's trapezoid weight, so the population excess is exactly ``excess``). Each set's
+    span`` (``span``: the grid's trapezoid weight, so the population excess is exactly ``excess``; an excess
+    that would lift a head past accuracy 1, or below 0, raises: clipping would make the true excess smaller than
+    stated, :func:`max_excess`). Each set's
     uniform is the probe's with probability ``rho`` (correlated test noise), else its own; ``draw_sd``: each
     draw's heads move by ``N(0, draw_sd)`` (the concept draw). Returns (R concept draws, R null draws), each
     (1, 1 + P, N) as :func:`~iis_study.core.calibration.calibrated_scores` reads them."""
@@ -158,6 +215,11 @@ def simulated_study(
         raise ValueError(f"heads: {base.size} accuracies for {s.size} sparsities")
     span = float(np.sum(np.diff(s)))
     delta = float(excess) * probe / span
+    if base.max() + delta > 1.0 or base.min() + delta < 0.0:  # clipped heads would make the true excess smaller
+        lo, hi = -base.min() * span / probe, max_excess(sparsities, probe, heads)
+        raise ValueError(f"simulated_study: an excess of {excess:.3f} would push a head's accuracy past "
+                         f"{'1' if delta > 0 else '0'} (heads {base.min():.2f}..{base.max():.2f}, probe {probe:.2f}); "
+                         f"this setting holds excesses in [{lo:.3f}, {hi:.3f}] only")
     shared = rng.random(n_test)
     probe_row = shared < probe
 
@@ -165,6 +227,7 @@ def simulated_study(
         u = np.where(rng.random(n_test) < rho, shared, rng.random(n_test))
         return np.concatenate([probe_row[None], u[None, :] < acc[:, None]])[None]
 
+    # the concept draw's noise alone may be clipped (rare at a small draw_sd); the excess itself never is
     real = [one(np.clip(base + delta + rng.normal(0.0, draw_sd), 0, 1)) for _ in range(draws)]
     null = [one(np.clip(base + rng.normal(0.0, draw_sd), 0, 1)) for _ in range(draws)]
     return real, null

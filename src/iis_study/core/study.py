@@ -23,7 +23,7 @@ from .data import SPLITS
 from .features import FeatureSet
 from .heads import ConceptSpace, Split, SweepParams, SweepResult, fit_heads
 from .nulls import ConceptDraws, set_name
-from .power import detectable, size_warning
+from .power import describe, detectable, size_warning
 from .results import Scores
 from .weight_sparsity import PATH_COLUMNS, elastic_net_paths, weight_sparsity_scores
 from .scores import plain_scores, score_sweep
@@ -198,6 +198,9 @@ def calibration_record(result: SweepResult, draws: DrawResults, scoring: Scoring
                 f"[{out[f'iis_excess_{k}_ci_low']:+.4f}, {out[f'iis_excess_{k}_ci_high']:+.4f}]" for k in nulls),
     )
     for k in nulls:
+        said = describe(out, k)
+        if said:
+            logger.info("%s: %s", draws.concept_type, said)
         warning = size_warning({**out, "ci": scoring.ci}, k, result.num_classes)
         if warning:
             logger.warning("%s: %s", draws.concept_type, warning)
