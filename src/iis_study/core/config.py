@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .device import check_device
-from .params import Params, block, check_int, check_open_fraction, check_subset
+from .params import Params, block, check_int, check_open_fraction, check_power, check_subset
 
 from .heads.datatypes import SweepParams
 from .nulls import NULL_KINDS
@@ -208,9 +208,7 @@ class ScoringParams(Params):
         check_int(self.seed, "scoring.seed", 0)
         check_open_fraction(self.ci, "scoring.ci")
         check_open_fraction(self.power, "scoring.power")
-        from .power import check_power  # above (1 - ci) / 2: a power no effect at all reaches is no requirement
-
-        check_power(float(self.ci), float(self.power))
+        check_power(float(self.ci), float(self.power))  # above (1 - ci) / 2: no effect at all reaches that
 
 
 @block

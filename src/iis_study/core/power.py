@@ -49,6 +49,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize, stats
 
+from .params import check_power
+
 READINGS = ("above", "below", "not distinguishable from")
 WORTH_DETECTING = 0.05  # IIS units: a study whose detectable excess is larger is called too small (module docstring)
 
@@ -64,16 +66,6 @@ def multiplier(ci: float, power: float, df: float = math.inf) -> float:
     while stats.nct.sf(crit, df, hi) < power:
         hi *= 2
     return float(optimize.brentq(lambda d: stats.nct.sf(crit, df, d) - power, 0.0, hi))
-
-
-def check_power(ci: float, power: float) -> None:
-    """``scoring.power`` above the level's one-sided tail ``(1 - ci) / 2`` (no effect at all reaches that) and
-    below 1; ``scoring.ci`` in (0, 1)."""
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"scoring.ci must lie in (0, 1), got {ci}")
-    if not (1.0 - ci) / 2 < power < 1.0:
-        raise ValueError(f"scoring.power must lie in ({(1.0 - ci) / 2:g}, 1) at scoring.ci {ci:g} (a power at or "
-                         f"below (1 - ci) / 2 is reached with no effect at all), got {power}")
 
 
 def detectable(se: float, ci: float, power: float, df: float = math.inf) -> float:

@@ -155,7 +155,8 @@ def score_sweep(
     seeds of the selected probe's test accuracy) and its ``_std``; ``iis`` (mean over
     seeds of per-seed IIS) and ``iis_std`` (sample std over seeds, ddof=1; NaN for a
     single seed); ``iis_ci_low`` / ``iis_ci_high`` (percentile bootstrap over test
-    samples of the seed-mean IIS, ``n_boot`` replicates, level ``ci``) and ``iis_se`` (the replicates' sd);
+    samples of the seed-mean IIS, ``n_boot`` replicates, level ``ci``) and ``iis_se`` (the replicates' sd: test-image noise of the seed-mean only, like the interval; with several
+    Adam seeds the between-seed spread is ``iis_std`` beside it and is not in ``iis_se``);
     ``iis_chance_corrected`` (mean over seeds; NaN where ``A_std <= 1/K``) and its
     ``_std``; ``n_seeds``, ``n_test``, ``n_boot``, ``ci``. ``curve`` has one row per
     seed x sparsity: seed, sparsity, accuracy, arr, arr_chance_corrected. ``n_boot``, ``seed``, ``ci``
