@@ -63,8 +63,9 @@ def test_one_command_writes_runs_and_prints_a_study(tmp_path):
     assert row["n_test"] == 9 and row["iis_excess_random_detectable"] > 0 and row["iis_detectable_difference"] > 0
     assert f"detectable {row['iis_excess_random_detectable']:.3f}" in out and "reading: " in out
     if row["iis_excess_random_ci_low"] <= 0 <= row["iis_excess_random_ci_high"]:  # 9 test images: as expected
-        assert "reading: not distinguishable from random" in out
-        assert "WARNING too few test images (9) to tell it from the random null: an excess below" in out
+        assert "reading: not distinguishable from random (this study detects excesses >=" in out
+        assert ("WARNING too few test images (9) for the random null: this study detects excesses >=" in out
+                or "NOTE on the random null" in out)  # NOTE: the concept draw's spread, not the images
     import mlflow
 
     client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
