@@ -81,21 +81,127 @@ def _fmt(v: Any) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"
 
 
-def summary(scores_csv: Path) -> str:
-    """Each representation's IIS with its interval, its nulls and excess, and its certificate, as text."""
+RANGE = ("IIS is the area under ARR(s) = A(s) / A_std over the sparsity grid: heads that match the probe at every "
+         "sparsity score the grid's span (0.98 on the default grid), which is not a ceiling: ARR exceeds 1 where a "
+         "sparse head beats the probe on the test split. An IIS above the span has three causes to tell apart: "
+         "chance on a small test split (read the interval), heads that genuinely beat the probe, or a probe that "
+         "did not converge (see the columns probe_converged and probe_gap, and certified, in iis_scores.csv).")
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or str(v) == "True"
+
+
+def _split_shape(splits_csv: Path | None) -> tuple[int | None, float | None]:
+    """(number of classes, test fraction) of the study's split table, (None, None) without one."""
     import pandas as pd
 
+    if splits_csv is None or not Path(splits_csv).is_file():
+        return None, None
+    split = pd.read_csv(splits_csv)
+    return int(split["label"].nunique()), float((split["split"] == "test").mean())
+
+
+def _correlation_lines(correlation: dict[str, Any]) -> list[str]:
+    """Per concept type, the headline correlation of probe accuracy with the IIS (and with the excess over each
+    null) and its verdict: none below 5 representations (or families)."""
+    from iis_study.core.inference import MIN_INTERVAL, TOO_FEW
+
+    lines = []
+    for ctype, by_score in correlation.items():
+        for score, rec in by_score.items():
+            if score not in ("iis",) and not score.startswith("iis_excess_"):
+                continue
+            sp = rec.get("spearman") or {}
+            r, p = sp.get("r"), sp.get("p_perm")
+            n = rec.get("n_backbones", rec.get("n"))
+            if n is not None and int(n) < MIN_INTERVAL and (r is None or (isinstance(r, float) and math.isnan(r))):
+                lines.append(f"{ctype:<10} accuracy vs {score} over {n} ({rec.get('scope', '')}): no verdict: fewer "
+                             f"than {MIN_INTERVAL} representations")
+                continue
+            if r is None or (isinstance(r, float) and math.isnan(r)):
+                lines.append(f"{ctype:<10} accuracy vs {score}: undefined over {n} representations (a constant score)")
+                continue
+            head = f"{ctype:<10} accuracy vs {score} over {n} ({rec.get('scope', '')}): Spearman {r:+.2f}, permutation p {_fmt(p)}"
+            if rec.get("interval") == TOO_FEW:
+                verdict = f"no verdict: fewer than {MIN_INTERVAL} representations (or families) give no interval"
+            else:
+                lo, hi = sp.get("ci_low"), sp.get("ci_high")
+                if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)) or \
+                        (isinstance(hi, float) and math.isnan(hi)):
+                    lines.append(f"{head}; no verdict: no interval")
+                    continue
+                where = f"[{lo:+.2f}, {hi:+.2f}]"
+                verdict = (f"{score} rises with accuracy {where}" if lo > 0 else f"{score} falls with accuracy {where}"
+                           if hi < 0 else f"no trend distinguishable from none {where}")
+            lines.append(f"{head}; {verdict}")
+    return lines
+
+
+def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: Path | None = None) -> str:
+    """Each representation's IIS with its interval, its nulls and excess, the excess it could detect, a one-line
+    reading against each null (and a warning where the study is too small to tell), its certificate; then the
+    correlation across representations with its verdict. ``correlation_json`` / ``splits_csv`` left out: the study's
+    own beside ``scores_csv`` (``08_reporting/correlation.json``, ``02_intermediate/splits.csv``), when there."""
+    import json
+
+    import pandas as pd
+
+    from iis_study.core.config import ScoringParams
+    from iis_study.core.power import WORTH_DETECTING, describe, size_warning
+
+    scores_csv = Path(scores_csv)
+    correlation_json = correlation_json or scores_csv.parent / "correlation.json"
+    splits_csv = splits_csv or scores_csv.parent.parent / "02_intermediate" / "splits.csv"
+    num_classes, test_fraction = _split_shape(splits_csv)
     table = pd.read_csv(scores_csv)
     nulls = [c[len("iis_null_"):] for c in table if c.startswith("iis_null_") and table[c].notna().any()]
-    lines = []
+    lines = [RANGE]
+    first = table.iloc[0].to_dict() if len(table) else {}
+    if first:
+        defaults = ScoringParams()
+        ci, power = float(first.get("ci", defaults.ci)), float(first.get("power", defaults.power))
+        n_test = first.get("n_test")
+        lines.append(
+            f"Size check (two-sided {1 - ci:.0%} level, power {power:.0%}"
+            + (f"; {int(n_test)} test images" if n_test is not None and not pd.isna(n_test) else "")
+            + (f", {num_classes} classes" if num_classes else "")
+            + "): 'detectable' is the smallest excess over a null this study tells from zero that often; the "
+            "'detectable IIS difference' is the same for a test on the difference of two independent scores "
+            "(likely conservative for scores on the same test images, whose noise is positively correlated); "
+            "two printed intervals that do not overlap need about 1.3 times more. The study is called too small "
+            f"for a null only where its detectable excess exceeds {WORTH_DETECTING:.2f}.")
+    lines.append("")
     for r in table.to_dict("records"):
-        cert = "certified" if r.get("certified") is True or str(r.get("certified")) == "True" else "NOT certified"
+        cert = "certified" if _truthy(r.get("certified")) else "NOT certified"
         parts = [f"{r['representation']:<28} {r['concept_type']:<10} A_std {_fmt(r['accuracy_linear_probe'])}  "
-                 f"IIS {_fmt(r['iis'])} [{_fmt(r['iis_ci_low'])}, {_fmt(r['iis_ci_high'])}]  {cert}"]
+                 f"IIS {_fmt(r['iis'])} [{_fmt(r['iis_ci_low'])}, {_fmt(r['iis_ci_high'])}]  {cert}"
+                 + (f"  (detectable IIS difference {_fmt(r['iis_detectable_difference'])})"
+                    if "iis_detectable_difference" in r else "")]
+        readings, warnings = [], []
         for k in nulls:
+            if pd.isna(r.get(f"iis_null_{k}")):
+                continue
+            lo, hi = r.get(f"iis_excess_{k}_ci_low"), r.get(f"iis_excess_{k}_ci_high")
             parts.append(f"null {k} {_fmt(r[f'iis_null_{k}'])} (excess {_fmt(r[f'iis_excess_{k}'])} "
-                         f"[{_fmt(r.get(f'iis_excess_{k}_ci_low'))}, {_fmt(r.get(f'iis_excess_{k}_ci_high'))}])")
+                         f"[{_fmt(lo)}, {_fmt(hi)}]"
+                         + (f"; detectable {_fmt(r.get(f'iis_excess_{k}_detectable'))}"
+                            if f"iis_excess_{k}_detectable" in r else "") + ")")
+            said = describe(r, k)
+            if said:
+                readings.append(said)
+                w = size_warning(r, k, num_classes, test_fraction if num_classes else None) \
+                    if f"iis_excess_{k}_detectable" in r else None
+                if w:
+                    warnings.append(w if w.startswith("NOTE") else f"WARNING {w}")
+        if readings:
+            parts.append("reading: " + "; ".join(readings))
+        parts += warnings
         lines.append("\n    ".join(parts))
+    if Path(correlation_json).is_file():
+        corr = _correlation_lines(json.loads(Path(correlation_json).read_text()))
+        if corr:
+            lines += ["", "Across representations (probe accuracy against each score):", *corr]
     return "\n".join(lines)
 
 
@@ -129,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.run([str(kedro), "run", "--env", args.name], cwd=root)
     if proc.returncode:
         return proc.returncode
-    print(f"\nIIS of study {args.name!r} (data/{args.name}/08_reporting/iis_scores.csv; perfect 0.98):")
+    print(f"\nIIS of study {args.name!r} (data/{args.name}/08_reporting/iis_scores.csv):")
     print(summary(root / "data" / args.name / "08_reporting" / "iis_scores.csv"))
     print(f"\nrerun: kedro run --env {args.name}   pipelines: kedro viz run --env {args.name}   runs: make mlflow-ui")
     return 0

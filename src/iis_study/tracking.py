@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -261,7 +262,8 @@ class StudyTracker:
 
     def log_score_metrics(self, backbone: str, concept_type: str, scores: Scores) -> None:
         """``<concept_type>.iis`` and the other headline numbers of one representation's run, the nulls'
-        ``<concept_type>.iis_null_<kind>`` and ``.iis_excess_<kind>`` with its interval among them."""
+        ``<concept_type>.iis_null_<kind>`` and ``.iis_excess_<kind>`` with its interval among them, and the size
+        check: ``.iis_detectable_difference``, ``.iis_excess_<kind>_detectable`` and ``_n_test_needed``."""
         import time
 
         from mlflow.entities import Metric
@@ -273,11 +275,13 @@ class StudyTracker:
             Metric(f"{concept_type}.{k}", float(scores[k]), now, 0)
             for k in ("accuracy_linear_probe", "iis", "iis_std", "iis_ci_low", "iis_ci_high", "iis_chance_corrected",
                       "certified", "max_grad", "iterations", "budget_delta", "n_draws", "iis_sd_test", "iis_sd_draw",
-                      "iis_share_draw", *(f"iis_{w}_{k}{e}" for k in NULL_KINDS for w, e in
-                                          (("null", ""), ("excess", ""), ("excess", "_ci_low"), ("excess", "_ci_high"))),
+                      "iis_share_draw", "iis_se", "iis_detectable_difference", "n_test", "power",
+                      *(f"iis_{w}_{k}{e}" for k in NULL_KINDS for w, e in
+                        (("null", ""), ("excess", ""), ("excess", "_ci_low"), ("excess", "_ci_high"),
+                         ("excess", "_detectable"), ("excess", "_n_test_needed"))),
                       *(k for k in scores if k.startswith("anec_") and k != "anec_certified"))
-            if scores.get(k) is not None
-        ]
+            if scores.get(k) is not None and not (isinstance(scores[k], float) and math.isinf(scores[k]))
+        ]  # an infinite images-needed (no number of images would do) is left out: the table keeps it
         self.client.log_batch(self.child(backbone), metrics=metrics)
         if scores.get("uncertified"):  # the heads that missed the tolerance, by name
             self.client.set_tag(self.child(backbone), f"{concept_type}.uncertified", str(scores["uncertified"])[:5000])

@@ -57,6 +57,21 @@ def test_one_command_writes_runs_and_prints_a_study(tmp_path):
     assert not (project / "data" / "08_reporting" / "iis_scores.csv").exists()  # the base study's folder untouched
     out = proc.stdout
     assert "IIS of study 'mine'" in out and "lite0r" in out and "null random" in out and "certified" in out
+    # what a study this small can tell (docs/calibration.md): the range, the detectable excess, the reading
+    assert "not a ceiling" in out and "Size check (two-sided 5% level, power 80%" in out
+    row = scores.iloc[0]
+    assert row["n_test"] == 9 and row["iis_excess_random_detectable"] > 0 and row["iis_detectable_difference"] > 0
+    assert f"detectable {row['iis_excess_random_detectable']:.3f}" in out and "reading: " in out
+    if row["iis_excess_random_ci_low"] <= 0 <= row["iis_excess_random_ci_high"]:  # 9 test images: as expected
+        assert "reading: not distinguishable from random (this study detects excesses >=" in out
+        assert ("WARNING too few test images (9) for the random null: this study detects excesses >=" in out
+                or "NOTE on the random null" in out)  # NOTE: the concept draw's spread, not the images
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = {k for r in runs for k in r.data.metrics}
+    assert {"prototype.iis_excess_random_detectable", "prototype.iis_detectable_difference"} <= logged
     # bad input is named before anything is written or run
     bad = subprocess.run([*cmd[:2], "other", "--images", str(tmp_path / "nowhere"), "--backbone", "resnet18"],
                          cwd=project, env=env, capture_output=True, text=True)

@@ -129,7 +129,9 @@ def two_level(point: np.ndarray, boot: np.ndarray, ci: float) -> dict[str, float
 
     ``point``: (R,) per-draw values; ``boot``: (B, R) the same under test-image resamples. Returns
     ``mean``, ``ci_low``, ``ci_high``, ``sd_test`` (sqrt V_test), ``sd_draw`` (σ_draw, one draw's spread
-    from the concept draw), ``share_draw`` (σ²_draw/R over the total variance of the mean), ``df``."""
+    from the concept draw), ``share_draw`` (σ²_draw/R over the total variance of the mean), ``df``, ``se`` (the
+    standard error of the mean: the square root of its variance) and ``var_fixed`` (σ²_draw/R, the part of that
+    variance that more test images would not shrink; 0 with one draw, whose concept-draw spread is unmeasured)."""
     point = np.asarray(point, dtype=float)
     r = point.size
     ok = np.all(np.isfinite(boot), axis=1)
@@ -139,7 +141,7 @@ def two_level(point: np.ndarray, boot: np.ndarray, ci: float) -> dict[str, float
         lo, hi = _percentile_interval(boot[:, 0], ci)
         sd = float(boot.mean(1).std(ddof=1)) if boot.shape[0] > 1 else math.nan
         return {"mean": mean, "ci_low": lo, "ci_high": hi, "sd_test": sd, "sd_draw": math.nan,
-                "share_draw": math.nan, "df": math.inf}
+                "share_draw": math.nan, "df": math.inf, "se": sd, "var_fixed": 0.0}
     if boot.shape[0] < 2:  # no test-image resamples to speak of: the between-draw part alone
         boot = np.broadcast_to(point, (2, r))
     v_test = float(boot.mean(1).var(ddof=1))  # test-image variance of the draw mean
@@ -153,7 +155,8 @@ def two_level(point: np.ndarray, boot: np.ndarray, ci: float) -> dict[str, float
     half = q * math.sqrt(total)
     parts = v_test + var_draw / r
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "sd_test": math.sqrt(v_test),
-            "sd_draw": math.sqrt(var_draw), "share_draw": (var_draw / r) / parts if parts > 0 else 0.0, "df": df}
+            "sd_draw": math.sqrt(var_draw), "share_draw": (var_draw / r) / parts if parts > 0 else 0.0, "df": df,
+            "se": math.sqrt(total), "var_fixed": var_draw / r}
 
 
 def calibrated_scores(
@@ -164,6 +167,7 @@ def calibrated_scores(
     seed: int,
     ci: float,
     num_classes: int | None = None,
+    power: float | None = None,
 ) -> dict[str, Any]:
     """The IIS over concept draws with its two-level interval, each null's IIS and the excess over it (and,
     given ``num_classes``, the chance-corrected IIS over draws, ``iis_chance_corrected``).
@@ -171,7 +175,18 @@ def calibrated_scores(
     ``draws``: R arrays (seeds, 1 + P, N) of the concept draws (draw 0 first); ``nulls``: by kind, R arrays
     each (draw r paired with concept draw r). Keys: ``iis``, ``iis_ci_low`` / ``_high``, ``iis_sd_test``,
     ``iis_sd_draw``, ``iis_share_draw``, ``iis_draw<r>``, ``n_draws``; per null kind ``iis_null_<kind>``,
-    ``iis_excess_<kind>`` and its ``_ci_low`` / ``_ci_high``."""
+    ``iis_excess_<kind>`` and its ``_ci_low`` / ``_ci_high``.
+
+    What the study's size can tell (:mod:`~iis_study.core.power`, at level ``ci`` and ``power``, left out: the
+    ``scoring`` block's): ``iis_se``, ``iis_detectable_difference`` (the smallest difference between two
+    representations' IIS of this spread that the study detects), per null ``iis_excess_<kind>_detectable`` and
+    ``iis_excess_<kind>_n_test_needed`` (test images, all classes, at which an excess of the observed size would
+    be detected; ``inf``: none would), and ``n_test``, ``power``."""
+    from .config import ScoringParams
+    from .params import block_values
+    from .power import size_record
+
+    (power,) = block_values(ScoringParams, power=power)
     _validate_boot(n_boot, ci)
     s = np.asarray(sparsities, dtype=float)
     r = len(draws)
@@ -192,6 +207,10 @@ def calibrated_scores(
         "iis_sd_draw": main["sd_draw"],
         "iis_share_draw": main["share_draw"],
         "n_draws": r,
+        "iis_se": main["se"],
+        "iis_detectable_difference": math.sqrt(2.0) * size_record(main, ci, power, 0)["detectable"],
+        "n_test": int(sets[0].shape[-1]),
+        "power": float(power),
     }
     if num_classes is not None:
         out["iis_chance_corrected"] = float(np.mean([set_iis_chance_corrected(c, s, num_classes) for c in draws]))
@@ -205,4 +224,7 @@ def calibrated_scores(
         out[f"iis_excess_{k}"] = ex["mean"]
         out[f"iis_excess_{k}_ci_low"] = ex["ci_low"]
         out[f"iis_excess_{k}_ci_high"] = ex["ci_high"]
+        size = size_record(ex, ci, power, int(sets[0].shape[-1]), effect=ex["mean"])
+        out[f"iis_excess_{k}_detectable"] = size["detectable"]
+        out[f"iis_excess_{k}_n_test_needed"] = size["n_test_needed"]
     return out

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .device import check_device
-from .params import Params, block, check_int, check_open_fraction, check_subset
+from .params import Params, block, check_int, check_open_fraction, check_power, check_subset
 
 from .heads.datatypes import SweepParams
 from .nulls import NULL_KINDS
@@ -201,11 +201,14 @@ class ScoringParams(Params):
     n_boot: int = 1000
     seed: int = 0
     ci: float = 0.95
+    power: float = 0.8  # the detectable excess / difference is detected (interval excludes 0) this often
 
     def validate(self) -> None:
         check_int(self.n_boot, "scoring.n_boot", 1)
         check_int(self.seed, "scoring.seed", 0)
         check_open_fraction(self.ci, "scoring.ci")
+        check_open_fraction(self.power, "scoring.power")
+        check_power(float(self.ci), float(self.power))  # above (1 - ci) / 2: no effect at all reaches that
 
 
 PATH_SOLVERS = ("newton", "fista")

@@ -120,6 +120,16 @@ def check_open_fraction(value: Any, where: str, lo: float = 0.0, hi: float = 1.0
         raise ValueError(f"{where} must be a number in ({lo}, {hi}), got {value!r}")
 
 
+def check_power(ci: float, power: float) -> None:
+    """``scoring.power`` above the level's one-sided tail ``(1 - ci) / 2`` (no effect at all reaches that) and
+    below 1; ``scoring.ci`` in (0, 1)."""
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"scoring.ci must lie in (0, 1), got {ci}")
+    if not (1.0 - ci) / 2 < power < 1.0:
+        raise ValueError(f"scoring.power must lie in ({(1.0 - ci) / 2:g}, 1) at scoring.ci {ci:g} (a power at or "
+                         f"below (1 - ci) / 2 is reached with no effect at all), got {power}")
+
+
 def check_subset(values: Any, allowed: Iterable[str], where: str) -> None:
     """A non-empty list drawn from ``allowed``."""
     allowed = list(allowed)

@@ -44,7 +44,12 @@ SCORE_COLUMNS = [
     "iis_sd_draw",
     "iis_share_draw",
     *(f"{c}_{k}{e}" for k in NULL_KINDS for c, e in (("iis_null", ""), ("iis_excess", ""), ("iis_excess", "_ci_low"),
-                                                        ("iis_excess", "_ci_high"))),
+                                                        ("iis_excess", "_ci_high"), ("iis_excess", "_detectable"),
+                                                        ("iis_excess", "_n_test_needed"))),
+    "iis_se",  # the size check (core/power.py): the smallest IIS difference between two representations it detects
+    "iis_detectable_difference",
+    "n_test",
+    "power",
     "n_seeds",
     "estimator",
     "certified",

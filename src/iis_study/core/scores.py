@@ -1,7 +1,8 @@
 """The Inherent Interpretability Score and its statistics (METHOD §4 and §7).
 
 * :func:`iis` -- trapezoid area under the accuracy-retention curve over the sparsity
-  grid, *not* divided by the grid's span (a perfect score is 0.98 on the default grid).
+  grid, *not* divided by the grid's span (heads matching the probe at every sparsity score 0.98 on the default
+  grid; not a ceiling: a head that beats the probe on the test split has ARR > 1).
 * :func:`accuracy_retention` / :func:`chance_corrected_retention` -- ``A(s) / A_std`` and
   ``(A(s) - 1/K) / (A_std - 1/K)``.
 * :func:`score_sweep` -- IIS of a :class:`~iis_study.core.heads.SweepResult`: mean and
@@ -154,7 +155,8 @@ def score_sweep(
     seeds of the selected probe's test accuracy) and its ``_std``; ``iis`` (mean over
     seeds of per-seed IIS) and ``iis_std`` (sample std over seeds, ddof=1; NaN for a
     single seed); ``iis_ci_low`` / ``iis_ci_high`` (percentile bootstrap over test
-    samples of the seed-mean IIS, ``n_boot`` replicates, level ``ci``);
+    samples of the seed-mean IIS, ``n_boot`` replicates, level ``ci``) and ``iis_se`` (the replicates' sd: test-image noise of the seed-mean only, like the interval; with several
+    Adam seeds the between-seed spread is ``iis_std`` beside it and is not in ``iis_se``);
     ``iis_chance_corrected`` (mean over seeds; NaN where ``A_std <= 1/K``) and its
     ``_std``; ``n_seeds``, ``n_test``, ``n_boot``, ``ci``. ``curve`` has one row per
     seed x sparsity: seed, sparsity, accuracy, arr, arr_chance_corrected. ``n_boot``, ``seed``, ``ci``
@@ -189,6 +191,7 @@ def score_sweep(
         "iis_std": float(iis_seed.std(ddof=ddof)) if len(seeds) > 1 else math.nan,
         "iis_ci_low": lo,
         "iis_ci_high": hi,
+        "iis_se": float(np.std(boot[np.isfinite(boot)], ddof=1)) if np.isfinite(boot).sum() > 1 else math.nan,
         "iis_chance_corrected": float(iis_cc_seed.mean()),
         "iis_chance_corrected_std": float(iis_cc_seed.std(ddof=ddof)) if len(seeds) > 1 else math.nan,
         "n_seeds": len(seeds),

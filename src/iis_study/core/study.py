@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from .data import SPLITS
 from .features import FeatureSet
 from .heads import ConceptSpace, Split, SweepParams, SweepResult, fit_heads
 from .nulls import ConceptDraws, set_name
+from .power import describe, detectable, size_warning
 from .results import Scores
 from .weight_sparsity import PATH_COLUMNS, elastic_net_paths, weight_sparsity_scores
 from .scores import plain_scores, score_sweep
@@ -143,6 +145,9 @@ def score_representation(
     scores["estimator"] = result.estimator
     if draws is not None and draws.correct:
         scores.update(calibration_record(result, draws, scoring))
+    else:  # no draws or nulls: the difference two representations must differ by, from the test images alone
+        scores["iis_detectable_difference"] = math.sqrt(2.0) * detectable(scores["iis_se"], scoring.ci, scoring.power)
+        scores["power"] = float(scoring.power)
     scores.update(convergence_record(result, probe_reference, scoring))
     if draws is not None and draws.correct and "certified" in scores:
         missed = [name for name, ok in draws.certified.items() if ok is False]
@@ -185,13 +190,20 @@ def calibration_record(result: SweepResult, draws: DrawResults, scoring: Scoring
     real = [result.test_correct] + [draws.correct[n] for n in draws.draw_sets()]
     nulls = {k: [draws.correct[n] for n in draws.null_sets(k)] for k in draws.nulls}
     out = calibrated_scores(real, nulls, result.config.sparsities, scoring.n_boot, scoring.seed, scoring.ci,
-                            num_classes=result.num_classes)
+                            num_classes=result.num_classes, power=scoring.power)
     logger.info(
         "IIS over %d concept draws %.4f [%.4f, %.4f] (share of the variance from the concept draw %.2f)%s",
         out["n_draws"], out["iis"], out["iis_ci_low"], out["iis_ci_high"], out["iis_share_draw"],
         "".join(f"; null {k} {out[f'iis_null_{k}']:.4f}, excess {out[f'iis_excess_{k}']:+.4f} "
                 f"[{out[f'iis_excess_{k}_ci_low']:+.4f}, {out[f'iis_excess_{k}_ci_high']:+.4f}]" for k in nulls),
     )
+    for k in nulls:
+        said = describe(out, k)
+        if said:
+            logger.info("%s: %s", draws.concept_type, said)
+        warning = size_warning({**out, "ci": scoring.ci}, k, result.num_classes)
+        if warning:
+            logger.warning("%s: %s", draws.concept_type, warning)
     return out
 
 

@@ -33,7 +33,7 @@ from .style import (
 
 logger = logging.getLogger("iis_study.core.plots")
 
-PERFECT_IIS = 0.98  # the trapezoid area under ARR = 1 over the grid (0 ... 0.98), METHOD §4
+PERFECT_IIS = 0.98  # the trapezoid area under ARR = 1 over the grid (0 ... 0.98), METHOD §4: not a ceiling (ARR > 1 can be)
 _SCORE_LABELS = {"iis": "IIS", "iis_chance_corrected": "chance-corrected IIS"}
 _COEFFICIENTS = (("pearson", "Pearson r"), ("spearman", "Spearman ρ"), ("kendall", "Kendall τ"))
 
@@ -109,7 +109,7 @@ def iis_vs_accuracy(
                           label="least-squares fit" + (", pretrained" if fit_pretrained else "")),
                    Line2D([], [], color="0.75", label=err)]
         if score == "iis":
-            handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"perfect IIS ({PERFECT_IIS})"))
+            handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"ARR = 1 at every s ({PERFECT_IIS})"))
     else:
         handles = _score_legend_handles(has_random, score, fit_pretrained)
     if not converged.all():  # a legend entry (not loose text, which the legend would overlap)
@@ -362,6 +362,6 @@ def _score_legend_handles(has_random: bool, score: str, fit_pretrained: bool = F
     handles.append(Line2D([], [], color=_FIT_COLOR, linestyle="--",
                           label="least-squares fit" + (", pretrained" if fit_pretrained else "")))
     if score == "iis":
-        handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"perfect IIS ({PERFECT_IIS})"))
+        handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"ARR = 1 at every s ({PERFECT_IIS})"))
     return handles
 
