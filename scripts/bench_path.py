@@ -45,7 +45,7 @@ def main() -> None:
         shape = f"{backbone}: {len(sets)} sets (N {splits['train'].x.shape[0]}, M {next(iter(sets.values())).shape[0]}, K {k})"
         print(shape)
         paths, base = {}, None
-        for solver, label in (("fista", "FISTA, the baseline"), ("newton", "orthant-wise Newton")):
+        for solver, label in (("fista", "FISTA, the baseline"), ("newton", "proximal Newton")):
             path, seconds, params = _run(splits, sets, k, solver)
             paths[solver] = path
             base = base or seconds
