@@ -21,6 +21,7 @@ from iis_study.core.config import (
     CorrelationParams,
     ExtractionParams,
     GalleryParams,
+    SpecificationParams,
     ScoringParams,
     SplitParams,
     WeightSparsityParams,
@@ -35,7 +36,7 @@ CONF = ROOT / "conf" / "base"
 # block name -> its typed class (as validation.validate_study reads them)
 BLOCKS: dict[str, type[Params]] = {
     "dataset": DatasetParams, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
-    "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
+    "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams, "specification": SpecificationParams,
     "fine_tuning": FineTuningParams, "weight_sparsity": WeightSparsityParams,
 }
 # data, not defaults

@@ -16,6 +16,7 @@ path (default ``hub``), ``layer`` ``penultimate`` (default) or a stage.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import subprocess
@@ -96,6 +97,16 @@ def summary(scores_csv: Path) -> str:
             parts.append(f"null {k} {_fmt(r[f'iis_null_{k}'])} (excess {_fmt(r[f'iis_excess_{k}'])} "
                          f"[{_fmt(r.get(f'iis_excess_{k}_ci_low'))}, {_fmt(r.get(f'iis_excess_{k}_ci_high'))}])")
         lines.append("\n    ".join(parts))
+    verdict = Path(scores_csv).with_name("specification_curve.json")
+    if verdict.is_file():  # the verdict on the sign of the correlation, beside the headline
+        from iis_study.core.specification import verdict_lines
+
+        record = json.loads(verdict.read_text())
+        found = verdict_lines(record)
+        if found:
+            lines.append(f"\nIs the sign of the accuracy-IIS correlation robust? ({verdict.name}, Pearson r under "
+                         "every specification of the analysis)")
+            lines.extend(f"  {line}" for line in found)
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from .core.config import (
     CorrelationParams,
     ExtractionParams,
     GalleryParams,
+    SpecificationParams,
     ScoringParams,
     SplitParams,
     backbone_spec,
@@ -56,6 +57,9 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
     CorrelationParams.from_params(params.get("correlation"))
     ScoringParams.from_params(params.get("scoring"))
     sweep = sweep_config(params.get("sweep"))
+    specification = SpecificationParams.from_params(params.get("specification"))
+    if specification.enabled and sweep.estimator == "convex":
+        specification.check_grids(sweep.l2_grid)
     if params.get("gallery"):
         gallery = GalleryParams.from_params(params["gallery"])
         if not any(abs(float(gallery.sparsity) - float(g)) < 1e-9 for g in sweep.sparsities):

@@ -12,6 +12,7 @@ code they configure: :class:`~iis_study.core.data.DatasetParams` (``dataset``),
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -267,6 +268,83 @@ class CorrelationParams(Params):
         check_int(self.n_boot, "correlation.n_boot", 1)
         check_int(self.seed, "correlation.seed", 0)
         check_open_fraction(self.ci, "correlation.ci")
+
+
+SPECIFICATION_INPUTS = ("rms", "centred", "standardised")  # the probe's inputs (core/specification.py)
+SPECIFICATION_ACCURACIES = ("probe", "reference")  # the x axis: the specification's own probe | the L-BFGS reference
+SPECIFICATION_SCOPES = ("all", "pretrained", "above_chance", "pretrained_above_chance")
+_FULL_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0]
+
+
+def _grids() -> dict[str, list[float]]:
+    return {"narrow": [1.0, 10.0, 100.0], "full": list(_FULL_GRID)}
+
+
+@block
+class SpecificationParams(Params):
+    """``specification``: the correlation of accuracy with the score under every combination of reasonable
+    analysis choices (a specification curve, :mod:`~iis_study.core.specification`) and its verdict on the sign.
+
+    ``head_grids`` / ``probe_grids``: named L2 grids (C values, each a subset of ``sweep.l2_grid``) the heads' /
+    the probe's strength is re-selected on val from; ``probe_inputs``: ``rms`` (the study's probe: centred, divided
+    by one RMS number), ``centred`` (centred only), ``standardised`` (each feature to unit variance on train), the
+    last two one extra probe solve per representation; ``accuracy``: the x axis, the specification's ``probe`` or
+    the independent L-BFGS ``reference`` probe; ``scores``: the score on the y axis (those a study lacks are
+    skipped); ``scopes``: ``all``, ``pretrained``, and each without the near-chance representations (``above_chance``:
+    the study's probe test accuracy at least ``near_chance / K``); ``leverage``: a representation whose removal
+    moves the headline specification's r by more than this is flagged; ``n_perm``: permutations above 8
+    representations (exact below)."""
+
+    WHERE = "specification"
+    enabled: bool = True
+    head_grids: Mapping[str, Any] = dataclasses.field(default_factory=_grids)
+    probe_grids: Mapping[str, Any] = dataclasses.field(default_factory=_grids)
+    probe_inputs: tuple[str, ...] = SPECIFICATION_INPUTS
+    accuracy: tuple[str, ...] = SPECIFICATION_ACCURACIES
+    scores: tuple[str, ...] = CORRELATION_SCORES
+    scopes: tuple[str, ...] = SPECIFICATION_SCOPES
+    near_chance: float = 2.0
+    leverage: float = 0.2
+    n_perm: int = 2000
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"specification.enabled must be true or false, got {self.enabled!r}")
+        for name in ("head_grids", "probe_grids"):
+            grids = getattr(self, name)
+            if not isinstance(grids, Mapping) or not grids:
+                raise ValueError(f"specification.{name} must map a name to a list of L2 strengths C, got {grids!r}")
+            for key, grid in grids.items():
+                ok = isinstance(grid, (list, tuple)) and grid and all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in grid)
+                if not ok:
+                    raise ValueError(f"specification.{name}.{key} must be a non-empty list of positive C values, "
+                                     f"got {grid!r}")
+        for name, allowed in (("probe_inputs", SPECIFICATION_INPUTS), ("accuracy", SPECIFICATION_ACCURACIES),
+                              ("scores", CORRELATION_SCORES), ("scopes", SPECIFICATION_SCOPES)):
+            values = getattr(self, name)
+            if isinstance(values, str) or not values:
+                raise ValueError(f"specification.{name} must be a non-empty list, some of {list(allowed)}; "
+                                 f"got {values!r}")
+            check_subset(values, allowed, f"specification.{name}")
+        if not isinstance(self.near_chance, (int, float)) or isinstance(self.near_chance, bool) or self.near_chance < 1:
+            raise ValueError(f"specification.near_chance must be a number >= 1 (times 1/K), got {self.near_chance!r}")
+        if not isinstance(self.leverage, (int, float)) or isinstance(self.leverage, bool) or not 0 < self.leverage <= 2:
+            raise ValueError(f"specification.leverage must be in (0, 2], got {self.leverage!r}")
+        check_int(self.n_perm, "specification.n_perm", 1)
+        check_int(self.seed, "specification.seed", 0)
+
+    def check_grids(self, l2_grid: Any) -> None:
+        """Every grid a subset of the sweep's L2 grid (the strengths that were solved), or a ``ValueError``
+        naming the grid."""
+        solved = {float(c) for c in l2_grid}
+        for name in ("head_grids", "probe_grids"):
+            for key, grid in getattr(self, name).items():
+                missing = sorted({float(c) for c in grid} - solved)
+                if missing:
+                    raise ValueError(f"specification.{name}.{key}: C = {missing} not in sweep.l2_grid "
+                                     f"{sorted(solved)} (a grid re-selects among the solved strengths)")
 
 
 @block

@@ -5,7 +5,14 @@ from collections.abc import Iterable
 from kedro.pipeline import Pipeline, node
 
 from ..namespaces import per_backbone
-from .nodes import fit_reference_probe, fit_weight_sparsity, score_interpreters, train_interpreters
+from .nodes import (
+    collect_specification_inputs,
+    fit_probe_variants,
+    fit_reference_probe,
+    fit_weight_sparsity,
+    score_interpreters,
+    train_interpreters,
+)
 
 
 def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
@@ -37,8 +44,22 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
             "weight_sparsity_path",
             name="fit_weight_sparsity",
         ),
+        node(
+            fit_probe_variants,
+            ["features", "feature_info", "params:sweep", "params:specification"],
+            "probe_variants",
+            name="fit_probe_variants",
+        ),
     ]
     for ctype in types:
+        nodes.append(
+            node(
+                collect_specification_inputs,
+                [f"sweep_{ctype}", f"draws_{ctype}", "probe_variants", "probe_reference"],
+                f"specification_inputs_{ctype}",
+                name=f"collect_specification_inputs_{ctype}",
+            )
+        )
         nodes.append(
             node(
                 score_interpreters,
@@ -52,5 +73,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
 
 
 def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
-    """For every backbone and concept type: ``sweep_<type>``, ``draws_<type>``, ``scores_<type>``, ``curve_<type>``."""
-    return per_backbone(base_pipeline(list(concept_types)), backbones, shared_params=("sweep", "scoring", "weight_sparsity"))
+    """For every backbone and concept type: ``sweep_<type>``, ``draws_<type>``, ``scores_<type>``, ``curve_<type>``,
+    ``specification_inputs_<type>``; per backbone ``probe_variants`` (the specification curve's extra probes)."""
+    return per_backbone(base_pipeline(list(concept_types)), backbones,
+                        shared_params=("sweep", "scoring", "weight_sparsity", "specification"))
