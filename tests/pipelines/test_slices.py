@@ -201,6 +201,7 @@ def test_reporting_slice():
                      "params:specification": SpecificationParams()},
     )
     assert out["specification_verdict"]["verdicts"] == [] and len(out["specification_curve"]) == 0
+    assert "pearson_r" in out["specification_curve"]  # an empty curve keeps its columns (a CSV with a header)
     table = out["iis_scores"]
     assert list(table["backbone"]) == list(backbones) and len(out["sparsity_curves"]) == 8
     assert out["correlation"]["prototype"]["iis"]["n_backbones"] == 3  # the headline: pretrained only

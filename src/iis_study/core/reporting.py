@@ -268,7 +268,7 @@ def specification_curve(
     if not isinstance(concept_types, (list, tuple)):
         concept_types = ConceptParams.from_params(concept_types).types
     if not params.enabled:
-        return pd.DataFrame(), {"enabled": False, "verdicts": []}
+        return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": False, "verdicts": []}
     params.check_grids(sweep.l2_grid)
     backbones = list(pd.unique(iis_scores["backbone"]))
     pairs = [(b, t) for b in backbones for t in concept_types]
@@ -289,7 +289,8 @@ def specification_curve(
         values.append(v.assign(**ids))
     if not values:
         logger.warning("specification curve: no representation has the convex estimator's stored grid; none made")
-        return pd.DataFrame(), {"enabled": True, "verdicts": [], "note": "no convex sweep tables"}
+        return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": True, "verdicts": [],
+                                                          "note": "no convex sweep tables"}
     values = pd.concat(values, ignore_index=True)
     headline = {"head_grid": _headline_level(params.head_grids, sweep.l2_grid),
                 "probe_grid": _headline_level(params.probe_grids, sweep.l2_grid),

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ["concept_set", "draw", "inputs", "sparsity", "c", "val_acc", "test_acc", "num_classes"]
 KNOBS = ("head_grid", "probe_grid", "probe_inputs", "accuracy", "score")
+CURVE_COLUMNS = ["concept_type", "scope", *KNOBS, "n", "pearson_r", "pearson_p_perm", "spearman_r", "spearman_p_perm",
+                 "headline"]
 ROBUST = "sign robust"
 NOT_IDENTIFIED = "sign not identified across reasonable formulations"
 
@@ -319,7 +321,7 @@ def specification_curve(
             curve = pd.DataFrame(spec_rows)
             rows.extend(spec_rows)
             records.append(_record(ctype, scope, sorted(keep), curve, part, headline, params))
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     return table, {"statistic": "pearson", "knobs": _levels(values, params, scores), "headline_specification":
                    dict(headline), "near_chance_rule": f"study probe test accuracy < {params.near_chance:g}/K",
                    "verdicts": records}
