@@ -201,7 +201,8 @@ def specification_table(project: Path) -> str:
         f"Specifications: heads' L2 grid {' / '.join(f'{k} {v}' for k, v in knobs['head_grid'].items())}; probe's "
         f"grid {' / '.join(knobs['probe_grid'])}; probe inputs {', '.join(knobs['probe_inputs'])}; x axis "
         f"{', '.join(knobs['accuracy'])} accuracy; score {', '.join(knobs['score'])}. Headline specification: "
-        + ", ".join(f"{k} {v}" for k, v in record["headline_specification"].items())
+        + (", ".join(f"{k} {v}" for k, v in record["headline_specification"].items())
+           if record.get("headline_specification") else "none (no grid equals sweep.l2_grid)")
         + f". Near chance: {record['near_chance_rule']}.",
         "",
         "| concepts | scope | n | verdict (Pearson r) | r range | headline r, p_perm | Spearman: + / − of n |"
@@ -215,16 +216,21 @@ def specification_table(project: Path) -> str:
         h = v.get("headline") or {}
         head = (f"{h['pearson_r']:+.2f}, {h['pearson_p_perm']:.3f}" if h.get("pearson_r") is not None else "n/a")
         effects = "; ".join(
-            f"{k} {e['effect']:.2f} (" + ", ".join(f"{lv} {m:+.2f}" for lv, m in e["mean_r"].items()) + ")"
-            for k, e in sorted(v["main_effects"].items(), key=lambda kv: -kv[1]["effect"]))
+            f"{k} {_num(e['effect'], '.2f')} (" + ", ".join(f"{lv} {_num(m)}" for lv, m in e["mean_r"].items()) + ")"
+            for k, e in sorted(v["main_effects"].items(), key=lambda kv: -(kv[1]["effect"] or 0.0)))
         flagged = ", ".join(f"{x['representation']} {x['delta']:+.2f}" for x in v["leverage"] if x["flagged"]) or "none"
         sp = v["spearman"]
         lines.append(f"| {v['concept_type']} | {v['scope']} | {v['n_representations']} | {v['verdict']} | "
-                     f"{v['r_min']:+.2f} to {v['r_max']:+.2f} | {head} | {sp['n_positive']} / {sp['n_negative']} of "
+                     f"{_num(v['r_min'])} to {_num(v['r_max'])} | {head} | {sp['n_positive']} / {sp['n_negative']} of "
                      f"{sp['n']} | {effects} | {flagged} |")
     lines += ["", f"Headline scope ({record['headline_scope']}): " + "; ".join(
         f"{t}: {text}" for t, text in record["headline_verdict"].items()) + "."]
     return "\n".join(lines)
+
+
+def _num(v, spec: str = "+.2f") -> str:
+    """A number of the specification record (None where undefined: strict JSON) formatted, or ``n/a``."""
+    return "n/a" if v is None else format(float(v), spec)
 
 
 def verdict_text(project: Path) -> str:
@@ -241,8 +247,8 @@ def verdict_text(project: Path) -> str:
             continue
         h = (v.get("headline") or {}).get("pearson_r")
         lines.append(f"- {v['concept_type']} ({v['scope']}, {v['n_representations']} representations): **{v['verdict']}**; "
-                     f"Pearson r from {v['r_min']:+.2f} to {v['r_max']:+.2f} over the specifications "
-                     f"(the study's own analysis: {h:+.2f}).")
+                     f"Pearson r from {_num(v['r_min'])} to {_num(v['r_max'])} over the specifications "
+                     f"(the study's own analysis: {_num(h)}).")
     return "\n".join(lines) or "No specification curve in this run."
 
 

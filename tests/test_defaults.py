@@ -21,8 +21,8 @@ from iis_study.core.config import (
     CorrelationParams,
     ExtractionParams,
     GalleryParams,
-    SpecificationParams,
     ScoringParams,
+    SpecificationParams,
     SplitParams,
     WeightSparsityParams,
 )
@@ -36,7 +36,8 @@ CONF = ROOT / "conf" / "base"
 # block name -> its typed class (as validation.validate_study reads them)
 BLOCKS: dict[str, type[Params]] = {
     "dataset": DatasetParams, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
-    "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams, "specification": SpecificationParams,
+    "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
+    "specification": SpecificationParams,
     "fine_tuning": FineTuningParams, "weight_sparsity": WeightSparsityParams,
 }
 # data, not defaults

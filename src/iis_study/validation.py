@@ -18,8 +18,8 @@ from .core.config import (
     CorrelationParams,
     ExtractionParams,
     GalleryParams,
-    SpecificationParams,
     ScoringParams,
+    SpecificationParams,
     SplitParams,
     backbone_spec,
     sweep_config,
@@ -59,7 +59,7 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
     sweep = sweep_config(params.get("sweep"))
     specification = SpecificationParams.from_params(params.get("specification"))
     if specification.enabled and sweep.estimator == "convex":
-        specification.check_grids(sweep.l2_grid)
+        specification.resolve_grids(sweep.l2_grid, sweep.l2_path)  # a written-out grid outside it is refused
     if params.get("gallery"):
         gallery = GalleryParams.from_params(params["gallery"])
         if not any(abs(float(gallery.sparsity) - float(g)) < 1e-9 for g in sweep.sparsities):

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .config import ConceptParams, CorrelationParams, GalleryParams, SpecificationParams, backbone_fields
+from . import specification as spec
 from .acquisition import ConceptSet
 from .concepts import Elements
+from .config import ConceptParams, CorrelationParams, GalleryParams, SpecificationParams, backbone_fields
 from .data import ImageSet
 from .features import FeatureSet
 from .heads import SweepResult
+from .heads.datatypes import SweepParams
 from .inference import correlate_across, ranking_stability
 from .nulls import NULL_KINDS
 from .results import Scores
-from .heads.datatypes import SweepParams
-from . import specification as spec
 
 logger = logging.getLogger(__name__)
 
@@ -242,13 +242,15 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
     return headline, {"groups": records}
 
 
-def _headline_level(grids: Any, l2_grid: Sequence[float]) -> str:
-    """The grid named like the study's own (the sweep's L2 grid), else the first."""
+def _headline_level(grids: Mapping[str, Sequence[float]], l2_grid: Sequence[float], knob: str) -> str | None:
+    """The grid equal to the study's own (the sweep's L2 grid); None (a warning: no headline specification,
+    nothing to reproduce) when no grid is."""
     study = sorted(float(c) for c in l2_grid)
-    return next((name for name, g in grids.items() if sorted(float(c) for c in g) == study), next(iter(grids)))
-
-
-SPECIFICATION_IDS = ["backbone", "representation", "concept_type", "weights", "num_classes", "study_accuracy"]
+    found = next((name for name, g in grids.items() if sorted(float(c) for c in g) == study), None)
+    if found is None:
+        logger.warning("specification curve: no %s equals sweep.l2_grid %s: no headline specification (the "
+                       "study's own analysis is not on the curve)", knob, study)
+    return found
 
 
 def specification_curve(
@@ -257,31 +259,44 @@ def specification_curve(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The specification curve of the study and its verdict (:mod:`~iis_study.core.specification`).
 
-    ``inputs``: for each representation of ``iis_scores`` (in its order) and, within it, each of ``concept_types``
-    (or the ``concepts`` block's types),
-    its :func:`~iis_study.core.specification.specification_inputs` table (empty: no curve for it, e.g. the adam
-    estimator). The headline specification is the study's own analysis (the sweep's L2 grid for heads and probe,
-    RMS-scaled probe inputs, the own probe's accuracy, the raw IIS); under it every representation's values must
-    be those of ``iis_scores`` (``reproduces_study``: the largest difference; a warning beyond 1e-9)."""
+    ``inputs``: the :func:`~iis_study.core.specification.specification_inputs` tables of the representations and
+    concept types, each marked by its ``backbone`` and ``concept_type`` columns and joined to ``iis_scores`` on
+    them (an empty table: no curve for it, e.g. the adam estimator; ``concept_types``, or the ``concepts`` block's
+    types, are the types the curve covers). The grids are :meth:`SpecificationParams.resolve_grids` of the sweep's
+    (the notes in ``grid_notes``). The headline specification is the study's own analysis (the sweep's L2 grid for
+    heads and probe, RMS-scaled probe inputs, the own probe's accuracy, the raw IIS); under it every
+    representation's values must be those of ``iis_scores`` (``reproduces_study``: the largest difference; a
+    warning beyond 1e-9)."""
     params = SpecificationParams.from_params(params)
     sweep = SweepParams.from_params(sweep)
     if not isinstance(concept_types, (list, tuple)):
         concept_types = ConceptParams.from_params(concept_types).types
     if not params.enabled:
         return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": False, "verdicts": []}
-    params.check_grids(sweep.l2_grid)
-    backbones = list(pd.unique(iis_scores["backbone"]))
-    pairs = [(b, t) for b in backbones for t in concept_types]
-    if len(inputs) != len(pairs):
-        raise ValueError(f"specification_curve: {len(inputs)} input tables for {len(pairs)} (representation, "
-                         "concept type) pairs")
+    if sweep.estimator != "convex":
+        logger.info("specification curve: sweep.estimator %s has no L2 grid to re-select; none made", sweep.estimator)
+        return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": True, "verdicts": [],
+                                                          "note": f"sweep.estimator {sweep.estimator}: no L2 grid"}
+    head_grids, probe_grids, notes = params.resolve_grids(sweep.l2_grid, sweep.l2_path)
+    for note in notes:
+        logger.warning("specification curve: %s", note)
     rows = iis_scores.set_index(["backbone", "concept_type"])
-    values = []
-    for (backbone, ctype), table in zip(pairs, inputs):
-        if table is None or len(table) == 0 or (backbone, ctype) not in rows.index:
+    values, seen = [], set()
+    for table in inputs:
+        if table is None or len(table) == 0:
             continue
-        v = spec.representation_values(table, sweep.sparsities, params.head_grids, params.probe_grids,
-                                       params.probe_inputs)
+        if not {"backbone", "concept_type"} <= set(table):
+            raise ValueError("specification_curve: an input table without backbone / concept_type columns (from "
+                             "older code): rerun the interpretability pipeline")
+        backbone, ctype = str(table["backbone"].iloc[0]), str(table["concept_type"].iloc[0])
+        if ctype not in concept_types:
+            continue
+        if (backbone, ctype) in seen:
+            raise ValueError(f"specification_curve: two input tables for ({backbone}, {ctype})")
+        seen.add((backbone, ctype))
+        if (backbone, ctype) not in rows.index:
+            raise ValueError(f"specification_curve: inputs for ({backbone}, {ctype}), which iis_scores lacks")
+        v = spec.representation_values(table, sweep.sparsities, head_grids, probe_grids, params.probe_inputs)
         row = rows.loc[(backbone, ctype)]
         ids = {"backbone": backbone, "representation": str(row.get("representation", backbone)), "concept_type": ctype,
                "weights": str(row.get("weights")), "num_classes": int(table["num_classes"].iloc[0]),
@@ -291,18 +306,23 @@ def specification_curve(
         logger.warning("specification curve: no representation has the convex estimator's stored grid; none made")
         return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": True, "verdicts": [],
                                                           "note": "no convex sweep tables"}
-    values = pd.concat(values, ignore_index=True)
-    headline = {"head_grid": _headline_level(params.head_grids, sweep.l2_grid),
-                "probe_grid": _headline_level(params.probe_grids, sweep.l2_grid),
+    order = {b: i for i, b in enumerate(pd.unique(iis_scores["backbone"]))}  # the study's order, whatever the inputs'
+    values = pd.concat(values, ignore_index=True).sort_values("backbone", key=lambda b: b.map(order), kind="stable")
+    values = values.reset_index(drop=True)
+    headline = {"head_grid": _headline_level(head_grids, sweep.l2_grid, "head grid"),
+                "probe_grid": _headline_level(probe_grids, sweep.l2_grid, "probe grid"),
                 "probe_inputs": "rms" if "rms" in params.probe_inputs else params.probe_inputs[0],
                 "accuracy": "probe" if "probe" in params.accuracy else params.accuracy[0],
                 "score": "iis" if "iis" in params.scores else params.scores[0]}
-    curve, record = spec.specification_curve(values, params, headline)
+    if headline["head_grid"] is None or headline["probe_grid"] is None:
+        headline = None
+    curve, record = spec.specification_curve(values, params, headline, head_grids, probe_grids)
     record["enabled"] = True
     record["leverage"] = params.leverage
+    record["grid_notes"] = notes
     pretrained = (values["weights"] != "random").any() and "pretrained" in params.scopes
     record["headline_scope"] = "pretrained" if pretrained else params.scopes[0]
-    record["reproduces_study"] = _reproduces(values, iis_scores, headline)
+    record["reproduces_study"] = _reproduces(values, iis_scores, headline) if headline else None
     if record["reproduces_study"] is not None and record["reproduces_study"] > 1e-9:
         logger.warning("specification curve: the headline specification differs from iis_scores by %.2e",
                        record["reproduces_study"])

@@ -35,11 +35,12 @@ import torch
 from scipy import stats
 
 from .config import SpecificationParams
-from .inference import permutation_p
+from .inference import MIN_INTERVAL, TOO_FEW, permutation_p
 
 logger = logging.getLogger(__name__)
 
-INPUT_COLUMNS = ["concept_set", "draw", "inputs", "sparsity", "c", "val_acc", "test_acc", "num_classes"]
+INPUT_COLUMNS = ["backbone", "concept_type", "concept_set", "draw", "inputs", "sparsity", "c", "val_acc", "test_acc",
+                 "num_classes", "certified"]
 KNOBS = ("head_grid", "probe_grid", "probe_inputs", "accuracy", "score")
 CURVE_COLUMNS = ["concept_type", "scope", *KNOBS, "n", "pearson_r", "pearson_p_perm", "spearman_r", "spearman_p_perm",
                  "headline"]
@@ -110,18 +111,34 @@ def probe_variants(
                          "certified": bool(solved[li] and grad <= tolerance), "iterations": int(fit.iterations[0, li])})
         logger.info("specification probe (%s inputs): val %s, test %s over C = %s", kind,
                     ", ".join(f"{a:.3f}" for a in acc["val"]), ", ".join(f"{a:.3f}" for a in acc["test"]), cs)
+        uncertified = [r["c"] for r in rows if r["inputs"] == kind and not r["certified"]]
+        if uncertified:
+            logger.warning("specification probe (%s inputs): not certified (gradient above %.1e after %d "
+                           "iterations) at C = %s: its accuracies there are not the optimum's", kind, tolerance,
+                           max_iter, uncertified)
     return pd.DataFrame(rows)
 
 
 def specification_inputs(
     table: pd.DataFrame, sparsities: Sequence[float], num_classes: int, draws: Any, probes: pd.DataFrame,
-    reference: tuple[float, float],
+    reference: tuple[float, float], backbone: str = "", concept_type: str = "",
 ) -> pd.DataFrame:
     """One representation and concept type's accuracies, long (:data:`INPUT_COLUMNS`): every interpretation head
     of draw 0 (``table``, the sweep's), of the other draws and of each null's draws (``draws``, a
     :class:`~iis_study.core.calibration.DrawResults` with its ``accuracy``), the probe on each of its inputs and
     strengths (``rms`` from ``table``, the others from ``probes``), and the reference probe (``reference``: its val
-    and test accuracy; ``concept_set`` ``reference``)."""
+    and test accuracy; ``concept_set`` ``reference``); every row marked by ``backbone`` and ``concept_type`` (the
+    study's tables are joined on them). A ``draws`` with other draws or nulls but without their stored grid
+    accuracies (a draws file from older code) is refused: the curve would silently read draw 0 only."""
+    if draws is not None and (int(draws.draws) > 1 or draws.nulls):
+        expected = list(draws.draw_sets()) + [n for k in draws.nulls for n in draws.null_sets(k)]
+        missing = [n for n in expected if n not in (getattr(draws, "accuracy", None) or {})]
+        if missing:
+            raise ValueError(
+                f"specification inputs ({backbone or '?'}, {concept_type or draws.concept_type or '?'}): the draws "
+                f"file has {int(draws.draws)} concept draws and nulls {list(draws.nulls)} but no stored grid "
+                f"accuracies for {len(missing)} of its sets (e.g. {missing[0]}): written by older code; rerun the "
+                "interpretability pipeline (or set specification.enabled: false)")
     parts = []
     probe = table[table["head"] == "probe"]
     parts.append(pd.DataFrame({"concept_set": "probe", "draw": 0, "inputs": "rms", "sparsity": math.nan,
@@ -131,7 +148,9 @@ def specification_inputs(
         parts.append(pd.DataFrame({"concept_set": "probe", "draw": 0, "inputs": probes["inputs"].astype(str).to_numpy(),
                                    "sparsity": math.nan, "c": probes["c"].to_numpy(dtype=float),
                                    "val_acc": probes["val_acc"].to_numpy(dtype=float),
-                                   "test_acc": probes["test_acc"].to_numpy(dtype=float)}))
+                                   "test_acc": probes["test_acc"].to_numpy(dtype=float),
+                                   "certified": probes["certified"].astype(object).to_numpy()
+                                   if "certified" in probes else None}))
     parts.append(pd.DataFrame({"concept_set": ["reference"], "draw": [0], "inputs": [""], "sparsity": [math.nan],
                                "c": [math.nan], "val_acc": [float(reference[0])], "test_acc": [float(reference[1])]}))
     cs = np.sort(pd.unique(table.loc[table["head"] == "interp", "c"].astype(float)))
@@ -149,6 +168,11 @@ def specification_inputs(
                                    "val_acc": acc[..., 0].reshape(-1), "test_acc": acc[..., 1].reshape(-1)}))
     out = pd.concat(parts, ignore_index=True)
     out["num_classes"] = int(num_classes)
+    if "certified" not in out:
+        out["certified"] = None
+    out["certified"] = out["certified"].astype(object)  # the variant probes' flag; empty for the sweep's rows
+    out["backbone"] = str(backbone)
+    out["concept_type"] = str(concept_type or getattr(draws, "concept_type", "") or "")
     return out[INPUT_COLUMNS]
 
 
@@ -259,8 +283,8 @@ def _main_effects(curve: pd.DataFrame, knobs: Sequence[str]) -> dict[str, Any]:
             signs.append(1 if pos == n and n else (-1 if neg == n and n else 0))
         vals = [v for v in means.values() if math.isfinite(v)]
         out[knob] = {
-            "mean_r": means,
-            "effect": float(max(vals) - min(vals)) if vals else math.nan,
+            "mean_r": {lv: _clean(m) for lv, m in means.items()},  # None: no defined r at that level (strict JSON)
+            "effect": float(max(vals) - min(vals)) if vals else None,
             "level_means_of_both_signs": bool(vals and min(vals) < 0 < max(vals)),
             "sets_the_sign": bool(0 not in signs and len(set(signs)) > 1),
         }
@@ -273,7 +297,7 @@ def _verdict_text(pos: int, neg: int, n: int, effects: Mapping[str, Any]) -> str
     if pos == n or neg == n:
         return f"{ROBUST} ({n} of {n} specifications agree, r {'> 0' if pos == n else '< 0'})"
     setters = [k for k, e in effects.items() if e["sets_the_sign"]]
-    big = max(effects, key=lambda k: effects[k]["effect"] if math.isfinite(effects[k]["effect"]) else -1) \
+    big = max(effects, key=lambda k: effects[k]["effect"] if effects[k]["effect"] is not None else -1) \
         if effects else None
     why = (f"; the sign is set by {', '.join(setters)}" if setters
            else f"; largest main effect: {big}" if big else "")
@@ -281,14 +305,16 @@ def _verdict_text(pos: int, neg: int, n: int, effects: Mapping[str, Any]) -> str
 
 
 def specification_curve(
-    values: pd.DataFrame, params: SpecificationParams, headline: Mapping[str, str],
+    values: pd.DataFrame, params: SpecificationParams, headline: Mapping[str, str] | None,
+    head_grids: Mapping[str, Sequence[float]] | None = None, probe_grids: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The correlation of accuracy with the score under every specification, and its verdict.
 
     ``values``: :func:`representation_values` rows of every representation and concept type, with columns
     ``backbone``, ``representation``, ``concept_type``, ``weights``, ``num_classes``, ``study_accuracy`` (the
     study's probe test accuracy, for the near-chance rule). ``headline``: the headline specification's level of
-    each knob (the study's own analysis). Returns the curve (one row per concept type, scope and specification:
+    each knob (the study's own analysis; None: none on the curve, no headline r and no leverage);
+    ``head_grids`` / ``probe_grids``: the grids of ``values`` (for the record; ``params``' when None). Returns the curve (one row per concept type, scope and specification:
     ``n``, ``pearson_r``, ``pearson_p_perm``, ``spearman_r``, ``spearman_p_perm``, ``headline``) and the record:
     per concept type and scope the verdict, the range of r, each knob's main effect, the leave-one-out leverage
     of each representation at the headline specification (flagged beyond ``params.leverage``)."""
@@ -317,25 +343,35 @@ def specification_curve(
                 spec_rows.append({"concept_type": ctype, "scope": scope, **dict(zip(KNOBS, spec)), "n": int(ok.sum()),
                                   "pearson_r": pr, "pearson_p_perm": pp["pearson"], "spearman_r": sr,
                                   "spearman_p_perm": pp["spearman"],
-                                  "headline": all(dict(zip(KNOBS, spec))[k] == headline[k] for k in KNOBS)})
+                                  "headline": bool(headline) and all(dict(zip(KNOBS, spec))[k] == headline[k]
+                                                                     for k in KNOBS)})
             curve = pd.DataFrame(spec_rows)
             rows.extend(spec_rows)
             records.append(_record(ctype, scope, sorted(keep), curve, part, headline, params))
     table = pd.DataFrame(rows, columns=CURVE_COLUMNS)
-    return table, {"statistic": "pearson", "knobs": _levels(values, params, scores), "headline_specification":
-                   dict(headline), "near_chance_rule": f"study probe test accuracy < {params.near_chance:g}/K",
+    knobs = _levels(values, params, scores, head_grids, probe_grids)
+    return table, {"statistic": "pearson", "knobs": knobs, "headline_specification":
+                   dict(headline) if headline else None, "near_chance_rule": f"study probe test accuracy < {params.near_chance:g}/K",
                    "verdicts": records}
 
 
-def _levels(values: pd.DataFrame, params: SpecificationParams, scores: list[str]) -> dict[str, Any]:
-    return {"head_grid": {k: list(v) for k, v in params.head_grids.items()},
-            "probe_grid": {k: list(v) for k, v in params.probe_grids.items()},
+def _levels(values: pd.DataFrame, params: SpecificationParams, scores: list[str], head_grids: Any = None,
+            probe_grids: Any = None) -> dict[str, Any]:
+    head_grids = head_grids if head_grids is not None else params.head_grids or {}
+    probe_grids = probe_grids if probe_grids is not None else params.probe_grids or {}
+    return {"head_grid": {k: list(v) for k, v in head_grids.items()},
+            "probe_grid": {k: list(v) for k, v in probe_grids.items()},
             "probe_inputs": [str(v) for v in pd.unique(values["probe_inputs"])],
             "accuracy": list(params.accuracy), "score": scores}
 
 
 def _record(ctype: str, scope: str, keep: list[str], curve: pd.DataFrame, part: pd.DataFrame,
-            headline: Mapping[str, str], params: SpecificationParams) -> dict[str, Any]:
+            headline: Mapping[str, str] | None, params: SpecificationParams) -> dict[str, Any]:
+    """One (concept type, scope)'s verdict. Below ``MIN_INTERVAL`` (5) representations -- the correlation block's
+    rule -- the verdict is "too few representations" whatever the signs; a robust sign that a single
+    representation's removal (at the headline specification) reverses is qualified: "..., but it rests on <rep>"
+    (``rests_on``). ``n_undefined``: specifications whose r is undefined (fewer than 3 points, or a constant);
+    ``n_min``: the fewest representations any specification has (a score undefined for some drops them)."""
     rec: dict[str, Any] = {"concept_type": str(ctype), "scope": scope, "representations": keep,
                            "n_representations": len(keep)}
     if curve.empty:
@@ -345,16 +381,30 @@ def _record(ctype: str, scope: str, keep: list[str], curve: pd.DataFrame, part: 
     spos, sneg, sn = _sign_counts(curve["spearman_r"])
     effects = _main_effects(curve, KNOBS)
     head = curve[curve["headline"]]
+    leverage = _leverage(part, headline, params.leverage) if headline else []
+    robust = bool(n and (pos == n or neg == n))
+    verdict = _verdict_text(pos, neg, n, effects)
+    rests_on: list[str] = []
+    if len(keep) < MIN_INTERVAL:
+        robust, verdict = False, f"{TOO_FEW} ({len(keep)} < {MIN_INTERVAL}; {pos} positive, {neg} negative of {n})"
+    elif robust:
+        sign = 1.0 if pos == n else -1.0
+        rests_on = [lv["representation"] for lv in leverage
+                    if lv["r_without"] is not None and sign * lv["r_without"] <= 0]
+        if rests_on:
+            verdict = (f"{ROBUST} across specifications ({n} of {n} agree, r {'> 0' if sign > 0 else '< 0'}), but "
+                       f"it rests on {', '.join(rests_on)} (without it the headline r changes sign)")
     rec.update(
-        n_specifications=n, n_positive=pos, n_negative=neg, robust=bool(n and (pos == n or neg == n)),
-        verdict=_verdict_text(pos, neg, n, effects),
+        n_specifications=n, n_positive=pos, n_negative=neg, robust=robust,
+        n_undefined=int(curve["pearson_r"].isna().sum()), n_min=int(curve["n"].min()), rests_on=rests_on,
+        verdict=verdict,
         r_min=_clean(curve["pearson_r"].min()), r_max=_clean(curve["pearson_r"].max()),
         spearman={"n_positive": spos, "n_negative": sneg, "n": sn, "r_min": _clean(curve["spearman_r"].min()),
                   "r_max": _clean(curve["spearman_r"].max())},
         main_effects=effects,
         headline=({k: _clean(head.iloc[0][k]) for k in ("pearson_r", "pearson_p_perm", "spearman_r", "spearman_p_perm")}
                   if len(head) else None),
-        leverage=_leverage(part, headline, params.leverage),
+        leverage=leverage,
     )
     return rec
 
@@ -397,17 +447,17 @@ def verdict_lines(record: Mapping[str, Any], scope: str | None = None) -> list[s
         if not rec.get("n_specifications"):
             lines.append(f"{rec['concept_type']} ({scope}, {rec['n_representations']} representations): {rec['verdict']}")
             continue
-        effects = ", ".join(f"{k} {e['effect']:.2f}" for k, e in sorted(
+        effects = ", ".join(f"{k} {_fmt(e['effect'], '.2f')}" for k, e in sorted(
             rec["main_effects"].items(), key=lambda kv: -(kv[1]["effect"] if kv[1]["effect"] is not None else 0)))
         flagged = [f"{lv['representation']} ({lv['delta']:+.2f})" for lv in rec["leverage"] if lv["flagged"]]
         h = rec.get("headline") or {}
         lines.append(
             f"{rec['concept_type']} ({scope}, {rec['n_representations']} representations): {rec['verdict']}; "
-            f"Pearson r {rec['r_min']:+.2f} to {rec['r_max']:+.2f} (headline {_fmt(h.get('pearson_r'))}); "
+            f"Pearson r {_fmt(rec['r_min'])} to {_fmt(rec['r_max'])} (headline {_fmt(h.get('pearson_r'))}); "
             f"main effects on r: {effects or 'none'}; leverage > {record.get('leverage', 0.2):g}: "
             f"{', '.join(flagged) or 'none'}")
     return lines
 
 
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{float(v):+.2f}"
+def _fmt(v: Any, spec: str = "+.2f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(float(v), spec)

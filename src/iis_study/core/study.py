@@ -298,11 +298,12 @@ def fit_probe_variants(
 
 def specification_table(
     result: SweepResult, draws: DrawResults | None, probes: pd.DataFrame, reference: ReferenceProbe,
+    backbone: str = "", concept_type: str = "",
 ) -> pd.DataFrame:
-    """One concept type's accuracies of every head, concept draw, null draw and probe
-    (:func:`~iis_study.core.specification.specification_inputs`); empty for a sweep without the convex estimator's
-    grid (adam: no L2 grid to re-select on)."""
+    """One concept type's accuracies of every head, concept draw, null draw and probe, marked by ``backbone`` and
+    ``concept_type`` (:func:`~iis_study.core.specification.specification_inputs`); empty for a sweep without the
+    convex estimator's grid (adam: no L2 grid to re-select on)."""
     if result.certificate is None:
         return pd.DataFrame(columns=INPUT_COLUMNS)
     return specification_inputs(result.table, result.config.sparsities, result.num_classes, draws, probes,
-                                (reference.val_acc, reference.test_acc))
+                                (reference.val_acc, reference.test_acc), backbone, concept_type)

@@ -56,6 +56,8 @@ def fit_probe_variants(
 
 def collect_specification_inputs(
     result: SweepResult, draws: DrawResults, probe_variants: pd.DataFrame, probe_reference: ReferenceProbe,
+    backbone: str = "", concept_type: str = "",
 ) -> pd.DataFrame:
-    """A concept type's accuracies of every head, draw, null and probe: :func:`~iis_study.core.study.specification_table`."""
-    return study.specification_table(result, draws, probe_variants, probe_reference)
+    """A concept type's accuracies of every head, draw, null and probe, marked by backbone and concept type (the
+    pipeline binds both): :func:`~iis_study.core.study.specification_table`."""
+    return study.specification_table(result, draws, probe_variants, probe_reference, backbone, concept_type)
