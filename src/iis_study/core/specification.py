@@ -9,7 +9,9 @@ correlation under every combination of those *knobs* and says whether the sign s
 Most of it needs no new solve. The convex estimator solves every head of the sparsity x L2 grid; the study keeps
 each head's val and test accuracy (draw 0 in its sweep table, the other draws and the nulls in
 :class:`~iis_study.core.calibration.DrawResults`), so a narrower grid is a re-selection on val (largest val
-accuracy, ties to the stronger penalty, as the study selects). The probe on other inputs (centred only, or each
+accuracy, ties to the stronger penalty, as the study selects), identical to a run on that grid up to solver
+tolerance (that run warm-starts a shorter path) -- not with ``sweep.l2_path``, whose paths stop early: there only
+the sweep's own grid is used (:meth:`~iis_study.core.config.SpecificationParams.resolve_grids`). The probe on other inputs (centred only, or each
 feature standardised) is one extra batched solve per representation (:func:`probe_variants`).
 
 * :func:`grid_accuracy` -- a sweep table's interpretation heads as a (P, L, 2) val / test array.
