@@ -11,7 +11,9 @@ Reads ``data/08_reporting/iis_scores.csv``, ``data/08_reporting/correlation_scop
   * one row per (representation, concept type): the IIS over concept draws, its spread by source, and
     each null's IIS with the excess over it (``-nulls`` block, where the page has one);
   * one row per (representation, concept type): the IIS beside NEC / ANEC, the weight sparsity of the same
-    concepts, with each null's ANEC-avg (``-anec`` block).
+    concepts, with each null's ANEC-avg (``-anec`` block);
+  * one row per (concept type, scope) of the specification curve: is the sign of r robust to the analysis
+    choices, r's range, each choice's main effect, the representations with leverage (``-specification`` block).
 
 Usage::
 
@@ -183,6 +185,73 @@ def anec_table(project: Path) -> str:
     return "\n".join(lines)
 
 
+def specification_table(project: Path) -> str:
+    """The specification curve's verdict (``specification_curve.json``): per concept type and scope, whether the
+    sign of Pearson r (accuracy, score) survives every specification, r's range and the headline's r, each knob's
+    main effect (the mean r at each of its levels) and the representations whose removal moves r by more than the
+    leverage threshold."""
+    path = project / DATA_DIR / "08_reporting" / "specification_curve.json"
+    if not path.is_file():
+        return "No specification curve in this run (specification_curve.json is missing)."
+    record = json.loads(path.read_text())
+    if not record.get("verdicts"):
+        return "No specification curve in this run (" + str(record.get("note", "specification.enabled: false")) + ")."
+    knobs = record["knobs"]
+    lines = [
+        f"Specifications: heads' L2 grid {' / '.join(f'{k} {v}' for k, v in knobs['head_grid'].items())}; probe's "
+        f"grid {' / '.join(knobs['probe_grid'])}; probe inputs {', '.join(knobs['probe_inputs'])}; x axis "
+        f"{', '.join(knobs['accuracy'])} accuracy; score {', '.join(knobs['score'])}. Headline specification: "
+        + (", ".join(f"{k} {v}" for k, v in record["headline_specification"].items())
+           if record.get("headline_specification") else "none (no grid equals sweep.l2_grid)")
+        + f". Near chance: {record['near_chance_rule']}.",
+        "",
+        "| concepts | scope | n | verdict (Pearson r) | r range | headline r, p_perm | Spearman: + / − of n |"
+        " main effects on r (mean r per level) | leverage > " + f"{record.get('leverage', 0.2):g} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in record["verdicts"]:
+        if not v.get("n_specifications"):
+            lines.append(f"| {v['concept_type']} | {v['scope']} | {v['n_representations']} | {v['verdict']} | | | | | |")
+            continue
+        h = v.get("headline") or {}
+        head = (f"{h['pearson_r']:+.2f}, {h['pearson_p_perm']:.3f}" if h.get("pearson_r") is not None else "n/a")
+        effects = "; ".join(
+            f"{k} {_num(e['effect'], '.2f')} (" + ", ".join(f"{lv} {_num(m)}" for lv, m in e["mean_r"].items()) + ")"
+            for k, e in sorted(v["main_effects"].items(), key=lambda kv: -(kv[1]["effect"] or 0.0)))
+        flagged = ", ".join(f"{x['representation']} {x['delta']:+.2f}" for x in v["leverage"] if x["flagged"]) or "none"
+        sp = v["spearman"]
+        lines.append(f"| {v['concept_type']} | {v['scope']} | {v['n_representations']} | {v['verdict']} | "
+                     f"{_num(v['r_min'])} to {_num(v['r_max'])} | {head} | {sp['n_positive']} / {sp['n_negative']} of "
+                     f"{sp['n']} | {effects} | {flagged} |")
+    lines += ["", f"Headline scope ({record['headline_scope']}): " + "; ".join(
+        f"{t}: {text}" for t, text in record["headline_verdict"].items()) + "."]
+    return "\n".join(lines)
+
+
+def _num(v, spec: str = "+.2f") -> str:
+    """A number of the specification record (None where undefined: strict JSON) formatted, or ``n/a``."""
+    return "n/a" if v is None else format(float(v), spec)
+
+
+def verdict_text(project: Path) -> str:
+    """The verdict beside the headline, one line per concept type (the README's and the docs' headline sentence):
+    the headline scope's verdict, r's range over the specifications and the headline's r."""
+    path = project / DATA_DIR / "08_reporting" / "specification_curve.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    lines = []
+    for v in record.get("verdicts", []):
+        if v["scope"] != record.get("headline_scope"):
+            continue
+        if not v.get("n_specifications"):
+            lines.append(f"- {v['concept_type']} ({v['scope']}, {v['n_representations']} representations): {v['verdict']}")
+            continue
+        h = (v.get("headline") or {}).get("pearson_r")
+        lines.append(f"- {v['concept_type']} ({v['scope']}, {v['n_representations']} representations): **{v['verdict']}**; "
+                     f"Pearson r from {_num(v['r_min'])} to {_num(v['r_max'])} over the specifications "
+                     f"(the study's own analysis: {_num(h)}).")
+    return "\n".join(lines) or "No specification curve in this run."
+
+
 def replace_marked(text: str, name: str, table: str) -> str:
     """``text`` with the block between the ``study_tables:<name>`` markers replaced by ``table``."""
     pattern = re.compile(rf"(<!-- study_tables:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /study_tables:{re.escape(name)} -->)", re.S)
@@ -219,7 +288,8 @@ def main() -> None:
     DATA_DIR = args.data_dir
     project = Path(args.project)
     tables = {"representations": representation_table(project), "correlations": correlation_table(project),
-              "nulls": nulls_table(project), "anec": anec_table(project)}
+              "nulls": nulls_table(project), "anec": anec_table(project),
+              "specification": specification_table(project), "verdict": verdict_text(project)}
     target = args.update or args.check
     if not target:
         print(tables["representations"])
@@ -229,6 +299,8 @@ def main() -> None:
         print(tables["nulls"])
         print()
         print(tables["anec"])
+        print()
+        print(tables["specification"])
         return
     path = Path(target)
     text = path.read_text()

@@ -22,6 +22,7 @@ from iis_study.core.config import (
     ExtractionParams,
     GalleryParams,
     ScoringParams,
+    SpecificationParams,
     SplitParams,
     WeightSparsityParams,
 )
@@ -36,6 +37,7 @@ CONF = ROOT / "conf" / "base"
 BLOCKS: dict[str, type[Params]] = {
     "dataset": DatasetParams, "splits": SplitParams, "extraction": ExtractionParams, "concepts": ConceptParams,
     "sweep": SweepParams, "scoring": ScoringParams, "correlation": CorrelationParams, "gallery": GalleryParams,
+    "specification": SpecificationParams,
     "fine_tuning": FineTuningParams, "weight_sparsity": WeightSparsityParams,
 }
 # data, not defaults

@@ -61,3 +61,26 @@ def test_check_fails_on_a_stale_table_and_passes_after_update(tmp_path):
     scores.loc[0, "iis_null_random"] = 0.5
     scores.to_csv(project / "data" / "08_reporting" / "iis_scores.csv", index=False)
     assert _run(str(project), "--check", str(doc), "--prefix", "x").returncode == 1
+
+
+def test_the_specification_verdict_block_is_written_from_the_run_and_checked(tmp_path):
+    from iis_study.core.reporting import specification_curve
+    from tests.core.test_specification import PARAMS, SWEEP, _study
+
+    project = _project(tmp_path)
+    iis_scores, tables = _study(keep_wide_slope=-0.6)
+    _, record = specification_curve(iis_scores, PARAMS, SWEEP, ["prototype"], tables)
+    rep = project / "data" / "08_reporting"
+    (rep / "specification_curve.json").write_text(json.dumps(record))
+    doc = tmp_path / "doc.md"
+    doc.write_text("# page\n" + "".join(f"<!-- study_tables:x-{k} -->\n| stale |\n<!-- /study_tables:x-{k} -->\n"
+                                        for k in ("specification", "verdict")))
+    assert _run(str(project), "--check", str(doc), "--prefix", "x").returncode == 1
+    assert _run(str(project), "--update", str(doc), "--prefix", "x").returncode == 0
+    assert _run(str(project), "--check", str(doc), "--prefix", "x").returncode == 0
+    text = doc.read_text()
+    assert "- prototype (pretrained, 6 representations): **sign not identified across reasonable formulations" in text
+    assert "the sign is set by head_grid" in text and "| prototype | above_chance | 6 |" in text
+    record["verdicts"][1]["verdict"] = "sign robust (48 of 48 specifications agree, r > 0)"  # the run changed
+    (rep / "specification_curve.json").write_text(json.dumps(record))
+    assert _run(str(project), "--check", str(doc), "--prefix", "x").returncode == 1

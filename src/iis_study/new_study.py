@@ -16,6 +16,7 @@ path (default ``hub``), ``layer`` ``penultimate`` (default) or a stage.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import subprocess
@@ -202,6 +203,16 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
         corr = _correlation_lines(json.loads(Path(correlation_json).read_text()))
         if corr:
             lines += ["", "Across representations (probe accuracy against each score):", *corr]
+    verdict = Path(scores_csv).with_name("specification_curve.json")
+    if verdict.is_file():  # the verdict on the sign of the correlation, beside the headline
+        from iis_study.core.specification import verdict_lines
+
+        record = json.loads(verdict.read_text())
+        found = verdict_lines(record)
+        if found:
+            lines.append(f"\nIs the sign of the accuracy-IIS correlation robust? ({verdict.name}, Pearson r under "
+                         "every specification of the analysis)")
+            lines.extend(f"  {line}" for line in found)
     return "\n".join(lines)
 
 

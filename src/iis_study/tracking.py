@@ -232,7 +232,8 @@ class StudyTracker:
         ``scores`` / ``curve`` (metrics ``<concept_type>.*`` of the representation's run), ``figure``
         (``artifact`` in the representation's run, or ``run: study`` / ``run: all`` for the parent /
         the parent and every representation), ``figures`` (a dict of figures, ``artifact`` a prefix),
-        ``table`` (the parent and each representation's rows), ``dict`` (the parent), ``fine_tuning``.
+        ``table`` (the parent and each representation's rows), ``dict`` (the parent), ``verdict`` (the specification
+        curve's record: the parent, with a tag per concept type), ``fine_tuning``.
         """
         kind, artifact, run = what.get("log"), what.get("artifact", ""), what.get("run", "representation")
         if kind == "feature_info":
@@ -250,11 +251,13 @@ class StudyTracker:
             for name, fig in value.items():
                 self.log_figure(self.parent, fig, f"{artifact}{name}")
         elif kind == "table":
-            for bb in value["backbone"].unique():
+            for bb in (value["backbone"].unique() if "backbone" in value else []):  # a study-level table: the parent
                 self.log_table(self.child(bb), value[value["backbone"] == bb], artifact)
             self.log_table(self.parent, value, artifact)
         elif kind == "dict":
             self.log_dict(self.parent, value, artifact)
+        elif kind == "verdict":
+            self.log_verdict(value, artifact)
         elif kind == "fine_tuning":
             self.log_fine_tuning(value)
         else:
@@ -287,13 +290,15 @@ class StudyTracker:
             self.client.set_tag(self.child(backbone), f"{concept_type}.uncertified", str(scores["uncertified"])[:5000])
 
     def log_curve_metrics(self, backbone: str, concept_type: str, curve) -> None:
-        """The mean A(s) and ARR(s) over seeds, the sparsity in percent as the step."""
+        """The mean A(s) and ARR(s) over seeds and concept draws, the sparsity in percent as the step."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = []
+        if "concept_set" in curve:  # the concept draws' curves (their mean integrates to the IIS), not the nulls'
+            curve = curve[curve["concept_set"] == "concepts"]
         mean_curve = curve.groupby("sparsity", as_index=False)[["accuracy", "arr"]].mean()
         for row in mean_curve.itertuples():
             step = sparsity_step(row.sparsity)
@@ -311,6 +316,16 @@ class StudyTracker:
             frame.to_csv(p, index=False)
             self.client.log_artifact(run_id, str(p), str(Path(path).parent) if Path(path).parent != Path(".") else None)
         self.client.log_table(run_id, frame.astype(object).where(frame.notna(), None), str(Path(path).with_suffix(".json")))
+
+    def log_verdict(self, record: dict, path: str) -> None:
+        """The specification curve's record as an artifact of the parent run, and beside the headline there a tag
+        ``specification.<concept_type>`` per concept type: the verdict on the sign, r's range, the main effects."""
+        from .core.specification import verdict_lines
+
+        self.log_dict(self.parent, record, path)
+        for rec, line in zip([r for r in record.get("verdicts", []) if r["scope"] == record.get("headline_scope")],
+                             verdict_lines(record)):
+            self.client.set_tag(self.parent, f"specification.{rec['concept_type']}", line[:5000])
 
     def log_dict(self, run_id: str, data: dict, path: str) -> None:
         self.client.log_dict(run_id, data, path)

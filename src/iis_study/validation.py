@@ -19,6 +19,7 @@ from .core.config import (
     ExtractionParams,
     GalleryParams,
     ScoringParams,
+    SpecificationParams,
     SplitParams,
     backbone_spec,
     sweep_config,
@@ -56,6 +57,9 @@ def validate_study(params: dict[str, Any], pipelines: set[str] | None = None) ->
     CorrelationParams.from_params(params.get("correlation"))
     ScoringParams.from_params(params.get("scoring"))
     sweep = sweep_config(params.get("sweep"))
+    specification = SpecificationParams.from_params(params.get("specification"))
+    if specification.enabled and sweep.estimator == "convex":
+        specification.resolve_grids(sweep.l2_grid, sweep.l2_path)  # a written-out grid outside it is refused
     if params.get("gallery"):
         gallery = GalleryParams.from_params(params["gallery"])
         if not any(abs(float(gallery.sparsity) - float(g)) < 1e-9 for g in sweep.sparsities):

@@ -24,6 +24,7 @@ from iis_study.core.config import (
     ExtractionParams,
     GalleryParams,
     ScoringParams,
+    SpecificationParams,
     SplitParams,
     WeightSparsityParams,
 )
@@ -119,7 +120,7 @@ def test_interpretability_slice():
         interpretability.create_pipeline(["a"], ["prototype"]),
         **{"a.features": _synthetic_features(), "a.feature_info": {"num_classes": 3}, "a.concepts_prototype": space,
            "a.concept_draws": draws, "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(n_boot=20),
-           "params:weight_sparsity": WeightSparsityParams(path_length=8)},
+           "params:weight_sparsity": WeightSparsityParams(path_length=8), "params:specification": SpecificationParams()},
     )
     scores, curve = out["a.scores_prototype"], out["a.curve_prototype"]
     assert 0 <= scores["accuracy_linear_probe"] <= 1 and "iis" in scores and "probe_converged" in scores
@@ -140,6 +141,17 @@ def test_interpretability_slice():
     assert any(not np.array_equal(c, own) for c in out["a.draws_prototype"].correct.values())
     assert sorted(curve["sparsity"].unique()) == [0.0, 0.5]
     assert out["a.probe_reference"].val_acc > 0.5  # the reference probe sees the planted classes
+    # the curves of every draw and null, marked, integrate to the scores (docs: sparsity_curves.csv)
+    assert set(curve["concept_set"]) == {"concepts", "null_random", "null_rotated"} and set(curve["draw"]) == {0, 1, 2}
+    from iis_study.core.reporting import integrated_curves
+    areas = integrated_curves(curve.assign(backbone="a", concept_type="prototype")).set_index("concept_set")["iis"]
+    assert abs(areas["concepts"] - scores["iis"]) < 1e-9
+    for kind in ("random", "rotated"):
+        assert abs(areas[f"null_{kind}"] - scores[f"iis_null_{kind}"]) < 1e-9
+    # the specification curve's inputs: the probe on three inputs, the reference, every head of every set
+    spec = out["a.specification_inputs_prototype"]
+    assert set(spec.loc[spec["concept_set"] == "probe", "inputs"]) == {"rms", "centred", "standardised"}
+    assert len(spec[spec["concept_set"] == "concepts"]) == 3 * 2 * len(TINY_SWEEP.l2_grid)
 
 
 def test_the_library_call_and_the_pipeline_give_the_same_record():
@@ -158,7 +170,7 @@ def test_the_library_call_and_the_pipeline_give_the_same_record():
            "a.concept_draws": build_draws(torch.randn(40, 8, generator=g), {"prototype": vectors}, 5, seed=0, draws=1,
                                           nulls=(), draw_type={}),
            "params:sweep": TINY_SWEEP, "params:scoring": ScoringParams(),
-           "params:weight_sparsity": WeightSparsityParams(path_length=8)},
+           "params:weight_sparsity": WeightSparsityParams(path_length=8), "params:specification": SpecificationParams()},
     )
     split = {s: (feats.split(s).x.numpy(), feats.split(s).y.numpy()) for s in ("train", "val", "test")}
     report = interpretability_score(split["train"], split["val"], split["test"], vectors.numpy(), num_classes=3,
@@ -181,11 +193,15 @@ def test_reporting_slice():
                                               "iis_chance_corrected": 0.2 + 0.05 * i}
         inputs[f"{name}.curve_prototype"] = pd.DataFrame({"sparsity": [0.0, 0.5], "seed": [0, 0],
                                                           "accuracy": [acc, acc - 0.1], "arr": [1.0, 0.8]})
+        inputs[f"{name}.specification_inputs_prototype"] = pd.DataFrame()  # no convex grid: no curve
     out = _run(
         reporting.create_pipeline(list(backbones), ["prototype"]),
         **inputs, **{"params:backbones": backbones, "params:concepts": ConceptParams(types=("prototype",)),
-                     "params:correlation": CorrelationParams(n_boot=20)},
+                     "params:correlation": CorrelationParams(n_boot=20), "params:sweep": TINY_SWEEP,
+                     "params:specification": SpecificationParams()},
     )
+    assert out["specification_verdict"]["verdicts"] == [] and len(out["specification_curve"]) == 0
+    assert "pearson_r" in out["specification_curve"]  # an empty curve keeps its columns (a CSV with a header)
     table = out["iis_scores"]
     assert list(table["backbone"]) == list(backbones) and len(out["sparsity_curves"]) == 8
     assert out["correlation"]["prototype"]["iis"]["n_backbones"] == 3  # the headline: pretrained only

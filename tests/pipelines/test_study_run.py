@@ -60,8 +60,26 @@ def test_outputs_of_the_study(tiny_run):
         values = raw[col].dropna()
         assert len(values) and values.str.fullmatch(r"\d+").all(), (col, values.tolist())
     curves = pd.read_csv(rep / "sparsity_curves.csv")
-    assert len(curves) == len(grid) * int(scores["n_seeds"].sum())
-    assert {"backbone", "concept_type", "sparsity", "seed", "accuracy", "arr"} <= set(curves)
+    sets = (1 + 3) * 3  # convex: 3 concept draws and 3 nulls of 3 draws each; adam: one draw, its seeds
+    assert len(curves) == len(grid) * (sets * len(convex) + int(scores.loc[scores["estimator"] == "adam", "n_seeds"].sum()))
+    assert {"backbone", "concept_type", "concept_set", "draw", "sparsity", "seed", "accuracy", "arr"} <= set(curves)
+    # the curves add up to the scores: integrated and averaged over draws, each set gives its IIS to 1e-9
+    from iis_study.core.reporting import integrated_curves
+
+    areas = integrated_curves(curves).pivot(index=["backbone", "concept_type"], columns="concept_set", values="iis")
+    table = scores.set_index(["backbone", "concept_type"])
+    assert (areas["concepts"] - table["iis"]).abs().max() < 1e-9
+    for kind in ("random", "rotated", "gaussian"):
+        assert (areas[f"null_{kind}"] - table[f"iis_null_{kind}"]).dropna().abs().max() < 1e-9
+    # the specification curve: every specification per concept type and scope, its verdict, the headline reproduced
+    spec = pd.read_csv(rep / "specification_curve.csv")
+    record = json.loads((rep / "specification_curve.json").read_text())
+    assert set(spec["concept_type"]) == {"prototype", "cluster"}  # end-to-end (adam): no grid to re-select
+    assert record["reproduces_study"] < 1e-9 and record["headline_scope"] == "pretrained"
+    assert set(record["headline_verdict"]) == {"prototype", "cluster"}
+    assert all(v.startswith("too few representations (2 < 5") for v in record["headline_verdict"].values())  # 2 pretrained
+    assert record["grid_notes"] == [] and json.dumps(record, allow_nan=False)  # strict JSON
+    assert list((rep / "specification_curve.png").iterdir())
     corr = json.loads((rep / "correlation.json").read_text())
     assert set(corr) == set(TINY["concepts"]["types"])
     entry = corr["prototype"]["iis"]
@@ -117,6 +135,10 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
         arts = {a.path for a in client.list_artifacts(child.info.run_id, "tables")}
         assert "tables/iis_scores.csv" in arts
     assert any(a.path == "correlation.json" for a in client.list_artifacts(parent.info.run_id))
+    # the specification curve's verdict beside the headline: the record, the table and a tag per concept type
+    assert any(a.path == "specification_curve.json" for a in client.list_artifacts(parent.info.run_id))
+    for ctype in ("prototype", "cluster"):
+        assert parent.data.tags[f"specification.{ctype}"].startswith(f"{ctype} (pretrained, 2 representations): ")
 
 
 def _study_runs(tiny_run):
@@ -145,7 +167,8 @@ def test_mlflow_metrics_equal_the_csv_results(tiny_run):
             for key in keys:
                 assert child.data.metrics[f"{ctype}.{key}"] == pytest.approx(row[key], rel=1e-12, abs=1e-12, nan_ok=True), (
                     bb, ctype, key)
-            curve = curves[(curves["backbone"] == bb) & (curves["concept_type"] == ctype)]
+            curve = curves[(curves["backbone"] == bb) & (curves["concept_type"] == ctype)
+                           & (curves["concept_set"] == "concepts")]  # the concept draws' mean curve, not the nulls'
             expected = {int(round(100 * s)): a for s, a in curve.groupby("sparsity")["accuracy"].mean().items()}
             logged = {h.step: h.value for h in client.get_metric_history(child.info.run_id, f"{ctype}.accuracy")}
             assert logged.keys() == expected.keys()

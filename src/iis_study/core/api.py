@@ -50,7 +50,8 @@ class ScoreReport:
         scores: every number the pipeline reports for one concept type: ``iis``, its interval, the
             chance-corrected IIS, ``A_std``, the certificate (``certified``, ``max_grad``, ``iterations``)
             or the adam budget test, the reference probe (``scores["reference_val_acc"]``), ...
-        curve: one row per seed and sparsity: accuracy, arr, arr_chance_corrected.
+        curve: one row per seed and sparsity: accuracy, arr, arr_chance_corrected (``concept_set`` ``concepts``,
+            ``draw`` 0: the one concept set scored here).
         result: the sweep itself (every head, the selected ones, their parameters, the certificate).
     """
 

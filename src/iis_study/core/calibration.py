@@ -42,13 +42,18 @@ class DrawResults:
 
     ``correct``: by set name (:func:`~iis_study.core.nulls.set_name`), bool (seeds, 1 + P, N_test), row 0
     the probe; ``certified``: by set name, whether every head of that set's grid is within tolerance (None:
-    an estimator without a certificate); ``draws``: R; ``nulls``: the null kinds."""
+    an estimator without a certificate); ``draws``: R; ``nulls``: the null kinds; ``accuracy`` (the convex
+    estimator): by set name, float (P, L, 2), the val (``[..., 0]``) and test (``[..., 1]``) accuracy of every
+    interpretation head of the sparsity x L2 grid, the L2 strengths ``cs`` in increasing order (what a
+    selection over another grid reads: :mod:`~iis_study.core.specification`)."""
 
     correct: dict[str, np.ndarray] = field(default_factory=dict)
     certified: dict[str, bool | None] = field(default_factory=dict)
     draws: int = 1
     nulls: tuple[str, ...] = ()
     concept_type: str = ""
+    accuracy: dict[str, np.ndarray] = field(default_factory=dict)
+    cs: tuple[float, ...] = ()
 
     def draw_sets(self) -> list[str]:
         """The concept draws 1.. in order."""
@@ -65,11 +70,14 @@ class DrawResults:
         import torch
 
         out: dict[str, Any] = {k: torch.as_tensor(np.ascontiguousarray(v, dtype=np.uint8)) for k, v in self.correct.items()}
+        out.update({f"{_ACC}{k}": torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64))
+                    for k, v in self.accuracy.items()})
         out["__metadata__"] = {
             "draws": str(self.draws),
             "nulls": ",".join(self.nulls),
             "certified": json.dumps(self.certified),
             "concept_type": self.concept_type,
+            "cs": json.dumps([float(c) for c in self.cs]),
         }
         return out
 
@@ -78,10 +86,14 @@ class DrawResults:
         import json
 
         meta = data.get("__metadata__") or {}
-        correct = {k: np.asarray(v, dtype=bool) for k, v in data.items() if k != "__metadata__"}
+        correct = {k: np.asarray(v, dtype=bool) for k, v in data.items() if k != "__metadata__" and not k.startswith(_ACC)}
+        accuracy = {k[len(_ACC):]: np.asarray(v, dtype=np.float64) for k, v in data.items() if k.startswith(_ACC)}
         nulls = tuple(n for n in str(meta.get("nulls", "")).split(",") if n)
         return cls(correct, json.loads(meta.get("certified", "{}")), int(meta.get("draws", 1)), nulls,
-                   str(meta.get("concept_type", "")))
+                   str(meta.get("concept_type", "")), accuracy, tuple(json.loads(meta.get("cs", "[]"))))
+
+
+_ACC = "accuracy:"  # the stored key prefix of a set's grid accuracies
 
 
 def _draw_of(name: str) -> int:

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .config import ConceptParams, CorrelationParams, GalleryParams, backbone_fields
+from . import specification as spec
 from .acquisition import ConceptSet
 from .concepts import Elements
+from .config import ConceptParams, CorrelationParams, GalleryParams, SpecificationParams, backbone_fields
 from .data import ImageSet
 from .features import FeatureSet
 from .heads import SweepResult
+from .heads.datatypes import SweepParams
 from .inference import correlate_across, ranking_stability
 from .nulls import NULL_KINDS
 from .results import Scores
@@ -245,6 +247,120 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
     return headline, {"groups": records}
 
 
+def _headline_level(grids: Mapping[str, Sequence[float]], l2_grid: Sequence[float], knob: str) -> str | None:
+    """The grid equal to the study's own (the sweep's L2 grid); None (a warning: no headline specification,
+    nothing to reproduce) when no grid is."""
+    study = sorted(float(c) for c in l2_grid)
+    found = next((name for name, g in grids.items() if sorted(float(c) for c in g) == study), None)
+    if found is None:
+        logger.warning("specification curve: no %s equals sweep.l2_grid %s: no headline specification (the "
+                       "study's own analysis is not on the curve)", knob, study)
+    return found
+
+
+def specification_curve(
+    iis_scores: pd.DataFrame, params: SpecificationParams, sweep: SweepParams,
+    concept_types: Sequence[str] | ConceptParams, inputs: Sequence[pd.DataFrame],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The specification curve of the study and its verdict (:mod:`~iis_study.core.specification`).
+
+    ``inputs``: the :func:`~iis_study.core.specification.specification_inputs` tables of the representations and
+    concept types, each marked by its ``backbone`` and ``concept_type`` columns and joined to ``iis_scores`` on
+    them (an empty table: no curve for it, e.g. the adam estimator; ``concept_types``, or the ``concepts`` block's
+    types, are the types the curve covers). The grids are :meth:`SpecificationParams.resolve_grids` of the sweep's
+    (the notes in ``grid_notes``). The headline specification is the study's own analysis (the sweep's L2 grid for
+    heads and probe, RMS-scaled probe inputs, the own probe's accuracy, the raw IIS); under it every
+    representation's values must be those of ``iis_scores`` (``reproduces_study``: the largest difference; a
+    warning beyond 1e-9)."""
+    params = SpecificationParams.from_params(params)
+    sweep = SweepParams.from_params(sweep)
+    if not isinstance(concept_types, (list, tuple)):
+        concept_types = ConceptParams.from_params(concept_types).types
+    if not params.enabled:
+        return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": False, "verdicts": []}
+    if sweep.estimator != "convex":
+        logger.info("specification curve: sweep.estimator %s has no L2 grid to re-select; none made", sweep.estimator)
+        return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": True, "verdicts": [],
+                                                          "note": f"sweep.estimator {sweep.estimator}: no L2 grid"}
+    head_grids, probe_grids, notes = params.resolve_grids(sweep.l2_grid, sweep.l2_path)
+    for note in notes:
+        logger.warning("specification curve: %s", note)
+    rows = iis_scores.set_index(["backbone", "concept_type"])
+    values, seen = [], set()
+    for table in inputs:
+        if table is None or len(table) == 0:
+            continue
+        if not {"backbone", "concept_type"} <= set(table):
+            raise ValueError("specification_curve: an input table without backbone / concept_type columns (from "
+                             "older code): rerun the interpretability pipeline")
+        backbone, ctype = str(table["backbone"].iloc[0]), str(table["concept_type"].iloc[0])
+        if ctype not in concept_types:
+            continue
+        if (backbone, ctype) in seen:
+            raise ValueError(f"specification_curve: two input tables for ({backbone}, {ctype})")
+        seen.add((backbone, ctype))
+        if (backbone, ctype) not in rows.index:
+            raise ValueError(f"specification_curve: inputs for ({backbone}, {ctype}), which iis_scores lacks")
+        v = spec.representation_values(table, sweep.sparsities, head_grids, probe_grids, params.probe_inputs)
+        row = rows.loc[(backbone, ctype)]
+        ids = {"backbone": backbone, "representation": str(row.get("representation", backbone)), "concept_type": ctype,
+               "weights": str(row.get("weights")), "num_classes": int(table["num_classes"].iloc[0]),
+               "study_accuracy": float(row["accuracy_linear_probe"])}
+        values.append(v.assign(**ids))
+    if not values:
+        logger.warning("specification curve: no representation has the convex estimator's stored grid; none made")
+        return pd.DataFrame(columns=spec.CURVE_COLUMNS), {"enabled": True, "verdicts": [],
+                                                          "note": "no convex sweep tables"}
+    order = {b: i for i, b in enumerate(pd.unique(iis_scores["backbone"]))}  # the study's order, whatever the inputs'
+    values = pd.concat(values, ignore_index=True).sort_values("backbone", key=lambda b: b.map(order), kind="stable")
+    values = values.reset_index(drop=True)
+    headline = {"head_grid": _headline_level(head_grids, sweep.l2_grid, "head grid"),
+                "probe_grid": _headline_level(probe_grids, sweep.l2_grid, "probe grid"),
+                "probe_inputs": "rms" if "rms" in params.probe_inputs else params.probe_inputs[0],
+                "accuracy": "probe" if "probe" in params.accuracy else params.accuracy[0],
+                "score": "iis" if "iis" in params.scores else params.scores[0]}
+    if headline["head_grid"] is None or headline["probe_grid"] is None:
+        headline = None
+    curve, record = spec.specification_curve(values, params, headline, head_grids, probe_grids)
+    record["enabled"] = True
+    record["leverage"] = params.leverage
+    record["grid_notes"] = notes
+    pretrained = (values["weights"] != "random").any() and "pretrained" in params.scopes
+    record["headline_scope"] = "pretrained" if pretrained else params.scopes[0]
+    record["reproduces_study"] = _reproduces(values, iis_scores, headline) if headline else None
+    if record["reproduces_study"] is not None and record["reproduces_study"] > 1e-9:
+        logger.warning("specification curve: the headline specification differs from iis_scores by %.2e",
+                       record["reproduces_study"])
+    record["headline_verdict"] = {rec["concept_type"]: rec["verdict"] for rec in record["verdicts"]
+                                  if rec["scope"] == record["headline_scope"]}
+    for line in spec.verdict_lines(record):
+        logger.info("specification curve: %s", line)
+    return curve, record
+
+
+def _reproduces(values: pd.DataFrame, iis_scores: pd.DataFrame, headline: dict[str, str]) -> float | None:
+    """The largest |difference| between the headline specification's scores and ``iis_scores``' (None: none to
+    compare)."""
+    head = values[(values["head_grid"] == headline["head_grid"]) & (values["probe_grid"] == headline["probe_grid"])
+                  & (values["probe_inputs"] == headline["probe_inputs"])]
+    merged = head.merge(iis_scores, on=["backbone", "concept_type"], suffixes=("", "_study"))
+    diffs = [(merged["probe"] - merged["accuracy_linear_probe"]).abs()]
+    for col in ("iis", "iis_chance_corrected", "iis_excess_random", "iis_excess_rotated", "iis_excess_gaussian"):
+        if col in head and f"{col}_study" in merged:
+            diffs.append((merged[col] - merged[f"{col}_study"]).abs())
+    d = pd.concat(diffs).dropna()
+    return float(d.max()) if len(d) else None
+
+
+def specification_figure(curve: pd.DataFrame, record: dict[str, Any]):
+    """The specification curve: r of every specification, sorted, per concept type and scope."""
+    from . import plots
+
+    if curve is None or len(curve) == 0:
+        return _placeholder("no specification curve in this study")
+    return plots.specification_curve(curve, record)
+
+
 def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:
     """The scoped correlations as one long table: scope, group, concept_type, score, method, r, p, p_perm,
     ci_low, ci_high, n, interval (for notebooks and reports)."""
@@ -364,7 +480,28 @@ def anec_nulls_figure(iis_scores: pd.DataFrame):
 
 
 def sparsity_figure(sparsity_curves: pd.DataFrame):
-    """ARR against sparsity for every representation, per concept type."""
+    """ARR against sparsity for every representation, per concept type (the concept draws' curves: the band is
+    their spread; the nulls' curves are in the table, not in this figure)."""
     from . import plots
 
+    if "concept_set" in sparsity_curves:
+        sparsity_curves = sparsity_curves[sparsity_curves["concept_set"] == "concepts"]
     return plots.sparsity_curves(sparsity_curves, value="arr")
+
+
+def integrated_curves(sparsity_curves: pd.DataFrame) -> pd.DataFrame:
+    """Each (backbone, concept type, concept set)'s curves integrated (trapezoid rule over the sparsities, not
+    divided by the grid's span), averaged over seeds within a draw, then over draws: column ``iis``. The
+    ``concepts`` rows must equal ``iis_scores``' ``iis`` and the ``null_<kind>`` rows its ``iis_null_<kind>``."""
+    curves = sparsity_curves
+    if "concept_set" not in curves:
+        curves = curves.assign(concept_set="concepts", draw=0)
+    keys = ["backbone", "concept_type", "concept_set"]
+    rows = []
+    for key, part in curves.groupby([*keys, "draw", "seed"], sort=False):
+        part = part.sort_values("sparsity")
+        s, a = part["sparsity"].to_numpy(dtype=float), part["arr"].to_numpy(dtype=float)
+        rows.append((*key, float((np.diff(s) * (a[1:] + a[:-1]) / 2.0).sum())))
+    per = pd.DataFrame(rows, columns=[*keys, "draw", "seed", "iis"])
+    by_draw = per.groupby([*keys, "draw"], sort=False)["iis"].mean().reset_index()
+    return by_draw.groupby(keys, sort=False)["iis"].mean().reset_index()

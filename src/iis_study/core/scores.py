@@ -199,7 +199,24 @@ def score_sweep(
         "n_boot": int(n_boot),
         "ci": float(ci),
     }
-    curve = pd.DataFrame(
+    curve = curve_table(acc, s, seeds, result.num_classes, arr=arr, arr_cc=arr_cc)
+    return summary, curve
+
+
+def curve_table(
+    acc: np.ndarray, sparsities: np.ndarray, seeds: Sequence[int], num_classes: int,
+    arr: np.ndarray | None = None, arr_cc: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """One concept set's curve: a row per seed x sparsity (``seed``, ``sparsity``, ``accuracy``, ``arr``,
+    ``arr_chance_corrected``) from its (seeds, 1 + P) test accuracies, column 0 the probe. Integrating ``arr``
+    over the sparsities (the trapezoid rule) and averaging over seeds gives the set's IIS."""
+    s = np.asarray(sparsities, dtype=float)
+    if arr is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            arr = acc[:, 1:] / acc[:, :1]
+    if arr_cc is None:
+        arr_cc = chance_corrected_retention(acc[:, 1:], acc[:, :1], num_classes)
+    return pd.DataFrame(
         {
             "seed": np.repeat(np.asarray(seeds, dtype=int), s.size),
             "sparsity": np.tile(s, len(seeds)),
@@ -208,7 +225,6 @@ def score_sweep(
             "arr_chance_corrected": arr_cc.reshape(-1),
         }
     )
-    return summary, curve
 
 
 def _safe_ratio(acc: np.ndarray) -> np.ndarray:

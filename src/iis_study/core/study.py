@@ -13,11 +13,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .acquisition import ConceptSet
 from .calibration import DrawResults, calibrated_scores
-from .config import ScoringParams, WeightSparsityParams, sweep_config
+from .config import ScoringParams, SpecificationParams, WeightSparsityParams, sweep_config
 from .convergence import ReferenceProbe, budget_check, convergence_report, reference_probe
 from .data import SPLITS
 from .features import FeatureSet
@@ -26,7 +27,8 @@ from .nulls import ConceptDraws, set_name
 from .power import describe, detectable, size_warning
 from .results import Scores
 from .weight_sparsity import PATH_COLUMNS, elastic_net_paths, weight_sparsity_scores
-from .scores import plain_scores, score_sweep
+from .scores import curve_table, plain_scores, score_sweep
+from .specification import INPUT_COLUMNS, grid_accuracy, probe_variants, specification_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +82,15 @@ def train_splits(
     draw_results = {}
     for ctype in spaces:
         names = draws.names(ctype) if draws else []
+        convex = [n for n in names if results[n].certificate is not None]
         draw_results[ctype] = DrawResults(
             correct={n: results[n].test_correct for n in names},
             certified={n: None if results[n].certificate is None else bool(results[n].certificate.certified) for n in names},
             draws=draws.draws if names else 1,
             nulls=draws.nulls if names else (),
             concept_type=ctype,
+            accuracy={n: grid_accuracy(results[n].table, cfg.sparsities) for n in convex},
+            cs=tuple(sorted(float(c) for c in cfg.l2_grid)) if convex else (),
         )
     return {ctype: results[ctype] for ctype in spaces}, draw_results
 
@@ -143,6 +148,7 @@ def score_representation(
     scoring = ScoringParams.from_params(scoring or {})
     scores, curve = score_sweep(result, n_boot=scoring.n_boot, seed=scoring.seed, ci=scoring.ci)
     scores["estimator"] = result.estimator
+    curve = set_curves(result, curve, draws)
     if draws is not None and draws.correct:
         scores.update(calibration_record(result, draws, scoring))
     else:  # no draws or nulls: the difference two representations must differ by, from the test images alone
@@ -182,6 +188,26 @@ def score_representation(
         scores["iis_chance_corrected"],
     )
     return Scores.from_dict(json.loads(json.dumps(scores))), curve
+
+
+def set_curves(result: SweepResult, curve: pd.DataFrame, draws: DrawResults | None = None) -> pd.DataFrame:
+    """The curve of every concept set of one concept type: draw 0 (``curve``, :func:`score_sweep`'s), the other
+    concept draws and each null's draws, marked by ``concept_set`` (``concepts`` or ``null_<kind>``) and ``draw``.
+
+    Integrating ``arr`` of the ``concepts`` rows over the sparsities (trapezoid rule), averaging over seeds and
+    then over draws gives the score's ``iis``; the same over ``null_<kind>`` rows gives ``iis_null_<kind>``."""
+    s = np.asarray(result.config.sparsities, dtype=float)
+    seeds = list(result.seeds)
+    parts = [curve.assign(concept_set="concepts", draw=0)]
+    if draws is not None and draws.correct:
+        named = [("concepts", name) for name in draws.draw_sets()]
+        named += [(f"null_{kind}", name) for kind in draws.nulls for name in draws.null_sets(kind)]
+        for concept_set, name in named:
+            acc = np.asarray(draws.correct[name], dtype=bool).mean(-1)
+            draw = int(name.rsplit("/", 1)[1])
+            parts.append(curve_table(acc, s, seeds, result.num_classes).assign(concept_set=concept_set, draw=draw))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["concept_set", "draw", *curve.columns]]
 
 
 def calibration_record(result: SweepResult, draws: DrawResults, scoring: ScoringParams) -> dict[str, Any]:
@@ -262,3 +288,34 @@ def convergence_record(
     else:
         out["heads_converged"] = bool(record["heads_converged"])
     return out
+
+
+def fit_probe_variants(
+    features: FeatureSet, feature_info: dict[str, Any], sweep: Mapping[str, Any] | SweepParams,
+    specification: SpecificationParams | Mapping[str, Any] | None,
+) -> pd.DataFrame:
+    """The probe on the other inputs of ``specification.probe_inputs`` (centred only, standardised per feature),
+    every strength of ``sweep.l2_grid`` (:func:`~iis_study.core.specification.probe_variants`): the only new solves
+    of the specification curve. Empty when the curve is off or the estimator is not convex."""
+    cfg = sweep_config(sweep)
+    params = SpecificationParams.from_params(specification)
+    if not params.enabled or cfg.estimator != "convex":
+        return pd.DataFrame(columns=["inputs", "c", "val_acc", "test_acc", "grad", "certified", "iterations"])
+    from .device import resolve_device
+
+    return probe_variants(feature_splits(features), int(feature_info["num_classes"]), cfg.l2_grid,
+                          params.probe_inputs, cfg.tolerance, cfg.max_iter, cfg.solver,
+                          resolve_device(cfg.device, "sweep.device"))
+
+
+def specification_table(
+    result: SweepResult, draws: DrawResults | None, probes: pd.DataFrame, reference: ReferenceProbe,
+    backbone: str = "", concept_type: str = "",
+) -> pd.DataFrame:
+    """One concept type's accuracies of every head, concept draw, null draw and probe, marked by ``backbone`` and
+    ``concept_type`` (:func:`~iis_study.core.specification.specification_inputs`); empty for a sweep without the
+    convex estimator's grid (adam: no L2 grid to re-select on)."""
+    if result.certificate is None:
+        return pd.DataFrame(columns=INPUT_COLUMNS)
+    return specification_inputs(result.table, result.config.sparsities, result.num_classes, draws, probes,
+                                (reference.val_acc, reference.test_acc), backbone, concept_type)

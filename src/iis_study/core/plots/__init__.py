@@ -8,6 +8,8 @@
 * :func:`concept_gallery` -- test images next to the concept images that drove their
   predictions.
 * :func:`iis_with_nulls` -- each representation's IIS beside the IIS of its null concept sets.
+* :func:`specification_curve` -- Pearson r under every specification of the analysis, sorted, with the
+  verdict on its sign.
 * :func:`fine_tuning_curves` -- test accuracy and IIS over fine-tuning epochs for each λ
   (λ = 0 is the cross-entropy-only control).
 
@@ -28,6 +30,7 @@ from .curves import sparsity_curves
 from .fine_tuning import fine_tuning_curves
 from .gallery import concept_gallery
 from .nulls import iis_with_nulls
+from .specification import specification_curve
 
 __all__ = [
     "PERFECT_IIS",
@@ -37,4 +40,5 @@ __all__ = [
     "iis_vs_accuracy_by_scope",
     "iis_with_nulls",
     "sparsity_curves",
+    "specification_curve",
 ]

@@ -10,7 +10,7 @@ import pandas as pd
 from iis_study.core import study
 from iis_study.core.acquisition import ConceptSet
 from iis_study.core.calibration import DrawResults
-from iis_study.core.config import ScoringParams, WeightSparsityParams
+from iis_study.core.config import ScoringParams, SpecificationParams, WeightSparsityParams
 from iis_study.core.convergence import ReferenceProbe
 from iis_study.core.features import FeatureSet
 from iis_study.core.heads import SweepParams, SweepResult
@@ -45,3 +45,19 @@ def score_interpreters(
 ) -> tuple[Scores, pd.DataFrame]:
     """A concept type's scores beside its nulls, and its curve: :func:`~iis_study.core.study.score_representation`."""
     return study.score_representation(result, probe_reference, scoring, draws, weight_sparsity_path, weight_sparsity)
+
+
+def fit_probe_variants(
+    features: FeatureSet, feature_info: dict[str, Any], sweep: SweepParams, specification: SpecificationParams,
+) -> pd.DataFrame:
+    """The probe on the specification curve's other inputs: :func:`~iis_study.core.study.fit_probe_variants`."""
+    return study.fit_probe_variants(features, feature_info, sweep, specification)
+
+
+def collect_specification_inputs(
+    result: SweepResult, draws: DrawResults, probe_variants: pd.DataFrame, probe_reference: ReferenceProbe,
+    backbone: str = "", concept_type: str = "",
+) -> pd.DataFrame:
+    """A concept type's accuracies of every head, draw, null and probe, marked by backbone and concept type (the
+    pipeline binds both): :func:`~iis_study.core.study.specification_table`."""
+    return study.specification_table(result, draws, probe_variants, probe_reference, backbone, concept_type)

@@ -1,15 +1,30 @@
 """The interpretability pipeline: per backbone and concept type, the sweep and its scores."""
 
+import functools
 from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
 from ..namespaces import per_backbone
-from .nodes import fit_reference_probe, fit_weight_sparsity, score_interpreters, train_interpreters
+from .nodes import (
+    collect_specification_inputs,
+    fit_probe_variants,
+    fit_reference_probe,
+    fit_weight_sparsity,
+    score_interpreters,
+    train_interpreters,
+)
 
 
-def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
-    """The per-backbone template."""
+def _marked(backbone: str, concept_type: str):
+    """:func:`collect_specification_inputs` with the table's ``backbone`` / ``concept_type`` bound (the reporting
+    node joins the tables on them, not on their order)."""
+    func = functools.partial(collect_specification_inputs, backbone=backbone, concept_type=concept_type)
+    return functools.update_wrapper(func, collect_specification_inputs)
+
+
+def base_pipeline(concept_types: Iterable[str], backbone: str = "") -> Pipeline:
+    """The per-backbone template (``backbone``: the name its specification inputs are marked with)."""
     types = list(concept_types)
     nodes = [
         node(fit_reference_probe, ["features", "feature_info"], "probe_reference", name="fit_reference_probe"),
@@ -37,8 +52,22 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
             "weight_sparsity_path",
             name="fit_weight_sparsity",
         ),
+        node(
+            fit_probe_variants,
+            ["features", "feature_info", "params:sweep", "params:specification"],
+            "probe_variants",
+            name="fit_probe_variants",
+        ),
     ]
     for ctype in types:
+        nodes.append(
+            node(
+                _marked(backbone, ctype),
+                [f"sweep_{ctype}", f"draws_{ctype}", "probe_variants", "probe_reference"],
+                f"specification_inputs_{ctype}",
+                name=f"collect_specification_inputs_{ctype}",
+            )
+        )
         nodes.append(
             node(
                 score_interpreters,
@@ -52,5 +81,9 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
 
 
 def create_pipeline(backbones: Iterable[str] = (), concept_types: Iterable[str] = (), **kwargs) -> Pipeline:
-    """For every backbone and concept type: ``sweep_<type>``, ``draws_<type>``, ``scores_<type>``, ``curve_<type>``."""
-    return per_backbone(base_pipeline(list(concept_types)), backbones, shared_params=("sweep", "scoring", "weight_sparsity"))
+    """For every backbone and concept type: ``sweep_<type>``, ``draws_<type>``, ``scores_<type>``, ``curve_<type>``,
+    ``specification_inputs_<type>``; per backbone ``probe_variants`` (the specification curve's extra probes)."""
+    types = list(concept_types)
+    return sum((per_backbone(base_pipeline(types, name), [name],
+                             shared_params=("sweep", "scoring", "weight_sparsity", "specification"))
+                for name in backbones), Pipeline([]))

@@ -10,10 +10,10 @@ import pandas as pd
 from iis_study.core import reporting
 from iis_study.core.acquisition import ConceptSet
 from iis_study.core.concepts import Elements
-from iis_study.core.config import ConceptParams, CorrelationParams, GalleryParams
+from iis_study.core.config import ConceptParams, CorrelationParams, GalleryParams, SpecificationParams
 from iis_study.core.data import ImageSet
 from iis_study.core.features import FeatureSet
-from iis_study.core.heads import SweepResult
+from iis_study.core.heads import SweepParams, SweepResult
 from iis_study.core.results import Scores
 
 
@@ -28,6 +28,19 @@ def correlate_scores(iis_scores: pd.DataFrame, correlation: CorrelationParams) -
     """Pearson, Spearman and Kendall coefficients between linear-probe accuracy and IIS, per concept
     type and scope: the headline (pretrained representations) and every scope of ``correlation.groups``."""
     return reporting.correlate_scores(iis_scores, correlation)
+
+
+def specification_curve(
+    iis_scores: pd.DataFrame, specification: SpecificationParams, sweep: SweepParams, concepts: ConceptParams,
+    *inputs: pd.DataFrame,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The correlation under every specification and its verdict: :func:`~iis_study.core.reporting.specification_curve`."""
+    return reporting.specification_curve(iis_scores, specification, sweep, concepts, inputs)
+
+
+def plot_specification_curve(specification_curve: pd.DataFrame, specification_verdict: dict[str, Any]):
+    """Pearson r under every specification, sorted: :func:`~iis_study.core.reporting.specification_figure`."""
+    return reporting.specification_figure(specification_curve, specification_verdict)
 
 
 def plot_iis_vs_accuracy(iis_scores: pd.DataFrame, correlation: dict[str, Any]):

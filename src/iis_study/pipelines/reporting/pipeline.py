@@ -15,6 +15,8 @@ from .nodes import (
     plot_anec_with_nulls,
     plot_iis_with_nulls,
     plot_sparsity_curves,
+    plot_specification_curve,
+    specification_curve,
 )
 
 
@@ -61,6 +63,19 @@ def create_pipeline(
                 ["iis_scores", "params:correlation"],
                 ["correlation", "correlation_scopes"],
                 name="correlate_scores",
+            ),
+            node(
+                specification_curve,
+                ["iis_scores", "params:specification", "params:sweep", "params:concepts",
+                 *(f"{name}.specification_inputs_{ctype}" for name in backbones for ctype in concept_types)],
+                ["specification_curve", "specification_verdict"],
+                name="specification_curve",
+            ),
+            node(
+                plot_specification_curve,
+                ["specification_curve", "specification_verdict"],
+                "specification_curve_plot",
+                name="plot_specification_curve",
             ),
             node(plot_iis_vs_accuracy, ["iis_scores", "correlation"], "iis_vs_accuracy_plot", name="plot_iis_vs_accuracy"),
             node(
