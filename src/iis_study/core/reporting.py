@@ -4,7 +4,6 @@ representation's scores and curves, correlate accuracy with IIS per scope (all, 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -152,7 +151,7 @@ def _correlate_table(table: pd.DataFrame, correlation: CorrelationParams, scope:
                 ci=correlation.ci,
             )
             n = int(res.pop("n", len(rows)))
-            entry: dict[str, Any] = {k: ({kk: _clean(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            entry: dict[str, Any] = {k: ({kk: spec.json_safe(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
                                      for k, v in res.items()}
             entry["n_backbones"] = n
             entry["scope"] = scope
@@ -179,7 +178,7 @@ def _ranking_stability(table: pd.DataFrame) -> dict[str, Any]:
     if len(draw_cols) < 2:
         return {}
     return {
-        str(ctype): {k: v if isinstance(v, int) else _clean(v)
+        str(ctype): {k: v if isinstance(v, int) else spec.json_safe(v)
                      for k, v in ranking_stability(rows[draw_cols].to_numpy(dtype=float)).items()}
         for ctype, rows in table.groupby("concept_type", sort=False)
     }
@@ -382,15 +381,6 @@ def correlation_table(correlation_scopes: dict[str, Any]) -> pd.DataFrame:
                         }
                     )
     return pd.DataFrame(rows)
-
-
-def _clean(v: Any) -> Any:
-    """JSON has no NaN: write null."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return v
-    return None if math.isnan(f) else f
 
 
 def concept_gallery(

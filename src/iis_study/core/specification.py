@@ -285,7 +285,7 @@ def _main_effects(curve: pd.DataFrame, knobs: Sequence[str]) -> dict[str, Any]:
             signs.append(1 if pos == n and n else (-1 if neg == n and n else 0))
         vals = [v for v in means.values() if math.isfinite(v)]
         out[knob] = {
-            "mean_r": {lv: _clean(m) for lv, m in means.items()},  # None: no defined r at that level (strict JSON)
+            "mean_r": {lv: json_safe(m) for lv, m in means.items()},  # None: no defined r at that level (strict JSON)
             "effect": float(max(vals) - min(vals)) if vals else None,
             "level_means_of_both_signs": bool(vals and min(vals) < 0 < max(vals)),
             "sets_the_sign": bool(0 not in signs and len(set(signs)) > 1),
@@ -400,11 +400,11 @@ def _record(ctype: str, scope: str, keep: list[str], curve: pd.DataFrame, part: 
         n_specifications=n, n_positive=pos, n_negative=neg, robust=robust,
         n_undefined=int(curve["pearson_r"].isna().sum()), n_min=int(curve["n"].min()), rests_on=rests_on,
         verdict=verdict,
-        r_min=_clean(curve["pearson_r"].min()), r_max=_clean(curve["pearson_r"].max()),
-        spearman={"n_positive": spos, "n_negative": sneg, "n": sn, "r_min": _clean(curve["spearman_r"].min()),
-                  "r_max": _clean(curve["spearman_r"].max())},
+        r_min=json_safe(curve["pearson_r"].min()), r_max=json_safe(curve["pearson_r"].max()),
+        spearman={"n_positive": spos, "n_negative": sneg, "n": sn, "r_min": json_safe(curve["spearman_r"].min()),
+                  "r_max": json_safe(curve["spearman_r"].max())},
         main_effects=effects,
-        headline=({k: _clean(head.iloc[0][k]) for k in ("pearson_r", "pearson_p_perm", "spearman_r", "spearman_p_perm")}
+        headline=({k: json_safe(head.iloc[0][k]) for k in ("pearson_r", "pearson_p_perm", "spearman_r", "spearman_p_perm")}
                   if len(head) else None),
         leverage=leverage,
     )
@@ -425,12 +425,13 @@ def _leverage(part: pd.DataFrame, headline: Mapping[str, str], threshold: float)
         mask = np.arange(len(g)) != i
         rw, _ = _r(x[mask], y[mask])
         delta = rw - r
-        out.append({"representation": name, "r_without": _clean(rw), "delta": _clean(delta),
+        out.append({"representation": name, "r_without": json_safe(rw), "delta": json_safe(delta),
                     "flagged": bool(math.isfinite(delta) and abs(delta) > threshold)})
     return out
 
 
-def _clean(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """A number as JSON can hold it: NaN becomes null (anything not a number passes through)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
