@@ -30,7 +30,8 @@ def test_pretrained_lite0_beats_its_random_control_on_cifar10(tmp_path, monkeypa
     params["concepts"].update({"types": ["prototype"], "m": 200, "images_per_class": 10, "element_size": 32,
                                "draws": 2, "nulls": ["random"]})
     params["sweep"] = {"sparsities": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98], "learning_rates": [0.001, 0.01, 0.1],
-                       "seeds": [0, 1], "epochs": 30, "batch_size": 1024, "gamma": 0.99, "device": "cpu"}
+                       "seeds": [0, 1], "epochs": 30, "batch_size": 1024, "gamma": 0.99, "device": "cpu",
+                       "l2_grid": [0.1, 1.0, 10.0]}
     params["scoring"] = {"n_boot": 500, "seed": 0, "ci": 0.95}
     project = make_project(tmp_path, params)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
