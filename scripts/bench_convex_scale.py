@@ -30,7 +30,7 @@ def one(n: int) -> dict:
     import torch
 
     from iis_study.core.heads import convex
-    from iis_study.core.heads.lbfgs import PRECOND_SCALE, _gram, _objective, _preconditioners
+    from iis_study.core.solvers.lbfgs import PRECOND_SCALE, _gram, _objective, _preconditioners
     from iis_study.core.heads.masks import n_dropped
 
     convex.MATERIALISE_BYTES = 0  # stream, as for a large training set

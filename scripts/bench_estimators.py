@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from iis_study.core.heads import ConceptSpace, Split, SweepParams, fit_heads
-from iis_study.core.scores import score_sweep
+from iis_study.core.scoring.scores import score_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +38,9 @@ def _study_inputs(backbone: str):
     paths = {c: ROOT / "data" / "05_model_input" / backbone / f"concepts_{c}.safetensors" for c in ("prototype", "cluster")}
     if not feats.is_file() or not all(p.is_file() for p in paths.values()):
         return None
-    fs = TensorDictDataset(filepath=str(feats), object="iis_study.core.features.FeatureSet").load()
+    fs = TensorDictDataset(filepath=str(feats), object="iis_study.core.representations.features.FeatureSet").load()
     concepts = {
-        c: TensorDictDataset(filepath=str(p), object="iis_study.core.acquisition.ConceptSet").load().space
+        c: TensorDictDataset(filepath=str(p), object="iis_study.core.concepts.acquisition.ConceptSet").load().space
         for c, p in paths.items()
     }
     splits = {s: Split(fs.split(s).x.float(), fs.split(s).y.long()) for s in ("train", "val", "test")}
@@ -57,7 +57,7 @@ def _study_sets(backbone: str):
     if inputs is None or not path.is_file():
         raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
     splits, concepts, k = inputs
-    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
+    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.concepts.nulls.ConceptDraws").load()
     return splits, concepts, {n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}, k
 
 

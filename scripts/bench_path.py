@@ -22,8 +22,8 @@ import numpy as np
 from bench_estimators import _study_sets
 from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
-from iis_study.core.config import WeightSparsityParams
-from iis_study.core.weight_sparsity import anec, elastic_net_paths
+from iis_study.core.scoring.blocks import WeightSparsityParams
+from iis_study.core.scoring.weight_sparsity import anec, elastic_net_paths
 
 
 def _run(splits, sets, k, solver):

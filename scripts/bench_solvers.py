@@ -26,7 +26,7 @@ from study_tables import sync_block  # scripts/ is on sys.path when a script run
 
 from iis_study.core.heads import SweepParams
 from iis_study.core.heads.convex import ConceptDesign, _activations
-from iis_study.core.heads.lbfgs import solve_logistic
+from iis_study.core.solvers.lbfgs import solve_logistic
 from iis_study.core.heads.masks import n_dropped
 
 

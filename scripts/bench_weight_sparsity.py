@@ -20,7 +20,7 @@ from pathlib import Path
 import bench_estimators
 
 from iis_study.core.heads import ConceptSpace, SweepParams, fit_heads
-from iis_study.core.weight_sparsity import elastic_net_paths
+from iis_study.core.scoring.weight_sparsity import elastic_net_paths
 from iis_study.datasets import TensorDictDataset
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     if inputs is None or not path.is_file():
         raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
     splits, concepts, k = inputs
-    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
+    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.concepts.nulls.ConceptDraws").load()
     every = {**concepts, **{n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}}
     start = time.perf_counter()
     res = fit_heads(splits["train"], splits["val"], splits["test"], every, k, replace(SweepParams(), device="cpu"),

@@ -20,7 +20,7 @@ from study_tables import sync_block  # scripts/ is on sys.path when a script run
 
 import numpy as np
 
-from iis_study.core import calibration as cal
+from iis_study.core.scoring import calibration as cal
 
 S = np.array([0.0, 0.3, 0.6, 0.9])
 BASE = np.array([0.8, 0.7, 0.55, 0.4])

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from iis_study.core import heads as H
-from iis_study.core.backbones import build
+from iis_study.core.representations.backbones import build
 from iis_study.core.data import array_image_set
-from iis_study.core.features import extract
+from iis_study.core.representations.features import extract
 
 
 DEV = "cuda"
@@ -119,7 +119,7 @@ def main() -> None:
     rows.append(("sweep end_to_end (E=2000), same grid, s", f"{time.perf_counter() - t0:.1f}"))
 
     # fine-tuning: one epoch over 2048 images at 224 px, λ = 1 and the λ = 0 control
-    from iis_study.core.backbones import BackboneParams
+    from iis_study.core.representations.backbones import BackboneParams
     from iis_study.core.finetune import FineTuningTrainParams, finetune
 
     n_ft = 2048 if DEV == "cuda" else 64

@@ -1,7 +1,7 @@
 """The YAML in ``conf/base`` and the typed blocks' defaults agree, or the YAML says why not.
 
-Every default is written once, in its typed block (``core/config.py`` and the blocks defined next to
-their code); ``conf/base/parameters_*.yml`` writes the study's values. A key whose YAML value differs
+Every default is written once, in its typed block (``core/<stage>/blocks.py``, and ``DatasetParams``, ``SplitParams``,
+``SweepParams`` next to their code); ``conf/base/parameters_*.yml`` writes the study's values. A key whose YAML value differs
 from its code default must carry, on the line that sets it, a comment containing the word
 ``default`` that explains the difference -- otherwise one of the two is a stale copy.
 """
@@ -16,16 +16,11 @@ from typing import Any
 import yaml
 
 from iis_study.core.finetune import FineTuningParams
-from iis_study.core.config import (
-    ConceptParams,
-    CorrelationParams,
-    ExtractionParams,
-    GalleryParams,
-    ScoringParams,
-    SpecificationParams,
-    SplitParams,
-    WeightSparsityParams,
-)
+from iis_study.core.concepts.blocks import ConceptParams
+from iis_study.core.scoring.blocks import CorrelationParams, ScoringParams, SpecificationParams, WeightSparsityParams
+from iis_study.core.representations.blocks import ExtractionParams
+from iis_study.core.reporting.blocks import GalleryParams
+from iis_study.core.data import SplitParams
 from iis_study.core.data import DatasetParams
 from iis_study.core.heads import SweepParams
 from iis_study.core.params import Params

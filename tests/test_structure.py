@@ -69,7 +69,7 @@ def test_the_registry_path_keeps_no_module_level_mutable_state(module):
 )
 def test_no_parameter_default_outside_the_typed_blocks(path):
     """``x.get("key", default)`` on a parameter mapping writes a default a second time; typed blocks
-    (iis_study.core.config) hold them. (Metadata lookups with ``{}`` fallbacks are not defaults.)"""
+    (``iis_study.core.<stage>.blocks``) hold them. (Metadata lookups with ``{}`` fallbacks are not defaults.)"""
     tree = ast.parse(path.read_text())
     found = [
         ast.unparse(n)
@@ -77,14 +77,14 @@ def test_no_parameter_default_outside_the_typed_blocks(path):
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get" and len(n.args) == 2
         and not (isinstance(n.args[1], ast.Dict) and not n.args[1].keys)
     ]
-    assert not found, f"{path.relative_to(SRC)}: defaults written outside core/config.py: {found}"
+    assert not found, f"{path.relative_to(SRC)}: defaults written outside the typed blocks: {found}"
 
 
 # --------------------------------------------------------------------------- import cycles
 
 
 def _module_name(path: Path) -> str:
-    """``iis_study.core.backbones`` for ``core/backbones.py``; a package's ``__init__`` is the package."""
+    """``iis_study.core.representations.backbones`` for ``core/representations/backbones.py``; a package's ``__init__`` is the package."""
     parts = [SRC.name, *path.relative_to(SRC).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -188,10 +188,10 @@ def _describe(cycle: list[str], graph: dict[str, dict[str, list[int]]]) -> str:
 def test_the_import_graph_sees_every_kind_of_import():
     """The parser resolves what the cycle check relies on (else an empty graph would pass it)."""
     graph = _import_graph()
-    assert "iis_study.core.weights" in graph["iis_study.core.backbones"]  # from .weights import name
+    assert "iis_study.core.representations.weight_sources" in graph["iis_study.core.representations.backbones"]  # from .weight_sources import name
     assert "iis_study.config_loader" in graph["iis_study.settings"]  # absolute from-import
     assert "iis_study.config_loader" in graph["iis_study.study_config"]  # inside a function
-    assert "iis_study.core.backbones" in graph["iis_study.core.config"]  # under if TYPE_CHECKING
+    assert "iis_study.core.representations.backbones" in graph["iis_study.core.representations.blocks"]  # under if TYPE_CHECKING
     assert "iis_study.core" in MODULES and "iis_study" in MODULES  # __init__ is its package
 
 

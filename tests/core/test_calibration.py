@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy import stats
 
-from iis_study.core import calibration as cal
-from iis_study.core import inference as inf
-from iis_study.core import nulls
+from iis_study.core.scoring import calibration as cal
+from iis_study.core.scoring import inference as inf
+from iis_study.core.concepts import nulls
 
 S = np.array([0.0, 0.3, 0.6, 0.9])
 
@@ -243,7 +243,7 @@ def _small_sweep():
 
 
 def test_self_test_iis_follows_the_share_and_the_null_does_not():
-    from iis_study.core.selftest import self_test
+    from iis_study.core.scoring.selftest import self_test
 
     rows = self_test((0.0, 0.5, 1.0), sweep=_small_sweep(), draws=3, n_boot=200, sizes=(400, 200, 400))
     assert rows["certified"].all()

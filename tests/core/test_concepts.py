@@ -1,4 +1,4 @@
-"""Tests for concept elements and concept vectors (iis_study.core.concepts)."""
+"""Tests for concept elements and concept vectors (iis_study.core.concepts.elements)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from iis_study.core.concepts import (
-    META_COLUMNS,
-    Elements,
+from iis_study.core.concepts.elements import META_COLUMNS, Elements, patch_elements, segment_elements, select_segments
+from iis_study.core.concepts.vectors import (
     check_m,
     cluster_vectors,
     end_to_end_elements,
-    patch_elements,
     prototype_indices,
     prototype_vectors,
-    segment_elements,
-    select_segments,
 )
 
 FILL = 117
@@ -263,7 +259,8 @@ def test_no_empty_end_to_end_concept_at_default_settings() -> None:
     has at least one element at initialisation (300 elements for M = 200 had left ~44 empty)."""
     import yaml
 
-    from iis_study.core.heads import ConceptSpace, SweepParams, _BatchedHeads
+    from iis_study.core.heads import ConceptSpace, SweepParams
+    from iis_study.core.heads.batched import _BatchedHeads
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "base"
     concepts = yaml.safe_load((conf / "parameters_concepts.yml").read_text())["concepts"]
@@ -298,16 +295,16 @@ def test_check_m_message() -> None:
 def test_elements_that_embed_to_zero_are_left_out_of_every_concept_type(caplog):
     """A blank element embeds to the zero vector (no direction): no concept may use it, and the
     ids the concept spaces store point at the non-zero elements of the full element list."""
-    from iis_study.core.acquisition import cluster_space as cluster_concepts
-    from iis_study.core.acquisition import end_to_end_space as end_to_end_concepts
-    from iis_study.core.acquisition import prototype_space as prototype_concepts
+    from iis_study.core.concepts.acquisition import cluster_space as cluster_concepts
+    from iis_study.core.concepts.acquisition import end_to_end_space as end_to_end_concepts
+    from iis_study.core.concepts.acquisition import prototype_space as prototype_concepts
 
     rng = np.random.default_rng(0)
     emb = torch.from_numpy(rng.normal(size=(40, 8)).astype(np.float32))
     zero = [0, 5, 17, 39]
     emb[zero] = 0.0
     params = {"m": 36, "seed": 0, "cluster_max_elements": 1000, "end_to_end_max_elements": 1000}
-    from iis_study.core.features import Embeddings
+    from iis_study.core.representations.features import Embeddings
 
     with caplog.at_level("INFO"):
         proto = prototype_concepts(Embeddings(emb), params)

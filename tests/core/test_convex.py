@@ -13,8 +13,8 @@ from sklearn.linear_model import LogisticRegression
 
 from iis_study.core.heads import ConceptSpace, Split, SweepParams, convex_many, fit_heads, sparsify
 from iis_study.core.heads.convex import keep_ranks
-from iis_study.core.heads.lbfgs import solve_logistic
-from iis_study.core.scores import score_sweep
+from iis_study.core.solvers.lbfgs import solve_logistic
+from iis_study.core.scoring.scores import score_sweep
 
 SPARSITIES = (0.0, 0.5, 0.9, 0.98)
 
@@ -217,9 +217,9 @@ def test_the_l2_path_rule_stops_a_head_where_val_accuracy_falls() -> None:
         early += n < len(vals)
     assert early > 0  # precondition: the rule had something to stop
     # heads the path did not reach do not count against the certificate
-    from iis_study.core.config import ScoringParams
-    from iis_study.core.convergence import ReferenceProbe
-    from iis_study.core.study import convergence_record
+    from iis_study.core.scoring.blocks import ScoringParams
+    from iis_study.core.scoring.convergence import ReferenceProbe
+    from iis_study.core.scoring.steps import convergence_record
 
     ref = ReferenceProbe(val_acc=0.5, test_acc=0.5, c=1.0, iterations=1, converged=True)
     record = convergence_record(path, ref, ScoringParams())

@@ -14,7 +14,7 @@ import torch
 import numba  # noqa: F401  (a hard dependency: a failed import must fail these tests, not skip them)
 
 from iis_study.core.heads import fused as fused_heads
-from iis_study.core.heads import _InterpHeads
+from iis_study.core.heads.masks import _InterpHeads
 from tests.core.reference import ranked_keep
 
 NAMES = ("base", "ln_weight", "ln_bias", "weight", "bias")

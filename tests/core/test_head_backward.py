@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iis_study.core.heads import _InterpHeads
+from iis_study.core.heads.masks import _InterpHeads
 from tests.core.reference import ranked_keep
 
 NAMES = ("base", "ln_weight", "ln_bias", "weight", "bias")

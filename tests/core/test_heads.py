@@ -14,9 +14,6 @@ from iis_study.core.heads import (
     ConceptSpace,
     Split,
     SweepParams,
-    _BatchedHeads,
-    _select_lr,
-    _StackedAdam,
     explain,
     n_dropped,
     sparsify,
@@ -24,6 +21,8 @@ from iis_study.core.heads import (
     sweep_many,
     train_single_head,
 )
+from iis_study.core.heads.batched import _BatchedHeads, _StackedAdam
+from iis_study.core.heads.selection import select_lr
 from tests.core.reference import ranked_keep
 
 GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
@@ -330,9 +329,9 @@ def test_init_does_not_depend_on_other_heads(toy):
 
 
 def test_select_lr_ties_go_to_smaller_lr():
-    assert _select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-3, 1e-2, 1e-1])) == 0
-    assert _select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-1, 1e-2, 1e-3])) == 1
-    assert _select_lr(np.array([0.3, 0.6, 0.6]), np.array([1e-3, 1e-2, 1e-1])) == 1
+    assert select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-3, 1e-2, 1e-1])) == 0
+    assert select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-1, 1e-2, 1e-3])) == 1
+    assert select_lr(np.array([0.3, 0.6, 0.6]), np.array([1e-3, 1e-2, 1e-1])) == 1
 
 
 def test_selection_uses_val_not_test(toy):
@@ -445,7 +444,8 @@ def test_end_to_end_through_elements_matches_reference(toy):
 
 
 def test_end_to_end_score_paths_agree():
-    from iis_study.core.heads import _BatchedHeads, _concepts_from_assignment, _hard_assignment
+    from iis_study.core.heads.batched import _BatchedHeads
+    from iis_study.core.heads.activations import _concepts_from_assignment, _hard_assignment
 
     g = torch.Generator().manual_seed(0)
     elements = torch.randn(10, 32, generator=g)
@@ -466,7 +466,7 @@ def test_assigned_scores_match_the_dense_products(train):
     """The one-hot shortcut of the through-elements scores (forward by summing each concept's
     elements) gives the values and the straight-through gradients of the plain dense
     formula ``(z·Eᵀ)·A / ‖AᵀE‖``, including a concept no element is assigned to (norm clamped)."""
-    from iis_study.core.heads import _AssignedScores, _hard_assignment_indexed
+    from iis_study.core.heads.activations import _AssignedScores, _hard_assignment_indexed
 
     g = torch.Generator().manual_seed(4)
     p_, s_, l_, n_el, m, b, d = 2, 2, 3, 9, 5, 7, 6
@@ -505,7 +505,7 @@ def test_flush_denormals_zeroes_only_subnormal_entries():
 
 def test_gumbel_assignment_divides_logits_not_noise():
     """METHOD §5.3: hard Gumbel-softmax of LN(q)/0.1, i.e. argmax(LN(q)/0.1 + g)."""
-    from iis_study.core.heads import _hard_assignment
+    from iis_study.core.heads.activations import _hard_assignment
 
     q = torch.tensor([[3.0, 1.0]], requires_grad=True)  # LN over M=2 -> [1, -1] (up to eps)
     noise = torch.tensor([[0.0, 2.5]])
@@ -523,7 +523,7 @@ def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
     """Value and gradient of ``scale * sum of cross-entropies`` (fused kernel and torch path)
     against ``F.cross_entropy``; an incoming gradient other than 1 is applied as well."""
     from iis_study.core.heads import fused as fused_heads
-    from iis_study.core.heads import _SumCrossEntropy
+    from iis_study.core.heads.masks import _SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)
     calls = []
@@ -547,7 +547,7 @@ def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
 def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
     """A confident row's softmax holds probabilities below the smallest normal float: they
     must come back as exact zeros (subnormals slow the BLAS calls down tens of times)."""
-    from iis_study.core.heads import _SumCrossEntropy
+    from iis_study.core.heads.masks import _SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)
     logits = torch.tensor([[0.0, -100.0, -87.5, 3.0]], requires_grad=True)
@@ -564,7 +564,7 @@ def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
 def test_torch_path_leaves_a_full_size_base_untouched(monkeypatch):
     """No affine (projection concepts) and a full-size contiguous base: the in-place mask
     multiplication must work on a copy, not on the caller's tensor."""
-    from iis_study.core.heads import _InterpHeads
+    from iis_study.core.heads.masks import _InterpHeads
 
     monkeypatch.setenv("IIS_FUSED", "0")
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for iis_study.core.scores (METHOD §4, §7)."""
+"""Tests for iis_study.core.scoring.scores (METHOD §4, §7)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from iis_study.core.heads import SweepParams, SweepResult
-from iis_study.core.scores import (
+from iis_study.core.scoring.scores import (
     DEFAULT_SPARSITIES,
     _kendall_rows,
     _pearson_rows,

@@ -9,7 +9,7 @@ hold, and how a run resumes.
   of that model and weights.
 * Epoch checkpoints: after every epoch, ``epoch_{e:03d}.safetensors`` holds backbone, heads,
   optimiser, scheduler, grad-scaler and RNG states plus the history, written atomically (write,
-  then rename: :func:`~iis_study.core.features.save_tensors`). The metadata stores a hash of
+  then rename: :func:`~iis_study.core.representations.features.save_tensors`). The metadata stores a hash of
   everything that determines the run (:func:`run_hash`), so resuming into a folder of another
   configuration is an error rather than a silent mix. A resumed run equals an uninterrupted one.
 * The fine-tuned backbone: ``backbone.safetensors`` (:func:`save_backbone`), loadable with
@@ -34,10 +34,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..backbones import BackboneParams, spec_dict
+from ..representations.backbones import BackboneParams, spec_dict
 from ..data import ImageSet
-from ..features import load_tensors, save_tensors
-from .config import SPLIT_NAMES, EpochRecord, FineTuningTrainParams
+from ..representations.features import load_tensors, save_tensors
+from .blocks import SPLIT_NAMES, EpochRecord, FineTuningTrainParams
 from ..heads import SweepParams
 
 if TYPE_CHECKING:

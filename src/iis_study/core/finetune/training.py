@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbones import Representation
+from ..representations.backbones import Representation
 from ..data import ImageSet
-from ..features import _Resized
-from .config import FineTuningTrainParams
+from ..representations.features import _Resized
+from .blocks import FineTuningTrainParams
 from ..heads import derive_seed, sparsify
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..store import ShardedArray
+from ..representations.store import ShardedArray
 from .activations import (
     _AssignedScores,
     _concepts_from_assignment,

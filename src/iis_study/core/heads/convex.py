@@ -29,13 +29,13 @@ import pandas as pd
 import torch
 
 from ..device import resolve_device
-from ..store import ShardedArray
+from ..representations.store import ShardedArray
 from .activations import _concepts_to, _precompute_base
 from .datatypes import ConceptSpace, Split, SweepParams, SweepResult
-from .lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
+from ..solvers.lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
 from .masks import n_dropped
 from .seeds import _train_mean
-from .training import _select_lr, _validate_inputs  # the Adam sweep's input checks and selection rule
+from .selection import select_lr, validate_inputs  # the input checks and selection rule both estimators share
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _select(val_acc: np.ndarray, cs: list[float]) -> np.ndarray:
     """Index of the selected L2 strength along the last axis: the best val accuracy, ties to the
     smaller C (the stronger penalty), as the Adam sweep breaks ties to the smaller learning rate;
     NaN (not solved) is never selected."""
-    return _select_lr(np.where(np.isnan(val_acc), -np.inf, val_acc), np.asarray(cs, dtype=float))
+    return select_lr(np.where(np.isnan(val_acc), -np.inf, val_acc), np.asarray(cs, dtype=float))
 
 
 def _feature_scale(x: torch.Tensor | ShardedArray, shift: torch.Tensor) -> float:
@@ -251,7 +251,7 @@ def convex_many(
     if not concepts:
         raise ValueError("convex_many needs at least one concept space")
     spaces_in = list(concepts.values())
-    _validate_inputs(train, val, test, spaces_in[0], num_classes, config)
+    validate_inputs(train, val, test, spaces_in[0], num_classes, config)
     for name, space in concepts.items():
         space.validate(train.x.shape[1])
         if space.kind == "end_to_end":

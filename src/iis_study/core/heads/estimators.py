@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from .convex import convex_many
 from .datatypes import ConceptSpace, Split, SweepParams, SweepResult
-from .training import sweep_many
+from .adam import sweep_many
 
 logger = logging.getLogger(__name__)
 

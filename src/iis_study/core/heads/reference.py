@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..store import ShardedArray
+from ..representations.store import ShardedArray
 from .activations import _concepts_from_assignment, _concepts_to, _gumbel_noise, _hard_assignment
 from .masks import flush_denormals, n_dropped, sparsify
 from .seeds import (

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store import ShardedArray
+from ..representations.store import ShardedArray
 from .datatypes import HeadKind, Split
 
 _EVAL_CHUNK = 1024

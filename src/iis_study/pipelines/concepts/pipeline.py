@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
-from iis_study.core.nulls import DRAWN_TYPES
+from iis_study.core.concepts.nulls import DRAWN_TYPES
 
 from ..namespaces import per_backbone
 from .nodes import (
