@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from iis_study.core.heads import ConceptSpace, Split, SweepParams, fit_heads
+from iis_study.core.heads import ConceptSpace, HeadsProblem, Split, SweepParams, fit_heads
 from iis_study.core.scoring.scores import score_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def main() -> None:
     import logging
 
     logging.disable(logging.WARNING)  # the warm-up's heads are uncertified on purpose
-    fit_heads(*(Split(s.x[:64], s.y[:64]) for s in splits.values()), concepts, k,
+    fit_heads(HeadsProblem(*(Split(s.x[:64], s.y[:64]) for s in splits.values()), concepts, k),
               replace(base, max_iter=2), progress=False)  # warm-up: imports, thread pools
     logging.disable(logging.NOTSET)
     times, scores = {}, {}
@@ -102,7 +102,7 @@ def main() -> None:
                 "convex, l2_path": replace(base, l2_path=True), "adam": runs["adam"]}
     for estimator, cfg in runs.items():
         start = time.perf_counter()
-        results = fit_heads(splits["train"], splits["val"], splits["test"], concepts, k, cfg, progress=False)
+        results = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], concepts, k), cfg, progress=False)
         times[estimator] = time.perf_counter() - start
         scores[estimator] = {c: score_sweep(r, n_boot=10)[0]["iis"] for c, r in results.items()}
         extra = ""

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from bench_estimators import _study_sets
 
-from iis_study.core.heads import SweepParams, fit_heads
+from iis_study.core.heads import HeadsProblem, SweepParams, fit_heads
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     times = {}
     for name, sets in (("study's concept sets", concepts), ("with draws and nulls", every)):
         start = time.perf_counter()
-        res = fit_heads(splits["train"], splits["val"], splits["test"], sets, k, cfg, progress=False)
+        res = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], sets, k), cfg, progress=False)
         times[name] = time.perf_counter() - start
         certified = all(r.certificate.certified for r in res.values())
         print(f"{name}: {len(sets)} concept sets, {times[name]:.1f} s, every head certified: {certified}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import bench_estimators
 
-from iis_study.core.heads import ConceptSpace, SweepParams, fit_heads
+from iis_study.core.heads import ConceptSpace, HeadsProblem, SweepParams, fit_heads
 from iis_study.core.scoring.weight_sparsity import elastic_net_paths
 from iis_study.datasets import TensorDictDataset
 
@@ -38,8 +38,8 @@ def main() -> None:
     draws = TensorDictDataset(filepath=str(path), object="iis_study.core.concepts.nulls.ConceptDraws").load()
     every = {**concepts, **{n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}}
     start = time.perf_counter()
-    res = fit_heads(splits["train"], splits["val"], splits["test"], every, k, replace(SweepParams(), device="cpu"),
-                    progress=False)
+    res = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], every, k),
+                    replace(SweepParams(), device="cpu"), progress=False)
     convex = time.perf_counter() - start
     print(f"convex heads: {len(every)} concept sets, {convex:.1f} s, certified: "
           f"{all(r.certificate.certified for r in res.values())}")

@@ -64,8 +64,8 @@ BREAKAGES = (
         "val_test_swapped",
         "the interpretability pipeline passes test as val and val as test to the sweep",
         "src/iis_study/core/scoring/steps.py",
-        'fit_heads(splits["train"], splits["val"], splits["test"],',
-        'fit_heads(splits["train"], splits["test"], splits["val"],',
+        'HeadsProblem(splits["train"], splits["val"], splits["test"],',
+        'HeadsProblem(splits["train"], splits["test"], splits["val"],',
         ("tests/pipelines/test_study_run.py::test_val_and_test_are_wired_to_their_own_splits",),
     ),
     Breakage(

@@ -107,7 +107,7 @@ def main() -> None:
     # the convex estimator on the same features: every head certified, one L2 grid, CPU vs CUDA agreement
     space = {"concepts": H.ConceptSpace("vectors", vectors=vecs)}
     t0 = time.perf_counter()
-    res = H.fit_heads(train, val, test, space, k, H.SweepParams(device=DEV), progress=False)["concepts"]
+    res = H.fit_heads(H.HeadsProblem(train, val, test, space, k), H.SweepParams(device=DEV), progress=False)["concepts"]
     _sync()
     rows.append(("convex heads: probe + 8 sparsities x 5 L2 strengths, N=40k, D=1280, M=200, K=100, s",
                  f"{time.perf_counter() - t0:.1f} (certified {res.certificate.certified}, "

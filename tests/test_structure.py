@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,121 @@ def test_the_one_call_check_sees_a_node_that_computes(tmp_path):
         "def elsewhere(x):\n    return sorted(x)\n"
     )
     assert [b.split(" ")[0] for b in _not_single_core_calls(src)] == ["two", "nested", "elsewhere"]
+
+
+# --------------------------------------------------------------------------- core's stage packages
+
+CORE = SRC / "core"
+MAX_FLAT_CORE_MODULES = 10
+STAGES = ("representations", "concepts", "heads", "solvers", "scoring", "finetune", "reporting")
+BASE = ("iis_study.core.params", "iis_study.core.device", "iis_study.core.data")  # what every stage may use
+PLUMBING = tuple(m for m in MODULES if not m.startswith(("iis_study.core", "iis_study.pipelines")) and m != "iis_study")
+
+
+def test_core_has_at_most_10_flat_modules():
+    """``core/`` is its stage packages; only the modules every stage uses stay flat."""
+    flat = sorted(p.name for p in CORE.glob("*.py") if p.name != "__init__.py")
+    assert len(flat) <= MAX_FLAT_CORE_MODULES, f"{len(flat)} modules flat in core/ (at most {MAX_FLAT_CORE_MODULES}): {flat}"
+    assert {p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} >= set(STAGES)
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["iis_study", "core"] and parts[2] in STAGES else None
+
+
+def _upward_arrows(graph: dict[str, dict[str, list[int]]]) -> list[str]:
+    """Imports that run back up the building: core importing a pipeline or the plumbing, a pipeline importing the
+    plumbing, the base modules (params, device, data) importing a stage."""
+    bad = []
+    for a, targets in graph.items():
+        for b, lines in targets.items():
+            where = f"{MODULES[a].relative_to(SRC)}:{lines[0]} imports {b}"
+            if a.startswith("iis_study.core") and not b.startswith("iis_study.core"):
+                bad.append(where)
+            elif a.startswith("iis_study.pipelines") and b in PLUMBING:
+                bad.append(where)
+            elif a in BASE and _stage(b):
+                bad.append(where)
+    return bad
+
+
+def _stage_cycles(graph: dict[str, dict[str, list[int]]]) -> list[list[str]]:
+    """Cycles between core's stage packages (each package one node: ``concepts -> heads -> concepts``)."""
+    stages: dict[str, dict[str, list[int]]] = {s: {} for s in STAGES}
+    for a, targets in graph.items():
+        for b, lines in targets.items():
+            sa, sb = _stage(a), _stage(b)
+            if sa and sb and sa != sb:
+                stages[sa].setdefault(sb, []).extend(lines)
+    return _cycles(stages)
+
+
+def test_no_arrow_runs_back_up():
+    graph = _import_graph()
+    bad = _upward_arrows(graph)
+    assert not bad, "imports against the direction plumbing -> pipelines -> core:\n" + "\n".join(bad)
+    cycles = _stage_cycles(graph)
+    detail = [" -> ".join(c) + ": " + "; ".join(
+        f"{a} imports {b} ({', '.join(sorted(m.split('.', 2)[2] for m, t in graph.items() if _stage(m) == a for n in t if _stage(n) == b))})"
+        for a, b in zip(c, c[1:])) for c in cycles]
+    assert not cycles, "cycles between core's stage packages:\n" + "\n".join(detail)
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``module:line imports name from other`` for every underscore name taken from another project module: by
+    ``from other import _name`` or as ``other._name`` where ``other`` names a project module."""
+    module = _module_name(path)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}
+    bad = []
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if _project_module(base) is None:
+                continue  # third-party privates are theirs to keep
+            for a in node.names:
+                if f"{base}.{a.name}" in MODULES:
+                    aliases[a.asname or a.name] = f"{base}.{a.name}"
+                elif private(a.name):
+                    bad.append(f"{path.relative_to(SRC)}:{node.lineno} imports {a.name} from {base}")
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname: a.name for a in node.names if a.asname and a.name in MODULES}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and private(node.attr) and aliases[node.value.id] != module):
+            bad.append(f"{path.relative_to(SRC)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return bad
+
+
+def test_no_private_name_crosses_a_module():
+    """A name another module uses is public (no underscore); tests import private names from where they are
+    defined. No package re-exports a private name."""
+    bad = [b for path in MODULES.values() for b in _private_imports(path)]
+    assert not bad, "private names used across modules (drop the underscore):\n" + "\n".join(bad)
+
+
+def test_the_structure_checks_see_what_they_forbid(tmp_path, monkeypatch):
+    """Each check fails on the thing it forbids (else an empty check would pass)."""
+    src = tmp_path / "iis_study" / "core" / "scoring" / "bad.py"
+    src.parent.mkdir(parents=True)
+    src.write_text("from ..heads.seeds import _private\nfrom ..heads import seeds\nseeds._other\n")
+    monkeypatch.setitem(MODULES, "iis_study.core.scoring.bad", src)
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "iis_study")
+    found = _private_imports(src)
+    assert len(found) == 2 and "_private" in found[0] and "seeds._other" in found[1], found
+    graph = {"iis_study.core.heads.a": {"iis_study.core.concepts.b": [1]},
+             "iis_study.core.concepts.b": {"iis_study.core.heads.a": [2], "iis_study.hooks": [3]},
+             "iis_study.core.params": {"iis_study.core.scoring.c": [4]}}
+    for name in graph:
+        monkeypatch.setitem(MODULES, name, src)
+    assert _stage_cycles(graph) == [["concepts", "heads", "concepts"]]
+    assert len(_upward_arrows(graph)) == 2  # core -> plumbing; params -> a stage

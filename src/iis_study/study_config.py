@@ -223,11 +223,6 @@ def backbone_names(params: dict[str, Any]) -> list[str]:
     return names
 
 
-def representation_labels(params: dict[str, Any]) -> dict[str, str]:
-    """Namespace -> readable name (``label``, else the key) of every representation."""
-    return {k: str(v.get("label") or k) if isinstance(v, dict) else k for k, v in expand_representations(params).items()}
-
-
 def concept_types(params: dict[str, Any]) -> list[str]:
     """The concept types to score (``concepts.types``; default :attr:`ConceptParams.types`)."""
     from .core.concepts.blocks import ConceptParams

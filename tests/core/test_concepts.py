@@ -260,7 +260,7 @@ def test_no_empty_end_to_end_concept_at_default_settings() -> None:
     import yaml
 
     from iis_study.core.heads import ConceptSpace, SweepParams
-    from iis_study.core.heads.batched import _BatchedHeads
+    from iis_study.core.heads.batched import BatchedHeads
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "base"
     concepts = yaml.safe_load((conf / "parameters_concepts.yml").read_text())["concepts"]
@@ -270,11 +270,11 @@ def test_no_empty_end_to_end_concept_at_default_settings() -> None:
     cfg = SweepParams(
         sparsities=tuple(sweep["sparsities"]), learning_rates=tuple(sweep["learning_rates"]), seeds=tuple(sweep["seeds"])
     )
-    heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=m), cfg, 16, 10)
+    heads = BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=m), cfg, 16, 10)
     assert heads.empty_at_init.shape == (8, 3, 3)
     assert int(heads.empty_at_init.sum()) == 0
     # and the count is right: with 300 elements many concepts start empty
-    few = _BatchedHeads(ConceptSpace("end_to_end", elements=elements[:300], n_concepts=m), cfg, 16, 10)
+    few = BatchedHeads(ConceptSpace("end_to_end", elements=elements[:300], n_concepts=m), cfg, 16, 10)
     idx = torch.nn.functional.layer_norm(few.params["interp.q"], (m,)).argmax(-1)  # affine is identity at init
     expected = torch.tensor([[[m - len(set(idx[p, s, l].tolist())) for l in range(3)] for s in range(3)] for p in range(8)])
     assert torch.equal(few.empty_at_init, expected) and 20 < float(expected.float().mean()) < 70

@@ -21,7 +21,7 @@ from iis_study.core.heads import (
     sweep_many,
     train_single_head,
 )
-from iis_study.core.heads.batched import _BatchedHeads, _StackedAdam
+from iis_study.core.heads.batched import BatchedHeads, StackedAdam
 from iis_study.core.heads.selection import select_lr
 from tests.core.reference import ranked_keep
 
@@ -119,7 +119,7 @@ def test_stacked_adam_matches_torch_adam_with_exponential_lr():
     lrs = (1e-3, 1e-1)
     init = torch.randn(3, 2, 5, 4, generator=g)  # (S=3, L=2, 5, 4): lr axis is 1
     stacked = init.clone().requires_grad_(True)
-    opt = _StackedAdam({"w": stacked}, {"w": 1}, lrs)
+    opt = StackedAdam({"w": stacked}, {"w": 1}, lrs)
     refs = [[init[s, li].clone().requires_grad_(True) for li in range(2)] for s in range(3)]
     ropts = [[torch.optim.Adam([refs[s][li]], lr=lrs[li]) for li in range(2)] for s in range(3)]
     scheds = [[torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9) for o in row] for row in ropts]
@@ -261,13 +261,13 @@ def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
         "vectors_2": ConceptSpace("vectors", vectors=F.normalize(torch.randn(12, 24, generator=g), dim=1)),
     }
     stacked_calls = []
-    original = batched._SharedProbe._stacked_logits
+    original = batched.SharedProbe._stacked_logits
 
     def spy(self, bases):
         stacked_calls.append(tuple(self.stacked))
         return original(self, bases)
 
-    monkeypatch.setattr(batched._SharedProbe, "_stacked_logits", spy)
+    monkeypatch.setattr(batched.SharedProbe, "_stacked_logits", spy)
     cfg = SweepParams(
         steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-1), seeds=(0, 2), epochs=4, batch_size=64
     )
@@ -313,8 +313,8 @@ def test_result_shapes_and_selected_consistency(vector_sweep):
 
 def test_init_does_not_depend_on_other_heads(toy):
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
-    small = _BatchedHeads(concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
-    big = _BatchedHeads(
+    small = BatchedHeads(concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
+    big = BatchedHeads(
         concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-3, 1e-2), seeds=(0, 1)), 24, 4
     )
     torch.testing.assert_close(small.params["interp.weight"][0, 0, 0], big.params["interp.weight"][1, 1, 1])
@@ -444,17 +444,17 @@ def test_end_to_end_through_elements_matches_reference(toy):
 
 
 def test_end_to_end_score_paths_agree():
-    from iis_study.core.heads.batched import _BatchedHeads
-    from iis_study.core.heads.activations import _concepts_from_assignment, _hard_assignment
+    from iis_study.core.heads.batched import BatchedHeads
+    from iis_study.core.heads.activations import concepts_from_assignment, hard_assignment
 
     g = torch.Generator().manual_seed(0)
     elements = torch.randn(10, 32, generator=g)
     cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=1, batch_size=8)
-    heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=4), cfg, 4, 3)
-    assign = _hard_assignment(heads.params["interp.q"], 0.1, heads._gumbel())
+    heads = BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=4), cfg, 4, 3)
+    assign = hard_assignment(heads.params["interp.q"], 0.1, heads._gumbel())
     x = torch.randn(2, 8, 32, generator=g)
     via = heads._end_to_end_scores(x, assign)
-    direct = torch.einsum("sbd,pslmd->pslbm", x, _concepts_from_assignment(assign, elements))
+    direct = torch.einsum("sbd,pslmd->pslbm", x, concepts_from_assignment(assign, elements))
     torch.testing.assert_close(via, direct, rtol=1e-4, atol=1e-5)
     gv = torch.autograd.grad(via.square().sum(), heads.params["interp.q"], retain_graph=True)[0]
     gd = torch.autograd.grad(direct.square().sum(), heads.params["interp.q"])[0]
@@ -466,7 +466,7 @@ def test_assigned_scores_match_the_dense_products(train):
     """The one-hot shortcut of the through-elements scores (forward by summing each concept's
     elements) gives the values and the straight-through gradients of the plain dense
     formula ``(z·Eᵀ)·A / ‖AᵀE‖``, including a concept no element is assigned to (norm clamped)."""
-    from iis_study.core.heads.activations import _AssignedScores, _hard_assignment_indexed
+    from iis_study.core.heads.activations import AssignedScores, hard_assignment_indexed
 
     g = torch.Generator().manual_seed(4)
     p_, s_, l_, n_el, m, b, d = 2, 2, 3, 9, 5, 7, 6
@@ -477,11 +477,11 @@ def test_assigned_scores_match_the_dense_products(train):
     q[..., 4] -= 100.0  # concept 4 never wins: an empty concept in every head
     q.requires_grad_(True)
     noise = -torch.log(-torch.log(torch.rand(q.shape, generator=g))) if train else None
-    assign, idx = _hard_assignment_indexed(q, 0.1, noise)
+    assign, idx = hard_assignment_indexed(q, 0.1, noise)
     assert not (idx == 4).any()
     up = torch.randn(p_, s_, l_, b, m, generator=g)
 
-    fast = _AssignedScores.apply(zp, gram, assign, idx)
+    fast = AssignedScores.apply(zp, gram, assign, idx)
     raw = torch.einsum("sbe,pslem->pslbm", zp, assign)
     norm2 = (torch.matmul(gram, assign) * assign).sum(-2)
     dense = raw / norm2.clamp_min(1e-24).sqrt().clamp_min(1e-12).unsqueeze(-2)
@@ -505,14 +505,14 @@ def test_flush_denormals_zeroes_only_subnormal_entries():
 
 def test_gumbel_assignment_divides_logits_not_noise():
     """METHOD §5.3: hard Gumbel-softmax of LN(q)/0.1, i.e. argmax(LN(q)/0.1 + g)."""
-    from iis_study.core.heads.activations import _hard_assignment
+    from iis_study.core.heads.activations import hard_assignment
 
     q = torch.tensor([[3.0, 1.0]], requires_grad=True)  # LN over M=2 -> [1, -1] (up to eps)
     noise = torch.tensor([[0.0, 2.5]])
-    hard = _hard_assignment(q, 0.1, noise)
+    hard = hard_assignment(q, 0.1, noise)
     # logits/0.1 + noise = [10, -7.5] -> concept 0 (dividing the noise too would pick concept 1)
     assert hard.detach().tolist() == [[1.0, 0.0]]
-    assert _hard_assignment(q, 0.1, None).tolist() == [[1.0, 0.0]]
+    assert hard_assignment(q, 0.1, None).tolist() == [[1.0, 0.0]]
     hard[0, 0].backward()  # straight-through: gradients reach q
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
@@ -523,17 +523,17 @@ def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
     """Value and gradient of ``scale * sum of cross-entropies`` (fused kernel and torch path)
     against ``F.cross_entropy``; an incoming gradient other than 1 is applied as well."""
     from iis_study.core.heads import fused as fused_heads
-    from iis_study.core.heads.masks import _SumCrossEntropy
+    from iis_study.core.heads.masks import SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)
     calls = []
-    orig = fused_heads._cross_entropy_kernel
-    monkeypatch.setattr(fused_heads, "_cross_entropy_kernel", lambda *a: (calls.append(1), orig(*a))[1])
+    orig = fused_heads.cross_entropy_kernel
+    monkeypatch.setattr(fused_heads, "cross_entropy_kernel", lambda *a: (calls.append(1), orig(*a))[1])
     g = torch.Generator().manual_seed(0)
     logits = (5 * torch.randn(3, 2, 7, 4, generator=g)).requires_grad_(True)
     y = torch.randint(0, 4, (7,), generator=g)
     target = y[None, None, :, None].expand(3, 2, 7, 1)
-    loss = _SumCrossEntropy.apply(logits, target, scale)
+    loss = SumCrossEntropy.apply(logits, target, scale)
     assert bool(calls) == (fused == "1" and fused_heads.numba is not None)
     ref = scale * F.cross_entropy(logits.reshape(-1, 4), y.repeat(6), reduction="sum")
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -547,11 +547,11 @@ def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
 def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
     """A confident row's softmax holds probabilities below the smallest normal float: they
     must come back as exact zeros (subnormals slow the BLAS calls down tens of times)."""
-    from iis_study.core.heads.masks import _SumCrossEntropy
+    from iis_study.core.heads.masks import SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)
     logits = torch.tensor([[0.0, -100.0, -87.5, 3.0]], requires_grad=True)
-    loss = _SumCrossEntropy.apply(logits, torch.tensor([[0]]), 0.25)
+    loss = SumCrossEntropy.apply(logits, torch.tensor([[0]]), 0.25)
     (grad,) = torch.autograd.grad(loss, logits)
     tiny = torch.finfo(torch.float32).tiny
     assert not ((grad != 0) & (grad.abs() < tiny)).any()

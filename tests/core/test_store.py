@@ -119,12 +119,12 @@ def test_single_shard_stream_equals_in_memory_order(tmp_path, problem):
 
 
 def test_shard_order_changes_with_seed_and_epoch(tmp_path, problem):
-    from iis_study.core.heads.seeds import _shard_batches
+    from iis_study.core.heads.seeds import shard_batches
 
     train = _sharded(tmp_path, problem[0], "ord", 50)
     g = torch.Generator().manual_seed(0)
-    e1 = torch.cat([y for _, y in _shard_batches(train.x, train.y, g, 32, "cpu")])
-    e2 = torch.cat([y for _, y in _shard_batches(train.x, train.y, g, 32, "cpu")])
+    e1 = torch.cat([y for _, y in shard_batches(train.x, train.y, g, 32, "cpu")])
+    e2 = torch.cat([y for _, y in shard_batches(train.x, train.y, g, 32, "cpu")])
     assert e1.shape == e2.shape == (230,)
     assert not torch.equal(e1, e2)
     assert torch.equal(e1.sort().values, train.y.sort().values)  # every row once per epoch

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .blocks import ConceptParams, PatchParams, SegmentParams  # the defaults: the `concepts` block's, written once
+
 logger = logging.getLogger(__name__)
 
 META_COLUMNS: tuple[str, ...] = (
@@ -177,7 +179,8 @@ def grid_edges(length: int, grid: int) -> np.ndarray:
 # Patches
 # --------------------------------------------------------------------------- #
 def patch_elements(
-    images: Sequence[np.ndarray], source_ids: Sequence[int], grid: int = 4, size: int = 64
+    images: Sequence[np.ndarray], source_ids: Sequence[int], grid: int = PatchParams.grid,
+    size: int = ConceptParams.element_size,
 ) -> Elements:
     """Cut each image into a ``grid × grid`` tiling and resize each cell to ``size × size``.
 
@@ -252,12 +255,12 @@ def _crop_segment(
 
 def select_segments(
     image: np.ndarray,
-    n_segments: Sequence[int] = (10, 20, 30),
-    compactness: float = 10.0,
-    sigma: float = 1.0,
-    max_per_setting: int = 5,
-    iou_threshold: float = 0.5,
-    min_area: float = 0.001,
+    n_segments: Sequence[int] = SegmentParams.n_segments,
+    compactness: float = SegmentParams.compactness,
+    sigma: float = SegmentParams.sigma,
+    max_per_setting: int = SegmentParams.max_per_setting,
+    iou_threshold: float = SegmentParams.iou_threshold,
+    min_area: float = SegmentParams.min_area,
 ) -> list[tuple[int, np.ndarray]]:
     """The kept SLIC segments of one ``(H, W, 3)`` uint8 image as ``(setting, mask)`` pairs.
 
@@ -306,16 +309,16 @@ def _segment_one_image(
 def segment_elements(
     images: Sequence[np.ndarray],
     source_ids: Sequence[int],
-    n_segments: Sequence[int] = (10, 20, 30),
-    compactness: float = 10.0,
-    sigma: float = 1.0,
-    max_per_setting: int = 5,
-    iou_threshold: float = 0.5,
-    min_area: float = 0.001,
-    fill: int = 117,
-    size: int = 64,
-    n_jobs: int = 1,
-    seed: int = 0,
+    n_segments: Sequence[int] = SegmentParams.n_segments,
+    compactness: float = SegmentParams.compactness,
+    sigma: float = SegmentParams.sigma,
+    max_per_setting: int = SegmentParams.max_per_setting,
+    iou_threshold: float = SegmentParams.iou_threshold,
+    min_area: float = SegmentParams.min_area,
+    fill: int = SegmentParams.fill,
+    size: int = ConceptParams.element_size,
+    n_jobs: int = SegmentParams.n_jobs,
+    seed: int = ConceptParams.seed,
 ) -> Elements:
     """SLIC superpixel elements (METHOD §5.1, *segments*).
 

@@ -15,6 +15,8 @@ import logging
 import numpy as np
 import torch
 
+from .blocks import ConceptParams  # the defaults: the `concepts` block's, written once
+
 logger = logging.getLogger(__name__)
 
 
@@ -76,7 +78,8 @@ def prototype_vectors(embeddings: np.ndarray | torch.Tensor, m: int, seed: int =
 
 
 def cluster_vectors(
-    embeddings: np.ndarray | torch.Tensor, m: int, seed: int = 0, max_elements: int = 20000
+    embeddings: np.ndarray | torch.Tensor, m: int, seed: int = 0,
+    max_elements: int = ConceptParams.cluster_max_elements,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Cluster concept vectors: KMeans centroids over element embeddings, L2-normalised.
 

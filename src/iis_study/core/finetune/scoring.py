@@ -21,11 +21,11 @@ from ..concepts.elements import Elements
 from ..data import ImageSet, array_image_set
 from ..representations.features import Features, extract
 from .blocks import SPLIT_NAMES, EpochRecord, FineTuningTrainParams, check_images, element_images
-from ..heads import ConceptSpace, Split, SweepParams, fit_heads
+from ..heads import ConceptSpace, HeadsProblem, Split, SweepParams, fit_heads
 from ..scoring.scores import score_sweep
 
 if TYPE_CHECKING:
-    from .training import _State
+    from .training import TrainingState
 
 # the messages of a fine-tuning run come from one logger, as before scoring had its own module
 logger = logging.getLogger("iis_study.core.finetune")
@@ -88,10 +88,8 @@ def score_features(
         if len(vectors) == 0:
             raise ValueError("every concept element embeds to 0; cannot score this representation")
     space = ConceptSpace(kind="vectors", vectors=vectors)
-    result = fit_heads(
-        splits["train"], splits["val"], splits["test"], {"prototype": space}, num_classes, sweep_config,
-        progress=progress,
-    )["prototype"]
+    problem = HeadsProblem(splits["train"], splits["val"], splits["test"], {"prototype": space}, num_classes)
+    result = fit_heads(problem, sweep_config, progress=progress)["prototype"]
     summary, _ = score_sweep(result)
     return summary
 
@@ -140,7 +138,7 @@ def _accuracy(h_std: nn.Module, feats: Features, device: torch.device) -> float:
 
 
 def evaluate_epoch(
-    state: _State,
+    state: TrainingState,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,
     cfg: FineTuningTrainParams,

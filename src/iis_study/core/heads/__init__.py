@@ -44,7 +44,7 @@ from __future__ import annotations
 from .adam import sweep, sweep_many
 from .convex import Certificate, convex_many
 from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepParams, SweepResult
-from .estimators import fit_heads
+from .estimators import ESTIMATORS, HeadsProblem, fit_heads
 from .explanations import explain
 from .masks import flush_denormals, n_dropped, sparsify
 from .reference import train_single_head
@@ -55,6 +55,8 @@ __all__ = [
     "Certificate",
     "ConceptKind",
     "ConceptSpace",
+    "ESTIMATORS",
+    "HeadsProblem",
     "HeadKind",
     "Q_INIT_STD",
     "SingleHeadResult",

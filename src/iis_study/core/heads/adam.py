@@ -11,10 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..representations.store import ShardedArray
-from .activations import _concepts_to, _precompute_base
-from .batched import _BatchedHeads, _SharedProbe, _StackedAdam
-from .masks import _SumCrossEntropy
-from .seeds import _data_seed, _generator, _shard_batches, _to_device, _train_mean
+from .activations import concepts_to, precompute_base
+from .batched import BatchedHeads, SharedProbe, StackedAdam
+from .masks import SumCrossEntropy
+from .seeds import data_seed, generator, shard_batches, to_device, train_mean
 from .selection import select_lr, validate_inputs
 from .datatypes import Budget, ConceptSpace, HeadKind, Split, SweepParams, SweepResult
 from ..device import resolve_device
@@ -31,7 +31,7 @@ class _BestTracker:
     (:meth:`score_test`): the same numbers as evaluating test after every epoch, at half the
     evaluation cost."""
 
-    def __init__(self, heads: _BatchedHeads, half_epoch: int = 0) -> None:
+    def __init__(self, heads: BatchedHeads, half_epoch: int = 0) -> None:
         dev = heads.device
         self.half_epoch = int(half_epoch)
         self.half: dict[str, dict[str, torch.Tensor]] | None = None  # val and params of the best heads at half budget
@@ -61,7 +61,7 @@ class _BestTracker:
             self.half = {"val": {k: v.clone() for k, v in self.val.items()},
                          "params": {k: v.clone() for k, v in self.params.items()}}
 
-    def score_test(self, heads: _BatchedHeads, test: Split, base: torch.Tensor | None) -> None:
+    def score_test(self, heads: BatchedHeads, test: Split, base: torch.Tensor | None) -> None:
         """Test correctness of every head at its best-val epoch, from the kept parameters."""
         live = heads.params
         heads.params = self.params
@@ -129,23 +129,23 @@ def sweep_many(
     for space in spaces_in[1:]:
         space.validate(train.x.shape[1])
     dev = resolve_device(config.device, "sweep.device")
-    train, val, test = (_to_device(s, dev) for s in (train, val, test))
-    spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
+    train, val, test = (to_device(s, dev) for s in (train, val, test))
+    spaces = {name: concepts_to(space, dev) for name, space in concepts.items()}
     budget = config.plan(train.x.shape[0])
-    shift = _train_mean(train.x, dev) if config.probe_centering else None
-    model = _SharedProbe(
-        {name: _BatchedHeads(space, config, train.x.shape[1], num_classes, shift) for name, space in spaces.items()}
+    shift = train_mean(train.x, dev) if config.probe_centering else None
+    model = SharedProbe(
+        {name: BatchedHeads(space, config, train.x.shape[1], num_classes, shift) for name, space in spaces.items()}
     )
     # activations shared by all heads of a concept space, once per sample; on the fly per batch for sharded splits
     bases = {
         name: {
-            split: None if isinstance(s.x, ShardedArray) else _precompute_base(s.x, space)
+            split: None if isinstance(s.x, ShardedArray) else precompute_base(s.x, space)
             for split, s in (("train", train), ("val", val), ("test", test))
         }
         for name, space in spaces.items()
     }
-    opt = _StackedAdam(model.params, model.lr_axis(), config.learning_rates)
-    data_gens = [_generator(_data_seed(s), "cpu") for s in config.seeds]
+    opt = StackedAdam(model.params, model.lr_axis(), config.learning_rates)
+    data_gens = [generator(data_seed(s), "cpu") for s in config.seeds]
     trackers = {name: _BestTracker(heads, budget.epochs // 2) for name, heads in model.parts.items()}
     first = next(iter(model.parts.values()))
     logger.info(
@@ -175,8 +175,8 @@ def sweep_many(
 
 
 def _train_epoch(
-    model: _SharedProbe,
-    opt: _StackedAdam,
+    model: SharedProbe,
+    opt: StackedAdam,
     train: Split,
     bases: Sequence[torch.Tensor | None],
     data_gens: list[torch.Generator],
@@ -190,7 +190,7 @@ def _train_epoch(
         loss = None
         for logits in [lp, *lis]:
             target = yb.view((1,) * (logits.ndim - 4) + (n_seeds, 1, bsz, 1)).expand(logits.shape[:-1] + (1,))
-            term = _SumCrossEntropy.apply(logits, target, 1.0 / bsz)
+            term = SumCrossEntropy.apply(logits, target, 1.0 / bsz)
             loss = term if loss is None else loss + term
         assert loss is not None
         opt.zero_grad()
@@ -199,7 +199,7 @@ def _train_epoch(
 
 
 def _seed_batches(
-    model: _SharedProbe,
+    model: SharedProbe,
     train: Split,
     bases: Sequence[torch.Tensor | None],
     data_gens: list[torch.Generator],
@@ -219,14 +219,14 @@ def _seed_batches(
             ]
             yield xb, bbs, train.y[idx]
         return
-    streams = [_shard_batches(train.x, train.y, g, batch_size, model.device) for g in data_gens]
+    streams = [shard_batches(train.x, train.y, g, batch_size, model.device) for g in data_gens]
     for parts in zip(*streams, strict=True):
         xb = torch.stack([p[0] for p in parts])
         yield xb, [heads.base_of(xb) for heads in model.parts.values()], torch.stack([p[1] for p in parts])
 
 
 def _build_result(
-    tracker: _BestTracker, heads: _BatchedHeads, config: SweepParams, num_classes: int, budget: Budget
+    tracker: _BestTracker, heads: BatchedHeads, config: SweepParams, num_classes: int, budget: Budget
 ) -> SweepResult:
     lrs = np.asarray(config.learning_rates, dtype=float)
     pv, iv = tracker.val["probe"].cpu().numpy(), tracker.val["interp"].cpu().numpy()

@@ -22,7 +22,7 @@ head and narrowing by interpolation/bisection. It stops as soon as a probe has e
 ``k`` entries at or below it; otherwise the threshold value is exact and ties are broken
 by index, so exactly ``M - k`` entries are kept, as in ``masks._keep_mask``.
 
-Heads that keep few entries (at most ``_SPARSE_FRAC * M``, with K <= 16) take a sparse
+Heads that keep few entries (at most ``SPARSE_FRAC * M``, with K <= 16) take a sparse
 path: the kept indices are compacted (AVX-512 ``vpcompressd``) and the logits and
 gradients touch only those, with the weight transposed and padded to 16 classes.
 
@@ -56,10 +56,10 @@ try:  # numba is optional: without it the torch path is used
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
-from .fused_kernels import _KP, _SPARSE_FRAC
+from .fused_kernels import KP, SPARSE_FRAC
 
 if numba is not None:
-    from .fused_kernels import _backward_kernel, _cross_entropy_kernel, _forward_kernel
+    from .fused_kernels import backward_kernel, cross_entropy_kernel, forward_kernel
 
 _LOCK = threading.Lock()  # one kernel at a time (numba's workqueue layer is not thread-safe)
 _FORK_UNSAFE = False  # set in a forked child whose parent had started numba's GNU OpenMP pool
@@ -201,7 +201,7 @@ def _order(n_heads: int, threads: int) -> np.ndarray:
 
 def _n_sparse(m: int, n_cls: int) -> int:
     """Heads keeping at most this many of ``m`` entries use the sparse path (none if K > 16)."""
-    return int(_SPARSE_FRAC * m) if n_cls <= _KP else 0
+    return int(SPARSE_FRAC * m) if n_cls <= KP else 0
 
 
 def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -216,7 +216,7 @@ def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor
     state = torch.empty(lead + (2,), dtype=torch.int32)
     idx = torch.empty(lead + (width,), dtype=torch.int32)
     with _LOCK:
-        _forward_kernel(
+        forward_kernel(
             *_inputs(p),
             p.bias2.numpy(),
             p.ks,
@@ -258,7 +258,7 @@ def backward(
     g_lnb = buf((n_heads, m), need_lnb)
     g_base = buf((n_heads, p.n_rows, m), need_base)
     with _LOCK:
-        _backward_kernel(
+        backward_kernel(
             *_inputs(p),
             p.ks,
             _n_sparse(m, n_cls),
@@ -304,5 +304,5 @@ def cross_entropy(
     loss_rows = torch.empty(flat.shape[0], dtype=torch.float32)
     with _LOCK:
         _set_threads()
-        _cross_entropy_kernel(flat.numpy(), tgt.numpy(), np.float32(scale), grad.numpy(), loss_rows.numpy())
+        cross_entropy_kernel(flat.numpy(), tgt.numpy(), np.float32(scale), grad.numpy(), loss_rows.numpy())
     return loss_rows.sum() * scale, grad.view(logits.shape)

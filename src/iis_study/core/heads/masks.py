@@ -3,7 +3,7 @@
 :func:`n_dropped` (``k = floor(s * M)``, exact), :func:`sparsify` and the keep-masks behind it
 (exactly ``M - k`` entries of largest ``|a|`` per row, ties broken by index);
 :class:`_InterpHeads`, every interpretation head's ``[affine] -> sparsify -> linear`` in one
-op (the fused numba kernel of :mod:`.fused` on CPU float32), and :class:`_SumCrossEntropy`,
+op (the fused numba kernel of :mod:`.fused` on CPU float32), and :class:`SumCrossEntropy`,
 the summed cross-entropy of many heads at once.
 """
 
@@ -73,7 +73,7 @@ def _tie_break(v: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tie & (tie.cumsum(-1) <= need))
 
 
-def _keep_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+def keep_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``M - k`` entries of largest ``|a|`` per row (last axis).
 
     Exactly ``M - k`` entries per row are kept; ties are broken by index (among equal
@@ -111,7 +111,7 @@ def _grouped_keep(a: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     if a.device.type != "cpu" or not a.is_contiguous():
         for g, kg in enumerate(ks):
-            out[g].copy_(_keep_mask(a[g], int(kg)))
+            out[g].copy_(keep_mask(a[g], int(kg)))
         return out
     a_np, out_np = a.detach().numpy(), out.numpy()
     m = a.shape[-1]
@@ -168,7 +168,7 @@ def sparsify(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         flat = a.reshape((k.numel(),) + tuple(a.shape[k.ndim :]))
         keep = _grouped_keep(flat.detach().contiguous(), [int(x) for x in k.reshape(-1).tolist()])
         return a * keep.reshape(a.shape)
-    return a * _keep_mask(a, int(k)).to(a.dtype)
+    return a * keep_mask(a, int(k)).to(a.dtype)
 
 
 class _InterpHeads(torch.autograd.Function):
@@ -264,7 +264,7 @@ class _InterpHeads(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _apply_heads(
+def apply_heads(
     base: torch.Tensor, params: dict[str, torch.Tensor], prefix: str, affine: bool, ks: Sequence[int]
 ) -> torch.Tensor:
     """:class:`_InterpHeads` on ``base`` with the parameters ``<prefix>weight``, ``<prefix>bias`` and,
@@ -280,7 +280,7 @@ def _apply_heads(
     )
 
 
-class _SumCrossEntropy(torch.autograd.Function):
+class SumCrossEntropy(torch.autograd.Function):
     """``scale * sum(cross_entropy(logits, target))`` over all leading axes, for many heads at once.
 
     The same value and gradient (``scale * (softmax - onehot)``) as

@@ -47,7 +47,7 @@ from .weight_sources import OFFLINE_WEIGHTS as OFFLINE_WEIGHTS
 from .weight_sources import WEIGHT_KINDS as WEIGHT_KINDS
 from .weight_sources import WEIGHT_SOURCES as WEIGHT_SOURCES
 from .weight_sources import WeightsUnavailableError as WeightsUnavailableError
-from .weight_sources import _looks_like_path, create_model, weight_source
+from .weight_sources import looks_like_path, create_model, weight_source
 from .weight_sources import load_checkpoint as load_checkpoint
 from .weight_sources import load_in_order as load_in_order
 from .weight_sources import load_state_dict_file as load_state_dict_file
@@ -129,7 +129,7 @@ class BackboneParams:
                 f"{self.where}: no offline weights for {self.model!r} (offline weights exist for "
                 f"{sorted(OFFLINE_WEIGHTS)}); use weights: hub (internet) or weights: /path/to/checkpoint.safetensors"
             )
-        if _looks_like_path(self.weights) and not Path(self.weights).expanduser().is_file():
+        if looks_like_path(self.weights) and not Path(self.weights).expanduser().is_file():
             raise WeightsUnavailableError(f"{self.field('weights')}: checkpoint file {self.weights!r} does not exist")
         for key in ("mean", "std"):
             v = getattr(self, key)

@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 
 from .backbones import BackboneParams, build
-from ..concepts.elements import Elements
 from .blocks import ExtractionParams, backbone_spec
 from ..data import SPLITS, ImageSet, array_image_set, check_class_coverage
 from ..device import resolve_device
@@ -127,14 +126,14 @@ def extract_split_features(
 
 
 def embed_elements(
-    spec: BackboneParams | Mapping[str, Any], element_images: np.ndarray | Elements, cache: FeatureCache,
+    spec: BackboneParams | Mapping[str, Any], element_images: Any, cache: FeatureCache,
     extraction: ExtractionParams,
 ) -> Embeddings:
     """Embeddings of the concept elements by the representation (the same code and cache as the features).
     ``spec``: the representation, or its entry of the expanded ``backbones`` block; ``element_images``: the
-    elements' images, or the :class:`~iis_study.core.concepts.elements.Elements` holding them."""
+    elements' images as an array, or any object holding them as ``.images`` (the concepts' ``Elements``)."""
     spec = spec if isinstance(spec, BackboneParams) else backbone_spec(spec)
-    element_images = element_images.images if isinstance(element_images, Elements) else element_images
+    element_images = getattr(element_images, "images", element_images)  # Elements or their images
     extraction = ExtractionParams.from_params(extraction)
     feats, key, _ = cached_features(
         spec,

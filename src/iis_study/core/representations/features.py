@@ -35,7 +35,7 @@ CACHE_VERSION = "1"
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-class _Resized(Dataset):
+class Resized(Dataset):
     """Decodes image ``i`` and resizes it to ``size`` x ``size``; returns a uint8 CHW tensor."""
 
     def __init__(self, images: ImageSet, size: int, interpolation: str, on_bad_image: str = "error"):
@@ -205,7 +205,7 @@ def extract_batches(
     device = next(rep.model.parameters()).device
     workers = _default_workers() if num_workers is None else num_workers
     loader = DataLoader(
-        _Resized(images, rep.input_size, rep.interpolation, on_bad_image),
+        Resized(images, rep.input_size, rep.interpolation, on_bad_image),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -56,7 +56,7 @@ class WeightsUnavailableError(ValueError, RuntimeError):
     parameter, so a ``ValueError`` (and a ``RuntimeError``, as it was before)."""
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     return isinstance(s, str) and (s.endswith((".safetensors", ".pth", ".pt", ".bin")) or "/" in s)
 
 
@@ -222,7 +222,7 @@ WEIGHT_KINDS = tuple(sorted(k for k in WEIGHT_SOURCES if k != CHECKPOINT_FILE))
 def weight_source(weights: str) -> str | None:
     """The key of :data:`WEIGHT_SOURCES` that ``weights`` selects (:data:`CHECKPOINT_FILE` for a
     path), or ``None`` when it names no source."""
-    if _looks_like_path(weights):
+    if looks_like_path(weights):
         return CHECKPOINT_FILE
     return weights if weights in WEIGHT_KINDS else None
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .scores import _BOOT_CHUNK_ELEMS, _iis_along_last, _iis_per_seed, _percentile_interval, _validate_boot
+from .scores import BOOT_CHUNK_ELEMS, iis_along_last, iis_per_seed, percentile_interval, validate_boot
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _boot_iis_sets(sets: Sequence[np.ndarray], s: np.ndarray, n_boot: int, rng: 
     n = sets[0].shape[-1]
     shapes = [c.shape for c in sets]
     flat = np.concatenate([c.reshape(-1, n) for c in sets]).astype(np.float64).T  # (N, Σ S·H)
-    chunk = max(1, _BOOT_CHUNK_ELEMS // max(n, flat.shape[1], 1))
+    chunk = max(1, BOOT_CHUNK_ELEMS // max(n, flat.shape[1], 1))
     out = np.empty((n_boot, len(sets)))
     probs = np.full(n, 1.0 / n)
     for start in range(0, n_boot, chunk):
@@ -116,7 +116,7 @@ def _boot_iis_sets(sets: Sequence[np.ndarray], s: np.ndarray, n_boot: int, rng: 
         for j, (n_seeds, n_heads, _) in enumerate(shapes):
             part = acc[:, col : col + n_seeds * n_heads].reshape(stop - start, n_seeds, n_heads)
             col += n_seeds * n_heads
-            out[start:stop, j] = _iis_per_seed(part, s).mean(-1)
+            out[start:stop, j] = iis_per_seed(part, s).mean(-1)
     return out
 
 
@@ -124,7 +124,7 @@ def set_iis(correct: np.ndarray, s: np.ndarray) -> float:
     """A set's seed-mean IIS from its (seeds, 1 + P, N) predictions."""
     acc = correct.mean(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(_iis_along_last(s, acc[:, 1:] / acc[:, :1]).mean())
+        return float(iis_along_last(s, acc[:, 1:] / acc[:, :1]).mean())
 
 
 def set_iis_chance_corrected(correct: np.ndarray, s: np.ndarray, num_classes: int) -> float:
@@ -133,7 +133,7 @@ def set_iis_chance_corrected(correct: np.ndarray, s: np.ndarray, num_classes: in
     chance = 1.0 / int(num_classes)
     with np.errstate(divide="ignore", invalid="ignore"):
         arr = (acc[:, 1:] - chance) / (acc[:, :1] - chance)
-    return float(np.where(acc[:, :1] > chance, _iis_along_last(s, arr)[:, None], np.nan).mean())
+    return float(np.where(acc[:, :1] > chance, iis_along_last(s, arr)[:, None], np.nan).mean())
 
 
 def two_level(point: np.ndarray, boot: np.ndarray, ci: float) -> dict[str, float]:
@@ -150,7 +150,7 @@ def two_level(point: np.ndarray, boot: np.ndarray, ci: float) -> dict[str, float
     boot = boot[ok]
     mean = float(point.mean())
     if r == 1:
-        lo, hi = _percentile_interval(boot[:, 0], ci)
+        lo, hi = percentile_interval(boot[:, 0], ci)
         sd = float(boot.mean(1).std(ddof=1)) if boot.shape[0] > 1 else math.nan
         return {"mean": mean, "ci_low": lo, "ci_high": hi, "sd_test": sd, "sd_draw": math.nan,
                 "share_draw": math.nan, "df": math.inf, "se": sd, "var_fixed": 0.0}
@@ -199,7 +199,7 @@ def calibrated_scores(
     from .power import size_record
 
     (power,) = block_values(ScoringParams, power=power)
-    _validate_boot(n_boot, ci)
+    validate_boot(n_boot, ci)
     s = np.asarray(sparsities, dtype=float)
     r = len(draws)
     kinds = [k for k, v in nulls.items() if len(v)]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .blocks import ScoringParams
 from ..params import block_values
-from .scores import DEFAULT_SPARSITIES, _iis_per_seed
+from .scores import DEFAULT_SPARSITIES, iis_per_seed
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ BUDGET_MARGIN = 0.01  # an IIS difference smaller than this between half and ful
 
 def _iis_rows(acc: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Seed-mean IIS from accuracies (..., n_seeds, 1 + P), column 0 = the probe."""
-    return _iis_per_seed(acc, s).mean(-1)
+    return iis_per_seed(acc, s).mean(-1)
 
 
 def budget_check(

@@ -23,7 +23,7 @@ from scipy import stats
 
 from .blocks import CorrelationParams
 from ..params import block_values
-from .scores import _kendall_rows, _pearson_rows, _percentile_interval, _validate_boot, paired
+from .scores import kendall_rows, pearson_rows, percentile_interval, validate_boot, paired
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ TOO_FEW = "too few representations"
 def _coefficients(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     """Row-wise coefficients of (b, n) arrays."""
     return {
-        "pearson": _pearson_rows(x, y),
-        "spearman": _pearson_rows(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1)),
-        "kendall": _kendall_rows(x, y),
+        "pearson": pearson_rows(x, y),
+        "spearman": pearson_rows(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1)),
+        "kendall": kendall_rows(x, y),
     }
 
 
@@ -113,7 +113,7 @@ def correlate_across(
     (:class:`~iis_study.core.scoring.blocks.CorrelationParams`).
     """
     n_boot, seed, ci = block_values(CorrelationParams, n_boot=n_boot, seed=seed, ci=ci)
-    _validate_boot(n_boot, ci)
+    validate_boot(n_boot, ci)
     xa, ya = paired(x, y)
     n = int(xa.size)
     nan = {"r": math.nan, "p": math.nan, "p_perm": math.nan, "ci_low": math.nan, "ci_high": math.nan}
@@ -132,7 +132,7 @@ def correlate_across(
         interval = "bootstrap over families" if by_family else "bootstrap over representations"
     out: dict[str, Any] = {"n": n, "n_clusters": len(clusters), "interval": interval}
     for m, res in point.items():
-        lo, hi = _percentile_interval(boot[m], ci) if boot is not None else (math.nan, math.nan)
+        lo, hi = percentile_interval(boot[m], ci) if boot is not None else (math.nan, math.nan)
         out[m] = {"r": float(res[0]), "p": float(res[1]), "p_perm": float(p_perm[m]), "ci_low": lo, "ci_high": hi}
     return out
 
@@ -148,7 +148,7 @@ def ranking_stability(per_draw: np.ndarray) -> dict[str, Any]:
         for i, j in itertools.combinations(range(r), 2):
             ok = np.isfinite(a[:, i]) & np.isfinite(a[:, j])
             if ok.sum() >= 3:
-                taus.append(float(_kendall_rows(a[ok, i][None], a[ok, j][None])[0]))
+                taus.append(float(kendall_rows(a[ok, i][None], a[ok, j][None])[0]))
     taus = [t for t in taus if math.isfinite(t)]
     if not taus:
         return {"kendall_tau_mean": math.nan, "kendall_tau_min": math.nan, "kendall_tau_max": math.nan, "n_pairs": 0, "n": n}

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPARSITIES = SweepParams.sparsities  # the sweep block's grid
-_BOOT_CHUNK_ELEMS = 20_000_000  # bound on replicate-by-sample (or pair-by-pair) work arrays
+BOOT_CHUNK_ELEMS = 20_000_000  # bound on replicate-by-sample (or pair-by-pair) work arrays
 
 
 # --------------------------------------------------------------------------- basic scores
@@ -47,7 +47,7 @@ def _validate_grid(sparsities: Sequence[float]) -> np.ndarray:
     return s
 
 
-def _iis_along_last(s: np.ndarray, arr: np.ndarray) -> np.ndarray:
+def iis_along_last(s: np.ndarray, arr: np.ndarray) -> np.ndarray:
     """Trapezoid rule along the last axis of ``arr`` over grid ``s`` (vectorised)."""
     return (np.diff(s) * (arr[..., 1:] + arr[..., :-1]) / 2.0).sum(-1)
 
@@ -62,7 +62,7 @@ def iis(sparsities: Sequence[float], arr: Sequence[float]) -> float:
     a = np.asarray(arr, dtype=float)
     if a.shape != s.shape:
         raise ValueError(f"arr must have one value per sparsity ({s.size}), got shape {a.shape}")
-    return float(_iis_along_last(s, a))
+    return float(iis_along_last(s, a))
 
 
 def accuracy_retention(acc: np.ndarray, acc_std: float | np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def chance_corrected_retention(acc: np.ndarray, acc_std: float | np.ndarray, num
 # --------------------------------------------------------------------------- sweep scores
 
 
-def _percentile_interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
+def percentile_interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
         return math.nan, math.nan
@@ -112,18 +112,18 @@ def _percentile_interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _validate_boot(n_boot: int, ci: float) -> None:
+def validate_boot(n_boot: int, ci: float) -> None:
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not (0.0 < ci < 1.0):
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
 
 
-def _iis_per_seed(acc: np.ndarray, s: np.ndarray) -> np.ndarray:
+def iis_per_seed(acc: np.ndarray, s: np.ndarray) -> np.ndarray:
     """IIS per seed from accuracies (..., n_seeds, 1 + P), column 0 = probe."""
     with np.errstate(divide="ignore", invalid="ignore"):
         arr = acc[..., 1:] / acc[..., :1]
-    return _iis_along_last(s, arr)
+    return iis_along_last(s, arr)
 
 
 def _bootstrap_iis(correct: np.ndarray, s: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -135,14 +135,14 @@ def _bootstrap_iis(correct: np.ndarray, s: np.ndarray, n_boot: int, rng: np.rand
     """
     n_seeds, n_heads, n = correct.shape
     flat = correct.reshape(n_seeds * n_heads, n).astype(np.float64).T  # (N, S*H)
-    chunk = max(1, _BOOT_CHUNK_ELEMS // max(n, 1))
+    chunk = max(1, BOOT_CHUNK_ELEMS // max(n, 1))
     out = np.empty(n_boot)
     probs = np.full(n, 1.0 / n)
     for start in range(0, n_boot, chunk):
         stop = min(n_boot, start + chunk)
         counts = rng.multinomial(n, probs, size=stop - start).astype(np.float64)  # (b, N)
         acc = (counts @ flat / n).reshape(stop - start, n_seeds, n_heads)
-        out[start:stop] = _iis_per_seed(acc, s).mean(-1)
+        out[start:stop] = iis_per_seed(acc, s).mean(-1)
     return out
 
 
@@ -163,7 +163,7 @@ def score_sweep(
     left out: the ``scoring`` block's (:class:`~iis_study.core.scoring.blocks.ScoringParams`).
     """
     n_boot, seed, ci = block_values(ScoringParams, n_boot=n_boot, seed=seed, ci=ci)
-    _validate_boot(n_boot, ci)
+    validate_boot(n_boot, ci)
     correct = np.asarray(result.test_correct, dtype=bool)
     sparsities = np.asarray(result.config.sparsities, dtype=float)
     seeds = list(result.seeds)
@@ -179,10 +179,10 @@ def score_sweep(
     probe = acc[:, 0]
     arr = accuracy_retention(acc[:, 1:], probe[:, None]) if np.all(probe > 0) else _safe_ratio(acc)
     arr_cc = chance_corrected_retention(acc[:, 1:], probe[:, None], result.num_classes)
-    iis_seed = _iis_along_last(s, arr)
-    iis_cc_seed = _iis_along_last(s, arr_cc)
+    iis_seed = iis_along_last(s, arr)
+    iis_cc_seed = iis_along_last(s, arr_cc)
     boot = _bootstrap_iis(correct, s, int(n_boot), np.random.default_rng(seed))
-    lo, hi = _percentile_interval(boot, ci)
+    lo, hi = percentile_interval(boot, ci)
     ddof = 1 if len(seeds) > 1 else 0
     summary = {
         "accuracy_linear_probe": float(probe.mean()),
@@ -241,7 +241,7 @@ def _nan_result(n: int) -> dict:
     return {"pearson": dict(nan), "spearman": dict(nan), "kendall": dict(nan), "n": n}
 
 
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Row-wise Pearson r of (b, n) arrays; NaN for constant rows."""
     xc = x - x.mean(-1, keepdims=True)
     yc = y - y.mean(-1, keepdims=True)
@@ -251,7 +251,7 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(den > 0, np.clip(r, -1.0, 1.0), np.nan)
 
 
-def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Row-wise Kendall tau-b of (b, n) arrays (as ``scipy.stats.kendalltau``); NaN if undefined."""
     n = x.shape[-1]
     iu, ju = np.triu_indices(n, k=1)
@@ -274,17 +274,17 @@ def _bootstrap_correlations(
     degenerate replicates (constant x or y), which are skipped downstream."""
     n = x.size
     pairs = n * (n - 1) // 2
-    chunk = max(1, _BOOT_CHUNK_ELEMS // max(pairs, n, 1))
+    chunk = max(1, BOOT_CHUNK_ELEMS // max(pairs, n, 1))
     out = {k: np.empty(n_boot) for k in ("pearson", "spearman", "kendall")}
     for start in range(0, n_boot, chunk):
         stop = min(n_boot, start + chunk)
         idx = rng.integers(0, n, size=(stop - start, n))
         xb, yb = x[idx], y[idx]
         degenerate = (np.ptp(xb, axis=-1) == 0) | (np.ptp(yb, axis=-1) == 0)
-        out["pearson"][start:stop] = np.where(degenerate, np.nan, _pearson_rows(xb, yb))
+        out["pearson"][start:stop] = np.where(degenerate, np.nan, pearson_rows(xb, yb))
         rx, ry = stats.rankdata(xb, axis=-1), stats.rankdata(yb, axis=-1)
-        out["spearman"][start:stop] = np.where(degenerate, np.nan, _pearson_rows(rx, ry))
-        out["kendall"][start:stop] = np.where(degenerate, np.nan, _kendall_rows(xb, yb))
+        out["spearman"][start:stop] = np.where(degenerate, np.nan, pearson_rows(rx, ry))
+        out["kendall"][start:stop] = np.where(degenerate, np.nan, kendall_rows(xb, yb))
     return out
 
 
@@ -312,7 +312,7 @@ def correlate(
     ``correlation`` block's (:class:`~iis_study.core.scoring.blocks.CorrelationParams`).
     """
     n_boot, seed, ci = block_values(CorrelationParams, n_boot=n_boot, seed=seed, ci=ci)
-    _validate_boot(n_boot, ci)
+    validate_boot(n_boot, ci)
     xa, ya = paired(x, y)
     n = int(xa.size)
     if n < 3:
@@ -329,7 +329,7 @@ def correlate(
     boot = _bootstrap_correlations(xa, ya, int(n_boot), np.random.default_rng(seed))
     out: dict = {"n": n}
     for name, res in point.items():
-        lo, hi = _percentile_interval(boot[name], ci)
+        lo, hi = percentile_interval(boot[name], ci)
         out[name] = {"r": float(res[0]), "p": float(res[1]), "ci_low": lo, "ci_high": hi}
     return out
 

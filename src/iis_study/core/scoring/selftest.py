@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .calibration import calibrated_scores
-from ..heads import ConceptSpace, Split, SweepParams, fit_heads
+from ..heads import ConceptSpace, HeadsProblem, Split, SweepParams, fit_heads
 from ..concepts.nulls import random_directions
 
 
@@ -67,7 +67,7 @@ def score_share(
         sets[f"random_concepts/{r}"] = ConceptSpace(
             kind="vectors", vectors=random_directions(m, dim, np.random.default_rng([seed, r, 7]))
         )
-    res = fit_heads(splits["train"], splits["val"], splits["test"], sets, classes, sweep, progress=False)
+    res = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], sets, classes), sweep, progress=False)
     null = [res[f"null/{r}"].test_correct for r in range(draws)]
     real = calibrated_scores([res["concepts"].test_correct] * draws, {"random": null}, sweep.sparsities, n_boot, seed, 0.95)
     rand = calibrated_scores(

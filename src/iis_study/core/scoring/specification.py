@@ -77,7 +77,7 @@ def probe_variants(
     L2 strength of ``cs``: one row per (inputs, c) with ``val_acc``, ``test_acc``, ``grad``, ``certified``,
     ``iterations``. ``rms`` (the study's probe) is not solved again: the sweep table holds it. Features stored out
     of core are not standardised here (a warning; no rows)."""
-    from ..heads.convex import FeatureDesign, _correct
+    from ..heads.convex import FeatureDesign, correct_predictions
     from ..solvers.lbfgs import solve_logistic
     from ..representations.store import ShardedArray
 
@@ -104,7 +104,7 @@ def probe_variants(
                    for s in xs}
         fit = solve_logistic(designs["train"], int(num_classes), cs, tol=tolerance, max_iter=max_iter, device=device,
                              solver=solver)
-        acc = {s: _correct(designs[s], fit.weight, fit.bias)[0].double().mean(-1).cpu().numpy() for s in ("val", "test")}
+        acc = {s: correct_predictions(designs[s], fit.weight, fit.bias)[0].double().mean(-1).cpu().numpy() for s in ("val", "test")}
         solved = fit.solved[0].cpu().numpy()
         for li, c in enumerate(cs):
             grad = float(fit.grad[0, li])

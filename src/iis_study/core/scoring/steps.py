@@ -23,7 +23,7 @@ from ..heads.datatypes import sweep_config
 from .convergence import ReferenceProbe, budget_check, convergence_report, reference_probe
 from ..data import SPLITS
 from ..representations.features import FeatureSet
-from ..heads import ConceptSpace, Split, SweepParams, SweepResult, fit_heads
+from ..heads import ConceptSpace, Split, SweepParams, SweepResult, HeadsProblem, fit_heads
 from ..concepts.nulls import ConceptDraws, set_name
 from .power import describe, detectable, size_warning
 from .results import Scores
@@ -78,8 +78,8 @@ def train_splits(
         len(cfg.sparsities),
         grid,
     )
-    results = fit_heads(splits["train"], splits["val"], splits["test"], {**spaces, **extra}, num_classes, cfg,
-                        progress=progress)
+    problem = HeadsProblem(splits["train"], splits["val"], splits["test"], {**spaces, **extra}, num_classes)
+    results = fit_heads(problem, cfg, progress=progress)
     draw_results = {}
     for ctype in spaces:
         names = draws.names(ctype) if draws else []

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .blocks import WeightSparsityParams
 from ..heads import ConceptSpace, Split
-from ..heads.activations import _precompute_base
+from ..heads.activations import precompute_base
 from ..concepts.nulls import null_set_name, set_name
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def _design(x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     (:class:`~iis_study.core.representations.store.ShardedArray`) are read block by block (only the N x M activations are kept)."""
     space = ConceptSpace(kind="vectors", vectors=vectors.float())
     if hasattr(x, "iter_blocks"):
-        return torch.cat([_precompute_base(torch.as_tensor(r).float(), space) for _, r in x.iter_blocks()])
-    return _precompute_base(x.float(), space)
+        return torch.cat([precompute_base(torch.as_tensor(r).float(), space) for _, r in x.iter_blocks()])
+    return precompute_base(x.float(), space)
 
 
 def _kkt(grad_w: torch.Tensor, grad_b: torch.Tensor, w: torch.Tensor, lam_l1: torch.Tensor) -> torch.Tensor:

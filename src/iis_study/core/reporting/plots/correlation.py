@@ -18,17 +18,17 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .style import (
-    _FIT_COLOR,
-    _FONT,
-    _RANDOM_COLOR,
-    _SMALL,
-    _as_float,
-    _fmt,
-    _fmt_p,
-    _ordered_unique,
-    _palette,
-    _panel_figure,
-    _require_columns,
+    FIT_COLOR,
+    FONT,
+    RANDOM_COLOR,
+    SMALL,
+    as_float,
+    fmt,
+    fmt_p,
+    ordered_unique,
+    palette,
+    panel_figure,
+    require_columns,
 )
 
 logger = logging.getLogger("iis_study.core.reporting.plots")
@@ -67,7 +67,7 @@ def iis_vs_accuracy(
         The figure (one axes per concept type).
     """
     base = ["backbone", "concept_type", "weights", "accuracy_linear_probe"]
-    _require_columns(iis_scores, base, "iis_scores")
+    require_columns(iis_scores, base, "iis_scores")
     if not isinstance(score, str) or score not in iis_scores.columns:
         raise ValueError(f"score must name a column of iis_scores (e.g. 'iis'), got {score!r}")
     if not isinstance(correlation, Mapping):
@@ -75,13 +75,13 @@ def iis_vs_accuracy(
             "correlation must be a mapping concept_type -> score -> coefficients, "
             f"got {type(correlation).__name__}"
         )
-    types = _ordered_unique(iis_scores["concept_type"])
+    types = ordered_unique(iis_scores["concept_type"])
     by_family = _has_families(iis_scores)
     fit_pretrained = scope is None and _scope_of(correlation, score) == "pretrained"
-    fig, axes = _panel_figure(len(types), extra_width=2.2 if by_family else 0.0, extra_height=0.5)
+    fig, axes = panel_figure(len(types), extra_width=2.2 if by_family else 0.0, extra_height=0.5)
     has_random = bool((iis_scores["weights"].astype(str) == "random").any())
     if by_family:  # one colour per family, the same in every figure of a study
-        families = list(family_order) if family_order is not None else _ordered_unique(_family_names(iis_scores))
+        families = list(family_order) if family_order is not None else ordered_unique(_family_names(iis_scores))
     else:
         families = []
     for i, (ax, ctype) in enumerate(zip(axes, types)):
@@ -94,9 +94,9 @@ def iis_vs_accuracy(
         fit = group[group["weights"].astype(str) != "random"] if fit_pretrained else group
         _fit_line(ax, fit["accuracy_linear_probe"].to_numpy(float), fit[score].to_numpy(float))
         if score == "iis":
-            ax.axhline(PERFECT_IIS, color=_FIT_COLOR, linestyle=":", linewidth=0.9)
+            ax.axhline(PERFECT_IIS, color=FIT_COLOR, linestyle=":", linewidth=0.9)
         title = _correlation_title(ctype, correlation.get(ctype), score, len(group))
-        ax.set_title(title, fontsize=_SMALL, loc="left")
+        ax.set_title(title, fontsize=SMALL, loc="left")
         ax.set_xlabel("linear-probe accuracy $A_{std}$ (test)")
         ax.set_ylabel(_SCORE_LABELS.get(score, score))
         ax.margins(x=0.15, y=0.12)
@@ -105,11 +105,11 @@ def iis_vs_accuracy(
                  else pd.Series(True, index=iis_scores.index))
     if by_family:  # markers are in the seaborn legend; here the lines and what the error bars mean
         err = "grey bars: ±std acc., bootstrap CI of IIS" if score == "iis" else "grey bars: ±std acc."
-        handles = [Line2D([], [], color=_FIT_COLOR, linestyle="--",
+        handles = [Line2D([], [], color=FIT_COLOR, linestyle="--",
                           label="least-squares fit" + (", pretrained" if fit_pretrained else "")),
                    Line2D([], [], color="0.75", label=err)]
         if score == "iis":
-            handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"ARR = 1 at every s ({PERFECT_IIS})"))
+            handles.append(Line2D([], [], color=FIT_COLOR, linestyle=":", label=f"ARR = 1 at every s ({PERFECT_IIS})"))
     else:
         handles = _score_legend_handles(has_random, score, fit_pretrained)
     if not converged.all():  # a legend entry (not loose text, which the legend would overlap)
@@ -119,7 +119,7 @@ def iis_vs_accuracy(
         handles=handles,
         loc="outside lower center",
         ncols=3,
-        fontsize=_SMALL,
+        fontsize=SMALL,
         frameon=False,
     )
     fig.get_layout_engine().execute(fig)  # final axes positions (legend included): labels in display space
@@ -135,7 +135,7 @@ def iis_vs_accuracy(
         what = f"the {scope} scope ({iis_scores['backbone'].nunique()} representations)"
     else:
         what = "representations (coefficients and fit: the pretrained scope)" if by_family else "backbones"
-    fig.suptitle(f"{label} vs classifiability across {what}", fontsize=_FONT + 1)
+    fig.suptitle(f"{label} vs classifiability across {what}", fontsize=FONT + 1)
     logger.debug("iis_vs_accuracy: %d panels, score %s", len(types), score)
     return fig
 
@@ -153,7 +153,7 @@ def iis_vs_accuracy_by_scope(
     is ``correlation_scopes.json`` (``groups``: scope, group, representations, correlation).
     """
     figures = {}
-    order = _ordered_unique(_family_names(iis_scores)) if "family" in iis_scores.columns else None
+    order = ordered_unique(_family_names(iis_scores)) if "family" in iis_scores.columns else None
     for entry in correlation_scopes.get("groups", []):
         members = set(entry.get("representations") or [])
         sub = iis_scores[iis_scores["backbone"].isin(members)]
@@ -203,12 +203,12 @@ def _scatter_families(ax: Axes, group: pd.DataFrame, score: str, families: list[
         size, sizes = "resolution", {f"{v} px": 30 + 60 * i / max(len(px) - 1, 1) for i, v in enumerate(px)}
     sns.scatterplot(
         data=data, x="accuracy_linear_probe", y=score, hue="family", hue_order=families,
-        palette=_palette(families), style="layer", size=size, sizes=sizes,
+        palette=palette(families), style="layer", size=size, sizes=sizes,
         size_order=list(sizes) if sizes else None,
         edgecolor="white", linewidth=0.5, zorder=3, ax=ax, legend="brief" if legend else False,
     )
     if legend:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=_SMALL,
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=SMALL,
                         title=None)
     ax.set_xlabel("")
     ax.set_ylabel("")
@@ -225,7 +225,7 @@ def _scatter_scores(ax: Axes, group: pd.DataFrame, score: str) -> None:
         high = np.nan_to_num(group["iis_ci_high"].to_numpy(float) - y, nan=0.0).clip(min=0)
         yerr = np.stack([low, high])
     is_random = (group["weights"].astype(str) == "random").to_numpy()
-    for mask, marker, color, size in ((~is_random, "o", "C0", 6), (is_random, "X", _RANDOM_COLOR, 8)):
+    for mask, marker, color, size in ((~is_random, "o", "C0", 6), (is_random, "X", RANDOM_COLOR, 8)):
         if not mask.any():
             continue
         ax.errorbar(
@@ -262,7 +262,7 @@ def _label_points(ax: Axes, x: np.ndarray, y: np.ndarray, names: Sequence[str]) 
     Label boxes are estimated from the font size (0.6 em per character); obstacles are the
     markers, the labels placed so far and the axes border.
     """
-    fontsize = _SMALL - 0.5
+    fontsize = SMALL - 0.5
     ok = np.isfinite(x) & np.isfinite(y)
     if not ok.any():
         return
@@ -319,7 +319,7 @@ def _fit_line(ax: Axes, x: np.ndarray, y: np.ndarray) -> None:
     pad = 0.05 * np.ptp(x)
     xs = np.array([x.min() - pad, x.max() + pad])
     ax.plot(
-        xs, slope * xs + intercept, color=_FIT_COLOR, linestyle="--", linewidth=1.0, zorder=2, label="_fit"
+        xs, slope * xs + intercept, color=FIT_COLOR, linestyle="--", linewidth=1.0, zorder=2, label="_fit"
     )
 
 
@@ -328,16 +328,16 @@ def _correlation_title(ctype: str, entry: Any, score: str, n_rows: int) -> str:
     stats = entry.get(score) if isinstance(entry, Mapping) else None
     stats = stats if isinstance(stats, Mapping) else {}
     n = stats.get("n_backbones")
-    n_txt = str(int(n)) if math.isfinite(_as_float(n)) else str(n_rows)
+    n_txt = str(int(n)) if math.isfinite(as_float(n)) else str(n_rows)
     lines = [f"{ctype} concepts (n = {n_txt} backbones)"]
     for key, label in _COEFFICIENTS:
         coef = stats.get(key)
         coef = coef if isinstance(coef, Mapping) else {}
-        text = f"{label} = {_fmt(coef.get('r'))}"
-        low, high = _as_float(coef.get("ci_low")), _as_float(coef.get("ci_high"))
+        text = f"{label} = {fmt(coef.get('r'))}"
+        low, high = as_float(coef.get("ci_low")), as_float(coef.get("ci_high"))
         if math.isfinite(low) and math.isfinite(high):
             text += f" [{low:.2f}, {high:.2f}]"
-        lines.append(f"{text}, p = {_fmt_p(coef.get('p'))}")
+        lines.append(f"{text}, p = {fmt_p(coef.get('p'))}")
     return "\n".join(lines)
 
 
@@ -353,15 +353,15 @@ def _score_legend_handles(has_random: bool, score: str, fit_pretrained: bool = F
                 [],
                 [],
                 marker="X",
-                color=_RANDOM_COLOR,
+                color=RANDOM_COLOR,
                 linestyle="none",
                 markersize=8,
                 label="random-init control",
             )
         )
-    handles.append(Line2D([], [], color=_FIT_COLOR, linestyle="--",
+    handles.append(Line2D([], [], color=FIT_COLOR, linestyle="--",
                           label="least-squares fit" + (", pretrained" if fit_pretrained else "")))
     if score == "iis":
-        handles.append(Line2D([], [], color=_FIT_COLOR, linestyle=":", label=f"ARR = 1 at every s ({PERFECT_IIS})"))
+        handles.append(Line2D([], [], color=FIT_COLOR, linestyle=":", label=f"ARR = 1 at every s ({PERFECT_IIS})"))
     return handles
 

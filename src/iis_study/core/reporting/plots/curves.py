@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .style import _FIT_COLOR, _FONT, _SMALL, _ordered_unique, _palette, _panel_figure, _require_columns
+from .style import FIT_COLOR, FONT, SMALL, ordered_unique, palette, panel_figure, require_columns
 
 _VALUE_LABELS = {
     "arr": "accuracy retention ratio ARR(s)",
@@ -37,10 +37,10 @@ def sparsity_curves(curves: pd.DataFrame, value: str = "arr") -> Figure:
     """
     if value not in _VALUE_LABELS:
         raise ValueError(f"value must be one of {sorted(_VALUE_LABELS)}, got {value!r}")
-    _require_columns(curves, ["backbone", "concept_type", "seed", "sparsity", value], "curves")
-    types = _ordered_unique(curves["concept_type"])
-    backbones = _ordered_unique(curves["backbone"])
-    colors = _palette(backbones)
+    require_columns(curves, ["backbone", "concept_type", "seed", "sparsity", value], "curves")
+    types = ordered_unique(curves["concept_type"])
+    backbones = ordered_unique(curves["backbone"])
+    colors = palette(backbones)
     grid = np.sort(pd.unique(curves["sparsity"].astype(float)))
     stats = (
         curves.assign(sparsity=curves["sparsity"].astype(float))
@@ -48,7 +48,7 @@ def sparsity_curves(curves: pd.DataFrame, value: str = "arr") -> Figure:
         .agg(["mean", "std", "count"])
         .reset_index()
     )
-    fig, axes = _panel_figure(len(types), extra_width=1.6)
+    fig, axes = panel_figure(len(types), extra_width=1.6)
     y_min = min(0.0, float(np.nanmin(stats["mean"] - stats["std"].fillna(0))))
     y_top = float(np.nanmax(stats["mean"] + stats["std"].fillna(0))) * 1.03
     y_max = max(1.05 if value != "accuracy" else 0.0, y_top)
@@ -67,26 +67,26 @@ def sparsity_curves(curves: pd.DataFrame, value: str = "arr") -> Figure:
         for line, backbone in zip(ax.lines[before:], order):  # seaborn draws one line per hue level, in order
             line.set_label(str(backbone))
         if value != "accuracy":
-            ax.axhline(1.0, color=_FIT_COLOR, linestyle="--", linewidth=1.0, zorder=1)
+            ax.axhline(1.0, color=FIT_COLOR, linestyle="--", linewidth=1.0, zorder=1)
         _sparsity_ticks(ax, grid)
         ax.set_ylim(y_min, y_max)
         ax.set_xlim(grid.min() - 0.02, grid.max() + 0.02)
-        ax.set_title(f"{ctype} concepts", fontsize=_FONT)
+        ax.set_title(f"{ctype} concepts", fontsize=FONT)
         ax.set_xlabel("sparsity ratio s (fraction of concepts removed)")
         ax.set_ylabel(_VALUE_LABELS[value])
     handles = [Line2D([], [], color=colors[b], marker="o", markersize=4, label=str(b)) for b in backbones]
     if value != "accuracy":
-        handles.append(Line2D([], [], color=_FIT_COLOR, linestyle="--", label="perfect retention"))
+        handles.append(Line2D([], [], color=FIT_COLOR, linestyle="--", label="perfect retention"))
     handles.append(Patch(color="#999999", alpha=0.3, label="±std over seeds"))
     fig.legend(
         handles=handles,
         loc="outside right upper",
-        fontsize=_SMALL,
+        fontsize=SMALL,
         title="backbone",
-        title_fontsize=_SMALL,
+        title_fontsize=SMALL,
         frameon=False,
     )
-    fig.suptitle(f"{_VALUE_LABELS[value]} vs sparsity (mean over seeds)", fontsize=_FONT + 1)
+    fig.suptitle(f"{_VALUE_LABELS[value]} vs sparsity (mean over seeds)", fontsize=FONT + 1)
     return fig
 
 

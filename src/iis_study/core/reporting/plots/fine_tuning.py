@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .style import _FONT, _PANEL_H, _PANEL_W, _SMALL, _new_figure, _ordered_unique, _require_columns, _style_axes
+from .style import FONT, PANEL_H, PANEL_W, SMALL, new_figure, ordered_unique, require_columns, style_axes
 
 
 def fine_tuning_curves(df: pd.DataFrame) -> Figure:
@@ -31,31 +31,31 @@ def fine_tuning_curves(df: pd.DataFrame) -> Figure:
     Returns:
         The figure (``2 × n_backbones`` axes).
     """
-    _require_columns(df, ["backbone", "lam", "seed", "epoch", "accuracy_test", "iis"], "df")
-    backbones = _ordered_unique(df["backbone"])
+    require_columns(df, ["backbone", "lam", "seed", "epoch", "accuracy_test", "iis"], "df")
+    backbones = ordered_unique(df["backbone"])
     lams = sorted(pd.unique(df["lam"].astype(float)))
     colors = _lambda_colors(lams)
     nrows = len(backbones)
-    fig = _new_figure(2 * _PANEL_W + 1.7, _PANEL_H * nrows + 0.3)
+    fig = new_figure(2 * PANEL_W + 1.7, PANEL_H * nrows + 0.3)
     grid = fig.add_gridspec(nrows, 2)
     panels = (("accuracy_test", "test accuracy"), ("iis", "IIS"))
     for r, backbone in enumerate(backbones):
         sub = df[df["backbone"] == backbone]
         for c, (column, label) in enumerate(panels):
             ax = fig.add_subplot(grid[r, c])
-            _style_axes(ax)
+            style_axes(ax)
             _lambda_lines(ax, sub, column, lams, colors)
             n_seeds = sub["seed"].nunique()
-            ax.set_title(f"{backbone}: {label}", fontsize=_FONT)
+            ax.set_title(f"{backbone}: {label}", fontsize=FONT)
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{label} (mean of {n_seeds} seed{'s' if n_seeds != 1 else ''})")
     handles: list[Any] = [
         Line2D([], [], color=colors[lam], marker="o", markersize=4, label=_lambda_label(lam)) for lam in lams
     ]
     handles.append(Patch(color="#999999", alpha=0.3, label="min–max over seeds"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=_SMALL, frameon=False,
-               title="interpretability weight", title_fontsize=_SMALL)
-    fig.suptitle("Fine-tuning with interpretability maximisation vs the λ = 0 control", fontsize=_FONT + 1)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=SMALL, frameon=False,
+               title="interpretability weight", title_fontsize=SMALL)
+    fig.suptitle("Fine-tuning with interpretability maximisation vs the λ = 0 control", fontsize=FONT + 1)
     return fig
 
 
@@ -79,7 +79,7 @@ def _lambda_lines(
     """Per λ: mean over seeds vs epoch and the min–max band; NaN rows are skipped."""
     valid = sub[np.isfinite(sub[column].to_numpy(float))]
     if valid.empty:
-        ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes, fontsize=_FONT,
+        ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes, fontsize=FONT,
                 color="#666666")
         return
     data = valid.assign(lam=valid["lam"].astype(float))

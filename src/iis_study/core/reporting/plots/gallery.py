@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .style import _FONT, _SMALL, _new_figure, _require_columns
+from .style import FONT, SMALL, new_figure, require_columns
 
 _CORRECT, _WRONG = "#1a9641", "#d7191c"
 _DIM = 0.25  # brightness kept outside a concept's mask
@@ -58,7 +58,7 @@ def concept_gallery(
     element_images = _check_images(element_images, "element_images", square=True)
     n = len(images)
     labels = _check_labels(labels, n, len(class_names))
-    _require_columns(explanation, ["sample", "predicted", "rank", "concept", "contribution"], "explanation")
+    require_columns(explanation, ["sample", "predicted", "rank", "concept", "contribution"], "explanation")
     concept_elements = np.asarray(concept_elements, dtype=np.int64)
     _check_explanation(explanation, n, len(class_names), concept_elements, len(element_images))
     if masks is not None:
@@ -73,7 +73,7 @@ def concept_gallery(
     n_concepts = max([len(g) for g in per_sample.values()] + [1])
     cell_w, cell_h = 1.55, 1.95
     head = 0.45 if title else 0.25
-    fig = _new_figure(cell_w * (1 + n_concepts) + 0.2, cell_h * n + head)
+    fig = new_figure(cell_w * (1 + n_concepts) + 0.2, cell_h * n + head)
     grid = fig.add_gridspec(n, 1 + n_concepts, wspace=0.02, hspace=0.02)
     for i in range(n):
         rows = per_sample.get(i)
@@ -93,7 +93,7 @@ def concept_gallery(
         "each row: a test image, then the concepts kept for it, ranked by their contribution\n"
         "(activation × head weight) to the predicted class' logit"
     )
-    fig.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=_FONT if title else _SMALL)
+    fig.suptitle(f"{title}\n{subtitle}" if title else subtitle, fontsize=FONT if title else SMALL)
     return fig
 
 
@@ -157,13 +157,13 @@ def _image_tile(
     ax.imshow(image, interpolation="nearest")
     _clear_ticks(ax)
     if predicted is None:
-        ax.set_title(f"true: {class_names[label]}\npred: ?", fontsize=_SMALL)
+        ax.set_title(f"true: {class_names[label]}\npred: ?", fontsize=SMALL)
         return
     ok = predicted == label
     color = _CORRECT if ok else _WRONG
     ax.set_title(
         f"true: {class_names[label]}\npred: {class_names[predicted]} {'✓' if ok else '✗'}",
-        fontsize=_SMALL,
+        fontsize=SMALL,
         color=color,
         fontweight="bold",
     )
@@ -193,7 +193,7 @@ def _concept_tile(
         ax.imshow(img, interpolation="nearest")
         _clear_ticks(ax)
     color = "#222222" if contribution >= 0 else _WRONG
-    ax.set_title(f"{head}{contribution:+.2f}", fontsize=_SMALL, color=color)
+    ax.set_title(f"{head}{contribution:+.2f}", fontsize=SMALL, color=color)
 
 
 def _dim_outside(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ def _blank_tile(ax: Axes, text: str) -> None:
     ax.axis("off")
     if text:
         ax.text(
-            0.5, 0.5, text, ha="center", va="center", fontsize=_SMALL, color="#666666", transform=ax.transAxes
+            0.5, 0.5, text, ha="center", va="center", fontsize=SMALL, color="#666666", transform=ax.transAxes
         )
 
 

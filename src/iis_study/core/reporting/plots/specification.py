@@ -9,17 +9,17 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .style import _FONT, _SMALL, _new_figure, _require_columns, _style_axes
+from .style import FONT, SMALL, new_figure, require_columns, style_axes
 
 
 def specification_curve(curve: pd.DataFrame, record: dict[str, Any]) -> Figure:
     """Pearson r of every specification, sorted, coloured by the score and marked by the probe's inputs;
     the headline specification ringed; the verdict in each panel's title. One row of panels per concept type,
     one column per scope."""
-    _require_columns(curve, ["concept_type", "scope", "score", "probe_inputs", "pearson_r", "headline"], "curve")
+    require_columns(curve, ["concept_type", "scope", "score", "probe_inputs", "pearson_r", "headline"], "curve")
     types, scopes = list(pd.unique(curve["concept_type"])), list(pd.unique(curve["scope"]))
     verdicts = {(r["concept_type"], r["scope"]): r for r in record.get("verdicts", [])}
-    fig = _new_figure(3.6 * len(scopes), 2.9 * len(types) + 0.4)
+    fig = new_figure(3.6 * len(scopes), 2.9 * len(types) + 0.4)
     axes = fig.subplots(len(types), len(scopes), squeeze=False, sharey=True)
     for i, ctype in enumerate(types):
         for j, scope in enumerate(scopes):
@@ -36,13 +36,13 @@ def specification_curve(curve: pd.DataFrame, record: dict[str, Any]) -> Figure:
             n_pos, n_neg, n = rec.get("n_positive", 0), rec.get("n_negative", 0), rec.get("n_specifications", 0)
             word = "robust" if rec.get("robust") else "not identified"
             ax.set_title(f"{ctype}, {scope} (n = {rec.get('n_representations', 0)})\n"
-                         f"sign {word}: {n_pos}+ / {n_neg}- of {n}", fontsize=_FONT)
-            ax.set_xlabel("specification (sorted by r)", fontsize=_SMALL)
-            ax.set_ylabel("Pearson r (accuracy, score)", fontsize=_SMALL)
+                         f"sign {word}: {n_pos}+ / {n_neg}- of {n}", fontsize=FONT)
+            ax.set_xlabel("specification (sorted by r)", fontsize=SMALL)
+            ax.set_ylabel("Pearson r (accuracy, score)", fontsize=SMALL)
             ax.set_ylim(-1.05, 1.05)
-            _style_axes(ax)
+            style_axes(ax)
     for ax in fig.axes:
         if ax.get_legend() is not None:
-            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=_SMALL,
-                            title_fontsize=_SMALL)
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=SMALL,
+                            title_fontsize=SMALL)
     return fig
