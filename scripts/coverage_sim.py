@@ -40,7 +40,7 @@ def simulate(rng: np.random.Generator, r: int, n: int, sd: float, rho: float) ->
 
 
 def coverage(sd: float, rho: float, reps: int, seed: int = 0) -> tuple[float, float]:
-    truth = float(cal._iis_along_last(S, BASE / PROBE))
+    truth = float(cal.iis_along_last(S, BASE / PROBE))
     rng = np.random.default_rng(seed)
     ours = nested = 0
     for i in range(reps):

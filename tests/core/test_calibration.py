@@ -93,7 +93,7 @@ def _simulate(rng, r, n, sd_draw, rho, base=(0.8, 0.7, 0.55, 0.4), probe=0.9):
 
 
 def _population(base=(0.8, 0.7, 0.55, 0.4), probe=0.9):
-    return float(cal._iis_along_last(S, np.asarray(base) / probe))
+    return float(cal.iis_along_last(S, np.asarray(base) / probe))
 
 
 @pytest.mark.slow

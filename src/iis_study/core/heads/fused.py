@@ -20,7 +20,7 @@ Selection: the ``(k+1)``-th smallest ``|a|`` of a row is bracketed by counting p
 monotone in ``g`` for ``g >= 0``), starting from the previous row's threshold of the same
 head and narrowing by interpolation/bisection. It stops as soon as a probe has exactly
 ``k`` entries at or below it; otherwise the threshold value is exact and ties are broken
-by index, so exactly ``M - k`` entries are kept, as in ``masks._keep_mask``.
+by index, so exactly ``M - k`` entries are kept, as in ``masks.keep_mask``.
 
 Heads that keep few entries (at most ``SPARSE_FRAC * M``, with K <= 16) take a sparse
 path: the kept indices are compacted (AVX-512 ``vpcompressd``) and the logits and
