@@ -31,7 +31,7 @@ from iis_study.core.scoring.scores import score_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _study_inputs(backbone: str):
+def study_inputs(backbone: str):
     from iis_study.datasets import TensorDictDataset
 
     feats = ROOT / "data" / "04_feature" / backbone / "features.safetensors"
@@ -47,12 +47,12 @@ def _study_inputs(backbone: str):
     return splits, concepts, int(max(int(s.y.max()) for s in splits.values())) + 1
 
 
-def _study_sets(backbone: str):
-    """``(splits, concepts, draws, k)``: :func:`_study_inputs` and the study's concept draws and null sets as
+def study_sets(backbone: str):
+    """``(splits, concepts, draws, k)``: :func:`study_inputs` and the study's concept draws and null sets as
     concept spaces (name -> space); exits asking for ``make run`` when the study's files are absent."""
     from iis_study.datasets import TensorDictDataset
 
-    inputs = _study_inputs(backbone)
+    inputs = study_inputs(backbone)
     path = ROOT / "data" / "05_model_input" / backbone / "concept_draws.safetensors"
     if inputs is None or not path.is_file():
         raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true",
                     help="also the convex estimator with the grid cut at C = 10 and with the L2 path rule")
     args = ap.parse_args()
-    inputs = None if args.synthetic else _study_inputs(args.backbone)
+    inputs = None if args.synthetic else study_inputs(args.backbone)
     source = f"default study, {args.backbone}" if inputs is not None else "synthetic (same shape)"
     splits, concepts, k = inputs if inputs is not None else _synthetic()
     base = SweepParams()

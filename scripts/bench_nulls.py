@@ -16,7 +16,7 @@ import argparse
 import time
 from dataclasses import replace
 
-from bench_estimators import _study_sets
+from bench_estimators import study_sets
 
 from iis_study.core.heads import HeadsProblem, SweepParams, fit_heads
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="lite0")
     args = parser.parse_args()
-    splits, concepts, draws, k = _study_sets(args.backbone)
+    splits, concepts, draws, k = study_sets(args.backbone)
     every = {**concepts, **draws}
     cfg = replace(SweepParams(), device="cpu")
     times = {}

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--root", default=str(bench_estimators.ROOT), help="a project folder with a finished run")
     args = parser.parse_args()
     bench_estimators.ROOT = Path(args.root)
-    inputs = bench_estimators._study_inputs(args.backbone)
+    inputs = bench_estimators.study_inputs(args.backbone)
     path = Path(args.root) / "data" / "05_model_input" / args.backbone / "concept_draws.safetensors"
     if inputs is None or not path.is_file():
         raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")

@@ -46,7 +46,7 @@ def coverage(sd: float, rho: float, reps: int, seed: int = 0) -> tuple[float, fl
     for i in range(reps):
         draws = simulate(rng, 3, 400, sd, rho)
         point = np.array([cal.set_iis(c, S) for c in draws])
-        boot = cal._boot_iis_sets(draws, S, 300, np.random.default_rng(i))
+        boot = cal.boot_iis_sets(draws, S, 300, np.random.default_rng(i))
         iv = cal.two_level(point, boot, 0.95)
         ours += iv["ci_low"] <= truth <= iv["ci_high"]
         pick = np.random.default_rng(i + 1).integers(0, 3, size=(300, 3))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "iis_study"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 NODES = sorted(SRC.glob("pipelines/*/nodes.py"))
 MAX_LINES = 600
 
@@ -318,11 +319,20 @@ def test_no_arrow_runs_back_up():
     assert not cycles, "cycles between core's stage packages:\n" + "\n".join(detail)
 
 
+def _script_modules() -> dict[str, Path]:
+    """``scripts/*.py`` by module name (``bench_estimators``): scripts import each other with ``scripts/`` on ``sys.path``."""
+    return {p.stem: p for p in sorted(SCRIPTS.glob("*.py"))}
+
+
 def _private_imports(path: Path) -> list[str]:
     """``module:line imports name from other`` for every underscore name taken from another project module: by
-    ``from other import _name`` or as ``other._name`` where ``other`` names a project module."""
-    module = _module_name(path)
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    ``from other import _name`` or as ``other._name`` where ``other`` names a project module. A script
+    (``scripts/*.py``) counts the library's modules and the other scripts as project modules."""
+    script = path.parent == SCRIPTS
+    scripts = _script_modules() if script else {}
+    module = path.stem if script else _module_name(path)
+    package = [] if script else module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    shown = path.relative_to(SCRIPTS.parent if script else SRC)
     tree = ast.parse(path.read_text())
     aliases: dict[str, str] = {}
     bad = []
@@ -336,26 +346,30 @@ def _private_imports(path: Path) -> list[str]:
                 base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            if _project_module(base) is None:
+            if _project_module(base) is None and base not in scripts:
                 continue  # third-party privates are theirs to keep
             for a in node.names:
                 if f"{base}.{a.name}" in MODULES:
                     aliases[a.asname or a.name] = f"{base}.{a.name}"
                 elif private(a.name):
-                    bad.append(f"{path.relative_to(SRC)}:{node.lineno} imports {a.name} from {base}")
+                    bad.append(f"{shown}:{node.lineno} imports {a.name} from {base}")
         elif isinstance(node, ast.Import):
             aliases |= {a.asname: a.name for a in node.names if a.asname and a.name in MODULES}
+            aliases |= {a.asname or a.name: a.name for a in node.names if a.name in scripts}
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                 and private(node.attr) and aliases[node.value.id] != module):
-            bad.append(f"{path.relative_to(SRC)}:{node.lineno} uses {node.value.id}.{node.attr}")
+            bad.append(f"{shown}:{node.lineno} uses {node.value.id}.{node.attr}")
     return bad
 
 
 def test_no_private_name_crosses_a_module():
     """A name another module uses is public (no underscore); tests import private names from where they are
-    defined. No package re-exports a private name."""
-    bad = [b for path in MODULES.values() for b in _private_imports(path)]
+    defined. No package re-exports a private name. Scripts (``scripts/*.py``) take no private name from the
+    library or from another script."""
+    paths = [*MODULES.values(), *_script_modules().values()]
+    assert len(paths) > len(MODULES) + 10, "scripts/ not found"
+    bad = [b for path in paths for b in _private_imports(path)]
     assert not bad, "private names used across modules (drop the underscore):\n" + "\n".join(bad)
 
 
@@ -368,6 +382,17 @@ def test_the_structure_checks_see_what_they_forbid(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "iis_study")
     found = _private_imports(src)
     assert len(found) == 2 and "_private" in found[0] and "seeds._other" in found[1], found
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "helper.py").write_text("def _rows(): ...\n")
+    script = scripts / "bench_bad.py"
+    script.write_text("import helper\nfrom helper import _rows\nfrom iis_study.core.heads.seeds import _private\n"
+                      "from iis_study.core.heads import seeds\nimport numpy as np\nhelper._rows, seeds._other, np._x\n")
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPTS", scripts)
+    found = _private_imports(script)
+    assert [f.split(" ", 1)[1] for f in found] == [
+        "imports _rows from helper", "imports _private from iis_study.core.heads.seeds", "uses helper._rows",
+        "uses seeds._other"], found
     graph = {"iis_study.core.heads.a": {"iis_study.core.concepts.b": [1]},
              "iis_study.core.concepts.b": {"iis_study.core.heads.a": [2], "iis_study.hooks": [3]},
              "iis_study.core.params": {"iis_study.core.scoring.c": [4]}}

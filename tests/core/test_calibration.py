@@ -119,7 +119,7 @@ def test_naive_nested_bootstrap_undercovers_where_the_two_level_interval_does_no
     for i in range(n_rep):
         draws = _simulate(rng, 3, 400, 0.08, 0.7)
         point = np.array([cal.set_iis(c, S) for c in draws])
-        boot = cal._boot_iis_sets(draws, S, 200, np.random.default_rng(i))
+        boot = cal.boot_iis_sets(draws, S, 200, np.random.default_rng(i))
         pick = np.random.default_rng(i + 1).integers(0, 3, size=(200, 3))
         nested = np.take_along_axis(boot, pick, axis=1).mean(1)
         lo, hi = np.percentile(nested, [2.5, 97.5])
@@ -133,7 +133,7 @@ def test_single_draw_is_the_test_bootstrap_percentile_interval():
     rng = np.random.default_rng(4)
     draws = _simulate(rng, 1, 300, 0.0, 0.5)
     out = cal.calibrated_scores(draws, {}, S, n_boot=500, seed=0, ci=0.9)
-    boot = cal._boot_iis_sets(draws, S, 500, np.random.default_rng(0))[:, 0]
+    boot = cal.boot_iis_sets(draws, S, 500, np.random.default_rng(0))[:, 0]
     lo, hi = np.percentile(boot, [5, 95])
     assert out["iis_ci_low"] == pytest.approx(lo) and out["iis_ci_high"] == pytest.approx(hi)
     assert out["iis"] == pytest.approx(cal.set_iis(draws[0], S))

@@ -564,12 +564,12 @@ def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
 def test_torch_path_leaves_a_full_size_base_untouched(monkeypatch):
     """No affine (projection concepts) and a full-size contiguous base: the in-place mask
     multiplication must work on a copy, not on the caller's tensor."""
-    from iis_study.core.heads.masks import _InterpHeads
+    from iis_study.core.heads.masks import InterpHeads
 
     monkeypatch.setenv("IIS_FUSED", "0")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 1, 1, 8, 6, generator=g)
     before = base.clone()
     weight, bias = torch.randn(2, 1, 1, 3, 6, generator=g), torch.zeros(2, 1, 1, 3)
-    _InterpHeads.apply(base, None, None, weight, bias, (3, 5))
+    InterpHeads.apply(base, None, None, weight, bias, (3, 5))
     assert torch.equal(base, before)

@@ -231,7 +231,7 @@ def _feature_scale(x: torch.Tensor | ShardedArray, shift: torch.Tensor) -> float
     return scale if scale > 0 else 1.0
 
 
-def _activations(split: Split, space: ConceptSpace, dev: str) -> torch.Tensor:
+def concept_activations(split: Split, space: ConceptSpace, dev: str) -> torch.Tensor:
     if isinstance(split.x, ShardedArray):
         return torch.cat([precompute_base(torch.as_tensor(r).to(dev), space) for _, r in split.x.iter_blocks()])
     return precompute_base(split.x, space)
@@ -287,7 +287,7 @@ def convex_many(
     for m, names in by_m.items():
         keeps = [m - n_dropped(s, m) for s in config.sparsities]
         designs = {
-            s: ConceptDesign([_activations(Split(xs[s], ys[s]), spaces[nm], dev) for nm in names], keeps, ys[s])
+            s: ConceptDesign([concept_activations(Split(xs[s], ys[s]), spaces[nm], dev) for nm in names], keeps, ys[s])
             for s in splits
         }
         fit = solve_logistic(

@@ -1,6 +1,6 @@
 """Fused numba CPU kernel for the batched interpretation heads (METHOD §3).
 
-``masks._InterpHeads`` computes, for every head ``h`` and sample row ``b``::
+``masks.InterpHeads`` computes, for every head ``h`` and sample row ``b``::
 
     a      = ln_bias + base * ln_weight        (or a = base without affine)
     keep   = the M - k entries of largest |a|  (exactly M - k; among equal |a| the
@@ -31,7 +31,7 @@ so there are no races and the result does not depend on the thread count); the n
 of threads follows ``torch.get_num_threads()``. Gradient sums over the rows are
 accumulated in float32 blocks of ``_BLOCK`` rows and the blocks in float64.
 
-The kernel is used by :class:`iis_study.core.heads.masks._InterpHeads` on CPU float32
+The kernel is used by :class:`iis_study.core.heads.masks.InterpHeads` on CPU float32
 tensors when numba imports; ``IIS_FUSED=0`` in the environment disables it. Rows with
 NaN activations give unspecified (but memory-safe) results, as in the torch path.
 
@@ -120,7 +120,7 @@ def _broadcast(shapes) -> tuple[int, ...] | None:
 
 
 def plan(base, ln_weight, ln_bias, weight, bias, ks) -> Plan | None:
-    """Flatten the inputs of ``_InterpHeads`` for the kernel, or ``None`` when it does not apply
+    """Flatten the inputs of ``InterpHeads`` for the kernel, or ``None`` when it does not apply
     (kernel disabled or unavailable, a tensor not CPU float32, unusual broadcasting)."""
     if not enabled():
         return None

@@ -2,7 +2,7 @@
 
 :func:`n_dropped` (``k = floor(s * M)``, exact), :func:`sparsify` and the keep-masks behind it
 (exactly ``M - k`` entries of largest ``|a|`` per row, ties broken by index);
-:class:`_InterpHeads`, every interpretation head's ``[affine] -> sparsify -> linear`` in one
+:class:`InterpHeads`, every interpretation head's ``[affine] -> sparsify -> linear`` in one
 op (the fused numba kernel of :mod:`.fused` on CPU float32), and :class:`SumCrossEntropy`,
 the summed cross-entropy of many heads at once.
 """
@@ -171,7 +171,7 @@ def sparsify(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     return a * keep_mask(a, int(k)).to(a.dtype)
 
 
-class _InterpHeads(torch.autograd.Function):
+class InterpHeads(torch.autograd.Function):
     """All interpretation heads in one op: ``[affine] -> sparsify -> linear`` (METHOD §3).
 
     Inputs broadcast to the activation shape (G, ..., B, M): ``base`` (normalised concept
@@ -190,7 +190,7 @@ class _InterpHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, ln_weight, ln_bias, weight, bias, ks, track=True):  # type: ignore[override]
-        plan = _InterpHeads._fused_plan(base, ln_weight, ln_bias, weight, bias, ks)
+        plan = InterpHeads._fused_plan(base, ln_weight, ln_bias, weight, bias, ks)
         ctx.fused = plan is not None
         if plan is not None:
             from . import fused
@@ -216,7 +216,7 @@ class _InterpHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         if ctx.fused:
-            return _InterpHeads._fused_backward(ctx, grad)
+            return InterpHeads._fused_backward(ctx, grad)
         base, ln_weight, sparse, keep, weight = ctx.saved_tensors
         need_base, need_lnw, need_lnb, need_w, need_b = ctx.needs_input_grad[:5]
         g_base = g_lnw = g_lnb = g_w = g_b = None
@@ -267,9 +267,9 @@ class _InterpHeads(torch.autograd.Function):
 def apply_heads(
     base: torch.Tensor, params: dict[str, torch.Tensor], prefix: str, affine: bool, ks: Sequence[int]
 ) -> torch.Tensor:
-    """:class:`_InterpHeads` on ``base`` with the parameters ``<prefix>weight``, ``<prefix>bias`` and,
+    """:class:`InterpHeads` on ``base`` with the parameters ``<prefix>weight``, ``<prefix>bias`` and,
     with an affine, ``<prefix>ln_weight`` / ``<prefix>ln_bias``."""
-    return _InterpHeads.apply(
+    return InterpHeads.apply(
         base,
         params[prefix + "ln_weight"].unsqueeze(-2) if affine else None,
         params[prefix + "ln_bias"].unsqueeze(-2) if affine else None,

@@ -100,7 +100,7 @@ def _draw_of(name: str) -> int:
     return int(name.rsplit("/", 1)[1])
 
 
-def _boot_iis_sets(sets: Sequence[np.ndarray], s: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def boot_iis_sets(sets: Sequence[np.ndarray], s: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """(n_boot, n_sets): every set's seed-mean IIS under the same multinomial resamples of the test images."""
     n = sets[0].shape[-1]
     shapes = [c.shape for c in sets]
@@ -207,7 +207,7 @@ def calibrated_scores(
         if len(nulls[k]) != r:
             raise ValueError(f"null {k!r} has {len(nulls[k])} draws, the concepts {r}: they are paired by draw")
     sets = list(draws) + [c for k in kinds for c in nulls[k]]
-    boot = _boot_iis_sets(sets, s, int(n_boot), np.random.default_rng(seed))
+    boot = boot_iis_sets(sets, s, int(n_boot), np.random.default_rng(seed))
     point = np.array([set_iis(c, s) for c in sets])
     real, real_b = point[:r], boot[:, :r]
     main = two_level(real, real_b, ci)

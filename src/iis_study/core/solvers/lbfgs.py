@@ -78,7 +78,7 @@ class LogisticFit:
     products: torch.Tensor | None = None  # (G, L): Hessian-vector products (the Newton solver)
 
 
-def _objective(
+def objective(
     design: Design,
     theta: torch.Tensor,
     groups: torch.Tensor,
@@ -119,7 +119,7 @@ def _objective(
     return loss, grad.view(g_, n_c, -1)
 
 
-def _gram(design: Design, groups: torch.Tensor) -> torch.Tensor:
+def gram_matrices(design: Design, groups: torch.Tensor) -> torch.Tensor:
     """``[X 1]ᵀ[X 1]`` of every group (G, F+1, F+1), float64."""
     gram = None
     for x, _ in design.blocks(groups, torch.float64):
@@ -131,7 +131,7 @@ def _gram(design: Design, groups: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _preconditioners(gram: torch.Tensor, n: int, inv_cn: torch.Tensor, scale: float) -> torch.Tensor:
+def preconditioners(gram: torch.Tensor, n: int, inv_cn: torch.Tensor, scale: float) -> torch.Tensor:
     """Per head (G, L), the inverse of ``scale · [X 1]ᵀ[X 1] / N + λ_l · diag(1, ..., 1, 0)``: the Gauss-Newton
     Hessian of the head's objective with the softmax's curvature replaced by a constant. L-BFGS starts its
     two-loop recursion from it, so the correlated concept activations do not set the number of iterations."""
@@ -201,7 +201,7 @@ def solve_logistic(
     groups = torch.arange(n_g, device=dev)
     dense = newton.dense_design(design, groups, k) if solver == "newton" and f + 1 <= newton.MAX_FEATURES else None
     products = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
-    gram = _gram(design, groups) if dense is None else None
+    gram = gram_matrices(design, groups) if dense is None else None
     start = torch.zeros(n_g, 1, k * (f + 1), dtype=f64, device=dev)
     for step, li in enumerate(order):
         inv_cn = inv_cn_all[li : li + 1]
@@ -216,9 +216,9 @@ def solve_logistic(
             if progress is not None:
                 progress(int(it_l.sum()))
         else:
-            pinv = _preconditioners(gram[groups], design.n, inv_cn, PRECOND_SCALE / k)
+            pinv = preconditioners(gram[groups], design.n, inv_cn, PRECOND_SCALE / k)
             _lbfgs(design, th, groups, inv_cn, k, tol, int(max_iter), history, it_l, stalled, pinv, progress)
-        l_final, g_final = _objective(design, th, groups, inv_cn, k, f64)  # the certificate, float64
+        l_final, g_final = objective(design, th, groups, inv_cn, k, f64)  # the certificate, float64
         theta[groups, li] = th[:, 0]
         iters[groups, li] = it_l[:, 0]
         loss[groups, li] = l_final[:, 0]
@@ -269,7 +269,7 @@ def _lbfgs(
     live = torch.arange(n_g, device=dev)
     x = theta.clone()
     dtype = torch.float64
-    f, g = _objective(design, x, rows[live], inv_cn, k, dtype)
+    f, g = objective(design, x, rows[live], inv_cn, k, dtype)
     stop = stalled.clone()
     its = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
     s_mem = torch.zeros(m, n_g, n_c, n, dtype=torch.float64, device=dev)
@@ -322,7 +322,7 @@ def _lbfgs(
         x1, f1, g1 = x.clone(), f.clone(), g.clone()
         for _ in range(MAX_LINE_SEARCH):
             trial = x + t.unsqueeze(-1) * d
-            ft, gt = _objective(design, trial, rows[live], inv_cn, k, dtype)
+            ft, gt = objective(design, trial, rows[live], inv_cn, k, dtype)
             ok = ~done & torch.isfinite(ft) & (ft <= f + ARMIJO * t * gd)
             x1 = torch.where(ok.unsqueeze(-1), trial, x1)
             f1 = torch.where(ok, ft, f1)
