@@ -82,6 +82,42 @@ def test_no_parameter_default_outside_the_typed_blocks(path):
     assert not found, f"{path.relative_to(SRC)}: defaults written outside the typed blocks: {found}"
 
 
+# --------------------------------------------------------------------------- node names
+
+PER_CONCEPT_TYPE = ("score_interpreters", "collect_specification_inputs")  # one node per concept type: <func>_<type>
+
+
+def _misnamed_nodes(pipes: dict, types: list[str]) -> list[str]:
+    """Nodes whose name (after the namespace) is not their function's ``__name__`` (``<func>_<type>`` for the
+    per-concept-type nodes of :data:`PER_CONCEPT_TYPE`)."""
+    bad = []
+    for pipe in pipes.values():
+        for n in pipe.nodes:
+            short = n.name[len(n.namespace) + 1:] if n.namespace else n.name
+            func = n.func.__name__
+            expected = {f"{func}_{t}" for t in types} if func in PER_CONCEPT_TYPE else {func}
+            if short not in expected:
+                bad.append(f"{n.name}: runs {func}, expected {' or '.join(sorted(expected))}")
+    return sorted(set(bad))
+
+
+@pytest.mark.parametrize("env", [None, "cifar10", "imagenet"], ids=lambda e: e or "default")
+def test_every_node_is_named_after_its_function(env):
+    """A node's name (after its namespace) is its function's name, so ``kedro run --nodes`` and the logs name the
+    function that runs; the per-concept-type nodes add the type. Pipelines as the registry builds them."""
+    from iis_study.pipeline_registry import build_pipelines
+    from iis_study.study_config import concept_types, study_parameters
+
+    params = study_parameters(env)
+    pipes = build_pipelines(params)
+    types = concept_types(params)
+    assert types and len(pipes["__default__"].nodes) > 20, (types, len(pipes["__default__"].nodes))
+    per_type = {n.name.rpartition(".")[2] for n in pipes["__default__"].nodes if n.func.__name__ in PER_CONCEPT_TYPE}
+    assert per_type == {f"{f}_{t}" for f in PER_CONCEPT_TYPE for t in types}, per_type
+    bad = _misnamed_nodes(pipes, types)
+    assert not bad, "nodes not named after their function:\n" + "\n".join(bad)
+
+
 # --------------------------------------------------------------------------- import cycles
 
 
