@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from iis_study.core.heads import (
+    ESTIMATORS,
     ConceptSpace,
+    HeadsProblem,
     Split,
     SweepParams,
     explain,
+    fit_heads,
     n_dropped,
     sparsify,
     sweep,
@@ -22,6 +25,7 @@ from iis_study.core.heads import (
     train_single_head,
 )
 from iis_study.core.heads.batched import BatchedHeads, StackedAdam
+from iis_study.core.heads.datatypes import ESTIMATOR_NAMES
 from iis_study.core.heads.selection import select_lr
 from tests.core.reference import ranked_keep
 
@@ -282,6 +286,32 @@ def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
         assert torch.equal(together["vectors"].state[key], together["projection"].state[key])
     with pytest.raises(ValueError, match="at least one concept space"):
         sweep_many(*data, {}, 4, cfg, progress=False)
+
+
+def test_fit_heads_with_adam_is_the_adam_sweep(toy):
+    """``fit_heads`` with ``estimator: adam`` gives what the Adam sweep (``sweep_many``) gives, bit for bit: the
+    registry adds nothing to the estimator it calls."""
+    cfg = SweepParams(
+        estimator="adam", steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0,),
+        epochs=2, batch_size=64,
+    )
+    spaces = {
+        "vectors": ConceptSpace("vectors", vectors=toy["vectors"]),
+        "end_to_end": ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6),
+    }
+    data = (toy["train"], toy["val"], toy["test"])
+    via_registry = fit_heads(HeadsProblem(*data, spaces, 4), cfg, progress=False)
+    direct = sweep_many(*data, spaces, 4, cfg, progress=False)
+    assert list(via_registry) == list(direct) == list(spaces)
+    for name in spaces:
+        assert via_registry[name].certificate is None  # the Adam sweep's result, not the convex one
+        _assert_same_result(via_registry[name], direct[name])
+
+
+def test_the_estimator_registry_has_the_names_sweep_estimator_accepts():
+    assert tuple(ESTIMATORS) == ESTIMATOR_NAMES
+    with pytest.raises(ValueError, match="sweep.estimator must be one of"):
+        SweepParams(estimator="sgd").validate()
 
 
 def test_minibatch_of_one_matches_reference(toy):

@@ -27,7 +27,7 @@ HeadKind = Literal["probe", "interp"]
 ConceptKind = Literal["vectors", "end_to_end", "projection"]
 _CONCEPT_KINDS = ("vectors", "end_to_end", "projection")
 _NORM_TOL = 1e-3
-ESTIMATORS = ("convex", "adam")
+ESTIMATOR_NAMES = ("convex", "adam")  # sweep.estimator's values; the registry is heads.estimators.ESTIMATORS
 
 
 @block
@@ -146,8 +146,8 @@ class SweepParams(Params):
             raise ValueError(f"sweep.gamma must lie in (0, 1], got {self.gamma}")
         if not (float(self.gumbel_tau) > 0.0):
             raise ValueError(f"sweep.gumbel_tau must be > 0, got {self.gumbel_tau}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"sweep.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"sweep.estimator must be one of {ESTIMATOR_NAMES}, got {self.estimator!r}")
         grid = [float(c) for c in self.l2_grid]
         if not grid or any(not math.isfinite(c) or c <= 0 for c in grid) or len(set(grid)) != len(grid):
             raise ValueError(f"sweep.l2_grid must hold distinct values > 0, got {tuple(self.l2_grid)}")

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from .adam import sweep_many
 from .convex import convex_many
-from .datatypes import ESTIMATORS as ESTIMATOR_NAMES
-from .datatypes import ConceptSpace, Split, SweepParams, SweepResult
+from .datatypes import ESTIMATOR_NAMES, ConceptSpace, Split, SweepParams, SweepResult
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,10 @@ def fit_convex(problem: HeadsProblem, config: SweepParams, progress: bool = True
 
 
 ESTIMATORS: dict[str, Estimator] = {"convex": fit_convex, "adam": fit_adam}
-assert tuple(ESTIMATORS) == ESTIMATOR_NAMES, "sweep.estimator's names (heads/datatypes.py) and the registry differ"
+if tuple(ESTIMATORS) != ESTIMATOR_NAMES:  # a check that holds under python -O too
+    raise RuntimeError(
+        f"sweep.estimator's names {ESTIMATOR_NAMES} (heads/datatypes.py) and the registry {tuple(ESTIMATORS)} differ"
+    )
 
 
 def fit_heads(problem: HeadsProblem, config: SweepParams, progress: bool = True) -> dict[str, SweepResult]:
