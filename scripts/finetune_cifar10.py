@@ -121,7 +121,7 @@ def table(records: pd.DataFrame, last: int) -> str:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("iis_study.core.heads", "iis_study.core.concepts.elements", "iis_study.core.scoring.scores"):
+    for noisy in ("iis_study.core.heads", "iis_study.core.concepts", "iis_study.core.scoring.scores"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

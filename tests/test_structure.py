@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "iis_study"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -294,6 +295,46 @@ def test_the_one_call_check_sees_a_node_that_computes(tmp_path):
         "def elsewhere(x):\n    return sorted(x)\n"
     )
     assert [b.split(" ")[0] for b in _not_single_core_calls(src)] == ["two", "nested", "elsewhere"]
+
+
+# --------------------------------------------------------------------------- logger names
+
+def _calls_get_logger(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) == "getLogger"
+
+
+def _logger_names(path: Path) -> list[tuple[int, str]]:
+    """``(line, name)`` for every ``iis_study...`` logger name of ``path``: ``getLogger("...")``, ``logger="..."``
+    (``caplog.at_level``) and the names a ``for name in (...)`` loop hands to ``getLogger(name)``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        values: list[ast.expr] = []
+        if isinstance(node, ast.Call):
+            values = [*(node.args[:1] if _calls_get_logger(node) else []), *(k.value for k in node.keywords if k.arg == "logger")]
+        elif isinstance(node, ast.For) and isinstance(node.iter, ast.Tuple | ast.List) and isinstance(node.target, ast.Name):
+            loop_var = node.target.id
+            if any(_calls_get_logger(c) and c.args and getattr(c.args[0], "id", None) == loop_var for c in ast.walk(node)):
+                values = list(node.iter.elts)
+        out += [(v.lineno, v.value) for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                and v.value.split(".")[0] == "iis_study"]
+    return out
+
+
+def _stale_logger_names() -> list[str]:
+    """The ``iis_study...`` logger names (:func:`_logger_names`) of the library, the scripts and the tests, and the
+    loggers of ``conf/logging.yml``, that name no module or package of ``iis_study``: a logger named after a module
+    that moved silences, or captures, nothing."""
+    root = SRC.parents[1]
+    paths = [*MODULES.values(), *_script_modules().values(), *sorted((root / "tests").rglob("*.py"))]
+    found = [(f"{p.relative_to(root)}:{line}", name) for p in paths for line, name in _logger_names(p)]
+    loggers = yaml.safe_load((root / "conf" / "logging.yml").read_text()).get("loggers") or {}
+    found += [("conf/logging.yml", name) for name in loggers if name.split(".")[0] == "iis_study"]
+    assert len(found) > 5, found  # the scan sees them
+    return [f"{where}: {name}" for where, name in found if name not in MODULES]
+
+
+def test_logger_names_name_existing_modules():
+    assert not _stale_logger_names(), "logger names of no module (moved?):\n" + "\n".join(_stale_logger_names())
 
 
 # --------------------------------------------------------------------------- core's stage packages
