@@ -1,13 +1,26 @@
-"""The shape of the code (issue: "one shape for the whole house"), checked from the source text.
+"""The shape of the code (issue: "one shape for the whole house"), checked from the source text (the node names
+from the pipelines the registry builds).
 
 - a pipeline's nodes import only the library (``iis_study.core``), Kedro and third-party packages, never
-  another pipeline or project module;
+  another pipeline or project module; every node function's body is one call into ``iis_study.core``;
+- every node is named after its function (``<function>_<concept type>`` for the per-concept-type nodes
+  ``score_interpreters`` and ``collect_specification_inputs``), in the default, ``cifar10`` and ``imagenet`` pipelines;
 - no source file above ~600 lines;
 - the pipeline registry's path keeps no module-level mutable state (it reads the parameters itself);
 - no parameter default is written outside the typed blocks: nodes, validation and hooks hold no
   ``params.get("key", default)``;
 - no import cycle inside ``iis_study``: every import counts, at module level, inside a function or
-  under ``if TYPE_CHECKING:``.
+  under ``if TYPE_CHECKING:``;
+- every ``iis_study...`` logger name written out (``getLogger``, ``caplog``'s ``logger=``, ``conf/logging.yml``)
+  names a module or package;
+- ``core/`` is its stage packages (every ``core/<package>/__init__.py``, found, not listed) and at most 10 flat
+  modules; no arrow runs back up (core importing a pipeline or the plumbing, a pipeline the plumbing, a stage or
+  ``params``/``device``/``data`` importing the facade ``core/api.py``, ``params``/``device``/``data`` a stage) and
+  no cycle between the stage packages;
+- no private (underscore) name crosses a module outside the tests: not in the library, not in ``scripts/*.py``
+  (from the library or from another script), by import or as ``module._name``;
+- the checks see what they forbid (:func:`test_the_structure_checks_see_what_they_forbid`,
+  :func:`test_the_import_graph_sees_every_kind_of_import`, :func:`test_the_one_call_check_sees_a_node_that_computes`).
 """
 
 from __future__ import annotations
@@ -341,8 +354,12 @@ def test_logger_names_name_existing_modules():
 
 CORE = SRC / "core"
 MAX_FLAT_CORE_MODULES = 10
-STAGES = ("representations", "concepts", "heads", "solvers", "scoring", "finetune", "reporting")
+STAGES = tuple(sorted(p.parent.name for p in CORE.glob("*/__init__.py")))  # every package of core/ is a stage
+DOCUMENTED_STAGES = ("representations", "concepts", "heads", "solvers", "scoring", "finetune", "reporting")
 BASE = ("iis_study.core.params", "iis_study.core.device", "iis_study.core.data")  # what every stage may use
+# core's flat modules above the stages: the library call (core/api.py) runs the stages; no stage imports it
+FACADES = tuple(m for m in MODULES if m.count(".") == 2 and m.startswith("iis_study.core.") and m not in BASE
+                and m.split(".")[2] not in STAGES)
 PLUMBING = tuple(m for m in MODULES if not m.startswith(("iis_study.core", "iis_study.pipelines")) and m != "iis_study")
 
 
@@ -350,7 +367,8 @@ def test_core_has_at_most_10_flat_modules():
     """``core/`` is its stage packages; only the modules every stage uses stay flat."""
     flat = sorted(p.name for p in CORE.glob("*.py") if p.name != "__init__.py")
     assert len(flat) <= MAX_FLAT_CORE_MODULES, f"{len(flat)} modules flat in core/ (at most {MAX_FLAT_CORE_MODULES}): {flat}"
-    assert {p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} >= set(STAGES)
+    assert set(STAGES) >= set(DOCUMENTED_STAGES), STAGES  # the stages are found (docs/architecture.md lists them)
+    assert FACADES == ("iis_study.core.api",), FACADES
 
 
 def _stage(module: str) -> str | None:
@@ -360,7 +378,8 @@ def _stage(module: str) -> str | None:
 
 def _upward_arrows(graph: dict[str, dict[str, list[int]]]) -> list[str]:
     """Imports that run back up the building: core importing a pipeline or the plumbing, a pipeline importing the
-    plumbing, the base modules (params, device, data) importing a stage."""
+    plumbing, a stage importing core's facade (``core/api.py``), the base modules (params, device, data) importing
+    a stage or the facade."""
     bad = []
     for a, targets in graph.items():
         for b, lines in targets.items():
@@ -368,6 +387,8 @@ def _upward_arrows(graph: dict[str, dict[str, list[int]]]) -> list[str]:
             if a.startswith("iis_study.core") and not b.startswith("iis_study.core"):
                 bad.append(where)
             elif a.startswith("iis_study.pipelines") and b in PLUMBING:
+                bad.append(where)
+            elif (_stage(a) or a in BASE) and b in FACADES:
                 bad.append(where)
             elif a in BASE and _stage(b):
                 bad.append(where)
@@ -472,8 +493,14 @@ def test_the_structure_checks_see_what_they_forbid(tmp_path, monkeypatch):
         "uses seeds._other"], found
     graph = {"iis_study.core.heads.a": {"iis_study.core.concepts.b": [1]},
              "iis_study.core.concepts.b": {"iis_study.core.heads.a": [2], "iis_study.hooks": [3]},
-             "iis_study.core.params": {"iis_study.core.scoring.c": [4]}}
+             "iis_study.core.params": {"iis_study.core.scoring.c": [4]},
+             "iis_study.core.scoring.c": {"iis_study.core.api": [5]}}
     for name in graph:
         monkeypatch.setitem(MODULES, name, src)
     assert _stage_cycles(graph) == [["concepts", "heads", "concepts"]]
-    assert len(_upward_arrows(graph)) == 2  # core -> plumbing; params -> a stage
+    found = _upward_arrows(graph)
+    assert len(found) == 3 and found[2].endswith("imports iis_study.core.api"), found  # core -> plumbing; params -> a stage; a stage -> api
+    # a new package in core/ is a stage: its cycles are found
+    monkeypatch.setattr(sys.modules[__name__], "STAGES", (*STAGES, "newstage"))
+    graph = {"iis_study.core.newstage.a": {"iis_study.core.heads.b": [1]}, "iis_study.core.heads.b": {"iis_study.core.newstage": [2]}}
+    assert _stage_cycles(graph) == [["heads", "newstage", "heads"]]
