@@ -87,8 +87,8 @@ def test_patches_reject_bad_inputs() -> None:
 # --------------------------------------------------------------------------- segments
 def test_segments_deterministic_and_valid() -> None:
     images = random_images(4) + [block_image()]
-    a = segment_elements(images, list(range(10, 15)), size=24)
-    b = segment_elements(images, list(range(10, 15)), size=24)
+    a = segment_elements(images, list(range(10, 15)), size=24, n_jobs=1)
+    b = segment_elements(images, list(range(10, 15)), size=24, n_jobs=1)
     assert len(a) > 0
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.masks, b.masks)
@@ -112,8 +112,8 @@ def test_segments_parallel_equals_serial() -> None:
 
 def test_segments_min_area_drops_small_masks() -> None:
     images = random_images(3, seed=2)
-    loose = segment_elements(images, [0, 1, 2], min_area=0.0, size=16)
-    strict = segment_elements(images, [0, 1, 2], min_area=0.06, size=16)
+    loose = segment_elements(images, [0, 1, 2], min_area=0.0, size=16, n_jobs=1)
+    strict = segment_elements(images, [0, 1, 2], min_area=0.06, size=16, n_jobs=1)
     assert (loose.meta["area_fraction"] < 0.06).any(), "test needs some small segments"
     assert (strict.meta["area_fraction"] >= 0.06).all()
     for image in images:
@@ -139,7 +139,7 @@ def test_segments_no_near_duplicates() -> None:
 def test_segment_pixels_outside_mask_are_grey() -> None:
     img = block_image()
     size = 64
-    el = segment_elements([img], [0], size=size)
+    el = segment_elements([img], [0], size=size, n_jobs=1)
     selected = select_segments(img)
     assert len(selected) == len(el) > 0
     checked_outside = checked_inside = 0
@@ -166,8 +166,8 @@ def test_segment_pixels_outside_mask_are_grey() -> None:
 
 def test_segments_fill_value_is_used() -> None:
     img = block_image()
-    a = segment_elements([img], [0], size=32, fill=117)
-    b = segment_elements([img], [0], size=32, fill=0)
+    a = segment_elements([img], [0], size=32, fill=117, n_jobs=1)
+    b = segment_elements([img], [0], size=32, fill=0, n_jobs=1)
     outside = ~a.masks
     assert outside.any()
     assert (a.images[outside] != b.images[outside]).any()
@@ -175,7 +175,7 @@ def test_segments_fill_value_is_used() -> None:
 
 def test_elements_concat_renumbers() -> None:
     p = patch_elements([block_image()], [1], size=16)
-    s = segment_elements([block_image()], [2], size=16)
+    s = segment_elements([block_image()], [2], size=16, n_jobs=1)
     both = Elements.concat([p, s])
     assert len(both) == len(p) + len(s)
     assert both.meta["element_id"].tolist() == list(range(len(both)))
