@@ -30,7 +30,7 @@ def one(n: int) -> dict:
     import torch
 
     from iis_study.core.heads import convex
-    from iis_study.core.heads.lbfgs import PRECOND_SCALE, _gram, _objective, _preconditioners
+    from iis_study.core.solvers.lbfgs import PRECOND_SCALE, gram_matrices, objective, preconditioners
     from iis_study.core.heads.masks import n_dropped
 
     convex.MATERIALISE_BYTES = 0  # stream, as for a large training set
@@ -41,11 +41,11 @@ def one(n: int) -> dict:
     design = convex.ConceptDesign(bases, [M - n_dropped(s, M) for s in SPARSITIES], y)
     groups = torch.arange(design.groups)
     inv_cn = torch.tensor([1.0 / (1.0 * n)], dtype=torch.float64)
-    pinv = _preconditioners(_gram(design, groups), n, inv_cn, PRECOND_SCALE / K)
+    pinv = preconditioners(gram_matrices(design, groups), n, inv_cn, PRECOND_SCALE / K)
     setup = time.perf_counter() - t0
     theta = torch.zeros(design.groups, 1, K * (M + 1), dtype=torch.float64)
     t0 = time.perf_counter()
-    loss, grad = _objective(design, theta, groups, inv_cn, K, torch.float64)
+    loss, grad = objective(design, theta, groups, inv_cn, K, torch.float64)
     per_iter = time.perf_counter() - t0
     assert torch.isfinite(loss).all() and pinv.shape[0] == design.groups
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

@@ -25,39 +25,39 @@ from pathlib import Path
 
 import torch
 
-from iis_study.core.heads import ConceptSpace, Split, SweepParams, fit_heads
-from iis_study.core.scores import score_sweep
+from iis_study.core.heads import ConceptSpace, HeadsProblem, Split, SweepParams, fit_heads
+from iis_study.core.scoring.scores import score_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _study_inputs(backbone: str):
+def study_inputs(backbone: str):
     from iis_study.datasets import TensorDictDataset
 
     feats = ROOT / "data" / "04_feature" / backbone / "features.safetensors"
     paths = {c: ROOT / "data" / "05_model_input" / backbone / f"concepts_{c}.safetensors" for c in ("prototype", "cluster")}
     if not feats.is_file() or not all(p.is_file() for p in paths.values()):
         return None
-    fs = TensorDictDataset(filepath=str(feats), object="iis_study.core.features.FeatureSet").load()
+    fs = TensorDictDataset(filepath=str(feats), object="iis_study.core.representations.features.FeatureSet").load()
     concepts = {
-        c: TensorDictDataset(filepath=str(p), object="iis_study.core.acquisition.ConceptSet").load().space
+        c: TensorDictDataset(filepath=str(p), object="iis_study.core.concepts.acquisition.ConceptSet").load().space
         for c, p in paths.items()
     }
     splits = {s: Split(fs.split(s).x.float(), fs.split(s).y.long()) for s in ("train", "val", "test")}
     return splits, concepts, int(max(int(s.y.max()) for s in splits.values())) + 1
 
 
-def _study_sets(backbone: str):
-    """``(splits, concepts, draws, k)``: :func:`_study_inputs` and the study's concept draws and null sets as
+def study_sets(backbone: str):
+    """``(splits, concepts, draws, k)``: :func:`study_inputs` and the study's concept draws and null sets as
     concept spaces (name -> space); exits asking for ``make run`` when the study's files are absent."""
     from iis_study.datasets import TensorDictDataset
 
-    inputs = _study_inputs(backbone)
+    inputs = study_inputs(backbone)
     path = ROOT / "data" / "05_model_input" / backbone / "concept_draws.safetensors"
     if inputs is None or not path.is_file():
         raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
     splits, concepts, k = inputs
-    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
+    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.concepts.nulls.ConceptDraws").load()
     return splits, concepts, {n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}, k
 
 
@@ -85,14 +85,14 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true",
                     help="also the convex estimator with the grid cut at C = 10 and with the L2 path rule")
     args = ap.parse_args()
-    inputs = None if args.synthetic else _study_inputs(args.backbone)
+    inputs = None if args.synthetic else study_inputs(args.backbone)
     source = f"default study, {args.backbone}" if inputs is not None else "synthetic (same shape)"
     splits, concepts, k = inputs if inputs is not None else _synthetic()
     base = SweepParams()
     import logging
 
     logging.disable(logging.WARNING)  # the warm-up's heads are uncertified on purpose
-    fit_heads(*(Split(s.x[:64], s.y[:64]) for s in splits.values()), concepts, k,
+    fit_heads(HeadsProblem(*(Split(s.x[:64], s.y[:64]) for s in splits.values()), concepts, k),
               replace(base, max_iter=2), progress=False)  # warm-up: imports, thread pools
     logging.disable(logging.NOTSET)
     times, scores = {}, {}
@@ -102,7 +102,7 @@ def main() -> None:
                 "convex, l2_path": replace(base, l2_path=True), "adam": runs["adam"]}
     for estimator, cfg in runs.items():
         start = time.perf_counter()
-        results = fit_heads(splits["train"], splits["val"], splits["test"], concepts, k, cfg, progress=False)
+        results = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], concepts, k), cfg, progress=False)
         times[estimator] = time.perf_counter() - start
         scores[estimator] = {c: score_sweep(r, n_boot=10)[0]["iis"] for c, r in results.items()}
         extra = ""

@@ -2,7 +2,7 @@
 
 Both are measured in one run over the same images: the raw number times only
 ``model(normalise(batch))`` on pre-decoded, pre-resized uint8 batches held in memory; the
-pipeline number times :func:`iis_study.core.features.extract` end to end (file decoding and
+pipeline number times :func:`iis_study.core.representations.features.extract` end to end (file decoding and
 resizing in DataLoader workers, normalisation, forward, copies). The ratio says how much of the
 model's speed the pipeline keeps (target >= 0.85).
 
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iis_study.core.backbones import build
+from iis_study.core.representations.backbones import build
 from iis_study.core.data import load_dataset
-from iis_study.core.features import extract
+from iis_study.core.representations.features import extract
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "train"
 

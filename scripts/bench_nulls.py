@@ -16,22 +16,22 @@ import argparse
 import time
 from dataclasses import replace
 
-from bench_estimators import _study_sets
+from bench_estimators import study_sets
 
-from iis_study.core.heads import SweepParams, fit_heads
+from iis_study.core.heads import HeadsProblem, SweepParams, fit_heads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="lite0")
     args = parser.parse_args()
-    splits, concepts, draws, k = _study_sets(args.backbone)
+    splits, concepts, draws, k = study_sets(args.backbone)
     every = {**concepts, **draws}
     cfg = replace(SweepParams(), device="cpu")
     times = {}
     for name, sets in (("study's concept sets", concepts), ("with draws and nulls", every)):
         start = time.perf_counter()
-        res = fit_heads(splits["train"], splits["val"], splits["test"], sets, k, cfg, progress=False)
+        res = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], sets, k), cfg, progress=False)
         times[name] = time.perf_counter() - start
         certified = all(r.certificate.certified for r in res.values())
         print(f"{name}: {len(sets)} concept sets, {times[name]:.1f} s, every head certified: {certified}")

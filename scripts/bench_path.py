@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_estimators import _study_sets
+from bench_estimators import study_sets
 from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
-from iis_study.core.config import WeightSparsityParams
-from iis_study.core.weight_sparsity import anec, elastic_net_paths
+from iis_study.core.scoring.blocks import WeightSparsityParams
+from iis_study.core.scoring.weight_sparsity import anec, elastic_net_paths
 
 
 def _run(splits, sets, k, solver):
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for backbone in args.backbone:
-        splits, concepts, draws, k = _study_sets(backbone)
+        splits, concepts, draws, k = study_sets(backbone)
         sets = {f"draw/{t}/0": sp.vectors for t, sp in concepts.items()} | {n: sp.vectors for n, sp in draws.items()}
         shape = f"{backbone}: {len(sets)} sets (N {splits['train'].x.shape[0]}, M {next(iter(sets.values())).shape[0]}, K {k})"
         print(shape)

@@ -1,7 +1,7 @@
 """Scale benchmark: sweep time and peak memory against the number of training samples.
 
 For each N (default 10k, 50k, 200k) synthetic 1280-d features of K = 100 classes are written
-as a sharded store (``iis_study.core.store``), then a fresh process runs the batched sweep
+as a sharded store (``iis_study.core.representations.store``), then a fresh process runs the batched sweep
 (probe + 8 sparsities x 3 learning rates, M = 200 concept vectors) streaming the shards, and
 reports its wall time and peak resident memory (``ru_maxrss``). With ``--in-memory`` the same
 sweep also runs with the features loaded into memory, for contrast.
@@ -34,7 +34,7 @@ def _generate(root: Path, n: int, seed: int, shard_rows: int, dtype: str) -> Non
     import numpy as np
     import torch
 
-    from iis_study.core.store import ShardWriter
+    from iis_study.core.representations.store import ShardWriter
 
     g = torch.Generator().manual_seed(1234)
     means = torch.randn(CLASSES, DIM, generator=g) * 0.15
@@ -58,7 +58,7 @@ def _run_sweep(data: Path, epochs: int, in_memory: bool) -> dict:
     import torch.nn.functional as F
 
     from iis_study.core.heads import ConceptSpace, Split, SweepParams, sweep
-    from iis_study.core.store import ShardedArray
+    from iis_study.core.representations.store import ShardedArray
 
     def split(name: str) -> Split:
         x = ShardedArray(data / name)

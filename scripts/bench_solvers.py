@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_estimators import _study_sets
+from bench_estimators import study_sets
 from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
 from iis_study.core.heads import SweepParams
-from iis_study.core.heads.convex import ConceptDesign, _activations
-from iis_study.core.heads.lbfgs import solve_logistic
+from iis_study.core.heads.convex import ConceptDesign, concept_activations
+from iis_study.core.solvers.lbfgs import solve_logistic
 from iis_study.core.heads.masks import n_dropped
 
 
@@ -90,12 +90,12 @@ def main() -> None:
     parser.add_argument("--update", metavar="FILE", help="write the table into FILE's <!-- bench_solvers --> block")
     args = parser.parse_args()
     cfg = SweepParams(device="cpu")
-    splits, concepts, draws, k = _study_sets(args.backbone)
+    splits, concepts, draws, k = study_sets(args.backbone)
     spaces = list(concepts.values()) + list(draws.values())
     spaces = spaces[: args.sets]
     train = splits["train"]
     keeps = [spaces[0].m - n_dropped(s, spaces[0].m) for s in cfg.sparsities]
-    design = ConceptDesign([_activations(train, sp, "cpu") for sp in spaces], keeps, train.y.long())
+    design = ConceptDesign([concept_activations(train, sp, "cpu") for sp in spaces], keeps, train.y.long())
     rows, gap = _compare(design, k, cfg, args.sklearn_groups, f"{args.backbone}, {len(spaces)} concept sets")
 
     g = torch.Generator().manual_seed(0)

@@ -151,8 +151,8 @@ def nudged_init(seed: int) -> Iterator[None]:
     """Within the block, every head's initial parameters are moved by one ulp (``nextafter``
     towards +inf or -inf, a seeded random choice per entry): a perturbation of the size of
     one rounding difference."""
-    original = heads_batched._init_head
-    # _init_head is looked up where it is called: by the batched heads and by the reference
+    original = heads_batched.init_head
+    # init_head is looked up where it is called: by the batched heads and by the reference
     users = (heads_batched, heads_reference)
 
     def init(*args, **kwargs):
@@ -165,12 +165,12 @@ def nudged_init(seed: int) -> Iterator[None]:
         return nudged
 
     for module in users:
-        module._init_head = init
+        module.init_head = init
     try:
         yield
     finally:
         for module in users:
-            module._init_head = original
+            module.init_head = original
 
 
 def report_floor(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import bench_estimators
 
-from iis_study.core.heads import ConceptSpace, SweepParams, fit_heads
-from iis_study.core.weight_sparsity import elastic_net_paths
+from iis_study.core.heads import ConceptSpace, HeadsProblem, SweepParams, fit_heads
+from iis_study.core.scoring.weight_sparsity import elastic_net_paths
 from iis_study.datasets import TensorDictDataset
 
 
@@ -30,16 +30,16 @@ def main() -> None:
     parser.add_argument("--root", default=str(bench_estimators.ROOT), help="a project folder with a finished run")
     args = parser.parse_args()
     bench_estimators.ROOT = Path(args.root)
-    inputs = bench_estimators._study_inputs(args.backbone)
+    inputs = bench_estimators.study_inputs(args.backbone)
     path = Path(args.root) / "data" / "05_model_input" / args.backbone / "concept_draws.safetensors"
     if inputs is None or not path.is_file():
         raise SystemExit("run `make run` first: this benchmark reads the default study's cached features and concepts")
     splits, concepts, k = inputs
-    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.nulls.ConceptDraws").load()
+    draws = TensorDictDataset(filepath=str(path), object="iis_study.core.concepts.nulls.ConceptDraws").load()
     every = {**concepts, **{n: ConceptSpace(kind="vectors", vectors=v) for n, v in draws.vectors.items()}}
     start = time.perf_counter()
-    res = fit_heads(splits["train"], splits["val"], splits["test"], every, k, replace(SweepParams(), device="cpu"),
-                    progress=False)
+    res = fit_heads(HeadsProblem(splits["train"], splits["val"], splits["test"], every, k),
+                    replace(SweepParams(), device="cpu"), progress=False)
     convex = time.perf_counter() - start
     print(f"convex heads: {len(every)} concept sets, {convex:.1f} s, certified: "
           f"{all(r.certificate.certified for r in res.values())}")

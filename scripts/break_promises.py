@@ -39,7 +39,7 @@ BREAKAGES = (
     Breakage(
         "non_atomic_save_tensors",
         "save_tensors writes straight to the final file name (no write-then-rename)",
-        "src/iis_study/core/features.py",
+        "src/iis_study/core/representations/features.py",
         "    with atomic_path(path) as tmp:\n        save_file(",
         "    for tmp in (path,):\n        save_file(",
         ("tests/core/test_features.py",),
@@ -47,7 +47,7 @@ BREAKAGES = (
     Breakage(
         "non_atomic_save_npy",
         "atomic_save_npy writes the shard straight to its final name",
-        "src/iis_study/core/store.py",
+        "src/iis_study/core/representations/store.py",
         'with atomic_path(path) as tmp, open(tmp, "wb") as fh:',
         'with open(path, "wb") as fh:',
         ("tests/core/test_features.py", "tests/core/test_store.py"),
@@ -63,15 +63,15 @@ BREAKAGES = (
     Breakage(
         "val_test_swapped",
         "the interpretability pipeline passes test as val and val as test to the sweep",
-        "src/iis_study/core/study.py",
-        'fit_heads(splits["train"], splits["val"], splits["test"],',
-        'fit_heads(splits["train"], splits["test"], splits["val"],',
+        "src/iis_study/core/scoring/steps.py",
+        'HeadsProblem(splits["train"], splits["val"], splits["test"],',
+        'HeadsProblem(splits["train"], splits["test"], splits["val"],',
         ("tests/pipelines/test_study_run.py::test_val_and_test_are_wired_to_their_own_splits",),
     ),
     Breakage(
         "bootstrap_alpha_not_halved",
         "the percentile interval uses alpha = 1 - ci instead of (1 - ci) / 2",
-        "src/iis_study/core/scores.py",
+        "src/iis_study/core/scoring/scores.py",
         "alpha = (1.0 - ci) / 2.0",
         "alpha = 1.0 - ci",
         ("tests/core/test_scores.py",),
@@ -79,7 +79,7 @@ BREAKAGES = (
     Breakage(
         "rotation_leaves_the_span",
         "the rotated null mixes random directions instead of the concepts (another span)",
-        "src/iis_study/core/nulls.py",
+        "src/iis_study/core/concepts/nulls.py",
         "return _unit_rows(haar_orthogonal(c.shape[0], rng) @ c)",
         "return _unit_rows(haar_orthogonal(c.shape[0], rng) @ rng.standard_normal(c.shape))",
         ("tests/core/test_calibration.py::test_rotated_concepts_span_the_same_subspace_and_keep_no_concept",),
@@ -87,7 +87,7 @@ BREAKAGES = (
     Breakage(
         "draw_variance_dropped",
         "the two-level interval leaves out the between-draw variance",
-        "src/iis_study/core/calibration.py",
+        "src/iis_study/core/scoring/calibration.py",
         "    df = math.inf if s2 == 0 else total**2 / ((s2 / r) ** 2 / (r - 1))",
         "    df, total = math.inf, v_test",
         ("tests/core/test_calibration.py::test_naive_nested_bootstrap_undercovers_where_the_two_level_interval_does_not",),
@@ -95,7 +95,7 @@ BREAKAGES = (
     Breakage(
         "permutation_one_sided",
         "the permutation p-value counts only permutations with a larger signed coefficient",
-        "src/iis_study/core/inference.py",
+        "src/iis_study/core/scoring/inference.py",
         "hits = np.abs(coef[m]) >= np.abs(obs[m][0]) - 1e-12",
         "hits = coef[m] >= obs[m][0] - 1e-12",
         ("tests/core/test_calibration.py::test_permutation_p_equals_exact_enumeration_n6",),
@@ -103,7 +103,7 @@ BREAKAGES = (
     Breakage(
         "family_split",
         "the family bootstrap resamples representations, not families",
-        "src/iis_study/core/inference.py",
+        "src/iis_study/core/scoring/inference.py",
         "return np.concatenate([clusters[i] for i in rng.integers(0, len(clusters), size=len(clusters))])",
         "return np.concatenate(clusters)[rng.integers(0, sum(map(len, clusters)), size=sum(map(len, clusters)))]",
         ("tests/core/test_calibration.py::test_family_bootstrap_never_splits_a_family",),

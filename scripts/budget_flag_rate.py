@@ -1,8 +1,8 @@
 """The adam estimator's convergence test on simulated training: how often it flags (issue 22).
 
-``core.convergence.budget_check`` flags a score when the IIS at the full budget and at half of it
+``core.scoring.convergence.budget_check`` flags a score when the IIS at the full budget and at half of it
 differ beyond ±0.01 for the whole of their paired bootstrap interval over test images. This script
-simulates sweeps (:func:`~iis_study.core.convergence.simulate_budget_flags`: 3 seeds x 3 learning
+simulates sweeps (:func:`~iis_study.core.scoring.convergence.simulate_budget_flags`: 3 seeds x 3 learning
 rates x the probe and 8 sparsities, 250 epochs, 359 val and 359 test images, val curves that
 fluctuate by 1-2 points from epoch to epoch) with no trend at all, and with the heads still rising,
 and prints the share of sweeps flagged: the false-flag rate and the power.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from iis_study.core.convergence import simulate_budget_flags
+from iis_study.core.scoring.convergence import simulate_budget_flags
 
 
 def main() -> None:

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    from iis_study.core.config import ConceptParams, sweep_config
-    from iis_study.core.heads import Split, fit_heads
-    from iis_study.core.scores import score_sweep
+    from iis_study.core.concepts.blocks import ConceptParams
+    from iis_study.core.heads.datatypes import sweep_config
+    from iis_study.core.heads import Split, HeadsProblem, fit_heads
+    from iis_study.core.scoring.scores import score_sweep
     from iis_study.datasets import TensorDictDataset
     from iis_study.study_config import backbone_names, study_parameters  # the env's merged parameters
 
@@ -41,10 +42,10 @@ def main() -> int:
         if not (folder / "features.safetensors").is_file():
             print(f"{name}: no cached features (run the study first)")
             continue
-        fs = TensorDictDataset(filepath=str(folder / "features.safetensors"), object="iis_study.core.features.FeatureSet").load()
+        fs = TensorDictDataset(filepath=str(folder / "features.safetensors"), object="iis_study.core.representations.features.FeatureSet").load()
         concepts = {
             t: TensorDictDataset(filepath=str(ROOT / "data" / "05_model_input" / name / f"concepts_{t}.safetensors"),
-                                 object="iis_study.core.acquisition.ConceptSet").load().space
+                                 object="iis_study.core.concepts.acquisition.ConceptSet").load().space
             for t in types
         }
         splits = [Split(fs.split(s).x, fs.split(s).y) for s in ("train", "val", "test")]
@@ -52,7 +53,7 @@ def main() -> int:
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            res = fit_heads(*splits, concepts, k, cfg, progress=False)
+            res = fit_heads(HeadsProblem(*splits, concepts, k), cfg, progress=False)
             out[threads] = {t: score_sweep(r, n_boot=1)[0]["iis"] for t, r in res.items()}
         for t in types:
             d = abs(out[1][t] - out[2][t])

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from iis_study.core.convergence import convergence_report, reference_probe
+from iis_study.core.scoring.convergence import convergence_report, reference_probe
 from iis_study.core.heads import Split, SweepParams, sweep
-from iis_study.core.scores import score_sweep
+from iis_study.core.scoring.scores import score_sweep
 from iis_study.datasets import TensorDictDataset
-from iis_study.core.acquisition import ConceptSet
-from iis_study.core.features import FeatureSet
+from iis_study.core.concepts.acquisition import ConceptSet
+from iis_study.core.representations.features import FeatureSet
 
 
 def main() -> None:

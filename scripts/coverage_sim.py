@@ -20,7 +20,7 @@ from study_tables import sync_block  # scripts/ is on sys.path when a script run
 
 import numpy as np
 
-from iis_study.core import calibration as cal
+from iis_study.core.scoring import calibration as cal
 
 S = np.array([0.0, 0.3, 0.6, 0.9])
 BASE = np.array([0.8, 0.7, 0.55, 0.4])
@@ -40,13 +40,13 @@ def simulate(rng: np.random.Generator, r: int, n: int, sd: float, rho: float) ->
 
 
 def coverage(sd: float, rho: float, reps: int, seed: int = 0) -> tuple[float, float]:
-    truth = float(cal._iis_along_last(S, BASE / PROBE))
+    truth = float(cal.iis_along_last(S, BASE / PROBE))
     rng = np.random.default_rng(seed)
     ours = nested = 0
     for i in range(reps):
         draws = simulate(rng, 3, 400, sd, rho)
         point = np.array([cal.set_iis(c, S) for c in draws])
-        boot = cal._boot_iis_sets(draws, S, 300, np.random.default_rng(i))
+        boot = cal.boot_iis_sets(draws, S, 300, np.random.default_rng(i))
         iv = cal.two_level(point, boot, 0.95)
         ours += iv["ci_low"] <= truth <= iv["ci_high"]
         pick = np.random.default_rng(i + 1).integers(0, 3, size=(300, 3))

@@ -2,9 +2,9 @@
 can tell").
 
 A study of K classes with ``n`` images per class holds ``0.2 · K · n`` test images (the default split). Its
-concepts beat their null by a true excess ``e`` (``iis_study.core.power.simulated_study``: the probe right 85 % of
+concepts beat their null by a true excess ``e`` (``iis_study.core.scoring.power.simulated_study``: the probe right 85 % of
 the time, the null's heads from 85 % at s = 0 to 45 % at s = 0.98, each set's test noise shared with the probe's
-with probability 0.5; one concept draw). Per size, the rule's detectable excess (``core/power.py``: 2.80 standard
+with probability 0.5; one concept draw). Per size, the rule's detectable excess (``core/scoring/power.py``: 2.80 standard
 errors of the run's own bootstrap, at two-sided 5 % and 80 % power) is found as the fixed point of runs whose true
 excess is that size (root mean square over 40 runs, 3 rounds), then 300 runs at that excess say how often the
 interval excludes zero (the rule promises 0.80). The simulation has no classes: K only converts images per class
@@ -29,8 +29,8 @@ from study_tables import sync_block  # scripts/ is on sys.path when a script run
 import numpy as np
 import pandas as pd
 
-from iis_study.core import calibration as cal
-from iis_study.core import power
+from iis_study.core.scoring import calibration as cal
+from iis_study.core.scoring import power
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]

@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iis_study.core.backbones import BackboneParams
-from iis_study.core.concepts import patch_elements, prototype_indices
+from iis_study.core.representations.backbones import BackboneParams
+from iis_study.core.concepts.elements import patch_elements
+from iis_study.core.concepts.vectors import prototype_indices
 from iis_study.core.data import ImageSet, load_dataset, stratified_split
 from iis_study.core.finetune import FineTuningTrainParams, finetune, list_checkpoints, prototype_images
 from iis_study.core.heads import SweepParams
@@ -120,7 +121,7 @@ def table(records: pd.DataFrame, last: int) -> str:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("iis_study.core.heads", "iis_study.core.concepts", "iis_study.core.scores"):
+    for noisy in ("iis_study.core.heads", "iis_study.core.concepts", "iis_study.core.scoring.scores"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from iis_study.core import heads as H
-from iis_study.core.backbones import build
+from iis_study.core.representations.backbones import build
 from iis_study.core.data import array_image_set
-from iis_study.core.features import extract
+from iis_study.core.representations.features import extract
 
 
 DEV = "cuda"
@@ -107,7 +107,7 @@ def main() -> None:
     # the convex estimator on the same features: every head certified, one L2 grid, CPU vs CUDA agreement
     space = {"concepts": H.ConceptSpace("vectors", vectors=vecs)}
     t0 = time.perf_counter()
-    res = H.fit_heads(train, val, test, space, k, H.SweepParams(device=DEV), progress=False)["concepts"]
+    res = H.fit_heads(H.HeadsProblem(train, val, test, space, k), H.SweepParams(device=DEV), progress=False)["concepts"]
     _sync()
     rows.append(("convex heads: probe + 8 sparsities x 5 L2 strengths, N=40k, D=1280, M=200, K=100, s",
                  f"{time.perf_counter() - t0:.1f} (certified {res.certificate.certified}, "
@@ -119,7 +119,7 @@ def main() -> None:
     rows.append(("sweep end_to_end (E=2000), same grid, s", f"{time.perf_counter() - t0:.1f}"))
 
     # fine-tuning: one epoch over 2048 images at 224 px, λ = 1 and the λ = 0 control
-    from iis_study.core.backbones import BackboneParams
+    from iis_study.core.representations.backbones import BackboneParams
     from iis_study.core.finetune import FineTuningTrainParams, finetune
 
     n_ft = 2048 if DEV == "cuda" else 64

@@ -1,5 +1,5 @@
 """The self-test of the metric (docs/calibration.md): synthetic representations in which the share of class
-information lying along the concept directions is a known knob (``iis_study.core.selftest``).
+information lying along the concept directions is a known knob (``iis_study.core.scoring.selftest``).
 
 Prints one row per share: the probe's test accuracy, the IIS of the concepts, the random-direction null
 and the excess over it with its interval, and the same for concepts that are themselves random directions;
@@ -23,7 +23,7 @@ from study_tables import sync_block  # scripts/ is on sys.path when a script run
 import numpy as np
 from scipy import stats
 
-from iis_study.core.selftest import self_test
+from iis_study.core.scoring.selftest import self_test
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -5,7 +5,7 @@ Times, on random data (N=10k x D=1280, M=200, K=10, batch 1024, 8 sparsities x 3
   * ``step``: one train step on a fixed minibatch (forward of probe + interp heads, cross-entropy
     via ``F.cross_entropy`` as the earlier ``heads.train_epoch`` did -- the sweep now uses the
     fused ``_SumCrossEntropy`` --, backward, stacked Adam);
-  * ``interp fwd+bwd``: only ``_InterpHeads`` forward and backward on a fixed minibatch;
+  * ``interp fwd+bwd``: only ``InterpHeads`` forward and backward on a fixed minibatch;
   * ``eval fwd``: the interp heads' forward on a chunk of 1024 without grad (as ``correct``).
 
 for the fused numba kernel and then for the torch path (``IIS_FUSED=0``), in one process
@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from iis_study.core import heads as H
+from iis_study.core.heads.activations import precompute_base
+from iis_study.core.heads.batched import BatchedHeads, StackedAdam
+from iis_study.core.heads.masks import InterpHeads
 
 
 def _times_ms(fn, reps: int) -> tuple[float, float]:
@@ -50,9 +53,9 @@ def main() -> None:
     vectors = F.normalize(torch.randn(m, d, generator=g), dim=1)
     concepts = H.ConceptSpace("vectors", vectors=vectors)
     cfg = H.SweepParams(seeds=(0,), epochs=1, batch_size=bsz)
-    heads = H._BatchedHeads(concepts, cfg, d, k_cls)
-    opt = H._StackedAdam(heads.params, heads.lr_axis(), cfg.learning_rates)
-    base = H._precompute_base(x, concepts)
+    heads = BatchedHeads(concepts, cfg, d, k_cls)
+    opt = StackedAdam(heads.params, heads.lr_axis(), cfg.learning_rates)
+    base = precompute_base(x, concepts)
     idx = torch.randperm(n, generator=g)[:bsz][None]
     xb, bb, yb = x[idx], base[idx], y[idx]
 
@@ -76,14 +79,14 @@ def main() -> None:
     up = torch.randn(p["interp.weight"].shape[:3] + (bsz, k_cls), generator=g) / bsz
 
     def interp() -> None:
-        out = H._InterpHeads.apply(
+        out = InterpHeads.apply(
             bb[None, :, None], lnw, lnb, p["interp.weight"], p["interp.bias"], tuple(heads.k)
         )
         torch.autograd.grad(out, [lnw, lnb, p["interp.weight"], p["interp.bias"]], up)
 
     def eval_fwd() -> None:
         with torch.no_grad():
-            H._InterpHeads.apply(
+            InterpHeads.apply(
                 bb[None, :, None], lnw, lnb, p["interp.weight"], p["interp.bias"], tuple(heads.k)
             )
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not (REPORT / "iis_scores.csv").is_file(), reaso
 
 
 def test_the_default_study_curves_integrate_to_its_iis():
-    from iis_study.core.reporting import integrated_curves
+    from iis_study.core.reporting.report import integrated_curves
 
     scores = pd.read_csv(REPORT / "iis_scores.csv").set_index(["backbone", "concept_type"])
     curves = pd.read_csv(REPORT / "sparsity_curves.csv")

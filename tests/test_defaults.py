@@ -1,13 +1,14 @@
 """The YAML in ``conf/base`` and the typed blocks' defaults agree, or the YAML says why not.
 
-Every default is written once, in its typed block (``core/config.py`` and the blocks defined next to
-their code); ``conf/base/parameters_*.yml`` writes the study's values. A key whose YAML value differs
+Every default is written once, in its typed block (``core/<stage>/blocks.py``, and ``DatasetParams``, ``SplitParams``,
+``SweepParams`` next to their code); ``conf/base/parameters_*.yml`` writes the study's values. A key whose YAML value differs
 from its code default must carry, on the line that sets it, a comment containing the word
 ``default`` that explains the difference -- otherwise one of the two is a stale copy.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from pathlib import Path
@@ -16,16 +17,11 @@ from typing import Any
 import yaml
 
 from iis_study.core.finetune import FineTuningParams
-from iis_study.core.config import (
-    ConceptParams,
-    CorrelationParams,
-    ExtractionParams,
-    GalleryParams,
-    ScoringParams,
-    SpecificationParams,
-    SplitParams,
-    WeightSparsityParams,
-)
+from iis_study.core.concepts.blocks import ConceptParams
+from iis_study.core.scoring.blocks import CorrelationParams, ScoringParams, SpecificationParams, WeightSparsityParams
+from iis_study.core.representations.blocks import ExtractionParams
+from iis_study.core.reporting.blocks import GalleryParams
+from iis_study.core.data import SplitParams
 from iis_study.core.data import DatasetParams
 from iis_study.core.heads import SweepParams
 from iis_study.core.params import Params
@@ -143,3 +139,58 @@ def test_every_block_is_checked():
     names = {n for _, blocks in _sources() for n in blocks}
     assert names - SKIPPED <= set(BLOCKS), sorted(names - SKIPPED - set(BLOCKS))
     assert set(BLOCKS) <= names | {"dataset"}
+
+
+# --------------------------------------------------------------------------- library functions' defaults
+
+# a library function whose keyword defaults are a block's: parameter -> (block class, field)
+from iis_study.core.concepts import elements as _elements  # noqa: E402
+from iis_study.core.concepts import vectors as _vectors  # noqa: E402
+from iis_study.core.concepts.blocks import PatchParams, SegmentParams  # noqa: E402
+
+_SEGMENT_FIELDS = {f.name: (SegmentParams, f.name) for f in dataclasses.fields(SegmentParams)}
+FUNCTION_DEFAULTS = {
+    _elements.segment_elements: {**_SEGMENT_FIELDS, "size": (ConceptParams, "element_size")},
+    _elements.select_segments: _SEGMENT_FIELDS,
+    _elements.patch_elements: {"grid": (PatchParams, "grid"), "size": (ConceptParams, "element_size")},
+    _vectors.cluster_vectors: {"max_elements": (ConceptParams, "cluster_max_elements")},
+}
+
+
+def _function_defaults(fn) -> dict[str, ast.expr]:
+    """Parameter -> the default's expression as written in ``fn``'s source."""
+    import inspect
+    import textwrap
+
+    node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    args = node.args
+    positional = args.posonlyargs + args.args
+    out = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults):]], args.defaults))
+    out |= {a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None}
+    return out
+
+
+def function_default_copies() -> list[str]:
+    """``function(parameter)`` for every library default that is not read from its block (written a second time,
+    or a different value)."""
+    import inspect
+
+    bad = []
+    for fn, params in FUNCTION_DEFAULTS.items():
+        written = _function_defaults(fn)
+        signature = inspect.signature(fn).parameters
+        for name, (cls, field) in params.items():
+            if name not in signature:
+                continue
+            expr = written.get(name)
+            source = ast.unparse(expr) if expr is not None else "(none)"
+            if source != f"{cls.__name__}.{field}" or _plain(signature[name].default) != _plain(_default(cls, field)):
+                bad.append(f"{fn.__module__}.{fn.__name__}({name} = {source}): the default is {cls.__name__}.{field}")
+    return bad
+
+
+def test_library_defaults_are_read_from_their_block():
+    """Segmentation's (and the patches' and clusters') defaults are written once, in ``concepts``' blocks: the
+    library functions read them (``n_segments=SegmentParams.n_segments``), they do not copy them."""
+    bad = function_default_copies()
+    assert not bad, "library defaults written a second time:\n  " + "\n  ".join(bad)

@@ -43,7 +43,7 @@ def test_textual_concepts_without_the_extra_fail_validation_naming_it(monkeypatc
 def test_textual_loader_without_the_extra_names_it(monkeypatch):
     import sys
 
-    from iis_study.core import textual
+    from iis_study.core.concepts import textual
 
     monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'iis_study\[textual\]'"):
@@ -65,7 +65,7 @@ def test_the_core_study_imports_without_the_extras():
         "import iis_study.pipeline_registry, iis_study.hooks, iis_study.settings, iis_study.validation\n"
         "import iis_study.pipelines.concepts.nodes, iis_study.pipelines.interpretability.nodes\n"
         "import iis_study.pipelines.reporting.nodes, iis_study.pipelines.fine_tuning.nodes, iis_study.runners\n"
-        "import iis_study.core.textual, iis_study.core.api\n"
+        "import iis_study.core.concepts.textual, iis_study.core.api\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

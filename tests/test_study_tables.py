@@ -64,7 +64,7 @@ def test_check_fails_on_a_stale_table_and_passes_after_update(tmp_path):
 
 
 def test_the_specification_verdict_block_is_written_from_the_run_and_checked(tmp_path):
-    from iis_study.core.reporting import specification_curve
+    from iis_study.core.reporting.report import specification_curve
     from tests.core.test_specification import PARAMS, SWEEP, _study
 
     project = _project(tmp_path)

@@ -26,8 +26,8 @@ from kedro_datasets.pandas import CSVDataset
 
 from .core.finetune import CheckpointStore
 from .core.data import DatasetParams, ImageSet, load_dataset
-from .core.features import FeatureCache, load_tensors, save_tensors
-from .core.store import ShardedArray, link_or_copy, open_store
+from .core.representations.features import FeatureCache, load_tensors, save_tensors
+from .core.representations.store import ShardedArray, link_or_copy, open_store
 
 _SHARDED_KEYS = "__sharded_keys__"
 
@@ -114,7 +114,7 @@ class _FolderHandleDataset(AbstractDataset[None, Any]):
 
 
 class FeatureCacheDataset(_FolderHandleDataset):
-    """The feature cache (:class:`~iis_study.core.features.FeatureCache`): a folder of content-addressed
+    """The feature cache (:class:`~iis_study.core.representations.features.FeatureCache`): a folder of content-addressed
     entries that extraction nodes read and fill."""
 
     HANDLE = FeatureCache
@@ -131,12 +131,12 @@ class CheckpointStoreDataset(_FolderHandleDataset):
 
 class TensorDictDataset(AbstractDataset[Any, Any]):
     """Tensors stored as one safetensors file; with ``object:`` (a class path, e.g.
-    ``iis_study.core.features.FeatureSet``) a typed object that converts itself to and from that form
+    ``iis_study.core.representations.features.FeatureSet``) a typed object that converts itself to and from that form
     (``to_tensors()`` / ``from_tensors()``), so nodes see the object, never the storage keys.
 
     The stored form is a ``dict[str, torch.Tensor]`` whose string metadata rides along under the
     reserved key ``"__metadata__"`` (a ``dict[str, str]``). Out-of-core entries
-    (:class:`~iis_study.core.store.ShardedArray`) are kept as shard files in ``<filepath>.shards/<key>/``
+    (:class:`~iis_study.core.representations.store.ShardedArray`) are kept as shard files in ``<filepath>.shards/<key>/``
     (hard links to the extraction cache, so no second copy) and come back as ``ShardedArray``.
     """
 
@@ -213,7 +213,7 @@ class ElementsDataset(AbstractDataset):
         self.metadata = metadata
 
     def load(self):
-        from .core.concepts import Elements
+        from .core.concepts.elements import Elements
 
         if not (self._path / "meta.csv").is_file():
             raise DatasetError(f"{self._path} holds no concept elements; run the concepts pipeline first")
@@ -348,7 +348,7 @@ class AtomicCSVDataset(_AtomicLocalSave, CSVDataset):
 
 class AtomicJSONDataset(_AtomicLocalSave, JSONDataset):
     """``json.JSONDataset`` whose local saves are write-then-rename (same arguments). With ``object:`` (a class
-    path, e.g. ``iis_study.core.results.Scores``) a typed object that converts itself to and from a JSON object
+    path, e.g. ``iis_study.core.scoring.results.Scores``) a typed object that converts itself to and from a JSON object
     (``to_dict()`` / ``from_dict()``), so nodes see the object."""
 
     def __init__(self, *, object: str | None = None, **kwargs: Any) -> None:  # noqa: A002 - the catalog's key

@@ -15,11 +15,11 @@ logger = logging.getLogger(__name__)
 
 def mlflow_settings(config_loader: Any) -> dict[str, Any]:
     """The ``tracking`` block of ``conf/<env>/mlflow.yml`` (``enabled``, ``experiment``, ``uri``),
-    checked (:class:`~iis_study.core.config.TrackingParams`): a misspelt key or a wrong type is an
+    checked (:class:`~iis_study.core.reporting.blocks.TrackingParams`): a misspelt key or a wrong type is an
     error naming the file; a missing file or key takes the defaults."""
     from kedro.config import MissingConfigException
 
-    from .core.config import TrackingParams
+    from .core.reporting.blocks import TrackingParams
 
     try:
         conf = config_loader["mlflow"]

@@ -106,7 +106,7 @@ def _split_shape(splits_csv: Path | None) -> tuple[int | None, float | None]:
 def _correlation_lines(correlation: dict[str, Any]) -> list[str]:
     """Per concept type, the headline correlation of probe accuracy with the IIS (and with the excess over each
     null) and its verdict: none below 5 representations (or families)."""
-    from iis_study.core.inference import MIN_INTERVAL, TOO_FEW
+    from iis_study.core.scoring.inference import MIN_INTERVAL, TOO_FEW
 
     lines = []
     for ctype, by_score in correlation.items():
@@ -148,8 +148,8 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
 
     import pandas as pd
 
-    from iis_study.core.config import ScoringParams
-    from iis_study.core.power import WORTH_DETECTING, describe, size_warning
+    from iis_study.core.scoring.blocks import ScoringParams
+    from iis_study.core.scoring.power import WORTH_DETECTING, describe, size_warning
 
     scores_csv = Path(scores_csv)
     correlation_json = correlation_json or scores_csv.parent / "correlation.json"
@@ -205,7 +205,7 @@ def summary(scores_csv: Path, correlation_json: Path | None = None, splits_csv: 
             lines += ["", "Across representations (probe accuracy against each score):", *corr]
     verdict = Path(scores_csv).with_name("specification_curve.json")
     if verdict.is_file():  # the verdict on the sign of the correlation, beside the headline
-        from iis_study.core.specification import verdict_lines
+        from iis_study.core.scoring.specification import verdict_lines
 
         record = json.loads(verdict.read_text())
         found = verdict_lines(record)

@@ -1,11 +1,11 @@
 """The worker side of :class:`~iis_study.runners.DaskRunner`: what a Dask worker runs for one node,
 and how its log records reach the main process.
 
-A node travels to its worker as one pickled :class:`_Job` (the node, its parameter values, the
-dataset objects to load from and save to, the logging set-up); :func:`_run_on_worker` loads the
+A node travels to its worker as one pickled :class:`Job` (the node, its parameter values, the
+dataset objects to load from and save to, the logging set-up); :func:`run_on_worker` loads the
 inputs, runs the node and saves its persisted outputs there, keeping every output in the worker's
 memory. While tasks run, records of the ``kedro`` and ``iis_study`` loggers are sent to the main
-process as Dask events (:class:`_ToClient`), where :func:`_log_forwarded_record` hands each to the
+process as Dask events (:class:`_ToClient`), where :func:`log_forwarded_record` hands each to the
 logger of the same name. Imports nothing from ``dask``/``distributed`` until a worker runs a task.
 """
 
@@ -24,7 +24,7 @@ FORWARDED_LOGGERS = ("kedro", "iis_study")
 
 
 @dataclass
-class _Job:
+class Job:
     """Everything a worker needs to run one node (pickled as one object, so Dask does not look
     inside parameter values for tasks or futures)."""
 
@@ -72,7 +72,7 @@ _FORWARDING = {"lock": threading.Lock(), "tasks": 0, "handler": None, "saved": {
 
 
 @contextmanager
-def _forward_logs(job: _Job, address: str) -> Iterator[None]:
+def _forward_logs(job: Job, address: str) -> Iterator[None]:
     """While tasks run on this worker, records of the forwarded loggers go to the main process
     (and only there: not also to the worker's own console and log file)."""
     state = _FORWARDING
@@ -100,7 +100,7 @@ def _forward_logs(job: _Job, address: str) -> Iterator[None]:
                 state["handler"], state["saved"] = None, {}
 
 
-def _run_on_worker(job: _Job, *upstream: Any) -> dict[str, Any]:
+def run_on_worker(job: Job, *upstream: Any) -> dict[str, Any]:
     """Load the node's inputs, run it, save its persisted outputs; keep every output in memory."""
     try:
         from distributed import get_worker
@@ -112,7 +112,7 @@ def _run_on_worker(job: _Job, *upstream: Any) -> dict[str, Any]:
         return _run_node(job, upstream, address)
 
 
-def _run_node(job: _Job, upstream: tuple, address: str) -> dict[str, Any]:
+def _run_node(job: Job, upstream: tuple, address: str) -> dict[str, Any]:
     start = time.perf_counter()
     if job.cwd and os.path.realpath(os.getcwd()) != os.path.realpath(job.cwd) and address not in _CWD_WARNED:
         _CWD_WARNED.add(address)
@@ -145,11 +145,11 @@ def _run_node(job: _Job, upstream: tuple, address: str) -> dict[str, Any]:
     return {"outputs": outputs, "worker": address, "seconds": time.perf_counter() - start}
 
 
-def _output(result: dict[str, Any], name: str) -> Any:
+def task_output(result: dict[str, Any], name: str) -> Any:
     return result["outputs"][name]
 
 
-def _log_forwarded_record(event: tuple[float, dict[str, Any]]) -> None:
+def log_forwarded_record(event: tuple[float, dict[str, Any]]) -> None:
     """In the main process: handle a worker's record with the logger of the same name."""
     _, attrs = event
     record = logging.makeLogRecord(attrs)

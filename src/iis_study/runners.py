@@ -72,7 +72,7 @@ from kedro.io import MemoryDataset
 from kedro.runner import AbstractRunner
 
 from .runner_worker import FORWARDED_LOGGERS as FORWARDED_LOGGERS
-from .runner_worker import _Job, _log_forwarded_record, _output, _run_on_worker
+from .runner_worker import Job, log_forwarded_record, task_output, run_on_worker
 
 
 def _require_distributed() -> None:
@@ -321,7 +321,7 @@ class DaskRunner(AbstractRunner):
         with self._client() as client:
             self._check_resources(client)
             topic = f"iis-study-logs-{uuid.uuid4().hex}"
-            client.subscribe_topic(topic, _log_forwarded_record)
+            client.subscribe_topic(topic, log_forwarded_record)
             try:
                 self._logger.info(
                     "DaskRunner: %d node(s)%s", len(pipeline.nodes),
@@ -419,7 +419,7 @@ class _Schedule:
             if name not in values and name in self.memory:
                 upstream[name] = len(futures)
                 futures.append(self.memory[name])
-        job = _Job(
+        job = Job(
             node=node,
             values=values,
             load_from={n: shipped[n] for n in node.inputs if n in shipped and n not in values},
@@ -432,7 +432,7 @@ class _Schedule:
         )
         resources = self.runner.resources
         future = self.client.submit(
-            _run_on_worker, job, *futures,
+            run_on_worker, job, *futures,
             key=f"{node.name}-{uuid.uuid4().hex[:8]}", pure=False,
             resources=resources if (resources and node.namespace) else None,
             priority=-self.order[node],
@@ -453,7 +453,7 @@ class _Schedule:
                 continue
             if self.load_counts[name] > 0:  # read by later nodes: stays on the worker until nobody reads it
                 self.memory[name] = self.client.submit(
-                    _output, future, name, pure=False, key=f"{name}-{uuid.uuid4().hex[:8]}"
+                    task_output, future, name, pure=False, key=f"{name}-{uuid.uuid4().hex[:8]}"
                 )
             if name in self.free_memory_outputs:  # the run's result, as Kedro's runners leave it
                 self.catalog.save(name, outputs[name])

@@ -223,21 +223,16 @@ def backbone_names(params: dict[str, Any]) -> list[str]:
     return names
 
 
-def representation_labels(params: dict[str, Any]) -> dict[str, str]:
-    """Namespace -> readable name (``label``, else the key) of every representation."""
-    return {k: str(v.get("label") or k) if isinstance(v, dict) else k for k, v in expand_representations(params).items()}
-
-
 def concept_types(params: dict[str, Any]) -> list[str]:
     """The concept types to score (``concepts.types``; default :attr:`ConceptParams.types`)."""
-    from .core.config import ConceptParams
+    from .core.concepts.blocks import ConceptParams
 
     return list((params.get("concepts") or {}).get("types", ConceptParams.types))
 
 
 def gallery_type(params: dict[str, Any]) -> str | None:
     """The concept type of the gallery plots (``gallery.concept_type``), None without a ``gallery`` block."""
-    from .core.config import GalleryParams
+    from .core.reporting.blocks import GalleryParams
 
     gallery = params.get("gallery")
     return gallery.get("concept_type", GalleryParams.concept_type) if gallery else None

@@ -28,11 +28,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .core.config import ConceptParams, backbone_fields
+from .core.concepts.blocks import ConceptParams
+from .core.representations.blocks import backbone_fields
 from .core.data import DatasetParams
 from .core.heads import SweepParams
-from .core.nulls import NULL_KINDS
-from .core.results import Scores
+from .core.concepts.nulls import NULL_KINDS
+from .core.scoring.results import Scores
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class StudyTracker:
         from mlflow.tracking import MlflowClient
 
         self.params = params
-        from .core.config import TrackingParams
+        from .core.reporting.blocks import TrackingParams
 
         cfg = TrackingParams.from_params(settings)
         self.uri = tracking_uri(project_path, cfg.uri)
@@ -320,7 +321,7 @@ class StudyTracker:
     def log_verdict(self, record: dict, path: str) -> None:
         """The specification curve's record as an artifact of the parent run, and beside the headline there a tag
         ``specification.<concept_type>`` per concept type: the verdict on the sign, r's range, the main effects."""
-        from .core.specification import verdict_lines
+        from .core.scoring.specification import verdict_lines
 
         self.log_dict(self.parent, record, path)
         for rec, line in zip([r for r in record.get("verdicts", []) if r["scope"] == record.get("headline_scope")],

@@ -1,6 +1,6 @@
 """Check the whole study's parameters before any node runs, so a mistake costs seconds, not hours.
 
-Each block is read into its typed class (:mod:`iis_study.core.config`), whose checks raise
+Each block is read into its typed class (``iis_study.core.<stage>.blocks``), whose checks raise
 ``ValueError`` naming the parameter; what spans blocks (representations, the gallery's sparsity on
 the sweep grid, fine-tuning's representations) and what touches the filesystem is checked here.
 Called by a hook before the pipeline runs; usable alone: ``validate_study(params)``.
@@ -13,18 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .core.finetune import FineTuningParams
-from .core.config import (
-    ConceptParams,
-    CorrelationParams,
-    ExtractionParams,
-    GalleryParams,
-    ScoringParams,
-    SpecificationParams,
-    SplitParams,
-    backbone_spec,
-    sweep_config,
-)
-from .core.backbones import PENULTIMATE
+from .core.concepts.blocks import ConceptParams
+from .core.scoring.blocks import CorrelationParams, ScoringParams, SpecificationParams
+from .core.representations.blocks import ExtractionParams, backbone_spec
+from .core.reporting.blocks import GalleryParams
+from .core.data import SplitParams
+from .core.heads.datatypes import sweep_config
+from .core.representations.backbones import PENULTIMATE
 from .core.data import DatasetParams
 
 logger = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skdata
 
-from iis_study.core import backbones as B
+from iis_study.core.representations import backbones as B
 from iis_study.core.data import array_image_set
-from iis_study.core.features import cache_key
+from iis_study.core.representations.features import cache_key
 
 
 @pytest.fixture(scope="module")

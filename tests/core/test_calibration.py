@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy import stats
 
-from iis_study.core import calibration as cal
-from iis_study.core import inference as inf
-from iis_study.core import nulls
+from iis_study.core.scoring import calibration as cal
+from iis_study.core.scoring import inference as inf
+from iis_study.core.concepts import nulls
 
 S = np.array([0.0, 0.3, 0.6, 0.9])
 
@@ -93,7 +93,7 @@ def _simulate(rng, r, n, sd_draw, rho, base=(0.8, 0.7, 0.55, 0.4), probe=0.9):
 
 
 def _population(base=(0.8, 0.7, 0.55, 0.4), probe=0.9):
-    return float(cal._iis_along_last(S, np.asarray(base) / probe))
+    return float(cal.iis_along_last(S, np.asarray(base) / probe))
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_naive_nested_bootstrap_undercovers_where_the_two_level_interval_does_no
     for i in range(n_rep):
         draws = _simulate(rng, 3, 400, 0.08, 0.7)
         point = np.array([cal.set_iis(c, S) for c in draws])
-        boot = cal._boot_iis_sets(draws, S, 200, np.random.default_rng(i))
+        boot = cal.boot_iis_sets(draws, S, 200, np.random.default_rng(i))
         pick = np.random.default_rng(i + 1).integers(0, 3, size=(200, 3))
         nested = np.take_along_axis(boot, pick, axis=1).mean(1)
         lo, hi = np.percentile(nested, [2.5, 97.5])
@@ -133,7 +133,7 @@ def test_single_draw_is_the_test_bootstrap_percentile_interval():
     rng = np.random.default_rng(4)
     draws = _simulate(rng, 1, 300, 0.0, 0.5)
     out = cal.calibrated_scores(draws, {}, S, n_boot=500, seed=0, ci=0.9)
-    boot = cal._boot_iis_sets(draws, S, 500, np.random.default_rng(0))[:, 0]
+    boot = cal.boot_iis_sets(draws, S, 500, np.random.default_rng(0))[:, 0]
     lo, hi = np.percentile(boot, [5, 95])
     assert out["iis_ci_low"] == pytest.approx(lo) and out["iis_ci_high"] == pytest.approx(hi)
     assert out["iis"] == pytest.approx(cal.set_iis(draws[0], S))
@@ -243,7 +243,7 @@ def _small_sweep():
 
 
 def test_self_test_iis_follows_the_share_and_the_null_does_not():
-    from iis_study.core.selftest import self_test
+    from iis_study.core.scoring.selftest import self_test
 
     rows = self_test((0.0, 0.5, 1.0), sweep=_small_sweep(), draws=3, n_boot=200, sizes=(400, 200, 400))
     assert rows["certified"].all()

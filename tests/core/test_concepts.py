@@ -1,4 +1,4 @@
-"""Tests for concept elements and concept vectors (iis_study.core.concepts)."""
+"""Tests for concept elements and concept vectors (iis_study.core.concepts.elements)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from iis_study.core.concepts import (
-    META_COLUMNS,
-    Elements,
+from iis_study.core.concepts.elements import META_COLUMNS, Elements, patch_elements, segment_elements, select_segments
+from iis_study.core.concepts.vectors import (
     check_m,
     cluster_vectors,
     end_to_end_elements,
-    patch_elements,
     prototype_indices,
     prototype_vectors,
-    segment_elements,
-    select_segments,
 )
 
 FILL = 117
@@ -91,8 +87,8 @@ def test_patches_reject_bad_inputs() -> None:
 # --------------------------------------------------------------------------- segments
 def test_segments_deterministic_and_valid() -> None:
     images = random_images(4) + [block_image()]
-    a = segment_elements(images, list(range(10, 15)), size=24)
-    b = segment_elements(images, list(range(10, 15)), size=24)
+    a = segment_elements(images, list(range(10, 15)), size=24, n_jobs=1)
+    b = segment_elements(images, list(range(10, 15)), size=24, n_jobs=1)
     assert len(a) > 0
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.masks, b.masks)
@@ -116,8 +112,8 @@ def test_segments_parallel_equals_serial() -> None:
 
 def test_segments_min_area_drops_small_masks() -> None:
     images = random_images(3, seed=2)
-    loose = segment_elements(images, [0, 1, 2], min_area=0.0, size=16)
-    strict = segment_elements(images, [0, 1, 2], min_area=0.06, size=16)
+    loose = segment_elements(images, [0, 1, 2], min_area=0.0, size=16, n_jobs=1)
+    strict = segment_elements(images, [0, 1, 2], min_area=0.06, size=16, n_jobs=1)
     assert (loose.meta["area_fraction"] < 0.06).any(), "test needs some small segments"
     assert (strict.meta["area_fraction"] >= 0.06).all()
     for image in images:
@@ -143,7 +139,7 @@ def test_segments_no_near_duplicates() -> None:
 def test_segment_pixels_outside_mask_are_grey() -> None:
     img = block_image()
     size = 64
-    el = segment_elements([img], [0], size=size)
+    el = segment_elements([img], [0], size=size, n_jobs=1)
     selected = select_segments(img)
     assert len(selected) == len(el) > 0
     checked_outside = checked_inside = 0
@@ -170,8 +166,8 @@ def test_segment_pixels_outside_mask_are_grey() -> None:
 
 def test_segments_fill_value_is_used() -> None:
     img = block_image()
-    a = segment_elements([img], [0], size=32, fill=117)
-    b = segment_elements([img], [0], size=32, fill=0)
+    a = segment_elements([img], [0], size=32, fill=117, n_jobs=1)
+    b = segment_elements([img], [0], size=32, fill=0, n_jobs=1)
     outside = ~a.masks
     assert outside.any()
     assert (a.images[outside] != b.images[outside]).any()
@@ -179,7 +175,7 @@ def test_segments_fill_value_is_used() -> None:
 
 def test_elements_concat_renumbers() -> None:
     p = patch_elements([block_image()], [1], size=16)
-    s = segment_elements([block_image()], [2], size=16)
+    s = segment_elements([block_image()], [2], size=16, n_jobs=1)
     both = Elements.concat([p, s])
     assert len(both) == len(p) + len(s)
     assert both.meta["element_id"].tolist() == list(range(len(both)))
@@ -263,7 +259,8 @@ def test_no_empty_end_to_end_concept_at_default_settings() -> None:
     has at least one element at initialisation (300 elements for M = 200 had left ~44 empty)."""
     import yaml
 
-    from iis_study.core.heads import ConceptSpace, SweepParams, _BatchedHeads
+    from iis_study.core.heads import ConceptSpace, SweepParams
+    from iis_study.core.heads.batched import BatchedHeads
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "base"
     concepts = yaml.safe_load((conf / "parameters_concepts.yml").read_text())["concepts"]
@@ -273,11 +270,11 @@ def test_no_empty_end_to_end_concept_at_default_settings() -> None:
     cfg = SweepParams(
         sparsities=tuple(sweep["sparsities"]), learning_rates=tuple(sweep["learning_rates"]), seeds=tuple(sweep["seeds"])
     )
-    heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=m), cfg, 16, 10)
+    heads = BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=m), cfg, 16, 10)
     assert heads.empty_at_init.shape == (8, 3, 3)
     assert int(heads.empty_at_init.sum()) == 0
     # and the count is right: with 300 elements many concepts start empty
-    few = _BatchedHeads(ConceptSpace("end_to_end", elements=elements[:300], n_concepts=m), cfg, 16, 10)
+    few = BatchedHeads(ConceptSpace("end_to_end", elements=elements[:300], n_concepts=m), cfg, 16, 10)
     idx = torch.nn.functional.layer_norm(few.params["interp.q"], (m,)).argmax(-1)  # affine is identity at init
     expected = torch.tensor([[[m - len(set(idx[p, s, l].tolist())) for l in range(3)] for s in range(3)] for p in range(8)])
     assert torch.equal(few.empty_at_init, expected) and 20 < float(expected.float().mean()) < 70
@@ -298,16 +295,16 @@ def test_check_m_message() -> None:
 def test_elements_that_embed_to_zero_are_left_out_of_every_concept_type(caplog):
     """A blank element embeds to the zero vector (no direction): no concept may use it, and the
     ids the concept spaces store point at the non-zero elements of the full element list."""
-    from iis_study.core.acquisition import cluster_space as cluster_concepts
-    from iis_study.core.acquisition import end_to_end_space as end_to_end_concepts
-    from iis_study.core.acquisition import prototype_space as prototype_concepts
+    from iis_study.core.concepts.acquisition import cluster_space as cluster_concepts
+    from iis_study.core.concepts.acquisition import end_to_end_space as end_to_end_concepts
+    from iis_study.core.concepts.acquisition import prototype_space as prototype_concepts
 
     rng = np.random.default_rng(0)
     emb = torch.from_numpy(rng.normal(size=(40, 8)).astype(np.float32))
     zero = [0, 5, 17, 39]
     emb[zero] = 0.0
     params = {"m": 36, "seed": 0, "cluster_max_elements": 1000, "end_to_end_max_elements": 1000}
-    from iis_study.core.features import Embeddings
+    from iis_study.core.representations.features import Embeddings
 
     with caplog.at_level("INFO"):
         proto = prototype_concepts(Embeddings(emb), params)

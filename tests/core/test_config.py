@@ -1,4 +1,4 @@
-"""The typed parameter blocks (core/config.py) and how the registry finds its environment."""
+"""The typed parameter blocks (core/<stage>/blocks.py) and how the registry finds its environment."""
 
 from __future__ import annotations
 
@@ -8,15 +8,11 @@ import pickle
 import pytest
 import yaml
 
-from iis_study.core.config import (
-    ConceptParams,
-    CorrelationParams,
-    ExtractionParams,
-    GalleryParams,
-    ScoringParams,
-    SplitParams,
-    TrackingParams,
-)
+from iis_study.core.concepts.blocks import ConceptParams
+from iis_study.core.scoring.blocks import CorrelationParams, ScoringParams
+from iis_study.core.representations.blocks import ExtractionParams
+from iis_study.core.reporting.blocks import GalleryParams, TrackingParams
+from iis_study.core.data import SplitParams
 from iis_study.core.data import DatasetParams
 from iis_study.core.finetune import FineTuningTrainParams, FineTuningParams
 from iis_study.core.heads import SweepParams

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from iis_study.core.convergence import convergence_report, curve_gains, reference_probe, selection_gains
+from iis_study.core.scoring.convergence import convergence_report, curve_gains, reference_probe, selection_gains
 from iis_study.core.heads import ConceptSpace, Split, SweepParams, n_dropped, sweep
 
 
@@ -141,7 +141,7 @@ def test_n_dropped_is_exact_on_the_default_grid() -> None:
 
 
 def test_the_budget_check_fires_on_a_rising_history_and_at_most_5_percent_on_noise() -> None:
-    from iis_study.core.convergence import simulate_budget_flags
+    from iis_study.core.scoring.convergence import simulate_budget_flags
 
     noise = simulate_budget_flags(40, trend=0.0, seed=3, n_boot=200)
     assert (~noise).mean() <= 0.05
@@ -150,7 +150,7 @@ def test_the_budget_check_fires_on_a_rising_history_and_at_most_5_percent_on_noi
 
 
 def test_the_budget_check_on_known_cases() -> None:
-    from iis_study.core.convergence import budget_check
+    from iis_study.core.scoring.convergence import budget_check
 
     rng = np.random.default_rng(0)
     full = rng.random((3, 9, 400)) < 0.8

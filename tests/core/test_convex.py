@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from iis_study.core.heads import ConceptSpace, Split, SweepParams, convex_many, fit_heads, sparsify
+from iis_study.core.heads import ConceptSpace, Split, SweepParams, convex_many, HeadsProblem, fit_heads, sparsify
 from iis_study.core.heads.convex import keep_ranks
-from iis_study.core.heads.lbfgs import solve_logistic
-from iis_study.core.scores import score_sweep
+from iis_study.core.solvers.lbfgs import solve_logistic
+from iis_study.core.scoring.scores import score_sweep
 
 SPARSITIES = (0.0, 0.5, 0.9, 0.98)
 
@@ -82,12 +82,12 @@ def test_every_convex_head_equals_scikit_learn_at_the_same_c() -> None:
 def _head(result, cfg, pi, ci, x, space):
     """The fitted weights of head (sparsity pi, C ci), solved again through the solver alone, so that
     every head of the grid (not only the selected one) is compared."""
-    from iis_study.core.heads.activations import _precompute_base
+    from iis_study.core.heads.activations import precompute_base
     from iis_study.core.heads.convex import ConceptDesign
     from iis_study.core.heads.masks import n_dropped
 
     m = space.m
-    design = ConceptDesign([_precompute_base(x, space)], [m - n_dropped(s, m) for s in cfg.sparsities], result_y(x))
+    design = ConceptDesign([precompute_base(x, space)], [m - n_dropped(s, m) for s in cfg.sparsities], result_y(x))
     fit = solve_logistic(design, result.num_classes, cfg.l2_grid, tol=cfg.tolerance, max_iter=cfg.max_iter)
     return fit.weight[pi, ci].numpy(), fit.bias[pi, ci].numpy()
 
@@ -145,7 +145,7 @@ def test_the_iis_is_the_same_on_one_and_two_threads() -> None:
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            res = fit_heads(train, val, test, {"p": space}, k, cfg, progress=False)["p"]
+            res = fit_heads(HeadsProblem(train, val, test, {"p": space}, k), cfg, progress=False)["p"]
             out[threads] = (score_sweep(res, n_boot=10)[0]["iis"], res.test_correct, res.state)
     finally:
         torch.set_num_threads(before)
@@ -217,9 +217,9 @@ def test_the_l2_path_rule_stops_a_head_where_val_accuracy_falls() -> None:
         early += n < len(vals)
     assert early > 0  # precondition: the rule had something to stop
     # heads the path did not reach do not count against the certificate
-    from iis_study.core.config import ScoringParams
-    from iis_study.core.convergence import ReferenceProbe
-    from iis_study.core.study import convergence_record
+    from iis_study.core.scoring.blocks import ScoringParams
+    from iis_study.core.scoring.convergence import ReferenceProbe
+    from iis_study.core.scoring.steps import convergence_record
 
     ref = ReferenceProbe(val_acc=0.5, test_acc=0.5, c=1.0, iterations=1, converged=True)
     record = convergence_record(path, ref, ScoringParams())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from iis_study.core import features as F
+from iis_study.core.representations import features as F
 from iis_study.core.data import (
     BadImageError,
     ImageSet,
@@ -206,7 +206,7 @@ def test_truncated_image_in_extraction_is_named_or_skipped_and_counted(tmp_path,
     ds = load_dataset({"kind": "imagefolder", "root": str(tmp_path), "on_bad_image": "skip"})
     with pytest.raises(BadImageError, match=r"cut\.jpg"):  # also through a DataLoader worker
         F.extract(_Constant(), ds, num_workers=workers, progress=False)
-    with caplog.at_level(logging.WARNING, logger="iis_study.core.features"):
+    with caplog.at_level(logging.WARNING, logger="iis_study.core.representations.features"):
         f = F.extract(_Constant(), ds, num_workers=0, progress=False, on_bad_image="skip")
     assert f.ok.tolist() == [True] * 6 + [False]  # sorted: cat/0-2, dog/0-2, dog/cut.jpg
     assert f.x.shape == (7, 3) and f.y.tolist() == [0] * 3 + [1] * 4

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from iis_study.core import features as F
-from iis_study.core.backbones import build
+from iis_study.core.representations import features as F
+from iis_study.core.representations.backbones import build
 from iis_study.core.data import BadImageError, array_image_set, load_dataset
 
 
@@ -106,7 +106,7 @@ def test_interrupted_write_keeps_the_previous_entry(tmp_path, monkeypatch):
 
 
 def test_interrupted_npy_shard_write_leaves_nothing(tmp_path, monkeypatch):
-    from iis_study.core import store
+    from iis_study.core.representations import store
 
     monkeypatch.setattr(store.np, "save", _partial_writer(b"\x93NUMPY" + b"\x00" * 64))
     with pytest.raises(KeyboardInterrupt):
@@ -180,7 +180,7 @@ _KILLED_CHILD = r"""
 import sys, time
 import numpy as np
 from iis_study.core import features as F
-from iis_study.core.backbones import build
+from iis_study.core.representations.backbones import build
 from iis_study.core.data import array_image_set
 
 cache = sys.argv[1]
@@ -240,7 +240,7 @@ def test_sharded_extraction_killed_mid_shard_resumes_byte_identical(rep, images,
         calls.append(len(imgs))
         yield from real(rep_, imgs, *a, **kw)
 
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="iis_study.core.features"):
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="iis_study.core.representations.features"):
         mp.setattr(F, "extract_batches", counting)
         x, _, ok, _ = F.extract_sharded_cached(rep, images, killed, shard_rows=4, batch_size=2, num_workers=0,
                                                progress=False)

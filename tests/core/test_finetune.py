@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from iis_study.core import finetune as ft
-from iis_study.core.finetune import checkpoints, config, scoring, training
-from iis_study.core.backbones import BackboneParams, WeightsUnavailableError, build, weights_fingerprint
-from iis_study.core.concepts import patch_elements, prototype_indices
+from iis_study.core.finetune import checkpoints, blocks, scoring, training
+from iis_study.core.representations.backbones import BackboneParams, WeightsUnavailableError, build, weights_fingerprint
+from iis_study.core.concepts.elements import patch_elements
+from iis_study.core.concepts.vectors import prototype_indices
 from iis_study.core.data import load_dataset, stratified_split
-from iis_study.core.features import extract, load_tensors, save_tensors
+from iis_study.core.representations.features import extract, load_tensors, save_tensors
 from iis_study.core.heads import SweepParams, n_dropped
 
 NUM_CLASSES = 10
@@ -171,7 +172,7 @@ def test_prototype_images_are_the_study_elements_by_id():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match=r"fine_tuning\.device"):
-        config.resolve_device("cuda")
+        blocks.resolve_device("cuda")
 
 
 # --------------------------------------------------------------------------- pieces

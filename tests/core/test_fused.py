@@ -1,5 +1,5 @@
 """The fused numba kernel of the interpretation heads (``core.heads.fused``) against the
-torch code path of ``heads._InterpHeads`` (``IIS_FUSED=0``): logits, every gradient and
+torch code path of ``heads.InterpHeads`` (``IIS_FUSED=0``): logits, every gradient and
 the keep-mask (exactly ``M - k`` entries per row, ties broken by index)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import numba  # noqa: F401  (a hard dependency: a failed import must fail these tests, not skip them)
 
 from iis_study.core.heads import fused as fused_heads
-from iis_study.core.heads import _InterpHeads
+from iis_study.core.heads.masks import InterpHeads
 from tests.core.reference import ranked_keep
 
 NAMES = ("base", "ln_weight", "ln_bias", "weight", "bias")
@@ -39,7 +39,7 @@ def _run(monkeypatch, fused: bool, inputs: dict, ks: tuple[int, ...], up: torch.
     """Logits and the gradients of ``(logits * up).sum()`` for the inputs that require grad."""
     monkeypatch.setenv("IIS_FUSED", "1" if fused else "0")
     leaves = {n: (None if t is None else _leaf(t)) for n, t in inputs.items()}
-    out = _InterpHeads.apply(*(leaves[n] for n in NAMES), ks)
+    out = InterpHeads.apply(*(leaves[n] for n in NAMES), ks)
     wrt = [n for n in NAMES if leaves[n] is not None and leaves[n].requires_grad]
     grads = torch.autograd.grad(out, [leaves[n] for n in wrt], up) if wrt else ()
     return out.detach(), dict(zip(wrt, grads, strict=True))
@@ -151,7 +151,7 @@ def _fused_keep(monkeypatch, base: torch.Tensor, ks: tuple[int, ...], n_cls: int
     base = base.detach().clone().requires_grad_(True)
     weight = torch.ones(lead + (n_cls, base.shape[-1]))
     bias = torch.zeros(lead + (n_cls,))
-    out = _InterpHeads.apply(base, None, None, weight, bias, ks)
+    out = InterpHeads.apply(base, None, None, weight, bias, ks)
     (g,) = torch.autograd.grad(out.sum(), [base])
     assert set(torch.unique(g).tolist()) <= {0.0, float(n_cls)}
     return g > 0
@@ -277,9 +277,9 @@ def test_fused_inference_saves_no_state(monkeypatch, calls):
     orig = fused_heads.forward
     monkeypatch.setattr(fused_heads, "forward", lambda p, save_state: (saved.append(save_state), orig(p, save_state))[1])
     args = [inputs[n] for n in NAMES]
-    with_grad = _InterpHeads.apply(*args, ks, True)
+    with_grad = InterpHeads.apply(*args, ks, True)
     with torch.no_grad():
-        without = _InterpHeads.apply(*args, ks, False)
+        without = InterpHeads.apply(*args, ks, False)
     assert saved == [True, False]
     assert torch.equal(with_grad.detach(), without)
 
@@ -287,7 +287,7 @@ def test_fused_inference_saves_no_state(monkeypatch, calls):
 def _forked_child_check(inputs: dict, ks: tuple[int, ...], expected: torch.Tensor) -> None:
     # as torch's DataLoader workers do: torch's own OpenMP pool is unusable after a fork
     torch.set_num_threads(1)
-    out = _InterpHeads.apply(*(inputs[n] for n in NAMES), ks)
+    out = InterpHeads.apply(*(inputs[n] for n in NAMES), ks)
     os._exit(0 if torch.allclose(out, expected, rtol=1e-5, atol=1e-5) else 3)
 
 
@@ -297,7 +297,7 @@ def test_fused_in_forked_child(monkeypatch):
     monkeypatch.setenv("IIS_FUSED", "1")
     inputs = _inputs((3, 1, 2, 32, 20, 4), True, True, set(), False, 4)
     ks = (0, 17, 5)
-    expected = _InterpHeads.apply(*(inputs[n] for n in NAMES), ks)
+    expected = InterpHeads.apply(*(inputs[n] for n in NAMES), ks)
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(target=_forked_child_check, args=(inputs, ks, expected))
     child.start()
@@ -320,7 +320,7 @@ def test_fused_not_used_for_float64(monkeypatch, calls):
     inputs = _inputs((2, 1, 1, 8, 6, 3), True, True, {"weight"}, False, 0)
     inputs = {n: None if t is None else t.double() for n, t in inputs.items()}
     monkeypatch.setenv("IIS_FUSED", "1")
-    out = _InterpHeads.apply(*(inputs[n] for n in NAMES), (0, 3))
+    out = InterpHeads.apply(*(inputs[n] for n in NAMES), (0, 3))
     assert out.dtype == torch.float64 and calls["forward"] == 0
 
 
@@ -328,7 +328,7 @@ def test_fused_rejects_bad_k(monkeypatch):
     inputs = _inputs((2, 1, 1, 8, 6, 3), True, True, set(), False, 0)
     monkeypatch.setenv("IIS_FUSED", "1")
     with pytest.raises(ValueError, match="k"):
-        _InterpHeads.apply(*(inputs[n] for n in NAMES), (0, 7))
+        InterpHeads.apply(*(inputs[n] for n in NAMES), (0, 7))
 
 
 @pytest.mark.parametrize("shared_base", [True, False])

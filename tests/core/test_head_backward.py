@@ -1,6 +1,6 @@
 """The interpretation heads' hand-written backward against plain autograd, in float64.
 
-``heads._InterpHeads`` computes ``logits = (ln_bias + base * ln_weight) * keep @ weightᵀ + bias``
+``heads.InterpHeads`` computes ``logits = (ln_bias + base * ln_weight) * keep @ weightᵀ + bias``
 with a hand-written backward (torch path) or a fused numba kernel (CPU float32). The reference
 here is written differently: a per-row Python keep-mask (rank by ``(-|a|, index)``), ``einsum``
 and ``torch.autograd`` over float64 leaves, so neither the mask nor a gradient formula is shared.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iis_study.core.heads import _InterpHeads
+from iis_study.core.heads.masks import InterpHeads
 from tests.core.reference import ranked_keep
 
 NAMES = ("base", "ln_weight", "ln_bias", "weight", "bias")
@@ -56,7 +56,7 @@ def _reference(inputs: dict, ks: tuple[int, ...], up: torch.Tensor) -> tuple[tor
 
 def _under_test(inputs: dict, ks: tuple[int, ...], up: torch.Tensor, dtype: torch.dtype):
     leaves = {n: (None if t is None else t.detach().to(dtype).clone().requires_grad_(True)) for n, t in inputs.items()}
-    out = _InterpHeads.apply(*(leaves[n] for n in NAMES), ks)
+    out = InterpHeads.apply(*(leaves[n] for n in NAMES), ks)
     wrt = [n for n in NAMES if leaves[n] is not None]
     grads = torch.autograd.grad(out, [leaves[n] for n in wrt], up.to(dtype))
     return out.detach(), dict(zip(wrt, grads, strict=True))

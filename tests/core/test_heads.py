@@ -11,19 +11,22 @@ import torch
 import torch.nn.functional as F
 
 from iis_study.core.heads import (
+    ESTIMATORS,
     ConceptSpace,
+    HeadsProblem,
     Split,
     SweepParams,
-    _BatchedHeads,
-    _select_lr,
-    _StackedAdam,
     explain,
+    fit_heads,
     n_dropped,
     sparsify,
     sweep,
     sweep_many,
     train_single_head,
 )
+from iis_study.core.heads.batched import BatchedHeads, StackedAdam
+from iis_study.core.heads.datatypes import ESTIMATOR_NAMES
+from iis_study.core.heads.selection import select_lr
 from tests.core.reference import ranked_keep
 
 GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
@@ -120,7 +123,7 @@ def test_stacked_adam_matches_torch_adam_with_exponential_lr():
     lrs = (1e-3, 1e-1)
     init = torch.randn(3, 2, 5, 4, generator=g)  # (S=3, L=2, 5, 4): lr axis is 1
     stacked = init.clone().requires_grad_(True)
-    opt = _StackedAdam({"w": stacked}, {"w": 1}, lrs)
+    opt = StackedAdam({"w": stacked}, {"w": 1}, lrs)
     refs = [[init[s, li].clone().requires_grad_(True) for li in range(2)] for s in range(3)]
     ropts = [[torch.optim.Adam([refs[s][li]], lr=lrs[li]) for li in range(2)] for s in range(3)]
     scheds = [[torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9) for o in row] for row in ropts]
@@ -262,13 +265,13 @@ def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
         "vectors_2": ConceptSpace("vectors", vectors=F.normalize(torch.randn(12, 24, generator=g), dim=1)),
     }
     stacked_calls = []
-    original = batched._SharedProbe._stacked_logits
+    original = batched.SharedProbe._stacked_logits
 
     def spy(self, bases):
         stacked_calls.append(tuple(self.stacked))
         return original(self, bases)
 
-    monkeypatch.setattr(batched._SharedProbe, "_stacked_logits", spy)
+    monkeypatch.setattr(batched.SharedProbe, "_stacked_logits", spy)
     cfg = SweepParams(
         steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5, 0.9), learning_rates=(1e-3, 1e-1), seeds=(0, 2), epochs=4, batch_size=64
     )
@@ -283,6 +286,32 @@ def test_sweep_many_equals_one_sweep_per_concept_space(toy, monkeypatch, fused):
         assert torch.equal(together["vectors"].state[key], together["projection"].state[key])
     with pytest.raises(ValueError, match="at least one concept space"):
         sweep_many(*data, {}, 4, cfg, progress=False)
+
+
+def test_fit_heads_with_adam_is_the_adam_sweep(toy):
+    """``fit_heads`` with ``estimator: adam`` gives what the Adam sweep (``sweep_many``) gives, bit for bit: the
+    registry adds nothing to the estimator it calls."""
+    cfg = SweepParams(
+        estimator="adam", steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0,),
+        epochs=2, batch_size=64,
+    )
+    spaces = {
+        "vectors": ConceptSpace("vectors", vectors=toy["vectors"]),
+        "end_to_end": ConceptSpace("end_to_end", elements=toy["elements"], n_concepts=6),
+    }
+    data = (toy["train"], toy["val"], toy["test"])
+    via_registry = fit_heads(HeadsProblem(*data, spaces, 4), cfg, progress=False)
+    direct = sweep_many(*data, spaces, 4, cfg, progress=False)
+    assert list(via_registry) == list(direct) == list(spaces)
+    for name in spaces:
+        assert via_registry[name].certificate is None  # the Adam sweep's result, not the convex one
+        _assert_same_result(via_registry[name], direct[name])
+
+
+def test_the_estimator_registry_has_the_names_sweep_estimator_accepts():
+    assert tuple(ESTIMATORS) == ESTIMATOR_NAMES
+    with pytest.raises(ValueError, match="sweep.estimator must be one of"):
+        SweepParams(estimator="sgd").validate()
 
 
 def test_minibatch_of_one_matches_reference(toy):
@@ -314,8 +343,8 @@ def test_result_shapes_and_selected_consistency(vector_sweep):
 
 def test_init_does_not_depend_on_other_heads(toy):
     concepts = ConceptSpace("vectors", vectors=toy["vectors"])
-    small = _BatchedHeads(concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
-    big = _BatchedHeads(
+    small = BatchedHeads(concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.5,), learning_rates=(1e-2,), seeds=(1,)), 24, 4)
+    big = BatchedHeads(
         concepts, SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-3, 1e-2), seeds=(0, 1)), 24, 4
     )
     torch.testing.assert_close(small.params["interp.weight"][0, 0, 0], big.params["interp.weight"][1, 1, 1])
@@ -330,9 +359,9 @@ def test_init_does_not_depend_on_other_heads(toy):
 
 
 def test_select_lr_ties_go_to_smaller_lr():
-    assert _select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-3, 1e-2, 1e-1])) == 0
-    assert _select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-1, 1e-2, 1e-3])) == 1
-    assert _select_lr(np.array([0.3, 0.6, 0.6]), np.array([1e-3, 1e-2, 1e-1])) == 1
+    assert select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-3, 1e-2, 1e-1])) == 0
+    assert select_lr(np.array([0.5, 0.5, 0.4]), np.array([1e-1, 1e-2, 1e-3])) == 1
+    assert select_lr(np.array([0.3, 0.6, 0.6]), np.array([1e-3, 1e-2, 1e-1])) == 1
 
 
 def test_selection_uses_val_not_test(toy):
@@ -445,16 +474,17 @@ def test_end_to_end_through_elements_matches_reference(toy):
 
 
 def test_end_to_end_score_paths_agree():
-    from iis_study.core.heads import _BatchedHeads, _concepts_from_assignment, _hard_assignment
+    from iis_study.core.heads.batched import BatchedHeads
+    from iis_study.core.heads.activations import concepts_from_assignment, hard_assignment
 
     g = torch.Generator().manual_seed(0)
     elements = torch.randn(10, 32, generator=g)
     cfg = SweepParams(steps=1, min_batches_per_epoch=1, sparsities=(0.0, 0.5), learning_rates=(1e-2,), seeds=(0, 1), epochs=1, batch_size=8)
-    heads = _BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=4), cfg, 4, 3)
-    assign = _hard_assignment(heads.params["interp.q"], 0.1, heads._gumbel())
+    heads = BatchedHeads(ConceptSpace("end_to_end", elements=elements, n_concepts=4), cfg, 4, 3)
+    assign = hard_assignment(heads.params["interp.q"], 0.1, heads._gumbel())
     x = torch.randn(2, 8, 32, generator=g)
     via = heads._end_to_end_scores(x, assign)
-    direct = torch.einsum("sbd,pslmd->pslbm", x, _concepts_from_assignment(assign, elements))
+    direct = torch.einsum("sbd,pslmd->pslbm", x, concepts_from_assignment(assign, elements))
     torch.testing.assert_close(via, direct, rtol=1e-4, atol=1e-5)
     gv = torch.autograd.grad(via.square().sum(), heads.params["interp.q"], retain_graph=True)[0]
     gd = torch.autograd.grad(direct.square().sum(), heads.params["interp.q"])[0]
@@ -466,7 +496,7 @@ def test_assigned_scores_match_the_dense_products(train):
     """The one-hot shortcut of the through-elements scores (forward by summing each concept's
     elements) gives the values and the straight-through gradients of the plain dense
     formula ``(z·Eᵀ)·A / ‖AᵀE‖``, including a concept no element is assigned to (norm clamped)."""
-    from iis_study.core.heads import _AssignedScores, _hard_assignment_indexed
+    from iis_study.core.heads.activations import AssignedScores, hard_assignment_indexed
 
     g = torch.Generator().manual_seed(4)
     p_, s_, l_, n_el, m, b, d = 2, 2, 3, 9, 5, 7, 6
@@ -477,11 +507,11 @@ def test_assigned_scores_match_the_dense_products(train):
     q[..., 4] -= 100.0  # concept 4 never wins: an empty concept in every head
     q.requires_grad_(True)
     noise = -torch.log(-torch.log(torch.rand(q.shape, generator=g))) if train else None
-    assign, idx = _hard_assignment_indexed(q, 0.1, noise)
+    assign, idx = hard_assignment_indexed(q, 0.1, noise)
     assert not (idx == 4).any()
     up = torch.randn(p_, s_, l_, b, m, generator=g)
 
-    fast = _AssignedScores.apply(zp, gram, assign, idx)
+    fast = AssignedScores.apply(zp, gram, assign, idx)
     raw = torch.einsum("sbe,pslem->pslbm", zp, assign)
     norm2 = (torch.matmul(gram, assign) * assign).sum(-2)
     dense = raw / norm2.clamp_min(1e-24).sqrt().clamp_min(1e-12).unsqueeze(-2)
@@ -505,14 +535,14 @@ def test_flush_denormals_zeroes_only_subnormal_entries():
 
 def test_gumbel_assignment_divides_logits_not_noise():
     """METHOD §5.3: hard Gumbel-softmax of LN(q)/0.1, i.e. argmax(LN(q)/0.1 + g)."""
-    from iis_study.core.heads import _hard_assignment
+    from iis_study.core.heads.activations import hard_assignment
 
     q = torch.tensor([[3.0, 1.0]], requires_grad=True)  # LN over M=2 -> [1, -1] (up to eps)
     noise = torch.tensor([[0.0, 2.5]])
-    hard = _hard_assignment(q, 0.1, noise)
+    hard = hard_assignment(q, 0.1, noise)
     # logits/0.1 + noise = [10, -7.5] -> concept 0 (dividing the noise too would pick concept 1)
     assert hard.detach().tolist() == [[1.0, 0.0]]
-    assert _hard_assignment(q, 0.1, None).tolist() == [[1.0, 0.0]]
+    assert hard_assignment(q, 0.1, None).tolist() == [[1.0, 0.0]]
     hard[0, 0].backward()  # straight-through: gradients reach q
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
@@ -523,17 +553,17 @@ def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
     """Value and gradient of ``scale * sum of cross-entropies`` (fused kernel and torch path)
     against ``F.cross_entropy``; an incoming gradient other than 1 is applied as well."""
     from iis_study.core.heads import fused as fused_heads
-    from iis_study.core.heads import _SumCrossEntropy
+    from iis_study.core.heads.masks import SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)
     calls = []
-    orig = fused_heads._cross_entropy_kernel
-    monkeypatch.setattr(fused_heads, "_cross_entropy_kernel", lambda *a: (calls.append(1), orig(*a))[1])
+    orig = fused_heads.cross_entropy_kernel
+    monkeypatch.setattr(fused_heads, "cross_entropy_kernel", lambda *a: (calls.append(1), orig(*a))[1])
     g = torch.Generator().manual_seed(0)
     logits = (5 * torch.randn(3, 2, 7, 4, generator=g)).requires_grad_(True)
     y = torch.randint(0, 4, (7,), generator=g)
     target = y[None, None, :, None].expand(3, 2, 7, 1)
-    loss = _SumCrossEntropy.apply(logits, target, scale)
+    loss = SumCrossEntropy.apply(logits, target, scale)
     assert bool(calls) == (fused == "1" and fused_heads.numba is not None)
     ref = scale * F.cross_entropy(logits.reshape(-1, 4), y.repeat(6), reduction="sum")
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -547,11 +577,11 @@ def test_sum_cross_entropy_matches_torch(monkeypatch, fused, scale):
 def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
     """A confident row's softmax holds probabilities below the smallest normal float: they
     must come back as exact zeros (subnormals slow the BLAS calls down tens of times)."""
-    from iis_study.core.heads import _SumCrossEntropy
+    from iis_study.core.heads.masks import SumCrossEntropy
 
     monkeypatch.setenv("IIS_FUSED", fused)
     logits = torch.tensor([[0.0, -100.0, -87.5, 3.0]], requires_grad=True)
-    loss = _SumCrossEntropy.apply(logits, torch.tensor([[0]]), 0.25)
+    loss = SumCrossEntropy.apply(logits, torch.tensor([[0]]), 0.25)
     (grad,) = torch.autograd.grad(loss, logits)
     tiny = torch.finfo(torch.float32).tiny
     assert not ((grad != 0) & (grad.abs() < tiny)).any()
@@ -564,12 +594,12 @@ def test_sum_cross_entropy_zeroes_subnormal_gradients(monkeypatch, fused):
 def test_torch_path_leaves_a_full_size_base_untouched(monkeypatch):
     """No affine (projection concepts) and a full-size contiguous base: the in-place mask
     multiplication must work on a copy, not on the caller's tensor."""
-    from iis_study.core.heads import _InterpHeads
+    from iis_study.core.heads.masks import InterpHeads
 
     monkeypatch.setenv("IIS_FUSED", "0")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 1, 1, 8, 6, generator=g)
     before = base.clone()
     weight, bias = torch.randn(2, 1, 1, 3, 6, generator=g), torch.zeros(2, 1, 1, 3)
-    _InterpHeads.apply(base, None, None, weight, bias, (3, 5))
+    InterpHeads.apply(base, None, None, weight, bias, (3, 5))
     assert torch.equal(base, before)

@@ -13,10 +13,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from iis_study.core.heads import SweepParams, convex_many
-from iis_study.core.heads import newton as newton_mod
-from iis_study.core.heads.activations import _precompute_base
+from iis_study.core.solvers import newton as newton_mod
+from iis_study.core.heads.activations import precompute_base
 from iis_study.core.heads.convex import ConceptDesign
-from iis_study.core.heads.lbfgs import solve_logistic
+from iis_study.core.solvers.lbfgs import solve_logistic
 from iis_study.core.heads.masks import n_dropped
 from tests.core.test_convex import _masked_np, _problem, _sk_objective
 
@@ -27,7 +27,7 @@ GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 def _design(train, space, sparsities=SPARSITIES):
     m = space.m
     keeps = [m - n_dropped(s, m) for s in sparsities]
-    return ConceptDesign([_precompute_base(train.x, space)], keeps, train.y.long())
+    return ConceptDesign([precompute_base(train.x, space)], keeps, train.y.long())
 
 
 @pytest.mark.parametrize("sk_solver", ["newton-cholesky", "lbfgs"])

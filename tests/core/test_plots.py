@@ -1,4 +1,4 @@
-"""Tests for the study's figures (iis_study.core.plots)."""
+"""Tests for the study's figures (iis_study.core.reporting.plots)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from iis_study.core.plots import (  # noqa: E402
+from iis_study.core.reporting.plots import (  # noqa: E402
     concept_gallery,
     fine_tuning_curves,
     iis_vs_accuracy,

@@ -1,4 +1,4 @@
-"""What a study's size can tell (core/power.py, docs/calibration.md): the detectable excess is detected at the
+"""What a study's size can tell (core/scoring/power.py, docs/calibration.md): the detectable excess is detected at the
 stated power, the images-needed rule reaches it, the warning appears on a study too small to tell and not on one
 where the excess is real."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iis_study.core import calibration as cal
-from iis_study.core import power
+from iis_study.core.scoring import calibration as cal
+from iis_study.core.scoring import power
 
 GRID = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 
@@ -86,7 +86,7 @@ def test_the_multiplier_finds_a_low_power_with_few_draws(ci, pw, df):
 
 
 def test_a_power_no_effect_at_all_reaches_is_refused_by_the_scoring_block():
-    from iis_study.core.config import ScoringParams
+    from iis_study.core.scoring.blocks import ScoringParams
 
     ScoringParams(ci=0.95, power=0.2).validate()
     for ci, pw in ((0.95, 0.025), (0.95, 0.01), (0.8, 0.09), (0.95, 1.0)):

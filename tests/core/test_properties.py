@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from iis_study.core.heads import SweepParams, SweepResult, n_dropped, sparsify
-from iis_study.core.scores import (
+from iis_study.core.scoring.scores import (
     DEFAULT_SPARSITIES,
     accuracy_retention,
     chance_corrected_retention,

@@ -11,10 +11,10 @@ import pytest
 import timm
 import torch
 
-from iis_study.core import backbones as B
+from iis_study.core.representations import backbones as B
 from iis_study.core.data import array_image_set
-from iis_study.core.features import cache_key
-from iis_study.core.reporting import collect_scores, correlate_scores, correlation_table
+from iis_study.core.representations.features import cache_key
+from iis_study.core.reporting.report import collect_scores, correlate_scores, correlation_table
 from iis_study.study_config import backbone_names, expand_representations, expanded_parameters
 
 LITE0 = {"model": "tf_efficientnet_lite0", "weights": "offline"}
@@ -251,7 +251,7 @@ def test_family_layers_are_extracted_in_one_pass_and_cached_per_layer(tmp_path):
     """extract_cached_layers writes each layer under the key extract_cached uses for it alone
     (a later single-layer extraction is a cache hit with the same values), runs the backbone once
     per batch for all layers, and recomputes only what is missing from the cache."""
-    from iis_study.core import features as F
+    from iis_study.core.representations import features as F
 
     spec = B.BackboneParams.from_params("lite0_r64_stage4", FAMILY_SPEC)
     images = array_image_set(

@@ -1,4 +1,4 @@
-"""Tests for iis_study.core.scores (METHOD §4, §7)."""
+"""Tests for iis_study.core.scoring.scores (METHOD §4, §7)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from scipy import stats
 
 from iis_study.core.heads import SweepParams, SweepResult
-from iis_study.core.scores import (
+from iis_study.core.scoring.scores import (
     DEFAULT_SPARSITIES,
-    _kendall_rows,
-    _pearson_rows,
+    kendall_rows,
+    pearson_rows,
     accuracy_retention,
     chance_corrected_retention,
     correlate,
@@ -214,8 +214,8 @@ def test_vectorised_coefficients_match_scipy_with_ties():
     for i in range(20):
         if np.ptp(x[i]) == 0 or np.ptp(y[i]) == 0:
             continue
-        assert _pearson_rows(x[i : i + 1], y[i : i + 1])[0] == pytest.approx(stats.pearsonr(x[i], y[i])[0])
-        assert _kendall_rows(x[i : i + 1], y[i : i + 1])[0] == pytest.approx(stats.kendalltau(x[i], y[i])[0])
+        assert pearson_rows(x[i : i + 1], y[i : i + 1])[0] == pytest.approx(stats.pearsonr(x[i], y[i])[0])
+        assert kendall_rows(x[i : i + 1], y[i : i + 1])[0] == pytest.approx(stats.kendalltau(x[i], y[i])[0])
 
 
 def test_correlate_point_estimates_are_scipys():

@@ -1,4 +1,4 @@
-"""The specification curve (core/specification.py): the sign of the accuracy-score correlation under every
+"""The specification curve (core/scoring/specification.py): the sign of the accuracy-score correlation under every
 reasonable analysis choice, and its verdict. Synthetic studies whose answer is known: one where every
 specification agrees (verdict "robust"), one where the heads' L2 grid alone flips the sign (verdict "not
 identified", that knob named)."""
@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iis_study.core import specification as spec
-from iis_study.core.calibration import DrawResults
-from iis_study.core.config import SpecificationParams
+from iis_study.core.scoring import specification as spec
+from iis_study.core.scoring.calibration import DrawResults
+from iis_study.core.scoring.blocks import SpecificationParams
 from iis_study.core.heads.datatypes import SweepParams
-from iis_study.core.reporting import specification_curve
+from iis_study.core.reporting.report import specification_curve
 
 SPARSITIES = (0.0, 0.5, 0.9)
 CS = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -143,7 +143,7 @@ def test_the_default_grids_follow_the_sweeps_grid(l2_grid, narrow, caplog):
     # the curve runs on such a sweep, its headline the study's own grid, the notes logged and recorded
     iis_scores, tables = _study(keep_wide_slope=+0.3)
     if set(full) <= set(CS):
-        with caplog.at_level("WARNING", logger="iis_study.core.reporting"):
+        with caplog.at_level("WARNING", logger="iis_study.core.reporting.report"):
             _, record = specification_curve(iis_scores, PARAMS, SweepParams(sparsities=SPARSITIES, l2_grid=l2_grid),
                                             ["prototype"], tables)
         assert record["headline_specification"]["head_grid"] == "full" and record["grid_notes"] == notes
@@ -174,7 +174,7 @@ def test_validation_takes_a_custom_sweep_grid_and_refuses_a_written_grid_outside
 def test_with_the_l2_path_rule_only_the_sweeps_own_grid_is_kept(caplog):
     iis_scores, tables = _study(keep_wide_slope=-0.6)
     sweep = SweepParams(sparsities=SPARSITIES, l2_grid=CS, l2_path=True)
-    with caplog.at_level("WARNING", logger="iis_study.core.reporting"):
+    with caplog.at_level("WARNING", logger="iis_study.core.reporting.report"):
         curve, record = specification_curve(iis_scores, PARAMS, sweep, ["prototype"], tables)
     assert set(curve["head_grid"]) == {"full"} and set(curve["probe_grid"]) == {"full"}
     assert record["knobs"]["head_grid"] == {"full": list(CS)} and len(record["grid_notes"]) == 2
@@ -270,7 +270,7 @@ def test_an_uncertified_variant_probe_is_flagged_and_warned(caplog):
 
     g = torch.Generator().manual_seed(0)
     splits = {s: Split(x=torch.randn(30, 6, generator=g), y=torch.arange(30) % 3) for s in ("train", "val", "test")}
-    with caplog.at_level("WARNING", logger="iis_study.core.specification"):
+    with caplog.at_level("WARNING", logger="iis_study.core.scoring.specification"):
         out = spec.probe_variants(splits, 3, [1.0, 1000.0], ["centred"], tolerance=1e-12, max_iter=1, solver="lbfgs")
     assert not out["certified"].all() and "not certified" in caplog.text
     inputs = spec.specification_inputs(pd.DataFrame({"head": ["probe"], "c": [1.0], "sparsity": [np.nan],
@@ -291,7 +291,7 @@ def test_draw_results_keep_their_grid_accuracies():
 def test_the_verdict_is_printed_beside_the_headline_and_plotted(tmp_path):
     from matplotlib.figure import Figure
 
-    from iis_study.core.reporting import specification_figure
+    from iis_study.core.reporting.report import specification_figure
     from iis_study.new_study import summary
 
     iis_scores, tables = _study(keep_wide_slope=-0.6)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from iis_study.core.heads import ConceptSpace, Split, SweepParams, sweep, train_single_head
-from iis_study.core.store import ShardedArray, ShardWriter, link_or_copy, open_store
+from iis_study.core.representations.store import ShardedArray, ShardWriter, link_or_copy, open_store
 
 
 def _write(root, x: torch.Tensor, shard_rows: int, dtype: str = "float32", chunk: int = 7) -> ShardedArray:
@@ -119,12 +119,12 @@ def test_single_shard_stream_equals_in_memory_order(tmp_path, problem):
 
 
 def test_shard_order_changes_with_seed_and_epoch(tmp_path, problem):
-    from iis_study.core.heads import _shard_batches
+    from iis_study.core.heads.seeds import shard_batches
 
     train = _sharded(tmp_path, problem[0], "ord", 50)
     g = torch.Generator().manual_seed(0)
-    e1 = torch.cat([y for _, y in _shard_batches(train.x, train.y, g, 32, "cpu")])
-    e2 = torch.cat([y for _, y in _shard_batches(train.x, train.y, g, 32, "cpu")])
+    e1 = torch.cat([y for _, y in shard_batches(train.x, train.y, g, 32, "cpu")])
+    e2 = torch.cat([y for _, y in shard_batches(train.x, train.y, g, 32, "cpu")])
     assert e1.shape == e2.shape == (230,)
     assert not torch.equal(e1, e2)
     assert torch.equal(e1.sort().values, train.y.sort().values)  # every row once per epoch

@@ -1,4 +1,4 @@
-"""Tests for CLIP textual concepts (iis_study.core.textual); offline, with a tiny random CLIP."""
+"""Tests for CLIP textual concepts (iis_study.core.concepts.textual); offline, with a tiny random CLIP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from iis_study.core.textual import (
+from iis_study.core.concepts.textual import (
     ClipBundle,
     TextualConcepts,
     clip_scores,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iis_study.core.acquisition import ConceptSet, stored_space
-from iis_study.core.features import Embeddings, FeatureSet, SplitFeatures
+from iis_study.core.concepts.acquisition import ConceptSet, stored_space
+from iis_study.core.representations.features import Embeddings, FeatureSet, SplitFeatures
 from iis_study.core.heads import ConceptSpace
 from iis_study.datasets import TensorDictDataset
 
@@ -22,7 +22,7 @@ def _features() -> FeatureSet:
 
 
 def test_feature_set_round_trips_through_the_catalog_dataset(tmp_path):
-    ds = TensorDictDataset(str(tmp_path / "f.safetensors"), object="iis_study.core.features.FeatureSet")
+    ds = TensorDictDataset(str(tmp_path / "f.safetensors"), object="iis_study.core.representations.features.FeatureSet")
     feats = _features()
     ds.save(feats)
     back = ds.load()
@@ -37,11 +37,11 @@ def test_feature_set_round_trips_through_the_catalog_dataset(tmp_path):
 def test_a_dataset_with_an_object_refuses_another_type(tmp_path):
     from kedro.io import DatasetError
 
-    ds = TensorDictDataset(str(tmp_path / "f.safetensors"), object="iis_study.core.features.FeatureSet")
+    ds = TensorDictDataset(str(tmp_path / "f.safetensors"), object="iis_study.core.representations.features.FeatureSet")
     with pytest.raises(DatasetError, match="expected a FeatureSet"):
         ds.save({"train.x": torch.zeros(1)})
     with pytest.raises(DatasetError, match="not an importable class"):
-        TensorDictDataset(str(tmp_path / "g.safetensors"), object="iis_study.core.features.Nope")
+        TensorDictDataset(str(tmp_path / "g.safetensors"), object="iis_study.core.representations.features.Nope")
 
 
 @pytest.mark.parametrize("kind", ["vectors", "end_to_end", "projection"])
@@ -56,7 +56,7 @@ def test_concept_set_round_trips_every_kind(tmp_path, kind):
     words = ("cat", "dog") if kind == "projection" else None
     ids = torch.arange(4, dtype=torch.int64) if kind != "projection" else None
     original = ConceptSet("t", space, ids, words)
-    ds = TensorDictDataset(str(tmp_path / "c.safetensors"), object="iis_study.core.acquisition.ConceptSet")
+    ds = TensorDictDataset(str(tmp_path / "c.safetensors"), object="iis_study.core.concepts.acquisition.ConceptSet")
     ds.save(original)
     back = ds.load()
     assert (back.concept_type, back.words, back.space.kind, back.space.n_concepts) == ("t", words, kind, space.n_concepts)

@@ -1,4 +1,4 @@
-"""Weight sparsity (core/weight_sparsity.py): the elastic-net path against scikit-learn, NEC, ANEC and the nulls."""
+"""Weight sparsity (core/scoring/weight_sparsity.py): the elastic-net path against scikit-learn, NEC, ANEC and the nulls."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iis_study.core.config import WeightSparsityParams
+from iis_study.core.scoring.blocks import WeightSparsityParams
 from iis_study.core.heads import Split
-from iis_study.core.weight_sparsity import (
+from iis_study.core.scoring.weight_sparsity import (
     _fista,
     accuracy_at_nec,
     anec,
@@ -115,7 +115,7 @@ def test_path_points_match_scikit_learn_on_correlated_concepts():
     at the same strength: the same support (NEC) and the same val accuracy. Correlated concepts make the strong
     rule leave out concepts that must enter (the working set has to grow)."""
     sklearn = pytest.importorskip("sklearn.linear_model")
-    from iis_study.core.weight_sparsity import _design
+    from iis_study.core.scoring.weight_sparsity import _design
 
     train, val, _ = _splits(seed=1)
     g = torch.Generator().manual_seed(5)
@@ -144,7 +144,7 @@ def test_path_points_match_scikit_learn_on_correlated_concepts():
 def test_a_working_set_that_starts_empty_grows_to_the_certified_solution():
     """``_solve_at`` from an empty working set (every concept left out) reaches the solution it reaches with every
     concept in: the concepts whose optimality condition fails are added until none does."""
-    from iis_study.core.weight_sparsity import _solve_at
+    from iis_study.core.scoring.weight_sparsity import _solve_at
 
     a, y = _problem(seed=2)
     a = a.float().unsqueeze(0)
@@ -204,7 +204,7 @@ def test_newton_and_fista_reach_the_same_path_newton_in_a_few_steps():
 def test_a_newton_solve_that_stalls_is_finished_by_fista(monkeypatch):
     """Newton cut off after one step per call leaves the point to FISTA, which certifies it: the path is the
     same as Newton's own."""
-    import iis_study.core.weight_sparsity as ws
+    import iis_study.core.scoring.weight_sparsity as ws
 
     train, val, test, vectors = _correlated()
     params = WeightSparsityParams(path_length=8, min_ratio=1e-3, tolerance=1e-6, max_iter=100_000,

@@ -48,7 +48,7 @@ CASES = [
 def test_bad_parameters_fail_before_any_node(tmp_path, params, message):
     """A ValueError (the failure-mode table's promise; a missing folder is a FileNotFoundError), or
     Kedro's ParameterValidationError carrying the block's ValueError message when Kedro built the typed
-    parameter block of a node (core/config.py) before the run."""
+    parameter block of a node (core/<stage>/blocks.py) before the run."""
     from kedro.validation.exceptions import ParameterValidationError
 
     project = make_project(tmp_path, params)

@@ -9,8 +9,8 @@ import copy
 import pandas as pd
 import torch
 
-from iis_study.core import backbones as B
-from iis_study.core import features as F
+from iis_study.core.representations import backbones as B
+from iis_study.core.representations import features as F
 from tests.kedro_project import TINY, make_project, run_in_process
 
 pytestmark = pytest.mark.slow  # whole Kedro runs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from iis_study.core.backbones import BackboneParams, build
+from iis_study.core.representations.backbones import BackboneParams, build
 from iis_study.study_config import study_parameters
 from iis_study.validation import validate_study
 from tests.kedro_project import make_project, run_in_process
@@ -38,7 +38,7 @@ def test_imagenet_env_has_the_paper_zoo_with_hub_weights_and_budget():
     backbones = params["backbones"]
     assert {b["model"] for b in backbones.values()} == PAPER_ZOO
     assert all(b["weights"] == "hub" for b in backbones.values())
-    from iis_study.core.config import sweep_config
+    from iis_study.core.heads.datatypes import sweep_config
 
     budget = sweep_config(params["sweep"]).plan(int(0.6 * 1_281_167))
     assert (budget.batch_size, budget.epochs) == (1024, 30)  # the authors' budget

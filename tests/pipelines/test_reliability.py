@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from iis_study.core.features import load_tensors
+from iis_study.core.representations.features import load_tensors
 from iis_study.datasets import AtomicCSVDataset, AtomicJSONDataset, SweepResultDataset
 from tests.kedro_project import TINY, kedro_cli, make_project, run_in_process
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from iis_study.core.store import ShardedArray
+from iis_study.core.representations.store import ShardedArray
 from iis_study.datasets import TensorDictDataset
 from tests.kedro_project import TINY, make_project, run_in_process
 

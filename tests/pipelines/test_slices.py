@@ -13,23 +13,18 @@ import pandas as pd
 import pytest
 import torch
 
-from iis_study.core.nulls import build_draws
+from iis_study.core.concepts.nulls import build_draws
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from iis_study.core.acquisition import ConceptSet, stored_space
-from iis_study.core.config import (
-    ConceptParams,
-    CorrelationParams,
-    ExtractionParams,
-    GalleryParams,
-    ScoringParams,
-    SpecificationParams,
-    SplitParams,
-    WeightSparsityParams,
-)
+from iis_study.core.concepts.acquisition import ConceptSet, stored_space
+from iis_study.core.concepts.blocks import ConceptParams
+from iis_study.core.scoring.blocks import CorrelationParams, ScoringParams, SpecificationParams, WeightSparsityParams
+from iis_study.core.representations.blocks import ExtractionParams
+from iis_study.core.reporting.blocks import GalleryParams
+from iis_study.core.data import SplitParams
 from iis_study.core.data import load_dataset
-from iis_study.core.features import FeatureCache, FeatureSet, SplitFeatures
+from iis_study.core.representations.features import FeatureCache, FeatureSet, SplitFeatures
 from iis_study.core.heads import SweepParams
 from iis_study.pipelines import concepts, data_processing, feature_extraction, interpretability, reporting
 
@@ -143,7 +138,7 @@ def test_interpretability_slice():
     assert out["a.probe_reference"].val_acc > 0.5  # the reference probe sees the planted classes
     # the curves of every draw and null, marked, integrate to the scores (docs: sparsity_curves.csv)
     assert set(curve["concept_set"]) == {"concepts", "null_random", "null_rotated"} and set(curve["draw"]) == {0, 1, 2}
-    from iis_study.core.reporting import integrated_curves
+    from iis_study.core.reporting.report import integrated_curves
     areas = integrated_curves(curve.assign(backbone="a", concept_type="prototype")).set_index("concept_set")["iis"]
     assert abs(areas["concepts"] - scores["iis"]) < 1e-9
     for kind in ("random", "rotated"):
@@ -158,7 +153,7 @@ def test_the_library_call_and_the_pipeline_give_the_same_record():
     """One path to the score: ``api.interpretability_score`` on a representation's features returns the record
     the pipeline's nodes write for it (same fields, same numbers; scoring at the block's defaults)."""
     from iis_study.core.api import interpretability_score
-    from iis_study.core.results import Scores
+    from iis_study.core.scoring.results import Scores
 
     g = torch.Generator().manual_seed(1)
     vectors = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iis_study.core import features as F
+from iis_study.core.representations import features as F
 from tests.kedro_project import TINY, run_in_process
 
 pytestmark = pytest.mark.slow  # whole Kedro runs
@@ -64,7 +64,7 @@ def test_outputs_of_the_study(tiny_run):
     assert len(curves) == len(grid) * (sets * len(convex) + int(scores.loc[scores["estimator"] == "adam", "n_seeds"].sum()))
     assert {"backbone", "concept_type", "concept_set", "draw", "sparsity", "seed", "accuracy", "arr"} <= set(curves)
     # the curves add up to the scores: integrated and averaged over draws, each set gives its IIS to 1e-9
-    from iis_study.core.reporting import integrated_curves
+    from iis_study.core.reporting.report import integrated_curves
 
     areas = integrated_curves(curves).pivot(index=["backbone", "concept_type"], columns="concept_set", values="iis")
     table = scores.set_index(["backbone", "concept_type"])
@@ -213,9 +213,9 @@ def test_val_and_test_are_wired_to_their_own_splits(tiny_run):
     import numpy as np
     import torch
 
-    from iis_study.core.backbones import build
+    from iis_study.core.representations.backbones import build
     from iis_study.core.data import DatasetParams, load_dataset
-    from iis_study.core.features import extract
+    from iis_study.core.representations.features import extract
     from iis_study.datasets import SweepResultDataset, TensorDictDataset
 
     data = tiny_run / "data"

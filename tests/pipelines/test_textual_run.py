@@ -23,7 +23,7 @@ def test_textual_concepts_pipeline(tmp_path, monkeypatch):
     scores = pd.read_csv(project / "data" / "08_reporting" / "iis_scores.csv")
     assert scores["concept_type"].tolist() == ["textual"]
     assert 0 <= scores["iis"].iloc[0] <= 0.9
-    from iis_study.core.features import load_tensors
+    from iis_study.core.representations.features import load_tensors
 
     tensors, meta = load_tensors(project / "data" / "05_model_input" / "lite0" / "concepts_textual.safetensors")
     assert meta["kind"] == "projection" and "words" in meta

@@ -13,7 +13,7 @@ For researchers who already have features (from their own training code)::
     report.curve                         # A(s) and ARR(s) per seed and sparsity
 
 It runs exactly what the Kedro pipeline runs for one representation and one concept type, through the same
-functions (:mod:`~iis_study.core.study`): the heads by the configured estimator (by default the convex heads,
+functions (:mod:`~iis_study.core.scoring.steps`): the heads by the configured estimator (by default the convex heads,
 each solved to a certified optimum), the L-BFGS reference probe and the scores with their convergence record.
 """
 
@@ -27,14 +27,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import study
-from .concepts import cluster_vectors, prototype_vectors
-from .calibration import DrawResults
-from .config import ConceptParams, ScoringParams, WeightSparsityParams
+from .scoring import steps
+from .concepts.vectors import cluster_vectors, prototype_vectors
+from .scoring.calibration import DrawResults
+from .concepts.blocks import ConceptParams
+from .scoring.blocks import ScoringParams, WeightSparsityParams
 from .heads import ConceptSpace, Split, SweepParams, SweepResult
 from .params import block_values
-from .results import Scores
-from .weight_sparsity import elastic_net_paths
+from .scoring.results import Scores
+from .scoring.weight_sparsity import elastic_net_paths
 
 __all__ = ["ScoreReport", "interpretability_score"]
 
@@ -43,7 +44,7 @@ __all__ = ["ScoreReport", "interpretability_score"]
 class ScoreReport:
     """The IIS of one representation with one concept space, and how far to trust it.
 
-    ``scores`` is the pipeline's record (:class:`~iis_study.core.results.Scores`, a row of ``iis_scores.csv``);
+    ``scores`` is the pipeline's record (:class:`~iis_study.core.scoring.results.Scores`, a row of ``iis_scores.csv``);
     the attributes below read it.
 
     Attributes:
@@ -139,8 +140,8 @@ def interpretability_score(
 ) -> ScoreReport:
     """IIS of a representation given its features, with interval, curve and convergence record.
 
-    The same calls as the pipeline's for one representation (:func:`~iis_study.core.study.train_splits`,
-    :func:`~iis_study.core.study.reference_for_splits`, :func:`~iis_study.core.study.score_representation`),
+    The same calls as the pipeline's for one representation (:func:`~iis_study.core.scoring.steps.train_splits`,
+    :func:`~iis_study.core.scoring.steps.reference_for_splits`, :func:`~iis_study.core.scoring.steps.score_representation`),
     with the same defaults (the ``sweep`` and ``scoring`` blocks), so the report holds the same fields.
 
     Args:
@@ -165,12 +166,12 @@ def interpretability_score(
     (concept_seed,) = block_values(ConceptParams, seed=concept_seed)
     space = _concept_space(concepts, m, concept_seed)
     space.validate(dims.pop())
-    results, _ = study.train_splits(splits, k, sweep_config, {"concepts": space}, progress=progress)
-    reference = study.reference_for_splits(splits, k)
+    results, _ = steps.train_splits(splits, k, sweep_config, {"concepts": space}, progress=progress)
+    reference = steps.reference_for_splits(splits, k)
     ws = WeightSparsityParams.from_params(weight_sparsity or {})
     paths, one = None, DrawResults(correct={}, certified={}, draws=1, nulls=(), concept_type="concepts")
     if ws.enabled and space.kind == "vectors":
         paths = elastic_net_paths(splits["train"], splits["val"], splits["test"], {"draw/concepts/0": space.vectors},
                                   k, ws)
-    scores, curve = study.score_representation(results["concepts"], reference, scoring, one, paths, ws)
+    scores, curve = steps.score_representation(results["concepts"], reference, scoring, one, paths, ws)
     return ScoreReport(scores=scores, curve=curve, result=results["concepts"])

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .params import Params, block
+from .params import Params, block, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,29 @@ class DatasetParams(Params):
             raise ValueError(
                 f"dataset.on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}"
             )
+
+
+@block
+class SplitParams(Params):
+    """``splits``: the stratified train / val (selection) / test (reported) split."""
+
+    WHERE = "splits"
+    fractions: tuple[float, ...] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    max_per_class: int | None = None
+
+    def validate(self) -> None:
+        fr = self.fractions
+        if (
+            not isinstance(fr, tuple)
+            or len(fr) != 3
+            or any(not isinstance(f, int | float) or isinstance(f, bool) or f <= 0 for f in fr)
+            or abs(sum(fr) - 1) > 1e-6
+        ):
+            raise ValueError(f"splits.fractions must be three positive numbers (train, val, test) summing to 1, got {fr}")
+        check_int(self.seed, "splits.seed")
+        if self.max_per_class is not None:
+            check_int(self.max_per_class, "splits.max_per_class", 3)
 
 
 @dataclass

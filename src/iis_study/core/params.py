@@ -135,3 +135,12 @@ def check_subset(values: Any, allowed: Iterable[str], where: str) -> None:
     allowed = list(allowed)
     if isinstance(values, str) or not isinstance(values, tuple | list) or not values or set(values) - set(allowed):
         raise ValueError(f"{where} must be a non-empty subset of {allowed}, got {values!r}")
+
+
+def moved_to_catalog(values: Mapping[str, Any], parameter: str, entry: str) -> None:
+    """A parameter that became a catalog entry: an error saying where it went (not a bare unknown key)."""
+    if parameter.rsplit(".", 1)[1] in values:
+        raise ValueError(
+            f"{parameter} is no longer a parameter: the folder is the `{entry}` catalog entry "
+            "(conf/<env>/catalog.yml, `path:`)"
+        )

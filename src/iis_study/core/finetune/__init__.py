@@ -9,10 +9,10 @@ schedule, one epoch), :mod:`.scoring` (prototype concepts, the IIS along trainin
 """
 
 from .checkpoints import CheckpointStore, finetuned_spec, list_checkpoints, run_checkpoint_dir
-from .config import EpochRecord, FineTuningTrainParams, FineTuningParams
+from .blocks import EpochRecord, FineTuningTrainParams, FineTuningParams
 from .loop import finetune
 from .scoring import evaluate_representation, prototype_images, score_features
-from .study import collect_histories, fine_tune_representation, summarise
+from .arms import collect_histories, fine_tune_representation, summarise
 
 __all__ = [
     "CheckpointStore",

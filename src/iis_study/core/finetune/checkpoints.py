@@ -9,7 +9,7 @@ hold, and how a run resumes.
   of that model and weights.
 * Epoch checkpoints: after every epoch, ``epoch_{e:03d}.safetensors`` holds backbone, heads,
   optimiser, scheduler, grad-scaler and RNG states plus the history, written atomically (write,
-  then rename: :func:`~iis_study.core.features.save_tensors`). The metadata stores a hash of
+  then rename: :func:`~iis_study.core.representations.features.save_tensors`). The metadata stores a hash of
   everything that determines the run (:func:`run_hash`), so resuming into a folder of another
   configuration is an error rather than a silent mix. A resumed run equals an uninterrupted one.
 * The fine-tuned backbone: ``backbone.safetensors`` (:func:`save_backbone`), loadable with
@@ -34,14 +34,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..backbones import BackboneParams, spec_dict
+from ..representations.backbones import BackboneParams, spec_dict
 from ..data import ImageSet
-from ..features import load_tensors, save_tensors
-from .config import SPLIT_NAMES, EpochRecord, FineTuningTrainParams
+from ..representations.features import load_tensors, save_tensors
+from .blocks import SPLIT_NAMES, EpochRecord, FineTuningTrainParams
 from ..heads import SweepParams
 
 if TYPE_CHECKING:
-    from .training import _State
+    from .training import TrainingState
 
 # the messages of a fine-tuning run come from one logger, as before checkpoints had their own module
 logger = logging.getLogger("iis_study.core.finetune")
@@ -184,7 +184,7 @@ def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
-def save_checkpoint(path: Path, state: _State, epoch: int, history: list[EpochRecord], run_id: str,
+def save_checkpoint(path: Path, state: TrainingState, epoch: int, history: list[EpochRecord], run_id: str,
                     cfg: FineTuningTrainParams) -> None:
     """Atomically write every state of the run after ``epoch`` epochs."""
     tensors = {**_prefixed("backbone", state.rep.model), **_prefixed("h_std", state.h_std),
@@ -234,7 +234,7 @@ def _match_memory_format(opt: torch.optim.Optimizer) -> None:
                     st[key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
-def load_checkpoint_state(path: Path, state: _State) -> tuple[int, list[EpochRecord]]:
+def load_checkpoint_state(path: Path, state: TrainingState) -> tuple[int, list[EpochRecord]]:
     """Restore a run from ``path``; returns its epoch and history."""
     tensors, meta = load_tensors(path)
     state.rep.model.load_state_dict(_unprefixed("backbone", tensors), strict=True)
@@ -269,7 +269,7 @@ def _checkpoint_hash(path: Path) -> str | None:
     return meta.get("run_hash")
 
 
-def resume(checkpoint_dir: Path, run_id: str, state: _State) -> tuple[int, list[EpochRecord]]:
+def resume(checkpoint_dir: Path, run_id: str, state: TrainingState) -> tuple[int, list[EpochRecord]]:
     """Continue from the last readable checkpoint of this run; (0, []) when there is none."""
     for epoch, path in reversed(list_checkpoints(checkpoint_dir)):
         try:

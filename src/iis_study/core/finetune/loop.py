@@ -36,8 +36,8 @@ Design choices (the authors published no code for this part; this is our referen
   ``checkpoint_key`` (the representation's namespace) or, without one, by the model.
 * Evaluation: after the epochs in ``eval_epochs`` (0 = the pre-trained start) the current
   backbone is scored with the study's own code: features via
-  :func:`~iis_study.core.features.extract`, heads via :func:`~iis_study.core.heads.sweep`,
-  IIS via :func:`~iis_study.core.scores.score_sweep` (:func:`evaluate_representation`).
+  :func:`~iis_study.core.representations.features.extract`, heads via :func:`~iis_study.core.heads.sweep`,
+  IIS via :func:`~iis_study.core.scoring.scores.score_sweep` (:func:`evaluate_representation`).
 
 This module is the training loop (:func:`finetune`); the package :mod:`iis_study.core.finetune` is the
 public face. The pieces: :mod:`.config` (settings, records, input checks), :mod:`.training` (heads,
@@ -57,11 +57,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import BackboneParams, Representation, WeightsUnavailableError, build
+from ..representations.backbones import BackboneParams, Representation, WeightsUnavailableError, build
 from ..data import ImageSet
 from ..heads import SweepParams, n_dropped
 from . import checkpoints, scoring, training
-from .config import EpochRecord, FineTuningTrainParams, check_images, element_images, resolve_device
+from .blocks import EpochRecord, FineTuningTrainParams, check_images, element_images, resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Scoring along fine-tuning (:mod:`iis_study.core.finetune`): the study's prototype concepts,
 re-embedded with the current backbone, and the IIS of a representation computed with the
-study's own code (features via :func:`~iis_study.core.features.extract`, heads via
-:func:`~iis_study.core.heads.sweep`, IIS via :func:`~iis_study.core.scores.score_sweep`).
+study's own code (features via :func:`~iis_study.core.representations.features.extract`, heads via
+:func:`~iis_study.core.heads.sweep`, IIS via :func:`~iis_study.core.scoring.scores.score_sweep`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import Representation
-from ..concepts import Elements
+from ..representations.backbones import Representation
+from ..concepts.elements import Elements
 from ..data import ImageSet, array_image_set
-from ..features import Features, extract
-from .config import SPLIT_NAMES, EpochRecord, FineTuningTrainParams, check_images, element_images
-from ..heads import ConceptSpace, Split, SweepParams, fit_heads
-from ..scores import score_sweep
+from ..representations.features import Features, extract
+from .blocks import SPLIT_NAMES, EpochRecord, FineTuningTrainParams, check_images, element_images
+from ..heads import ConceptSpace, HeadsProblem, Split, SweepParams, fit_heads
+from ..scoring.scores import score_sweep
 
 if TYPE_CHECKING:
-    from .training import _State
+    from .training import TrainingState
 
 # the messages of a fine-tuning run come from one logger, as before scoring had its own module
 logger = logging.getLogger("iis_study.core.finetune")
@@ -55,7 +55,7 @@ def concept_vectors(
     """Prototype concept vectors ``C`` (M, D) of ``rep``: the M element images (from
     :func:`prototype_images`) embedded by the backbone as it is now (eval mode, no gradient),
     L2-normalised. For the pre-trained backbone these are the study's prototype vectors
-    (:func:`~iis_study.core.concepts.prototype_vectors`). The model's train/eval mode is restored.
+    (:func:`~iis_study.core.concepts.vectors.prototype_vectors`). The model's train/eval mode is restored.
     """
     was_training = rep.model.training
     rep.model.eval()
@@ -74,7 +74,7 @@ def score_features(
     num_classes: int,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """IIS of features: :func:`~iis_study.core.heads.sweep` + :func:`~iis_study.core.scores.score_sweep`.
+    """IIS of features: :func:`~iis_study.core.heads.sweep` + :func:`~iis_study.core.scoring.scores.score_sweep`.
 
     Zero concept vectors (elements the backbone maps to 0) are left out, with a warning.
     """
@@ -88,10 +88,8 @@ def score_features(
         if len(vectors) == 0:
             raise ValueError("every concept element embeds to 0; cannot score this representation")
     space = ConceptSpace(kind="vectors", vectors=vectors)
-    result = fit_heads(
-        splits["train"], splits["val"], splits["test"], {"prototype": space}, num_classes, sweep_config,
-        progress=progress,
-    )["prototype"]
+    problem = HeadsProblem(splits["train"], splits["val"], splits["test"], {"prototype": space}, num_classes)
+    result = fit_heads(problem, sweep_config, progress=progress)["prototype"]
     summary, _ = score_sweep(result)
     return summary
 
@@ -120,7 +118,7 @@ def evaluate_representation(
     """Score a representation as the study does: features of train/val/test, the prototype
     elements ``concept_images`` (:func:`prototype_images`) embedded by ``rep``, heads sweep, IIS.
 
-    Returns :func:`~iis_study.core.scores.score_sweep`'s summary (``accuracy_linear_probe``,
+    Returns :func:`~iis_study.core.scoring.scores.score_sweep`'s summary (``accuracy_linear_probe``,
     ``iis``, ``iis_chance_corrected``, their std and interval, ...).
     """
     check_images(images, num_classes)
@@ -140,7 +138,7 @@ def _accuracy(h_std: nn.Module, feats: Features, device: torch.device) -> float:
 
 
 def evaluate_epoch(
-    state: _State,
+    state: TrainingState,
     images: dict[str, ImageSet],
     concept_images: np.ndarray,
     cfg: FineTuningTrainParams,

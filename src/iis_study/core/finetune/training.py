@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbones import Representation
+from ..representations.backbones import Representation
 from ..data import ImageSet
-from ..features import _Resized
-from .config import FineTuningTrainParams
+from ..representations.features import Resized
+from .blocks import FineTuningTrainParams
 from ..heads import derive_seed, sparsify
 
 
@@ -102,7 +102,7 @@ class LabelledImages(Dataset):
     """Resized uint8 CHW images with their integer labels (decoded in ``DataLoader`` workers)."""
 
     def __init__(self, images: ImageSet, size: int, interpolation: str) -> None:
-        self.inner = _Resized(images, size, interpolation)
+        self.inner = Resized(images, size, interpolation)
         self.labels = np.asarray(images.labels, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -211,7 +211,7 @@ def model_input(
 
 
 @dataclass
-class _State:
+class TrainingState:
     """Everything that is trained or stepped."""
 
     rep: Representation
@@ -223,17 +223,17 @@ class _State:
 
 
 def new_state(rep: Representation, cfg: FineTuningTrainParams, m: int, num_classes: int, n_train: int,
-               device: torch.device) -> _State:
+               device: torch.device) -> TrainingState:
     _prepare_backbone(rep.model, cfg)
     h_std, h_interp = init_heads(rep.dim, m, num_classes, cfg.seed)
     h_std, h_interp = h_std.to(device), h_interp.to(device)
     opt, sched = make_optimizer(rep.model, (h_std, h_interp), cfg, n_train)
     scaler = torch.amp.GradScaler(device.type, enabled=_amp_dtype(device, cfg) == torch.float16)
-    return _State(rep=rep, h_std=h_std, h_interp=h_interp, opt=opt, sched=sched, scaler=scaler)
+    return TrainingState(rep=rep, h_std=h_std, h_interp=h_interp, opt=opt, sched=sched, scaler=scaler)
 
 
 def train_epoch(
-    state: _State,
+    state: TrainingState,
     dataset: LabelledImages,
     concepts: torch.Tensor | None,
     k: int,

@@ -1,8 +1,8 @@
 """Linear probe and interpretation heads, fitted as one batched computation (METHOD §2, §3, §4, §5.3).
 
 Two estimators (:func:`fit_heads`): ``convex`` (:mod:`.convex`, the default), every head solved to a
-certified optimum by the batched L-BFGS of :mod:`.lbfgs`; and ``adam``, the authors' heads trained
-as one batched model, described below.
+certified optimum by the solvers of :mod:`iis_study.core.solvers`; and ``adam`` (:mod:`.adam`), the
+authors' heads trained as one batched model, described below.
 
 Every head of a sweep -- the linear probe (``W z + b``, METHOD §2) for every learning
 rate and seed, and the interpretation head (concept activations -> per-image sparse
@@ -32,44 +32,31 @@ we do not reproduce that.
 Modules: :mod:`.datatypes` (configuration and result types), :mod:`.seeds` (seeds,
 initialisation, data order), :mod:`.masks` (sparsification and the custom autograd
 functions), :mod:`.activations` (concept activations, end-to-end assignment),
-:mod:`.batched` (the stacked heads and Adam), :mod:`.training` (the sweep: training loop,
-selection, result tables), :mod:`.explanations`, :mod:`.reference` (the single-head
+:mod:`.batched` (the stacked heads and Adam), :mod:`.adam` (the Adam sweep: training loop,
+selection, result tables), :mod:`.selection` (the input checks and selection rule both estimators share),
+:mod:`.estimators` (the problem, the registry of estimators, :func:`fit_heads`), :mod:`.explanations`, :mod:`.reference` (the single-head
 reference), and :mod:`.fused` with :mod:`.fused_kernels` / :mod:`.fused_intrinsics` (the
 numba CPU kernel, imported on first use).
 """
 
 from __future__ import annotations
 
-from .activations import (
-    _AssignedScores as _AssignedScores,
-    _concepts_from_assignment as _concepts_from_assignment,
-    _hard_assignment as _hard_assignment,
-    _hard_assignment_indexed as _hard_assignment_indexed,
-    _precompute_base as _precompute_base,
-)
-from .batched import _BatchedHeads as _BatchedHeads
-from .batched import _SharedProbe as _SharedProbe
-from .batched import _StackedAdam as _StackedAdam
+from .adam import sweep, sweep_many
+from .convex import Certificate, convex_many
+from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepParams, SweepResult
+from .estimators import ESTIMATORS, HeadsProblem, fit_heads
 from .explanations import explain
-from .masks import _InterpHeads as _InterpHeads
-from .masks import _SumCrossEntropy as _SumCrossEntropy
 from .masks import flush_denormals, n_dropped, sparsify
 from .reference import train_single_head
 from .seeds import Q_INIT_STD, derive_seed
-from .seeds import _shard_batches as _shard_batches
-from .training import _select_lr as _select_lr
-from .training import sweep, sweep_many
-from .convex import Certificate, convex_many
-from .estimators import fit_heads
-from .datatypes import Budget, ConceptKind, ConceptSpace, HeadKind, SingleHeadResult, Split, SweepParams, SweepResult
-
-# the private names above (``name as name``) are re-exported for the tests and scripts that use them
 
 __all__ = [
     "Budget",
     "Certificate",
     "ConceptKind",
     "ConceptSpace",
+    "ESTIMATORS",
+    "HeadsProblem",
     "HeadKind",
     "Q_INIT_STD",
     "SingleHeadResult",

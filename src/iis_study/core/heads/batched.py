@@ -1,9 +1,9 @@
 """All heads of a sweep as stacked tensors, and Adam over them (METHOD §2, §3, §4).
 
-:class:`_BatchedHeads` holds the probe heads ``(S, L, ...)`` and the interpretation heads
-``(P, S, L, ...)`` of one concept space; :class:`_SharedProbe` joins the heads of several
+:class:`BatchedHeads` holds the probe heads ``(S, L, ...)`` and the interpretation heads
+``(P, S, L, ...)`` of one concept space; :class:`SharedProbe` joins the heads of several
 concept spaces with one shared probe (and stacks spaces of equal M into one call of the
-fused heads); :class:`_StackedAdam` is ``torch.optim.Adam`` over the stacked tensors with
+fused heads); :class:`StackedAdam` is ``torch.optim.Adam`` over the stacked tensors with
 one learning rate per head.
 """
 
@@ -14,17 +14,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..store import ShardedArray
+from ..representations.store import ShardedArray
 from .activations import (
-    _AssignedScores,
-    _concepts_from_assignment,
-    _hard_assignment_indexed,
-    _layer_norm,
-    _precompute_base,
-    _uniform_to_gumbel_,
+    AssignedScores,
+    concepts_from_assignment,
+    hard_assignment_indexed,
+    layer_norm,
+    precompute_base,
+    uniform_to_gumbel_,
 )
-from .masks import _apply_heads, n_dropped
-from .seeds import _eval_chunks, _generator, _gumbel_seed, _init_head
+from .masks import apply_heads, n_dropped
+from .seeds import eval_chunks, generator, gumbel_seed, init_head
 from .datatypes import ConceptSpace, SweepParams
 from ..device import resolve_device
 
@@ -37,7 +37,7 @@ _ADAM_EPS = 1e-8
 # --------------------------------------------------------------------------- stacked Adam
 
 
-class _StackedAdam:
+class StackedAdam:
     """Adam over stacked head parameters with one learning rate per head.
 
     Reproduces ``torch.optim.Adam`` (single-tensor path, default betas/eps, no weight
@@ -103,7 +103,7 @@ class _StackedAdam:
 # --------------------------------------------------------------------------- batched heads
 
 
-class _BatchedHeads:
+class BatchedHeads:
     """All heads of a sweep as stacked tensors: probe (S, L, ...), interp (P, S, L, ...)."""
 
     def __init__(
@@ -140,7 +140,7 @@ class _BatchedHeads:
     def empty_concepts(self) -> torch.Tensor:
         """Per end-to-end head (P, S, L), the number of concepts no element is assigned to (noise-free)."""
         p = self.params
-        idx = _hard_assignment_indexed(
+        idx = hard_assignment_indexed(
             p["interp.q"], self.config.gumbel_tau, None, p["interp.q_ln_weight"], p["interp.q_ln_bias"]
         )[1]
         counts = torch.zeros(idx.shape[:-1] + (self.m,), dtype=torch.long, device=idx.device)
@@ -153,7 +153,7 @@ class _BatchedHeads:
         e = e if self.concepts.kind == "end_to_end" else None
         probe = [
             [
-                _init_head("probe", s, None, lr, dim, num_classes, None, self.device)
+                init_head("probe", s, None, lr, dim, num_classes, None, self.device)
                 for lr in cfg.learning_rates
             ]
             for s in cfg.seeds
@@ -161,7 +161,7 @@ class _BatchedHeads:
         interp = [
             [
                 [
-                    _init_head("interp", s, sp, lr, self.m, num_classes, e, self.device)
+                    init_head("interp", s, sp, lr, self.m, num_classes, e, self.device)
                     for lr in cfg.learning_rates
                 ]
                 for s in cfg.seeds
@@ -198,7 +198,7 @@ class _BatchedHeads:
         * through the elements: ``(z·Eᵀ)·A / ‖AᵀE‖`` with ``z·Eᵀ`` shared by all heads of a seed
           (B·E·M per head) and the norms from the Gram matrix ``E·Eᵀ`` (E²·M per head), which is
           much cheaper when E is not much larger than D. Its forward pass sums over each concept's
-          elements instead of multiplying by the one-hot ``A`` (:class:`_AssignedScores`).
+          elements instead of multiplying by the one-hot ``A`` (:class:`AssignedScores`).
         """
         elements = self.concepts.elements
         assert elements is not None
@@ -207,19 +207,19 @@ class _BatchedHeads:
         direct = n_el * m * dim + b * m * dim
         via_elements = b * n_el * m + n_el * n_el * m
         if direct <= via_elements:
-            c = _concepts_from_assignment(assign, elements)
+            c = concepts_from_assignment(assign, elements)
             return torch.einsum("sbd,pslmd->pslbm", x, c)
         if getattr(self, "_gram", None) is None:
             self._gram = elements @ elements.T
         zp = torch.einsum("sbd,ed->sbe", x, elements)  # (S, B, E), shared across heads
-        return _AssignedScores.apply(zp, self._gram, assign, assign.argmax(-1) if idx is None else idx)
+        return AssignedScores.apply(zp, self._gram, assign, assign.argmax(-1) if idx is None else idx)
 
     def _gumbel_generators(self) -> list[torch.Generator]:
         if self.concepts.kind != "end_to_end":
             return []
         cfg = self.config
         return [
-            _generator(_gumbel_seed(s, sp, lr), self.device)
+            generator(gumbel_seed(s, sp, lr), self.device)
             for sp in cfg.sparsities
             for s in cfg.seeds
             for lr in cfg.learning_rates
@@ -229,7 +229,7 @@ class _BatchedHeads:
         """Shared activations of a batch ``x`` (..., D) -> (..., M); None for end-to-end concepts."""
         if self.concepts.kind == "end_to_end":
             return None
-        flat = _precompute_base(x.reshape(-1, x.shape[-1]), self.concepts)
+        flat = precompute_base(x.reshape(-1, x.shape[-1]), self.concepts)
         assert flat is not None
         return flat.reshape(tuple(x.shape[:-1]) + (flat.shape[-1],))
 
@@ -244,7 +244,7 @@ class _BatchedHeads:
         noise = torch.empty((len(self.gumbel_gens), *shape), device=self.device)
         for i, g in enumerate(self.gumbel_gens):
             noise[i].uniform_(generator=g)
-        return _uniform_to_gumbel_(noise).view(q.shape)
+        return uniform_to_gumbel_(noise).view(q.shape)
 
     def forward(
         self, x: torch.Tensor, base: torch.Tensor | None, train: bool, probe: bool = True, interp: bool = True
@@ -265,14 +265,14 @@ class _BatchedHeads:
         if self.concepts.kind == "end_to_end":
             assert self.concepts.elements is not None
             noise = self._gumbel() if train else None
-            assign, idx = _hard_assignment_indexed(
+            assign, idx = hard_assignment_indexed(
                 p["interp.q"], self.config.gumbel_tau, noise, p["interp.q_ln_weight"], p["interp.q_ln_bias"]
             )
-            base5 = _layer_norm(self._end_to_end_scores(x, assign, idx))
+            base5 = layer_norm(self._end_to_end_scores(x, assign, idx))
         else:
             assert base is not None
             base5 = base[None, :, None]
-        return probe_logits, _apply_heads(base5, p, "interp.", self.concepts.has_affine, self.k)
+        return probe_logits, apply_heads(base5, p, "interp.", self.concepts.has_affine, self.k)
 
     @torch.no_grad()
     def correct(
@@ -305,10 +305,10 @@ def _chunked_correct(
     logits: Callable[[slice, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample correctness (probe, interp) of the heads on a split, chunk by chunk
-    (:func:`_eval_chunks`): ``logits(rows slice, rows (B, D), rows per seed (S, B, D))``
+    (:func:`eval_chunks`): ``logits(rows slice, rows (B, D), rows per seed (S, B, D))``
     gives a chunk's probe and interp logits; the correctness is concatenated over the chunks."""
     probe_parts, interp_parts = [], []
-    for start, rows in _eval_chunks(x):
+    for start, rows in eval_chunks(x):
         sl = slice(start, start + rows.shape[0])
         rows = rows.to(device)
         lp, li = logits(sl, rows, rows.unsqueeze(0).expand(n_seeds, -1, -1))
@@ -325,8 +325,8 @@ def _stack3(blocks: list[list[list[dict[str, torch.Tensor]]]], key: str) -> torc
     return torch.stack([_stack2(rows, key) for rows in blocks])
 
 
-class _SharedProbe:
-    """The heads of one or more concept spaces (:class:`_BatchedHeads` each) with one linear probe.
+class SharedProbe:
+    """The heads of one or more concept spaces (:class:`BatchedHeads` each) with one linear probe.
 
     The probe's parameter tensors of the first part are given to every part (each part's own,
     identically initialised ones are dropped), so each part still reads as a complete sweep
@@ -344,7 +344,7 @@ class _SharedProbe:
     ``probe.*``, the stacked heads under ``stacked/*``, the others under ``part<i>/*``.
     """
 
-    def __init__(self, parts: dict[str, _BatchedHeads]) -> None:
+    def __init__(self, parts: dict[str, BatchedHeads]) -> None:
         self.parts = parts
         first = next(iter(parts.values()))
         self.device = first.device
@@ -386,7 +386,7 @@ class _SharedProbe:
         """Interp logits (P, T, S, L, B, K) of the stacked parts from their bases (S, B, M)."""
         base = torch.stack([bases[n] for n in self.stacked])[None, :, :, None]  # (1, T, S, 1, B, M)
         lead = self.parts[self.stacked[0]]
-        return _apply_heads(base, self.params, "stacked/interp.", lead.concepts.has_affine, lead.k)
+        return apply_heads(base, self.params, "stacked/interp.", lead.concepts.has_affine, lead.k)
 
     def forward(
         self, x: torch.Tensor, bases: Sequence[torch.Tensor | None]

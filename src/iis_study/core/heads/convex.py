@@ -29,13 +29,13 @@ import pandas as pd
 import torch
 
 from ..device import resolve_device
-from ..store import ShardedArray
-from .activations import _concepts_to, _precompute_base
+from ..representations.store import ShardedArray
+from .activations import concepts_to, precompute_base
 from .datatypes import ConceptSpace, Split, SweepParams, SweepResult
-from .lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
+from ..solvers.lbfgs import BLOCK_BYTES, LogisticFit, solve_logistic
 from .masks import n_dropped
-from .seeds import _train_mean
-from .training import _select_lr, _validate_inputs  # the Adam sweep's input checks and selection rule
+from .seeds import train_mean
+from .selection import select_lr, validate_inputs  # the input checks and selection rule both estimators share
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class FeatureDesign:
         return ((rows.to(torch.float64) - self.shift) / self.scale).to(dtype).unsqueeze(0)
 
 
-def _correct(design, weight: torch.Tensor, bias: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+def correct_predictions(design, weight: torch.Tensor, bias: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Per head (G', L) and sample, whether its prediction is right; ``weight`` (G', L, K, F) and
     ``bias`` (G', L, K) of design groups ``groups`` (default: all), float64 products. A head with NaN
     weights (not solved) is wrong everywhere."""
@@ -199,7 +199,7 @@ def _path_rule(val_design) -> Callable:
     last: dict[int, float] = {}
 
     def keep_going(li: int, weight: torch.Tensor, bias: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        acc = _correct(val_design, weight.unsqueeze(1), bias.unsqueeze(1), groups)[:, 0].double().mean(-1)
+        acc = correct_predictions(val_design, weight.unsqueeze(1), bias.unsqueeze(1), groups)[:, 0].double().mean(-1)
         go = []
         for g, a in zip(groups.tolist(), acc.tolist(), strict=True):
             go.append(a >= last.get(g, -1.0))
@@ -216,7 +216,7 @@ def _select(val_acc: np.ndarray, cs: list[float]) -> np.ndarray:
     """Index of the selected L2 strength along the last axis: the best val accuracy, ties to the
     smaller C (the stronger penalty), as the Adam sweep breaks ties to the smaller learning rate;
     NaN (not solved) is never selected."""
-    return _select_lr(np.where(np.isnan(val_acc), -np.inf, val_acc), np.asarray(cs, dtype=float))
+    return select_lr(np.where(np.isnan(val_acc), -np.inf, val_acc), np.asarray(cs, dtype=float))
 
 
 def _feature_scale(x: torch.Tensor | ShardedArray, shift: torch.Tensor) -> float:
@@ -231,10 +231,10 @@ def _feature_scale(x: torch.Tensor | ShardedArray, shift: torch.Tensor) -> float
     return scale if scale > 0 else 1.0
 
 
-def _activations(split: Split, space: ConceptSpace, dev: str) -> torch.Tensor:
+def concept_activations(split: Split, space: ConceptSpace, dev: str) -> torch.Tensor:
     if isinstance(split.x, ShardedArray):
-        return torch.cat([_precompute_base(torch.as_tensor(r).to(dev), space) for _, r in split.x.iter_blocks()])
-    return _precompute_base(split.x, space)
+        return torch.cat([precompute_base(torch.as_tensor(r).to(dev), space) for _, r in split.x.iter_blocks()])
+    return precompute_base(split.x, space)
 
 
 def convex_many(
@@ -251,7 +251,7 @@ def convex_many(
     if not concepts:
         raise ValueError("convex_many needs at least one concept space")
     spaces_in = list(concepts.values())
-    _validate_inputs(train, val, test, spaces_in[0], num_classes, config)
+    validate_inputs(train, val, test, spaces_in[0], num_classes, config)
     for name, space in concepts.items():
         space.validate(train.x.shape[1])
         if space.kind == "end_to_end":
@@ -270,16 +270,16 @@ def convex_many(
     ys = {s: sp.y.to(device=dev, dtype=torch.long) for s, sp in splits.items()}
     xs = {s: sp.x if isinstance(sp.x, ShardedArray) else sp.x.to(device=dev, dtype=torch.float32) for s, sp in splits.items()}
     # the probe: centred features
-    shift = _train_mean(xs["train"], dev).to(torch.float64)
+    shift = train_mean(xs["train"], dev).to(torch.float64)
     scale = _feature_scale(xs["train"], shift)
     probe_designs = {s: FeatureDesign(xs[s], shift, scale, ys[s], dev) for s in splits}
     probe_fit = solve_logistic(
         probe_designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev,
         keep_going=_path_rule(probe_designs["val"]) if config.l2_path else None, solver=config.solver,
     )
-    probe_correct = {s: _correct(probe_designs[s], probe_fit.weight, probe_fit.bias)[0] for s in ("val", "test")}
+    probe_correct = {s: correct_predictions(probe_designs[s], probe_fit.weight, probe_fit.bias)[0] for s in ("val", "test")}
     # the interpretation heads: concept spaces of equal M solved together
-    spaces = {name: _concepts_to(space, dev) for name, space in concepts.items()}
+    spaces = {name: concepts_to(space, dev) for name, space in concepts.items()}
     by_m: dict[int, list[str]] = {}
     for name, space in spaces.items():
         by_m.setdefault(space.m, []).append(name)
@@ -287,14 +287,14 @@ def convex_many(
     for m, names in by_m.items():
         keeps = [m - n_dropped(s, m) for s in config.sparsities]
         designs = {
-            s: ConceptDesign([_activations(Split(xs[s], ys[s]), spaces[nm], dev) for nm in names], keeps, ys[s])
+            s: ConceptDesign([concept_activations(Split(xs[s], ys[s]), spaces[nm], dev) for nm in names], keeps, ys[s])
             for s in splits
         }
         fit = solve_logistic(
             designs["train"], k, cs, tol=config.tolerance, max_iter=config.max_iter, device=dev,
             keep_going=_path_rule(designs["val"]) if config.l2_path else None, solver=config.solver,
         )
-        correct = {s: _correct(designs[s], fit.weight, fit.bias) for s in ("val", "test")}  # (T·P, L, N)
+        correct = {s: correct_predictions(designs[s], fit.weight, fit.bias) for s in ("val", "test")}  # (T·P, L, N)
         n_p = len(keeps)
         for t, name in enumerate(names):
             part = slice(t * n_p, (t + 1) * n_p)

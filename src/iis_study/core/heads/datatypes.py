@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,14 +20,14 @@ import pandas as pd
 import torch
 
 from ..params import Params, block
-from ..store import ShardedArray
+from ..solvers.lbfgs import SOLVERS  # the convex estimator's solvers
+from ..representations.store import ShardedArray
 
 HeadKind = Literal["probe", "interp"]
 ConceptKind = Literal["vectors", "end_to_end", "projection"]
 _CONCEPT_KINDS = ("vectors", "end_to_end", "projection")
 _NORM_TOL = 1e-3
-ESTIMATORS = ("convex", "adam")
-SOLVERS = ("newton", "lbfgs")  # the convex estimator's solvers
+ESTIMATOR_NAMES = ("convex", "adam")  # sweep.estimator's values; the registry is heads.estimators.ESTIMATORS
 
 
 @block
@@ -52,8 +53,8 @@ class SweepParams(Params):
             unless val accuracy falls and rises again along the path). ``false``: every strength.
         tolerance: convex: a head is solved when the largest entry of the gradient of its per-sample
             objective is at most this (its certificate).
-        solver: convex: ``newton`` (truncated Newton, :mod:`~iis_study.core.heads.newton`: tens of steps;
-            a streamed design or one wider than 511 columns falls back to L-BFGS) or ``lbfgs`` (:mod:`~iis_study.core.heads.lbfgs`).
+        solver: convex: ``newton`` (truncated Newton, :mod:`~iis_study.core.solvers.newton`: tens of steps;
+            a streamed design or one wider than 511 columns falls back to L-BFGS) or ``lbfgs`` (:mod:`~iis_study.core.solvers.lbfgs`).
             Same problem, same certificate.
         max_iter: convex: solver iterations (Newton steps or L-BFGS iterations) per head and L2 strength
             before it is reported uncertified.
@@ -145,8 +146,8 @@ class SweepParams(Params):
             raise ValueError(f"sweep.gamma must lie in (0, 1], got {self.gamma}")
         if not (float(self.gumbel_tau) > 0.0):
             raise ValueError(f"sweep.gumbel_tau must be > 0, got {self.gumbel_tau}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"sweep.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"sweep.estimator must be one of {ESTIMATOR_NAMES}, got {self.estimator!r}")
         grid = [float(c) for c in self.l2_grid]
         if not grid or any(not math.isfinite(c) or c <= 0 for c in grid) or len(set(grid)) != len(grid):
             raise ValueError(f"sweep.l2_grid must hold distinct values > 0, got {tuple(self.l2_grid)}")
@@ -156,6 +157,17 @@ class SweepParams(Params):
             raise ValueError(f"sweep.tolerance must be > 0, got {self.tolerance}")
         if int(self.max_iter) < 1:
             raise ValueError(f"sweep.max_iter must be >= 1, got {self.max_iter}")
+
+
+def sweep_config(params: Mapping[str, Any] | SweepParams | None, where: str = "sweep") -> SweepParams:
+    """The :class:`~iis_study.core.heads.SweepParams` of a ``sweep`` block (or ``fine_tuning.sweep``),
+    checked, its ``device`` resolved (``auto``: CUDA when present)."""
+    from dataclasses import replace
+
+    from ..device import resolve_device
+
+    cfg = SweepParams.from_params(params)
+    return replace(cfg, device=resolve_device(cfg.device, f"{where}.device"))
 
 
 @dataclass(frozen=True)
@@ -178,7 +190,7 @@ class Budget:
 class Split:
     """Features of one split: ``x`` (N, D) float32 representations, ``y`` (N,) int64 labels.
 
-    ``x`` may be a :class:`~iis_study.core.store.ShardedArray` (features on disk): the sweep
+    ``x`` may be a :class:`~iis_study.core.representations.store.ShardedArray` (features on disk): the sweep
     then streams it shard by shard and never holds more than one shard per seed in memory.
     """
 

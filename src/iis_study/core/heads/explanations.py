@@ -8,8 +8,8 @@ import math
 import pandas as pd
 import torch
 
-from .activations import _concepts_from_assignment, _concepts_to, _hard_assignment, _layer_norm
-from .masks import _keep_mask, n_dropped
+from .activations import concepts_from_assignment, concepts_to, hard_assignment, layer_norm
+from .masks import keep_mask, n_dropped
 from .datatypes import ConceptSpace, SweepParams, SweepResult
 
 
@@ -47,10 +47,10 @@ def explain(
         raise ValueError(f"seed must be one of the swept seeds {seeds}, got {seed}")
     si, pi = list(seeds).index(seed), _sparsity_index(cfg, sparsity)
     st = {k: v[si, pi] for k, v in result.state.items() if k.startswith("interp.")}
-    concepts = _concepts_to(concepts, "cpu")
+    concepts = concepts_to(concepts, "cpu")
     with torch.no_grad():
         a = _single_activations(z.float().cpu(), concepts, st)
-        mask = _keep_mask(a, n_dropped(cfg.sparsities[pi], a.shape[-1]))
+        mask = keep_mask(a, n_dropped(cfg.sparsities[pi], a.shape[-1]))
         logits = (a * mask) @ st["interp.weight"].T + st["interp.bias"]
         pred = logits.argmax(-1)
         contrib = torch.where(mask, a * st["interp.weight"][pred], float("-inf"))
@@ -67,9 +67,9 @@ def _single_activations(z: torch.Tensor, concepts: ConceptSpace, st: dict[str, t
         c = concepts.vectors
     else:
         assert concepts.elements is not None
-        assign = _hard_assignment(st["interp.q"], 1.0, None, st.get("interp.q_ln_weight"), st.get("interp.q_ln_bias"))
-        c = _concepts_from_assignment(assign, concepts.elements)
-    return _layer_norm(z @ c.T) * st["interp.ln_weight"] + st["interp.ln_bias"]
+        assign = hard_assignment(st["interp.q"], 1.0, None, st.get("interp.q_ln_weight"), st.get("interp.q_ln_bias"))
+        c = concepts_from_assignment(assign, concepts.elements)
+    return layer_norm(z @ c.T) * st["interp.ln_weight"] + st["interp.ln_bias"]
 
 
 def _explanation_frame(

@@ -1,6 +1,6 @@
 """Fused numba CPU kernel for the batched interpretation heads (METHOD §3).
 
-``masks._InterpHeads`` computes, for every head ``h`` and sample row ``b``::
+``masks.InterpHeads`` computes, for every head ``h`` and sample row ``b``::
 
     a      = ln_bias + base * ln_weight        (or a = base without affine)
     keep   = the M - k entries of largest |a|  (exactly M - k; among equal |a| the
@@ -20,9 +20,9 @@ Selection: the ``(k+1)``-th smallest ``|a|`` of a row is bracketed by counting p
 monotone in ``g`` for ``g >= 0``), starting from the previous row's threshold of the same
 head and narrowing by interpolation/bisection. It stops as soon as a probe has exactly
 ``k`` entries at or below it; otherwise the threshold value is exact and ties are broken
-by index, so exactly ``M - k`` entries are kept, as in ``masks._keep_mask``.
+by index, so exactly ``M - k`` entries are kept, as in ``masks.keep_mask``.
 
-Heads that keep few entries (at most ``_SPARSE_FRAC * M``, with K <= 16) take a sparse
+Heads that keep few entries (at most ``SPARSE_FRAC * M``, with K <= 16) take a sparse
 path: the kept indices are compacted (AVX-512 ``vpcompressd``) and the logits and
 gradients touch only those, with the weight transposed and padded to 16 classes.
 
@@ -31,7 +31,7 @@ so there are no races and the result does not depend on the thread count); the n
 of threads follows ``torch.get_num_threads()``. Gradient sums over the rows are
 accumulated in float32 blocks of ``_BLOCK`` rows and the blocks in float64.
 
-The kernel is used by :class:`iis_study.core.heads.masks._InterpHeads` on CPU float32
+The kernel is used by :class:`iis_study.core.heads.masks.InterpHeads` on CPU float32
 tensors when numba imports; ``IIS_FUSED=0`` in the environment disables it. Rows with
 NaN activations give unspecified (but memory-safe) results, as in the torch path.
 
@@ -56,10 +56,10 @@ try:  # numba is optional: without it the torch path is used
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
-from .fused_kernels import _KP, _SPARSE_FRAC
+from .fused_kernels import KP, SPARSE_FRAC
 
 if numba is not None:
-    from .fused_kernels import _backward_kernel, _cross_entropy_kernel, _forward_kernel
+    from .fused_kernels import backward_kernel, cross_entropy_kernel, forward_kernel
 
 _LOCK = threading.Lock()  # one kernel at a time (numba's workqueue layer is not thread-safe)
 _FORK_UNSAFE = False  # set in a forked child whose parent had started numba's GNU OpenMP pool
@@ -120,7 +120,7 @@ def _broadcast(shapes) -> tuple[int, ...] | None:
 
 
 def plan(base, ln_weight, ln_bias, weight, bias, ks) -> Plan | None:
-    """Flatten the inputs of ``_InterpHeads`` for the kernel, or ``None`` when it does not apply
+    """Flatten the inputs of ``InterpHeads`` for the kernel, or ``None`` when it does not apply
     (kernel disabled or unavailable, a tensor not CPU float32, unusual broadcasting)."""
     if not enabled():
         return None
@@ -201,7 +201,7 @@ def _order(n_heads: int, threads: int) -> np.ndarray:
 
 def _n_sparse(m: int, n_cls: int) -> int:
     """Heads keeping at most this many of ``m`` entries use the sparse path (none if K > 16)."""
-    return int(_SPARSE_FRAC * m) if n_cls <= _KP else 0
+    return int(SPARSE_FRAC * m) if n_cls <= KP else 0
 
 
 def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -216,7 +216,7 @@ def forward(p: Plan, save_state: bool) -> tuple[torch.Tensor, tuple[torch.Tensor
     state = torch.empty(lead + (2,), dtype=torch.int32)
     idx = torch.empty(lead + (width,), dtype=torch.int32)
     with _LOCK:
-        _forward_kernel(
+        forward_kernel(
             *_inputs(p),
             p.bias2.numpy(),
             p.ks,
@@ -258,7 +258,7 @@ def backward(
     g_lnb = buf((n_heads, m), need_lnb)
     g_base = buf((n_heads, p.n_rows, m), need_base)
     with _LOCK:
-        _backward_kernel(
+        backward_kernel(
             *_inputs(p),
             p.ks,
             _n_sparse(m, n_cls),
@@ -304,5 +304,5 @@ def cross_entropy(
     loss_rows = torch.empty(flat.shape[0], dtype=torch.float32)
     with _LOCK:
         _set_threads()
-        _cross_entropy_kernel(flat.numpy(), tgt.numpy(), np.float32(scale), grad.numpy(), loss_rows.numpy())
+        cross_entropy_kernel(flat.numpy(), tgt.numpy(), np.float32(scale), grad.numpy(), loss_rows.numpy())
     return loss_rows.sum() * scale, grad.view(logits.shape)

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised only without numba
 if numba is not None:
 
     @intrinsic
-    def _fma(typingctx, x, y, z):
+    def fma(typingctx, x, y, z):
         """``x * y + z`` with one rounding (as torch.addcmul on CPU)."""
         if not (x == types.float32 and y == types.float32 and z == types.float32):
             return None
@@ -37,7 +37,7 @@ if numba is not None:
         return sig, codegen
 
     @intrinsic
-    def _bits_to_f32(typingctx, x):
+    def bits_to_f32(typingctx, x):
         """The float32 whose bit pattern is the int32 ``x``."""
         if x != types.int32:
             return None
@@ -49,7 +49,7 @@ if numba is not None:
 
 
     @intrinsic
-    def _compress16(typingctx, v, start, out, n):
+    def compress16(typingctx, v, start, out, n):
         """Append to ``out[n:]`` the indices ``start + t`` (``t < 16``) with ``v[start + t] > 0.5``
         (one AVX-512 ``vpcompressd``); returns the new ``n``."""
         sig = types.int64(v, types.int64, out, types.int64)
@@ -93,7 +93,7 @@ if numba is not None:
         return builder.bitcast(builder.gep(arr.data, [offset]), v16.as_pointer())
 
     @intrinsic
-    def _axpy16(typingctx, y, y_off, x, x_off, alpha):
+    def axpy16(typingctx, y, y_off, x, x_off, alpha):
         """``y[y_off:y_off+16] += alpha * x[x_off:x_off+16]`` (flat offsets, one vector FMA)."""
         sig = types.void(y, types.int64, x, types.int64, types.float32)
 
@@ -118,7 +118,7 @@ if numba is not None:
         return sig, codegen
 
     @intrinsic
-    def _dot16(typingctx, x, x_off, y, y_off):
+    def dot16(typingctx, x, x_off, y, y_off):
         """``sum(x[x_off:x_off+16] * y[y_off:y_off+16])`` (flat offsets, one vector product)."""
         sig = types.float32(x, types.int64, y, types.int64)
 

@@ -19,15 +19,15 @@ _BLOCK = 32  # rows per float32 partial sum before adding into the float64 total
 _BLOCK_SPARSE = 128  # the same for sparse-path heads (few entries per row, a larger block)
 _INF_BITS = 0x7F800000  # bit pattern of +inf
 _STEP0 = 1 << 20  # first bracketing step in bit-pattern units (~ 1/8 of a binade)
-_SPARSE_FRAC = 0.15  # heads keeping <= this fraction of the M entries use the sparse path
-_KP = 16  # the sparse path pads the classes to 16 lanes (used when K <= 16)
+SPARSE_FRAC = 0.15  # heads keeping <= this fraction of the M entries use the sparse path
+KP = 16  # the sparse path pads the classes to 16 lanes (used when K <= 16)
 # 'reassoc' lets LLVM vectorise the dot products and row sums; no nnan/ninf, so NaNs
 # propagate as in torch. The selection works on integers and is unaffected.
 _FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
 
 
 if numba is not None:
-    from .fused_intrinsics import _axpy16, _bits_to_f32, _compress16, _dot16, _fma
+    from .fused_intrinsics import axpy16, bits_to_f32, compress16, dot16, fma
 
     @njit(cache=True, fastmath=_FASTMATH)
     def _count_le(v, m, g):
@@ -109,7 +109,7 @@ if numba is not None:
         while True:
             if g <= lo or g >= hi:
                 g = lo + (hi - lo) // 2
-            gf = _bits_to_f32(np.int32(g))
+            gf = bits_to_f32(np.int32(g))
             c = _count_le(v, m, gf)
             width = hi - lo
             if c == k:
@@ -118,7 +118,7 @@ if numba is not None:
                 return np.int32(g), np.int32(g), np.int32(0)
             if c == target:
                 thr = _max_le(vi, m, np.int32(g))
-                return np.int32(g), thr, _keep_from_thr(v, kf, m, k, _bits_to_f32(thr))
+                return np.int32(g), thr, _keep_from_thr(v, kf, m, k, bits_to_f32(thr))
             if c > target:
                 hi = g
                 c_hi = c
@@ -129,7 +129,7 @@ if numba is not None:
                 have_lo = True
             if hi - lo <= 1:
                 thr = np.int32(hi)
-                return thr, thr, _keep_from_thr(v, kf, m, k, _bits_to_f32(thr))
+                return thr, thr, _keep_from_thr(v, kf, m, k, bits_to_f32(thr))
             if not have_hi:
                 g = lo + step
                 step *= 2
@@ -168,7 +168,7 @@ if numba is not None:
         """``a = lnb + x * lnw`` (one rounding, as torch.addcmul) or ``a = x``; ``v = |a|``."""
         if affine:
             for i in range(m):
-                t = _fma(x[i], lnw_h[i], lnb_h[i])
+                t = fma(x[i], lnw_h[i], lnb_h[i])
                 a[i] = t
                 v[i] = abs(t)
         else:
@@ -183,7 +183,7 @@ if numba is not None:
         n = np.int64(0)
         i = np.int64(0)
         while i + 16 <= m:
-            n = _compress16(kf, i, ix, n)
+            n = compress16(kf, i, ix, n)
             i += 16
         while i < m:
             if kf[i] > 0.5:
@@ -208,19 +208,19 @@ if numba is not None:
         acc[:, :] = 0.0
         t = 0
         while t + 3 < n:
-            _axpy16(acc, 0, wt, np.int64(ix[t]) * _KP, a[ix[t]])
-            _axpy16(acc, _KP, wt, np.int64(ix[t + 1]) * _KP, a[ix[t + 1]])
-            _axpy16(acc, 2 * _KP, wt, np.int64(ix[t + 2]) * _KP, a[ix[t + 2]])
-            _axpy16(acc, 3 * _KP, wt, np.int64(ix[t + 3]) * _KP, a[ix[t + 3]])
+            axpy16(acc, 0, wt, np.int64(ix[t]) * KP, a[ix[t]])
+            axpy16(acc, KP, wt, np.int64(ix[t + 1]) * KP, a[ix[t + 1]])
+            axpy16(acc, 2 * KP, wt, np.int64(ix[t + 2]) * KP, a[ix[t + 2]])
+            axpy16(acc, 3 * KP, wt, np.int64(ix[t + 3]) * KP, a[ix[t + 3]])
             t += 4
         while t < n:
-            _axpy16(acc, 0, wt, np.int64(ix[t]) * _KP, a[ix[t]])
+            axpy16(acc, 0, wt, np.int64(ix[t]) * KP, a[ix[t]])
             t += 1
         for j in range(out.shape[0]):
             out[j] = (acc[0, j] + acc[1, j]) + (acc[2, j] + acc[3, j]) + bias_h[j]
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-    def _forward_kernel(base, base_idx, lnw, lnb, affine, weight, bias, ks, n_sparse, order, logits, state, idx):
+    def forward_kernel(base, base_idx, lnw, lnb, affine, weight, bias, ks, n_sparse, order, logits, state, idx):
         """Logits (H, B, K) of every head.
 
         Heads keeping at most ``n_sparse`` entries (``0 < k < M``) use the sparse path:
@@ -233,7 +233,7 @@ if numba is not None:
         n_heads, n_cls, m = weight.shape
         n_rows = base.shape[1]
         save = state.shape[0] > 0
-        kp = _KP
+        kp = KP
         for oi in prange(n_heads):
             h = order[oi]
             a = np.empty(m, np.float32)
@@ -275,16 +275,16 @@ if numba is not None:
     @njit(cache=True, fastmath=_FASTMATH)
     def _sparse_row(x, lnw_h, lnb_h, affine, kf, sp, m, thr_bits, tie):
         """Rebuild a dense-path row's keep-mask ``kf`` and ``sp = a * kf`` from its saved state."""
-        thr = _bits_to_f32(thr_bits)
+        thr = bits_to_f32(thr_bits)
         if affine:
             if tie < 0:
                 for i in range(m):
-                    t = _fma(x[i], lnw_h[i], lnb_h[i])
+                    t = fma(x[i], lnw_h[i], lnb_h[i])
                     kf[i] = np.float32(1.0) if abs(t) >= thr else np.float32(0.0)
                     sp[i] = t * kf[i]
             else:
                 for i in range(m):
-                    t = _fma(x[i], lnw_h[i], lnb_h[i])
+                    t = fma(x[i], lnw_h[i], lnb_h[i])
                     kf[i] = np.float32(1.0) if abs(t) > thr else np.float32(0.0)
                     sp[i] = t * kf[i]
         else:
@@ -299,14 +299,14 @@ if numba is not None:
         if tie > 0:  # rare: ties straddle the threshold
             if affine:
                 for i in range(m):
-                    sp[i] = abs(_fma(x[i], lnw_h[i], lnb_h[i]))
+                    sp[i] = abs(fma(x[i], lnw_h[i], lnb_h[i]))
             else:
                 for i in range(m):
                     sp[i] = abs(x[i])
             _apply_ties(sp, kf, m, thr, tie)
             if affine:
                 for i in range(m):
-                    sp[i] = _fma(x[i], lnw_h[i], lnb_h[i]) * kf[i]
+                    sp[i] = fma(x[i], lnw_h[i], lnb_h[i]) * kf[i]
             else:
                 for i in range(m):
                     sp[i] = x[i] * kf[i]
@@ -342,13 +342,13 @@ if numba is not None:
             i = ix[t]
             xi = x[i]
             if affine:
-                ai = _fma(xi, lnw_h[i], lnb_h[i])
+                ai = fma(xi, lnw_h[i], lnb_h[i])
             else:
                 ai = xi
             if need_w:
-                _axpy16(blk_wt, np.int64(i) * _KP, g16, 0, ai)
+                axpy16(blk_wt, np.int64(i) * KP, g16, 0, ai)
             if need_a:
-                s = _dot16(g16, 0, wt, np.int64(i) * _KP)
+                s = dot16(g16, 0, wt, np.int64(i) * KP)
                 if need_lnb:
                     blk_lnb[i] += s
                 if need_lnw:
@@ -357,7 +357,7 @@ if numba is not None:
                     gb_row[i] = s * lnw_h[i] if affine else s
 
     @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-    def _backward_kernel(
+    def backward_kernel(
         base, base_idx, lnw, lnb, affine, weight, ks, n_sparse, order, state, idx, grad,
         need_w, need_b, need_lnw, need_lnb, need_base,
         g_w, g_b, g_lnw, g_lnb, g_base,
@@ -365,7 +365,7 @@ if numba is not None:
         n_heads, n_cls, m = weight.shape
         n_rows = grad.shape[1]
         need_a = need_lnw or need_lnb or need_base
-        kp = _KP
+        kp = KP
         for oi in prange(n_heads):
             h = order[oi]
             k = ks[h]
@@ -418,7 +418,7 @@ if numba is not None:
                         if k == 0:
                             if affine:
                                 for i in range(m):
-                                    sp[i] = _fma(x[i], lnw_h[i], lnb_h[i])
+                                    sp[i] = fma(x[i], lnw_h[i], lnb_h[i])
                             else:
                                 for i in range(m):
                                     sp[i] = x[i]
@@ -488,7 +488,7 @@ if numba is not None:
 
 
     @njit(cache=True, parallel=True)
-    def _cross_entropy_kernel(logits, target, scale, grad, loss_rows):
+    def cross_entropy_kernel(logits, target, scale, grad, loss_rows):
         """Per row ``r`` of ``logits`` (R, K): ``loss_rows[r] = logsumexp - logit[target]`` and
         ``grad[r] = scale * (softmax - onehot)`` with subnormal entries set to zero."""
         n_rows, n_cls = logits.shape

@@ -2,8 +2,8 @@
 
 :func:`n_dropped` (``k = floor(s * M)``, exact), :func:`sparsify` and the keep-masks behind it
 (exactly ``M - k`` entries of largest ``|a|`` per row, ties broken by index);
-:class:`_InterpHeads`, every interpretation head's ``[affine] -> sparsify -> linear`` in one
-op (the fused numba kernel of :mod:`.fused` on CPU float32), and :class:`_SumCrossEntropy`,
+:class:`InterpHeads`, every interpretation head's ``[affine] -> sparsify -> linear`` in one
+op (the fused numba kernel of :mod:`.fused` on CPU float32), and :class:`SumCrossEntropy`,
 the summed cross-entropy of many heads at once.
 """
 
@@ -73,7 +73,7 @@ def _tie_break(v: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tie & (tie.cumsum(-1) <= need))
 
 
-def _keep_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+def keep_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``M - k`` entries of largest ``|a|`` per row (last axis).
 
     Exactly ``M - k`` entries per row are kept; ties are broken by index (among equal
@@ -111,7 +111,7 @@ def _grouped_keep(a: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     if a.device.type != "cpu" or not a.is_contiguous():
         for g, kg in enumerate(ks):
-            out[g].copy_(_keep_mask(a[g], int(kg)))
+            out[g].copy_(keep_mask(a[g], int(kg)))
         return out
     a_np, out_np = a.detach().numpy(), out.numpy()
     m = a.shape[-1]
@@ -168,10 +168,10 @@ def sparsify(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
         flat = a.reshape((k.numel(),) + tuple(a.shape[k.ndim :]))
         keep = _grouped_keep(flat.detach().contiguous(), [int(x) for x in k.reshape(-1).tolist()])
         return a * keep.reshape(a.shape)
-    return a * _keep_mask(a, int(k)).to(a.dtype)
+    return a * keep_mask(a, int(k)).to(a.dtype)
 
 
-class _InterpHeads(torch.autograd.Function):
+class InterpHeads(torch.autograd.Function):
     """All interpretation heads in one op: ``[affine] -> sparsify -> linear`` (METHOD §3).
 
     Inputs broadcast to the activation shape (G, ..., B, M): ``base`` (normalised concept
@@ -190,7 +190,7 @@ class _InterpHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, ln_weight, ln_bias, weight, bias, ks, track=True):  # type: ignore[override]
-        plan = _InterpHeads._fused_plan(base, ln_weight, ln_bias, weight, bias, ks)
+        plan = InterpHeads._fused_plan(base, ln_weight, ln_bias, weight, bias, ks)
         ctx.fused = plan is not None
         if plan is not None:
             from . import fused
@@ -216,7 +216,7 @@ class _InterpHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         if ctx.fused:
-            return _InterpHeads._fused_backward(ctx, grad)
+            return InterpHeads._fused_backward(ctx, grad)
         base, ln_weight, sparse, keep, weight = ctx.saved_tensors
         need_base, need_lnw, need_lnb, need_w, need_b = ctx.needs_input_grad[:5]
         g_base = g_lnw = g_lnb = g_w = g_b = None
@@ -264,12 +264,12 @@ class _InterpHeads(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _apply_heads(
+def apply_heads(
     base: torch.Tensor, params: dict[str, torch.Tensor], prefix: str, affine: bool, ks: Sequence[int]
 ) -> torch.Tensor:
-    """:class:`_InterpHeads` on ``base`` with the parameters ``<prefix>weight``, ``<prefix>bias`` and,
+    """:class:`InterpHeads` on ``base`` with the parameters ``<prefix>weight``, ``<prefix>bias`` and,
     with an affine, ``<prefix>ln_weight`` / ``<prefix>ln_bias``."""
-    return _InterpHeads.apply(
+    return InterpHeads.apply(
         base,
         params[prefix + "ln_weight"].unsqueeze(-2) if affine else None,
         params[prefix + "ln_bias"].unsqueeze(-2) if affine else None,
@@ -280,7 +280,7 @@ def _apply_heads(
     )
 
 
-class _SumCrossEntropy(torch.autograd.Function):
+class SumCrossEntropy(torch.autograd.Function):
     """``scale * sum(cross_entropy(logits, target))`` over all leading axes, for many heads at once.
 
     The same value and gradient (``scale * (softmax - onehot)``) as

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..store import ShardedArray
-from .activations import _concepts_from_assignment, _concepts_to, _gumbel_noise, _hard_assignment
+from ..representations.store import ShardedArray
+from .activations import concepts_from_assignment, concepts_to, gumbel_noise, hard_assignment
 from .masks import flush_denormals, n_dropped, sparsify
 from .seeds import (
-    _data_seed,
-    _eval_chunks,
-    _generator,
-    _gumbel_seed,
-    _init_head,
-    _shard_batches,
-    _to_device,
-    _train_mean,
+    data_seed,
+    eval_chunks,
+    generator,
+    gumbel_seed,
+    init_head,
+    shard_batches,
+    to_device,
+    train_mean,
 )
 from .datatypes import ConceptSpace, HeadKind, SingleHeadResult, Split, SweepParams
 from ..device import resolve_device
@@ -71,9 +71,9 @@ class _InterpModule(nn.Module):
     def concept_matrix(self) -> torch.Tensor:
         if self.kind == "vectors":
             return self.vectors
-        noise = _gumbel_noise(tuple(self.q.shape), self.gen, self.device_name) if self.training else None
-        assign = _hard_assignment(self.q, self.tau, noise, self.q_ln.weight, self.q_ln.bias)
-        return _concepts_from_assignment(assign, self.elements)
+        noise = gumbel_noise(tuple(self.q.shape), self.gen, self.device_name) if self.training else None
+        assign = hard_assignment(self.q, self.tau, noise, self.q_ln.weight, self.q_ln.bias)
+        return concepts_from_assignment(assign, self.elements)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "projection":
@@ -105,17 +105,17 @@ def train_single_head(
     """
     dev = resolve_device(config.device, "sweep.device")
     dim = train.x.shape[1]
-    train, val, test = (_to_device(s, dev) for s in (train, val, test))
+    train, val, test = (to_device(s, dev) for s in (train, val, test))
     budget = config.plan(train.x.shape[0])
-    shift = _train_mean(train.x, dev) if head == "probe" and config.probe_centering else None
+    shift = train_mean(train.x, dev) if head == "probe" and config.probe_centering else None
     model = _build_reference(head, concepts, num_classes, seed, sparsity, lr, dim, config, shift)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=budget.gamma)
-    gen = _generator(_data_seed(seed), "cpu")
+    gen = generator(data_seed(seed), "cpu")
     val_curve, test_curve, test_hist = [], [], []
     def batches():
         if isinstance(train.x, ShardedArray):
-            yield from _shard_batches(train.x, train.y, gen, budget.batch_size, dev)
+            yield from shard_batches(train.x, train.y, gen, budget.batch_size, dev)
             return
         perm = torch.randperm(train.x.shape[0], generator=gen).to(dev)
         for start in range(0, perm.shape[0], budget.batch_size):
@@ -124,7 +124,7 @@ def train_single_head(
 
     def predict(x: torch.Tensor | ShardedArray) -> torch.Tensor:
         if isinstance(x, ShardedArray):
-            return torch.cat([model(rows.to(dev)).argmax(-1) for _, rows in _eval_chunks(x)])
+            return torch.cat([model(rows.to(dev)).argmax(-1) for _, rows in eval_chunks(x)])
         return model(x).argmax(-1)
 
     for _ in range(budget.epochs):
@@ -167,19 +167,19 @@ def _build_reference(
     dev = resolve_device(config.device, "sweep.device")
     if head == "probe":
         model: nn.Module = _ProbeModule(dim, num_classes, shift)
-        init = _init_head("probe", seed, None, lr, dim, num_classes, None, dev)
+        init = init_head("probe", seed, None, lr, dim, num_classes, None, dev)
         lin = model.linear
     elif head == "interp":
         if concepts is None or sparsity is None:
             raise ValueError("head='interp' needs concepts and sparsity")
         concepts.validate(dim)
-        concepts = _concepts_to(concepts, dev)
+        concepts = concepts_to(concepts, dev)
         m = concepts.m
         e2e = concepts.kind == "end_to_end"
-        gen = _generator(_gumbel_seed(seed, sparsity, lr), dev) if e2e else None
+        gen = generator(gumbel_seed(seed, sparsity, lr), dev) if e2e else None
         model = _InterpModule(concepts, n_dropped(sparsity, m), num_classes, config.gumbel_tau, gen, dev)
         n_el = int(concepts.elements.shape[0]) if e2e and concepts.elements is not None else None
-        init = _init_head("interp", seed, sparsity, lr, m, num_classes, n_el, dev)
+        init = init_head("interp", seed, sparsity, lr, m, num_classes, n_el, dev)
         lin = model.linear
         with torch.no_grad():
             if model.ln is not None:

@@ -4,7 +4,7 @@ Every random choice of a head -- its initial parameters, its seed's data order, 
 noise -- comes from a ``torch.Generator`` seeded by :func:`derive_seed` from the head's
 identity, so that the batched sweep and the single-head reference
 (:func:`~iis_study.core.heads.train_single_head`) draw the same numbers. Sharded (on-disk)
-splits are read shard by shard (:func:`_shard_batches`, :func:`_eval_chunks`).
+splits are read shard by shard (:func:`shard_batches`, :func:`eval_chunks`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store import ShardedArray
+from ..representations.store import ShardedArray
 from .datatypes import HeadKind, Split
 
 _EVAL_CHUNK = 1024
@@ -43,19 +43,19 @@ def _head_init_seed(seed: int, head: HeadKind, sparsity: float | None, lr: float
     return derive_seed("init", int(seed), head, float("nan") if sparsity is None else sparsity, lr)
 
 
-def _gumbel_seed(seed: int, sparsity: float, lr: float) -> int:
+def gumbel_seed(seed: int, sparsity: float, lr: float) -> int:
     return derive_seed("gumbel", int(seed), float(sparsity), float(lr))
 
 
-def _data_seed(seed: int) -> int:
+def data_seed(seed: int) -> int:
     return derive_seed("data", int(seed))
 
 
-def _generator(seed: int, device: str) -> torch.Generator:
+def generator(seed: int, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _init_head(
+def init_head(
     head: HeadKind,
     seed: int,
     sparsity: float | None,
@@ -70,7 +70,7 @@ def _init_head(
     End-to-end heads: ``q`` from a truncated normal with std 0.02 (``nn.init.trunc_normal_``, as
     the authors' code), and the affine of the LayerNorm on ``q`` (ones, zeros).
     """
-    gen = _generator(_head_init_seed(seed, head, sparsity, lr), "cpu")
+    gen = generator(_head_init_seed(seed, head, sparsity, lr), "cpu")
     bound = 1.0 / math.sqrt(d_in)
     out = {
         "weight": torch.empty(num_classes, d_in).uniform_(-bound, bound, generator=gen),
@@ -86,7 +86,7 @@ def _init_head(
     return {k: v.to(device) for k, v in out.items()}
 
 
-def _to_device(split: Split, device: str) -> Split:
+def to_device(split: Split, device: str) -> Split:
     """Labels (and in-memory features) on ``device``; sharded features stay on disk."""
     y = split.y.to(device=device, dtype=torch.long)
     if isinstance(split.x, ShardedArray):
@@ -94,7 +94,7 @@ def _to_device(split: Split, device: str) -> Split:
     return Split(split.x.to(device=device, dtype=torch.float32), y)
 
 
-def _shard_batches(
+def shard_batches(
     x: ShardedArray, y: torch.Tensor, gen: torch.Generator, batch_size: int, device: str
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of minibatches ``(x, y)`` of a sharded split for one seed.
@@ -135,7 +135,7 @@ def _shard_batches(
         yield carry
 
 
-def _eval_chunks(x: torch.Tensor | ShardedArray) -> Iterator[tuple[int, torch.Tensor]]:
+def eval_chunks(x: torch.Tensor | ShardedArray) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, rows)`` chunks of at most ``_EVAL_CHUNK`` rows, in order (shard by shard)."""
     if isinstance(x, ShardedArray):
         for start, rows in x.iter_blocks():
@@ -146,7 +146,7 @@ def _eval_chunks(x: torch.Tensor | ShardedArray) -> Iterator[tuple[int, torch.Te
             yield i, x[i : i + _EVAL_CHUNK]
 
 
-def _train_mean(x: torch.Tensor | ShardedArray, device: str) -> torch.Tensor:
+def train_mean(x: torch.Tensor | ShardedArray, device: str) -> torch.Tensor:
     """Mean of the training features (D,), accumulated in float64 (shard by shard on disk)."""
     if isinstance(x, ShardedArray):
         total = torch.zeros(x.shape[1], dtype=torch.float64)

@@ -2,7 +2,7 @@
 
 Dataset level: pick source images and cut them into concept elements (patches, segments).
 Representation level: embed the elements (the feature extraction code and cache), then turn the
-embeddings into a concept space for each concept type. The science: :mod:`iis_study.core.acquisition`.
+embeddings into a concept space for each concept type. The science: :mod:`iis_study.core.concepts.acquisition`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from typing import Any
 
 import pandas as pd
 
-from iis_study.core import acquisition
-from iis_study.core.acquisition import ConceptSet
-from iis_study.core.concepts import Elements
-from iis_study.core.config import ConceptParams, ExtractionParams
+from iis_study.core.concepts import acquisition
+from iis_study.core.concepts.acquisition import ConceptSet
+from iis_study.core.concepts.elements import Elements
+from iis_study.core.concepts.blocks import ConceptParams
+from iis_study.core.representations.blocks import ExtractionParams
 from iis_study.core.data import ImageSet
-from iis_study.core.extraction import embed_elements
-from iis_study.core.nulls import ConceptDraws
-from iis_study.core.features import Embeddings, FeatureCache, FeatureSet
+from iis_study.core.representations.extraction import embed_elements
+from iis_study.core.concepts.nulls import ConceptDraws
+from iis_study.core.representations.features import Embeddings, FeatureCache, FeatureSet
 
 
 def select_concept_sources(splits: pd.DataFrame, concepts: ConceptParams) -> pd.DataFrame:
@@ -34,7 +35,7 @@ def build_concept_elements(sources: pd.DataFrame, images: ImageSet, concepts: Co
 def embed_concept_elements(
     elements: Elements, feature_cache: FeatureCache, backbone: dict[str, Any], extraction: ExtractionParams
 ) -> Embeddings:
-    """The concept elements embedded by the representation: :func:`~iis_study.core.extraction.embed_elements`."""
+    """The concept elements embedded by the representation: :func:`~iis_study.core.representations.extraction.embed_elements`."""
     return embed_elements(backbone, elements, feature_cache, extraction)
 
 

@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Pipeline, node
 
-from iis_study.core.nulls import DRAWN_TYPES
+from iis_study.core.concepts.nulls import DRAWN_TYPES
 
 from ..namespaces import per_backbone
 from .nodes import (
@@ -57,7 +57,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
         if ctype not in CONCEPT_BUILDERS:
             raise ValueError(f"concepts.types: unknown concept type {ctype!r}; expected some of {list(CONCEPT_BUILDERS)}")
         func, inputs = CONCEPT_BUILDERS[ctype]
-        nodes.append(node(func, inputs, f"concepts_{ctype}", name=f"build_{ctype}_concepts"))
+        nodes.append(node(func, inputs, f"concepts_{ctype}", name=func.__name__))
     nodes.append(
         node(
             draw_concepts,
@@ -67,7 +67,7 @@ def base_pipeline(concept_types: Iterable[str]) -> Pipeline:
                 **{ctype: f"concepts_{ctype}" for ctype in concept_types if ctype in DRAWN_TYPES},
             },
             "concept_draws",
-            name="draw_concepts_and_nulls",
+            name="draw_concepts",
         )
     )
     return Pipeline(nodes)

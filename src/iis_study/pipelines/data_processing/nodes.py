@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from iis_study.core.config import SplitParams
+from iis_study.core.data import SplitParams
 from iis_study.core.data import ImageSet, split_table
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import pandas as pd
 
 from iis_study.core import finetune
-from iis_study.core.acquisition import ConceptSet
-from iis_study.core.concepts import Elements
+from iis_study.core.concepts.acquisition import ConceptSet
+from iis_study.core.concepts.elements import Elements
 from iis_study.core.data import ImageSet
 from iis_study.core.finetune import CheckpointStore, FineTuningParams
 
@@ -39,7 +39,7 @@ def summarise_fine_tuning(fine_tuning_results: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_fine_tuning(fine_tuning_results: pd.DataFrame):
-    """Test accuracy and IIS over epochs for both arms: :func:`~iis_study.core.plots.fine_tuning_curves`."""
-    from iis_study.core import plots
+    """Test accuracy and IIS over epochs for both arms: :func:`~iis_study.core.reporting.plots.fine_tuning_curves`."""
+    from iis_study.core.reporting import plots
 
     return plots.fine_tuning_curves(fine_tuning_results)

@@ -74,7 +74,7 @@ def base_pipeline(concept_types: Iterable[str], backbone: str = "") -> Pipeline:
                 [f"sweep_{ctype}", f"draws_{ctype}", "probe_reference", "params:scoring", "weight_sparsity_path",
                  "params:weight_sparsity"],
                 [f"scores_{ctype}", f"curve_{ctype}"],
-                name=f"score_{ctype}_interpreters",
+                name=f"score_interpreters_{ctype}",
             )
         )
     return Pipeline(nodes)

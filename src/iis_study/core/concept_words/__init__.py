@@ -1,1 +1,0 @@
-"""Concept word lists shipped with the project (data files, read by ``core.textual``)."""

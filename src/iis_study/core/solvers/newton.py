@@ -1,0 +1,283 @@
+"""Batched truncated Newton for the convex heads: the multinomial L2 problem of :mod:`.lbfgs` in tens of steps.
+
+Same problem, same certificate as :mod:`.lbfgs` (the largest entry of a head's float64 gradient is at most
+``tol``), another path to it. Each Newton step solves ``H d = -g`` approximately by preconditioned conjugate
+gradients (Hessian-free, as liblinear's TRON and scikit-learn's ``newton-cg``), then takes the step with a
+backtracking (Armijo) line search on the float64 objective. A Hessian-vector product costs what a gradient
+costs -- two batched matrix products -- and never builds the ``K(F+1)``-square Hessian
+``Σ_n (diag p_n - p_n p_nᵀ) ⊗ x_n x_nᵀ / N + λ``:
+
+    u_n = V x_n,   (Hv)_k = Σ_n p_nk (u_nk - p_nᵀu_n) x_n / N + λ v_k.
+
+The products inside the conjugate gradients run in float32 (a search direction needs no more); the objective,
+the gradient and so the certificate are float64.
+
+The preconditioner is the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 - p_k)) [X 1] / N + λ I`` at the
+strength's warm start, inverted once per strength and projected onto ``Σ_k v_k = 0`` (:class:`ClassBlocks`).
+
+Only the solve of one L2 strength lives here: :func:`newton` is the inner solver of
+:func:`~iis_study.core.solvers.lbfgs.solve_logistic`, which walks the strengths with warm starts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ARMIJO = 1e-4
+MAX_LINE_SEARCH = 40
+BLOCK_BYTES = 256 * 2**20  # the preconditioner's blocks are built this many bytes of weighted rows at a time
+MAX_CG = 200  # per Newton step; a step with fewer converged CG iterations is still a descent direction
+# the class blocks cost K·N·(F+1)² to build and K·(F+1)² floats to keep: Newton up to this many columns (the
+# concept heads, M + 1 = 201); a wider design (a probe on 1,280 features) is L-BFGS's
+MAX_FEATURES = 512
+FORCING = 0.1  # CG stops at relative residual min(FORCING, sqrt(|g|)): superlinear near the optimum ...
+TARGET = 0.3  # ... or once the gradient it predicts is within TARGET x the tolerance
+
+
+class DenseDesign:
+    """The materialised design of some groups in float64 (the objective) and, with its column of ones,
+    ``[X 1]`` in float32 (the products and the preconditioner)."""
+
+    def __init__(self, x64: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+        self.x64 = x64  # (G, N, F)
+        self.n = x64.shape[1]
+        self.xa32 = torch.cat([x64, torch.ones_like(x64[..., :1])], dim=-1).float()  # (G, N, F+1)
+        self.y = y.long()
+        self.onehot64 = torch.nn.functional.one_hot(self.y, num_classes).T.to(torch.float64)  # (K, N)
+
+
+def _logits(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``W xᵀ + b`` laid out (H, K, N), so reductions over classes run across contiguous rows."""
+    f = x.shape[-1]
+    return torch.baddbmm(theta[..., f:], theta[..., :f], x.transpose(1, 2))
+
+
+def loss_grad(
+    design: DenseDesign, groups: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (H,), gradient (H, K, F+1) and the softmax (H, K, N) of the heads ``theta`` (H, K, F+1), float64,
+    head ``h`` reading design group ``groups[h]`` with L2 strength ``lam[h]`` (per sample)."""
+    x = design.x64[groups]
+    f = x.shape[-1]
+    z = _logits(x, theta)
+    zmax = z.amax(dim=1, keepdim=True)
+    e = (z - zmax).exp_()
+    s = e.sum(dim=1, keepdim=True)
+    lse = s.log() + zmax  # (H, 1, N)
+    y = design.onehot64
+    loss = (lse.squeeze(1) - (z * y).sum(dim=1)).mean(dim=1)
+    p = e.div_(s)
+    r = p - y
+    w = theta[..., :f]
+    loss = loss + 0.5 * lam * (w * w).sum(dim=(1, 2))
+    grad = torch.empty_like(theta)
+    grad[..., :f] = torch.bmm(r, x) / design.n + lam.view(-1, 1, 1) * w
+    grad[..., f] = r.mean(dim=2)
+    return loss, grad, p
+
+
+def _hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, n: int) -> torch.Tensor:
+    """``H v`` per head, float32: ``xa`` (H, N, F+1) the design with its column of ones, ``p`` (H, K, N) the
+    softmax, ``v`` (H, K, F+1) (the bias last, not penalised)."""
+    u = torch.bmm(v, xa.transpose(1, 2))  # (H, K, N)
+    pu = p * u
+    jv = pu.sub_(p * pu.sum(dim=1, keepdim=True))
+    out = torch.bmm(jv, xa).div_(n)
+    out[..., :-1] += lam.view(-1, 1, 1) * v[..., :-1]
+    return out
+
+
+class ClassBlocks:
+    """The preconditioner: the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 - p_k)) [X 1] / N + λ I`` at
+    one iterate, inverted (float32), applied block by block and projected onto ``Σ_k v_k = 0``.
+
+    The projection matters: the data term has no curvature along a shift of every class's weights by the same
+    vector (the softmax does not see it), only the penalty's ``λ``. Block-Jacobi scales the classes differently,
+    so without it the conjugate gradients leak into that nearly flat subspace and stall (measured: 5-8x more
+    products at C >= 10). Gradient and Hessian-vector products of a point with ``Σ_k w_k = 0`` (every iterate
+    from a zero or warm start: the optimum lies there) stay in it, so the projected preconditioner is exact
+    on the subspace that matters. The blocks are built once per L2 strength at its warm start ("lagged"); a
+    block costs ``N (F+1)²`` per class, about (F+1)/2 Hessian-vector products, so building them every Newton
+    step costs more than it saves."""
+
+    def __init__(self, design: "DenseDesign", groups: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
+        xa = design.xa32
+        h, k, n = p.shape
+        f1 = xa.shape[-1]
+        curv = (p * (1.0 - p)).float()  # (H, K, N)
+        blocks = torch.empty(h, k, f1, f1, dtype=torch.float32, device=p.device)
+        chunk = max(1, BLOCK_BYTES // (k * n * f1 * 4))
+        for i in range(0, h, chunk):
+            x = xa[groups[i : i + chunk]]  # (h', N, F+1)
+            w = curv[i : i + chunk].unsqueeze(2) * x.transpose(1, 2).contiguous().unsqueeze(1)  # (h', K, F+1, N)
+            # one product per head, every class's rows stacked: (h', K(F+1), N) @ (h', N, F+1)
+            blocks[i : i + chunk] = torch.bmm(w.reshape(-1, k * f1, n), x).view(-1, k, f1, f1)
+        blocks = blocks.double().div_(n)
+        blocks.diagonal(dim1=-2, dim2=-1).add_(lam.view(-1, 1, 1) + 1e-12)
+        # LAPACK rounds differently on 1 and 2 threads, and the preconditioner steers the iterates: one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            chol, info = torch.linalg.cholesky_ex(blocks)
+            if bool((info != 0).any()):  # rounding on a nearly flat block: a relative jitter
+                bad = info != 0
+                blocks[bad] += 1e-8 * blocks[bad].diagonal(dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1) * torch.eye(
+                    f1, dtype=blocks.dtype, device=blocks.device)
+                chol = torch.linalg.cholesky(blocks)
+            self.inv = torch.cholesky_inverse(chol).float()
+        finally:
+            torch.set_num_threads(threads)
+
+    def select(self, idx: torch.Tensor) -> "ClassBlocks":
+        out = object.__new__(ClassBlocks)
+        out.inv = self.inv[idx]
+        return out
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        z = torch.matmul(self.inv, r.unsqueeze(-1)).squeeze(-1)
+        return z.sub_(z.mean(dim=1, keepdim=True))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=(1, 2))
+
+
+def _cg(
+    design: DenseDesign, groups: torch.Tensor, p: torch.Tensor, pre: ClassBlocks, lam: torch.Tensor, g: torch.Tensor,
+    eta: torch.Tensor, target: float, max_cg: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preconditioned conjugate gradients on ``H d = -g`` per head, float32, until ``|r| <= eta |g|`` (or a
+    head's curvature along its direction is not positive). Returns ``d`` (float64) and each head's products."""
+    xa = design.xa32[groups]
+    b = -g.float()
+    lam32 = lam.float()
+    d = torch.zeros_like(b)
+    r = b.clone()
+    z = pre(r)
+    s = z.clone()
+    rz = _dot(r, z)
+    goal = eta.float() * b.flatten(1).norm(dim=1)
+    live = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+    products = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+    for _ in range(max_cg):
+        hs = _hess_vec(xa, p, s, lam32, design.n)
+        products += live.long()
+        shs = _dot(s, hs)
+        ok = live & (shs > 0)
+        alpha = torch.where(ok, rz / torch.where(ok, shs, 1.0), 0.0)
+        d += alpha.view(-1, 1, 1) * s
+        r -= alpha.view(-1, 1, 1) * hs
+        # the residual is the gradient the quadratic model predicts after the step: stop once it is
+        # within a fraction of the tolerance, or relatively small (the forcing term)
+        live = ok & (r.flatten(1).norm(dim=1) > goal) & (r.abs().flatten(1).amax(dim=1) > target)
+        if not bool(live.any()):
+            break
+        z = pre(r)
+        rz_new = _dot(r, z)
+        beta = torch.where(live, rz_new / torch.where(live, rz, 1.0), 0.0)
+        s = z + beta.view(-1, 1, 1) * s
+        rz = rz_new
+    return d.double(), products
+
+
+def newton(
+    design: DenseDesign,
+    theta: torch.Tensor,
+    groups: torch.Tensor,
+    lam: float,
+    tol: float,
+    max_iter: int,
+    iters: torch.Tensor,
+    stalled: torch.Tensor,
+    products: torch.Tensor,
+    max_cg: int = MAX_CG,
+) -> None:
+    """Truncated Newton on ``theta`` (H, K, F+1) in place, head ``h`` of design group ``groups[h]``, all at the
+    per-sample L2 strength ``lam``, until each head's largest gradient entry is within ``tol``, its line search
+    finds no decrease (``stalled``) or ``max_iter`` steps (``iters``); ``products`` counts each head's
+    Hessian-vector products. Heads that finish leave the batch."""
+    threads = torch.get_num_threads()
+    try:
+        _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products, max_cg, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _retire(
+    theta: torch.Tensor, live: torch.Tensor, out: torch.Tensor, state: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Write the heads ``out`` (a mask over the live heads) back into ``theta`` and drop them from the batch:
+    ``state[0]`` is the iterate, every entry of ``state`` is indexed by live head."""
+    theta[live[out]] = state[0][out]
+    keep = (~out).nonzero().flatten()
+    return live[keep], tuple(t[keep] for t in state)
+
+
+def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products, max_cg, threads) -> None:
+    h_all = theta.shape[0]
+    live = torch.arange(h_all, device=theta.device)
+    lam_t = torch.full((h_all,), lam, dtype=torch.float64, device=theta.device)
+    x = theta.clone()
+    torch.set_num_threads(1 if h_all < 2 else threads)
+    f, g, p = loss_grad(design, groups, x, lam_t)
+    pre_all = pre = pre_for = None
+    for _ in range(max_iter):
+        gmax = g.abs().flatten(1).amax(dim=1)
+        act = gmax > tol
+        if not bool(act.all()):
+            live, (x, f, g, p, lam_t) = _retire(theta, live, ~act, (x, f, g, p, lam_t))
+            if live.numel() == 0:
+                return
+        # a batched product of one head is split across threads inside its matrix product, which rounds
+        # differently on 1 and 2 threads (measured); a batch of two or more is split by head: the same bits
+        torch.set_num_threads(1 if live.numel() < 2 else threads)
+        grp = groups[live]
+        if pre_all is None:  # once per strength, at its warm start (ClassBlocks)
+            pre_all, pre_live = ClassBlocks(design, grp, p, lam_t), live.clone()
+        if pre is None or pre_for.numel() != live.numel():  # heads left the batch: their blocks too
+            pre, pre_for = pre_all.select(torch.searchsorted(pre_live, live)), live
+        gnorm = g.flatten(1).norm(dim=1)
+        eta = torch.clamp(gnorm.sqrt(), max=FORCING)
+        d, n_prod = _cg(design, grp, p.float(), pre, lam_t, g, eta, TARGET * tol, max_cg)
+        products[live] += n_prod
+        gd = _dot(g, d)
+        bad = ~(gd < 0)  # not a descent direction (rounding): the preconditioned gradient instead
+        if bool(bad.any()):
+            pg = pre(g.float()).double()
+            d = torch.where(bad.view(-1, 1, 1), -pg, d)
+            gd = torch.where(bad, -_dot(g, pg), gd)
+        t = torch.ones_like(f)
+        done = torch.zeros(live.numel(), dtype=torch.bool, device=x.device)
+        x1, f1, g1, p1 = x.clone(), f.clone(), g.clone(), p.clone()
+        for _ in range(MAX_LINE_SEARCH):
+            todo = (~done).nonzero().flatten()
+            trial = x[todo] + t[todo].view(-1, 1, 1) * d[todo]
+            torch.set_num_threads(1 if todo.numel() < 2 else threads)
+            ft, gt, pt = loss_grad(design, grp[todo], trial, lam_t[todo])
+            ok = torch.isfinite(ft) & (ft <= f[todo] + ARMIJO * t[todo] * gd[todo])
+            acc = todo[ok]
+            x1[acc], f1[acc], g1[acc], p1[acc] = trial[ok], ft[ok], gt[ok], pt[ok]
+            done[acc] = True
+            if bool(done.all()):
+                break
+            t = torch.where(done, t, 0.5 * t)
+        failed = ~done
+        if bool(failed.any()):  # no decrease at this precision: the head cannot move further
+            stalled[live[failed]] = True
+        iters[live] += 1
+        x, f, g, p = x1, f1, g1, p1
+        if bool(failed.any()):
+            live, (x, f, g, p, lam_t) = _retire(theta, live, failed, (x, f, g, p, lam_t))
+            if live.numel() == 0:
+                return
+    theta[live] = x
+
+
+def dense_design(design, groups: torch.Tensor, num_classes: int) -> DenseDesign | None:
+    """The :class:`DenseDesign` of a :class:`~iis_study.core.solvers.lbfgs.Design` whose float64 matrix is
+    materialised (``design.materialised``); ``None`` for a streamed one (it would be built whole here)."""
+    if not getattr(design, "materialised", False):
+        return None
+    x, y = next(iter(design.blocks(groups, torch.float64)))
+    return DenseDesign(x, y, num_classes)
+
