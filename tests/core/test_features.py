@@ -179,7 +179,7 @@ def test_interrupted_sharded_extraction_resumes_at_the_first_missing_shard(rep, 
 _KILLED_CHILD = r"""
 import sys, time
 import numpy as np
-from iis_study.core import features as F
+from iis_study.core.representations import features as F
 from iis_study.core.representations.backbones import build
 from iis_study.core.data import array_image_set
 
@@ -187,7 +187,7 @@ cache = sys.argv[1]
 rep = build({"model": "tf_efficientnet_lite0", "weights": "offline", "input_size": 32}, name="lite0")
 rng = np.random.default_rng(0)
 images = array_image_set(rng.integers(0, 255, size=(10, 16, 16, 3), dtype=np.uint8), labels=np.arange(10) % 2)
-from iis_study.core import store
+from iis_study.core.representations import store
 real_save = store.np.save
 
 def half_then_hang(fh, arr, *a, **kw):
