@@ -206,12 +206,13 @@ def specification_table(project: Path) -> str:
         + f". Near chance: {record['near_chance_rule']}.",
         "",
         "| concepts | scope | n | verdict (Pearson r) | r range | headline r, p_perm | Spearman: + / − of n |"
-        " main effects on r (mean r per level) | leverage > " + f"{record.get('leverage', 0.2):g} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " main effects on r (mean r per level) | within each score: + / − (r range) | leverage > "
+        + f"{record.get('leverage', 0.2):g} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in record["verdicts"]:
         if not v.get("n_specifications"):
-            lines.append(f"| {v['concept_type']} | {v['scope']} | {v['n_representations']} | {v['verdict']} | | | | | |")
+            lines.append(f"| {v['concept_type']} | {v['scope']} | {v['n_representations']} | {v['verdict']} | | | | | | |")
             continue
         h = v.get("headline") or {}
         head = (f"{h['pearson_r']:+.2f}, {h['pearson_p_perm']:.3f}" if h.get("pearson_r") is not None else "n/a")
@@ -222,10 +223,17 @@ def specification_table(project: Path) -> str:
         sp = v["spearman"]
         lines.append(f"| {v['concept_type']} | {v['scope']} | {v['n_representations']} | {v['verdict']} | "
                      f"{_num(v['r_min'])} to {_num(v['r_max'])} | {head} | {sp['n_positive']} / {sp['n_negative']} of "
-                     f"{sp['n']} | {effects} | {flagged} |")
+                     f"{sp['n']} | {effects} | {_signs_by_score(v)} | {flagged} |")
     lines += ["", f"Headline scope ({record['headline_scope']}): " + "; ".join(
         f"{t}: {text}" for t, text in record["headline_verdict"].items()) + "."]
     return "\n".join(lines)
+
+
+def _signs_by_score(verdict: dict) -> str:
+    """Each score's sign counts over the other knobs and its r range (``by_score``; n/a in a record without it)."""
+    parts = [f"{score} {b['n_positive']}+/{b['n_negative']}− ({_num(b['r_min'])} to {_num(b['r_max'])})"
+             for score, b in verdict.get("by_score", {}).items()]
+    return ", ".join(parts) or "n/a"
 
 
 def _num(v, spec: str = "+.2f") -> str:
@@ -248,7 +256,8 @@ def verdict_text(project: Path) -> str:
         h = (v.get("headline") or {}).get("pearson_r")
         lines.append(f"- {v['concept_type']} ({v['scope']}, {v['n_representations']} representations): **{v['verdict']}**; "
                      f"Pearson r from {_num(v['r_min'])} to {_num(v['r_max'])} over the specifications "
-                     f"(the study's own analysis: {_num(h)}).")
+                     f"(the study's own analysis: {_num(h)}); within each score, over the other knobs: "
+                     f"{_signs_by_score(v)}.")
     return "\n".join(lines) or "No specification curve in this run."
 
 

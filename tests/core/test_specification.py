@@ -19,11 +19,12 @@ SPARSITIES = (0.0, 0.5, 0.9)
 CS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
-def _inputs(acc: float, keep_narrow: float, keep_wide: float, k: int = 10, name: str = "r0") -> pd.DataFrame:
+def _inputs(acc: float, keep_narrow: float, keep_wide: float, k: int = 10, name: str = "r0",
+            null_keep: float = 0.9) -> pd.DataFrame:
     """One representation's accuracies: the probe (every input scaling the same, test ``acc`` at every C, best val
     at C = 10), and the heads of two concept draws and a random null: at C = 10 they keep ``keep_narrow`` of the
     probe's accuracy at every sparsity, at C = 1000 (the best val of all, reachable only from the full grid)
-    ``keep_wide``; the null keeps 0.9 of it everywhere."""
+    ``keep_wide``; the null keeps ``null_keep`` of it everywhere."""
     rows = []
     for inputs in ("rms", "centred", "standardised"):
         for c in CS:
@@ -36,7 +37,7 @@ def _inputs(acc: float, keep_narrow: float, keep_wide: float, k: int = 10, name:
             for s in SPARSITIES:
                 for c in CS:
                     if cset == "null_random":
-                        val, keep = 0.5, 0.9
+                        val, keep = 0.5, null_keep
                     elif c == 1000.0:
                         val, keep = 0.95, keep_wide
                     elif c == 10.0:
@@ -51,12 +52,13 @@ def _inputs(acc: float, keep_narrow: float, keep_wide: float, k: int = 10, name:
     return out[spec.INPUT_COLUMNS]
 
 
-def _study(keep_wide_slope: float):
+def _study(keep_wide_slope: float, null_slope: float = 0.0):
     """Six pretrained representations, probe accuracy 0.5 ... 0.9; the narrow grid's retention rises with
-    accuracy; the full grid's retention moves with ``keep_wide_slope``."""
+    accuracy; the full grid's retention moves with ``keep_wide_slope``, the random null's with ``null_slope``."""
     accs = np.linspace(0.5, 0.9, 6)
     names = [f"r{i}" for i in range(6)]
-    tables = [_inputs(a, 0.6 + 0.4 * (a - 0.5), 0.8 + keep_wide_slope * (a - 0.5), name=n) for a, n in zip(accs, names)]
+    tables = [_inputs(a, 0.6 + 0.4 * (a - 0.5), 0.8 + keep_wide_slope * (a - 0.5), name=n,
+                      null_keep=0.9 + null_slope * (a - 0.5)) for a, n in zip(accs, names)]
     iis_scores = pd.DataFrame({"backbone": names, "representation": names, "concept_type": "prototype",
                                "weights": "offline", "accuracy_linear_probe": accs})
     return iis_scores, tables
@@ -100,6 +102,27 @@ def test_one_knob_that_flips_the_sign_is_named_and_the_sign_not_identified():
     assert v["headline"]["pearson_r"] < 0
     lines = spec.verdict_lines(record)
     assert len(lines) == 1 and "not identified" in lines[0] and "head_grid" in lines[0]
+
+
+def test_the_sign_within_each_score_is_counted_over_the_other_knobs():
+    # the raw IIS rises with accuracy; the random null's IIS rises faster, so the excess over it falls
+    iis_scores, tables = _study(keep_wide_slope=+0.3, null_slope=+1.0)
+    params = SpecificationParams(scores=("iis", "iis_excess_random"), n_perm=200)
+    curve, record = specification_curve(iis_scores, params, SWEEP, ["prototype"], tables)
+    v = _verdict(record)
+    assert not v["robust"] and v["n_positive"] == 24 and v["n_negative"] == 24 and "set by score" in v["verdict"]
+    by = v["by_score"]
+    assert list(by) == ["iis", "iis_excess_random"]
+    assert (by["iis"]["n_positive"], by["iis"]["n_negative"], by["iis"]["n"], by["iis"]["robust"]) == (24, 0, 24, True)
+    assert (by["iis_excess_random"]["n_positive"], by["iis_excess_random"]["n_negative"]) == (0, 24)
+    assert by["iis_excess_random"]["robust"] and by["iis_excess_random"]["r_max"] < 0 < by["iis"]["r_min"]
+    part = curve[(curve["scope"] == "pretrained") & (curve["score"] == "iis")]
+    assert by["iis"]["r_min"] == pytest.approx(part["pearson_r"].min(), abs=0)
+    assert "within each score: iis 24+/0- " in spec.verdict_lines(record)[0]
+    # a knob other than the score that flips the sign leaves no score robust
+    flip_scores, flip_tables = _study(keep_wide_slope=-0.6)
+    _, flipped = specification_curve(flip_scores, PARAMS, SWEEP, ["prototype"], flip_tables)
+    assert all(not b["robust"] and b["n_positive"] == b["n_negative"] == 12 for b in _verdict(flipped)["by_score"].values())
 
 
 def test_the_headline_specification_reproduces_the_study_and_near_chance_scope_drops():

@@ -20,7 +20,8 @@ feature standardised) is one extra batched solve per representation (:func:`prob
 * :func:`representation_values` -- each representation's accuracy and scores under every (grid, grid, inputs).
 * :func:`specification_curve` -- the correlation under every specification, and per concept type and scope the
   verdict: how many specifications agree on the sign, the range of r, each knob's main effect and the knob that
-  sets the sign, and the leave-one-out leverage of each representation.
+  sets the sign, the sign within each score over the other knobs, and the leave-one-out leverage of each
+  representation.
 """
 
 from __future__ import annotations
@@ -404,11 +405,31 @@ def _record(ctype: str, scope: str, keep: list[str], curve: pd.DataFrame, part: 
         spearman={"n_positive": spos, "n_negative": sneg, "n": sn, "r_min": json_safe(curve["spearman_r"].min()),
                   "r_max": json_safe(curve["spearman_r"].max())},
         main_effects=effects,
+        by_score=_by_score(curve),
         headline=({k: json_safe(head.iloc[0][k]) for k in ("pearson_r", "pearson_p_perm", "spearman_r", "spearman_p_perm")}
                   if len(head) else None),
         leverage=leverage,
     )
     return rec
+
+
+def _by_score(curve: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """The sign of Pearson r within each score over the other knobs (the formulation of heads and probe and the x
+    axis): the raw IIS and its excess over a null are different quantities, so a sign that differs between scores
+    is a finding about the scores, not an unidentified formulation. Per score: ``n_positive``, ``n_negative``,
+    ``n``, ``robust`` (every specification agrees), ``r_min``, ``r_max``."""
+    out = {}
+    for score, g in curve.groupby("score", sort=False):
+        pos, neg, n = _sign_counts(g["pearson_r"])
+        out[str(score)] = {"n_positive": pos, "n_negative": neg, "n": n, "robust": bool(n and (pos == n or neg == n)),
+                           "r_min": json_safe(g["pearson_r"].min()), "r_max": json_safe(g["pearson_r"].max())}
+    return out
+
+
+def by_score_text(by_score: Mapping[str, Mapping[str, Any]]) -> str:
+    """``iis 0+/24- (-0.59 to -0.32), ...``: each score's sign counts and r range over the other knobs."""
+    return ", ".join(f"{k} {v['n_positive']}+/{v['n_negative']}- ({_fmt(v['r_min'])} to {_fmt(v['r_max'])})"
+                     for k, v in by_score.items())
 
 
 def _leverage(part: pd.DataFrame, headline: Mapping[str, str], threshold: float) -> list[dict[str, Any]]:
@@ -457,8 +478,8 @@ def verdict_lines(record: Mapping[str, Any], scope: str | None = None) -> list[s
         lines.append(
             f"{rec['concept_type']} ({scope}, {rec['n_representations']} representations): {rec['verdict']}; "
             f"Pearson r {_fmt(rec['r_min'])} to {_fmt(rec['r_max'])} (headline {_fmt(h.get('pearson_r'))}); "
-            f"main effects on r: {effects or 'none'}; leverage > {record.get('leverage', 0.2):g}: "
-            f"{', '.join(flagged) or 'none'}")
+            f"main effects on r: {effects or 'none'}; within each score: {by_score_text(rec.get('by_score', {})) or 'n/a'}; "
+            f"leverage > {record.get('leverage', 0.2):g}: {', '.join(flagged) or 'none'}")
     return lines
 
 
