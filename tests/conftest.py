@@ -10,14 +10,6 @@ from PIL import Image
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on the 2-core machine: one BLAS/OpenMP thread each (set before torch is imported,
-    # inherited by every `kedro run` subprocess), else four compute threads fight over two cores (measured: the suite
-    # took 14 min 52 s on two workers at torch's default threads, against 9 min 48 s on one process). Tests that
-    # compare thread counts set them explicitly.
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[_var] = "1"
-
 
 @pytest.fixture
 def tiny_imagefolder(tmp_path):
