@@ -9,8 +9,6 @@ export KEDRO_DISABLE_TELEMETRY := true
 # MLflow store: MLFLOW_TRACKING_URI if set, else tracking.uri in conf/<env>/mlflow.yml, else sqlite:///mlflow.db
 export PYTHONUNBUFFERED := 1
 
-TEST_WORKERS ?= 2
-
 .PHONY: setup run test test-fast bench viz notebook mlflow-ui lock clean
 
 $(STAMP): pyproject.toml requirements.lock
@@ -25,8 +23,8 @@ setup: $(STAMP)  ## create .venv and install the project with its dev extras
 run: setup  ## the whole default study, offline (digits, EfficientNet-Lites and random controls)
 	$(BIN)/kedro run
 
-test: setup  ## the whole test suite, on $(TEST_WORKERS) workers (pytest-xdist; tests/conftest.py sets the scheduling units)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+test: setup  ## the whole test suite
+	$(BIN)/python -m pytest
 
 test-fast: setup  ## the quick subset for development (tests not marked slow)
 	$(BIN)/python -m pytest -m "not slow"

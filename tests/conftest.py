@@ -24,20 +24,3 @@ def tiny_imagefolder(tmp_path):
             arr += rng.integers(0, 20, size=arr.shape, dtype=np.uint8)
             Image.fromarray(arr).save(d / f"{i}.png")
     return root
-
-
-# The session fixture every whole-study test shares (tests/pipelines/conftest.py): the modules that use it are
-# scheduled as one unit under pytest-xdist, so the tiny study runs once.
-SHARED_STUDY = "tiny_run"
-
-
-def pytest_collection_modifyitems(config, items):
-    """Scheduling units for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): each test module is one
-    unit, so a module-scoped fixture (a Kedro run, a fitted backbone) is built once; every module that uses the
-    session's tiny study (``tiny_run``) joins one unit, so that study is run by one worker only. Without xdist the
-    marks do nothing."""
-    shared = {item.path for item in items if SHARED_STUDY in getattr(item, "fixturenames", ())}
-    root = config.rootpath
-    for item in items:
-        unit = SHARED_STUDY if item.path in shared else str(item.path.relative_to(root))
-        item.add_marker(pytest.mark.xdist_group(unit))
