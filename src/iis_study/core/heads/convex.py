@@ -106,6 +106,19 @@ class ConceptDesign:
         """Whether the float64 design is built once and held (else it is streamed in row blocks)."""
         return torch.float64 in self._cache
 
+    def nested_parents(self) -> torch.Tensor:
+        """Per group, the group of the same concept space that keeps the next larger number of entries (-1 for the
+        one keeping the most): its mask contains this group's (METHOD §3: the ``M - k`` largest ``|a|`` of a row,
+        ties to the lower index, so a smaller keep takes a subset), and its solution is the solver's start for
+        this group at the strongest penalty (:func:`~iis_study.core.solvers.lbfgs.solve_logistic`)."""
+        keeps = self.keeps.cpu()
+        parents = torch.full((self.groups,), -1, dtype=torch.long)
+        for t in range(int(self.type_of.max()) + 1):
+            members = (self.type_of.cpu() == t).nonzero().flatten()
+            order = members[torch.argsort(-keeps[members], stable=True)]
+            parents[order[1:]] = order[:-1]
+        return parents
+
     def _build(self, groups: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         tg = self.type_of[groups]
         a = self.a[:, rows][tg].to(dtype)
