@@ -3,7 +3,7 @@ two runs, and counts the rest as unchanged."""
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -11,6 +11,17 @@ import numpy as np
 import pandas as pd
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_selected.py"
+
+
+def _run(monkeypatch, capsys, *args: str) -> tuple[str, BaseException | None]:
+    """The script's ``main`` in this process (no interpreter start-up): its stdout and the exit it raised."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    raised = None
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    except SystemExit as exc:
+        raised = exc
+    return capsys.readouterr().out, raised
 
 
 def _sweep(root: Path, c: list[float], correct: np.ndarray, acc: list[float]) -> None:
@@ -21,16 +32,32 @@ def _sweep(root: Path, c: list[float], correct: np.ndarray, acc: list[float]) ->
     np.save(folder / "test_correct.npy", correct)
 
 
-def test_changed_heads_are_listed_and_counted(tmp_path):
+def test_changed_heads_are_listed_and_counted(tmp_path, monkeypatch, capsys):
     correct = np.zeros((1, 3, 10), dtype=bool)
     correct[0, :, :5] = True
     changed = correct.copy()
     changed[0, 2, 7] = True  # one test image more right at s = 0.9
     _sweep(tmp_path / "old", [1.0, 10.0, 10.0], correct, [0.5, 0.5, 0.5])
     _sweep(tmp_path / "new", [1.0, 100.0, 10.0], changed, [0.5, 0.5, 0.6])
-    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "old"), str(tmp_path / "new")],
-                         capture_output=True, text=True, check=True).stdout
+    out, raised = _run(monkeypatch, capsys, str(tmp_path / "old"), str(tmp_path / "new"))
+    assert raised is None
     assert "lite0 prototype s=0: C 10 -> 100, 0 of 10 test images change correctness" in out
     assert "lite0 prototype s=0.9: C 10 -> 10, 1 of 10 test images change correctness (test accuracy +0.1000)" in out
     assert "probe:" not in out  # the unchanged probe is not listed
-    assert out.strip().endswith("2 of 3 selected heads changed (C or test correctness)")
+    assert out.strip().endswith("2 of 3 selected heads changed (C or test correctness; draw 0's heads)")
+
+
+def test_other_grids_and_missing_sweeps_are_named_and_nothing_in_common_fails(tmp_path, monkeypatch, capsys):
+    correct = np.zeros((1, 3, 10), dtype=bool)
+    _sweep(tmp_path / "old", [1.0, 10.0, 10.0], correct, [0.5, 0.5, 0.5])
+    _sweep(tmp_path / "new", [1.0, 10.0, 10.0], correct, [0.5, 0.5, 0.5])
+    sel = tmp_path / "new" / "lite0" / "sweep_prototype" / "selected.csv"
+    table = pd.read_csv(sel)
+    table.loc[2, "sparsity"] = 0.5  # same length, another grid
+    table.to_csv(sel, index=False)
+    (tmp_path / "new" / "lite1" / "sweep_cluster").mkdir(parents=True)
+    table.to_csv(tmp_path / "new" / "lite1" / "sweep_cluster" / "selected.csv", index=False)
+    out, raised = _run(monkeypatch, capsys, str(tmp_path / "old"), str(tmp_path / "new"))
+    assert "lite0/sweep_prototype: the two runs have different grids; not compared" in out
+    assert "lite1/sweep_cluster: only in the new run; not compared" in out
+    assert isinstance(raised, SystemExit) and "no sweep found in both" in str(raised.code)

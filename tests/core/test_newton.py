@@ -108,8 +108,20 @@ def test_the_warm_start_along_the_nested_masks_is_used() -> None:
     assert bool(nested.certified.all()) and bool(cold.certified.all())
     assert torch.allclose(nested.loss, cold.loss, rtol=0, atol=1e-10)
     child = parents >= 0
+    assert bool((nested.products > 0).all()) and bool((nested.iterations > 0).all())  # every head's record kept
+    # the root (the dense head) starts from zero either way: the same steps and products
+    assert torch.equal(nested.iterations[~child, 0], cold.iterations[~child, 0])
+    assert torch.equal(nested.products[~child, 0], cold.products[~child, 0])
     warm_products, cold_products = int(nested.products[child, 0].sum()), int(cold.products[child, 0].sum())
     assert warm_products < 0.8 * cold_products, (nested.products[:, 0], cold.products[:, 0])
+
+
+def test_nested_parents_stay_within_each_concept_space() -> None:
+    train, _, _, space, k = _problem(n=200, d=16, m=30, k=3, seed=17)
+    keeps = [30 - n_dropped(s, 30) for s in (0.0, 0.5, 0.9)]
+    other = type(space)(kind="vectors", vectors=space.vectors.flip(0))
+    design = ConceptDesign([precompute_base(train.x, space), precompute_base(train.x, other)], keeps, train.y.long())
+    assert design.nested_parents().tolist() == [-1, 0, 1, -1, 3, 4]
 
 
 def test_nested_levels_order_parents_first_and_refuse_a_cycle() -> None:

@@ -113,16 +113,16 @@ def test_the_sign_within_each_score_is_counted_over_the_other_knobs():
     assert not v["robust"] and v["n_positive"] == 24 and v["n_negative"] == 24 and "set by score" in v["verdict"]
     by = v["by_score"]
     assert list(by) == ["iis", "iis_excess_random"]
-    assert (by["iis"]["n_positive"], by["iis"]["n_negative"], by["iis"]["n"], by["iis"]["robust"]) == (24, 0, 24, True)
+    assert (by["iis"]["n_positive"], by["iis"]["n_negative"], by["iis"]["n"], by["iis"]["signs_agree"]) == (24, 0, 24, True)
     assert (by["iis_excess_random"]["n_positive"], by["iis_excess_random"]["n_negative"]) == (0, 24)
-    assert by["iis_excess_random"]["robust"] and by["iis_excess_random"]["r_max"] < 0 < by["iis"]["r_min"]
+    assert by["iis_excess_random"]["signs_agree"] and by["iis_excess_random"]["r_max"] < 0 < by["iis"]["r_min"]
     part = curve[(curve["scope"] == "pretrained") & (curve["score"] == "iis")]
     assert by["iis"]["r_min"] == pytest.approx(part["pearson_r"].min(), abs=0)
     assert "within each score: iis 24+/0- " in spec.verdict_lines(record)[0]
     # a knob other than the score that flips the sign leaves no score robust
     flip_scores, flip_tables = _study(keep_wide_slope=-0.6)
     _, flipped = specification_curve(flip_scores, PARAMS, SWEEP, ["prototype"], flip_tables)
-    assert all(not b["robust"] and b["n_positive"] == b["n_negative"] == 12 for b in _verdict(flipped)["by_score"].values())
+    assert all(not b["signs_agree"] and b["n_positive"] == b["n_negative"] == 12 for b in _verdict(flipped)["by_score"].values())
 
 
 def test_the_headline_specification_reproduces_the_study_and_near_chance_scope_drops():

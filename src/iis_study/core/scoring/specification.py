@@ -417,11 +417,13 @@ def _by_score(curve: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """The sign of Pearson r within each score over the other knobs (the formulation of heads and probe and the x
     axis): the raw IIS and its excess over a null are different quantities, so a sign that differs between scores
     is a finding about the scores, not an unidentified formulation. Per score: ``n_positive``, ``n_negative``,
-    ``n``, ``robust`` (every specification agrees), ``r_min``, ``r_max``."""
+    ``n``, ``signs_agree`` (every specification of the score has one sign: a count, not a verdict -- the record's
+    own rules, too few representations and a sign resting on one, are not applied here), ``r_min``, ``r_max``."""
     out = {}
     for score, g in curve.groupby("score", sort=False):
         pos, neg, n = _sign_counts(g["pearson_r"])
-        out[str(score)] = {"n_positive": pos, "n_negative": neg, "n": n, "robust": bool(n and (pos == n or neg == n)),
+        out[str(score)] = {"n_positive": pos, "n_negative": neg, "n": n,
+                           "signs_agree": bool(n and (pos == n or neg == n)),
                            "r_min": json_safe(g["pearson_r"].min()), "r_max": json_safe(g["pearson_r"].max())}
     return out
 
