@@ -111,10 +111,10 @@ class ConceptDesign:
         one keeping the most): its mask contains this group's (METHOD §3: the ``M - k`` largest ``|a|`` of a row,
         ties to the lower index, so a smaller keep takes a subset), and its solution is the solver's start for
         this group at the strongest penalty (:func:`~iis_study.core.solvers.lbfgs.solve_logistic`)."""
-        keeps = self.keeps.cpu()
+        keeps, type_of = self.keeps.cpu(), self.type_of.cpu()
         parents = torch.full((self.groups,), -1, dtype=torch.long)
-        for t in range(int(self.type_of.max()) + 1):
-            members = (self.type_of.cpu() == t).nonzero().flatten()
+        for t in range(int(type_of.max()) + 1):
+            members = (type_of == t).nonzero().flatten()
             order = members[torch.argsort(-keeps[members], stable=True)]
             parents[order[1:]] = order[:-1]
         return parents
