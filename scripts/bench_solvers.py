@@ -2,7 +2,9 @@
 
 On the default study's Lite0 (``make run`` first: its cached features, concepts and concept draws), every head of
 every concept set (the study's 2 and the 16 draws and nulls: 18 sets x 8 sparsities x 5 strengths = 720 heads) is
-solved by ``solver="lbfgs"`` (the baseline) and ``solver="newton"`` one after the other, and a sample of heads by
+solved by ``solver="lbfgs"`` (the baseline), by ``solver="newton"`` with every head of a level in one batched call
+(the form before the per-head thread pool; what a GPU runs) and by ``solver="newton"`` as the study runs it (one
+head a call on a pool of threads), one after the other, and a sample of heads by
 scikit-learn's ``LogisticRegression`` (``newton-cholesky`` and ``lbfgs``, one head at a time, extrapolated to all
 720). Then L-BFGS and Newton on a synthetic K = 100 shape (no scikit-learn there: its ``newton-cholesky`` would
 form a 20,100-square Hessian per head). Prints times, ratios, steps, Hessian-vector products, the largest
@@ -26,14 +28,25 @@ from study_tables import sync_block  # scripts/ is on sys.path when a script run
 
 from iis_study.core.heads import SweepParams
 from iis_study.core.heads.convex import ConceptDesign, concept_activations
+from iis_study.core.solvers import lbfgs
 from iis_study.core.solvers.lbfgs import solve_logistic
 from iis_study.core.heads.masks import n_dropped
 
 
 def _solve(design, k, cfg, solver):
-    start = time.perf_counter()
-    fit = solve_logistic(design, k, cfg.l2_grid, tol=cfg.tolerance, max_iter=cfg.max_iter, solver=solver)
-    return fit, time.perf_counter() - start
+    """``solver`` lbfgs or newton as the study runs them; ``newton-batched``: Newton with every head of a level in
+    one batched call on torch's threads (the form before issue 31's fifth session, what a GPU runs)."""
+    batched = solver.endswith("-batched")
+    inner = lbfgs._newton_heads
+    if batched:
+        lbfgs._newton_heads = lambda pool, *args: inner(None, *args)
+    try:
+        start = time.perf_counter()
+        fit = solve_logistic(design, k, cfg.l2_grid, tol=cfg.tolerance, max_iter=cfg.max_iter,
+                             solver=solver.removesuffix("-batched"))
+        return fit, time.perf_counter() - start
+    finally:
+        lbfgs._newton_heads = inner
 
 
 def _row(shape, name, fit, seconds, base):
@@ -65,8 +78,11 @@ def _compare(design, k, cfg, sklearn_groups, label):
     print(shape)
     lb, t_lb = _solve(design, k, cfg, "lbfgs")
     rows = [_row(shape, "L-BFGS (`lbfgs`), the baseline", lb, t_lb, t_lb)]
+    nb, t_nb = _solve(design, k, cfg, "newton-batched")
+    rows.append(_row(shape, "truncated Newton, every head of a level in one batched call (before)", nb, t_nb, t_lb))
     nt, t_nt = _solve(design, k, cfg, "newton")
-    rows.append(_row(shape, "truncated Newton (`newton`)", nt, t_nt, t_lb))
+    rows.append(_row(shape, "truncated Newton (`newton`), one head a call on a thread pool (the study's)", nt, t_nt,
+                     t_lb))
     diff = nt.loss - lb.loss
     print(f"  objective newton - lbfgs: {float(diff.min()):+.1e} to {float(diff.max()):+.1e}")
     if sklearn_groups:

@@ -167,3 +167,74 @@ def test_the_newton_estimator_selects_the_same_heads_as_lbfgs() -> None:
     assert res["newton"].certificate.certified and res["lbfgs"].certificate.certified
     assert np.array_equal(res["newton"].test_correct, res["lbfgs"].test_correct)
     assert res["newton"].selected["c"].tolist() == res["lbfgs"].selected["c"].tolist()
+
+
+def test_the_newton_heads_do_not_depend_on_the_worker_count() -> None:
+    """One head per call on one torch thread: the same bits on 1, 2 and 3 workers, and the caller's thread count
+    (OpenMP's and MKL's; a worker sets its own to one) is unchanged."""
+    import re
+
+    def mkl() -> str:
+        return re.search(r"mkl_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info()).group(1)
+
+    # wide enough that a batch's composition changes the bits of its products (a test that batches two heads a
+    # call on 2 workers fails)
+    train, _, _, space, k = _problem(n=400, d=64, m=160, k=8, seed=12)
+    design = _design(train, space, (0.0, 0.3, 0.6, 0.9))
+    threads = torch.get_num_threads(), mkl()
+    fits = [solve_logistic(design, k, GRID, tol=1e-7, max_iter=200, workers=w) for w in (1, 2, 3)]
+    assert (torch.get_num_threads(), mkl()) == threads
+    assert bool(fits[0].certified.all())
+    for fit in fits[1:]:
+        assert torch.equal(fit.weight, fits[0].weight) and torch.equal(fit.bias, fits[0].bias)
+        assert torch.equal(fit.products, fits[0].products)
+
+
+def test_the_newton_heads_are_solved_one_per_call_on_the_pool(monkeypatch) -> None:
+    """The per-head pool is used on the CPU: every call of the inner solver sees one head, off the main thread."""
+    import threading
+
+    train, _, _, space, k = _problem(n=200, d=16, m=24, k=3, seed=13)
+    seen = []
+    inner = newton_mod.newton
+
+    def spy(design, theta, *args, **kwargs):
+        seen.append((theta.shape[0], threading.current_thread() is threading.main_thread()))
+        return inner(design, theta, *args, **kwargs)
+
+    monkeypatch.setattr(newton_mod, "newton", spy)
+    fit = solve_logistic(_design(train, space), k, (0.1, 1.0), tol=1e-7, max_iter=200, workers=2)
+    assert bool(fit.certified.all())
+    assert len(seen) == len(SPARSITIES) * 2
+    assert all(h == 1 and not main for h, main in seen), seen
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_a_bad_worker_count_is_refused(workers) -> None:
+    train, _, _, space, k = _problem(n=100, d=8, m=8, k=3, seed=14)
+    with pytest.raises(ValueError, match="workers"):
+        solve_logistic(_design(train, space), k, (1.0,), workers=workers)
+
+
+def test_the_class_block_preconditioner_solves_each_block_and_projects() -> None:
+    """``ClassBlocks(r)`` = each class's block ``Σ_n p_nk(1 - p_nk) [x_n 1][x_n 1]ᵀ / N + λ I`` solved against
+    ``r_k`` (float64 ``numpy.linalg.solve`` on blocks summed row by row here), then the mean over classes removed."""
+    g = torch.Generator().manual_seed(21)
+    n, f, k = 60, 7, 4
+    x = torch.randn(2, n, f, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % k
+    design = newton_mod.DenseDesign(x, y, k)
+    groups = torch.tensor([1, 0, 1])
+    theta = torch.randn(3, k, f + 1, generator=g, dtype=torch.float64)
+    lam = torch.tensor([1e-2, 1e-3, 1e-1], dtype=torch.float64)
+    _, _, p = newton_mod.loss_grad(design, groups, theta, lam)
+    pre = newton_mod.ClassBlocks(design, groups, p, lam)
+    r = torch.randn(3, k, f + 1, generator=g)
+    got = pre(r).double().numpy()
+    for h in range(3):
+        xa = np.hstack([x[groups[h]].numpy(), np.ones((n, 1))])
+        z = np.empty((k, f + 1))
+        for c in range(k):
+            block = sum(float(p[h, c, i] * (1 - p[h, c, i])) * np.outer(xa[i], xa[i]) for i in range(n)) / n
+            z[c] = np.linalg.solve(block + float(lam[h]) * np.eye(f + 1), r[h, c].double().numpy())
+        np.testing.assert_allclose(got[h], z - z.mean(axis=0), rtol=2e-4, atol=2e-5)

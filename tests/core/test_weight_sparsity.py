@@ -220,3 +220,18 @@ def test_a_newton_solve_that_stalls_is_finished_by_fista(monkeypatch):
 def test_the_path_solver_is_checked():
     with pytest.raises(ValueError, match="weight_sparsity.solver"):
         WeightSparsityParams(solver="cd")
+
+
+def test_the_paths_do_not_depend_on_the_worker_count_and_keep_step_order():
+    """Each set's path is one call on one torch thread: the same bits on 1 and 3 workers, rows step by step with
+    the sets in the given order (as one batched call wrote them); a bad worker count is refused."""
+    train, val, test = _splits()
+    g = torch.Generator().manual_seed(5)
+    sets = {f"s{i}": F.normalize(torch.randn(8, 16, generator=g), dim=1) for i in (2, 0, 1)}
+    params = WeightSparsityParams(path_length=8)
+    one = elastic_net_paths(train, val, test, sets, 3, params, workers=1)
+    three = elastic_net_paths(train, val, test, sets, 3, params, workers=3)
+    pd.testing.assert_frame_equal(one, three, check_exact=True)
+    assert list(one["set"][:3]) == ["s2", "s0", "s1"] and list(one["step"]) == sorted(one["step"])
+    with pytest.raises(ValueError, match="workers"):
+        elastic_net_paths(train, val, test, sets, 3, params, workers=0)

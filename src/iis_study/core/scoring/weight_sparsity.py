@@ -12,8 +12,8 @@ The path. Columns are standardised on train; the objective per set at strength `
 cross-entropy plus ``λ·(α‖W‖₁ + (1-α)/2·‖W‖²)`` (bias not penalised), a convex problem. ``λ`` runs down a
 geometric grid from ``λ_max`` (the smallest strength at which ``W = 0`` is optimal: every model there has NEC 0)
 towards ``min_ratio · λ_max`` (a set leaves the path at its first point past the largest NEC level: the denser
-end is never read), each solve warm-started from the last, every concept set of a representation in one batched
-computation. Each point is solved on a working set of concepts (those already non-zero and those the sequential
+end is never read), each solve warm-started from the last, each concept set's path one call on a pool of threads
+(:func:`elastic_net_paths`; the code below is batched over sets). Each point is solved on a working set of concepts (those already non-zero and those the sequential
 strong rule keeps, grown by every concept whose optimality condition fails outside it, as glmnet does) by proximal
 Newton (:func:`_newton`, the default ``solver: newton``: a handful of steps a point, each minimising the exact
 second-order model by coordinate descent); a set whose Newton solve stalls, and every set with ``solver: fista``
@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -158,7 +159,7 @@ def _objective(a_t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, b: torc
     return ce + l1 * w.abs().sum(dim=(1, 2)) + 0.5 * l2 * (w * w).sum(dim=(1, 2))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # nogil: the paths of two sets run on two threads
 def _lasso_qp(hess, grad, start, l1, penalised, forcing, max_sweeps):  # pragma: no cover - compiled
     """Per set ``r``, the step ``d`` minimising ``gᵀd + ½dᵀHd + l1_r·Σ_{penalised q} |start_q + d_q|`` by cyclic
     coordinate descent (glmnet's and liblinear's inner solver): sweeps until no coordinate moved the model's
@@ -333,18 +334,36 @@ def _solve_at(
 
 def elastic_net_paths(
     train: Split, val: Split, test: Split, concept_sets: Mapping[str, torch.Tensor], num_classes: int,
-    params: WeightSparsityParams | Mapping[str, Any] | None = None,
+    params: WeightSparsityParams | Mapping[str, Any] | None = None, workers: int | None = None,
 ) -> pd.DataFrame:
-    """The elastic-net path of the final layer for every concept set (name -> (M, D) unit rows), all sets of one
-    size batched. One row per (set, path step): ``lam`` (relative to the set's ``λ_max``), ``nec``, ``val_acc``,
-    ``test_acc``, the optimality residual ``kkt`` and ``iterations``."""
+    """The elastic-net path of the final layer for every concept set (name -> (M, D) unit rows). One row per
+    (set, path step): ``lam`` (relative to the set's ``λ_max``), ``nec``, ``val_acc``, ``test_acc``, the
+    optimality residual ``kkt`` and ``iterations``; rows in path-step order, the sets in the given order within
+    a step (those of one size M together).
+
+    On the CPU each set's path is one call, ``workers`` sets at a time on as many Python threads, each running
+    torch on one thread (default: ``torch.get_num_threads()``): a set's design and Hessians stay in cache, and a
+    set solved alone rounds the same whatever the other sets and the thread count, so the paths do not depend on
+    ``workers`` (as :func:`~iis_study.core.solvers.lbfgs.solve_logistic`'s heads)."""
     params = WeightSparsityParams.from_params(params or {})
-    rows: list[dict[str, Any]] = []
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    names = list(concept_sets)
     by_m: dict[int, list[str]] = {}
-    for name, v in concept_sets.items():
-        by_m.setdefault(int(v.shape[0]), []).append(name)
-    for names in by_m.values():
-        rows += _paths_of(train, val, test, {n: concept_sets[n] for n in names}, num_classes, params)
+    for name in names:
+        by_m.setdefault(int(concept_sets[name].shape[0]), []).append(name)
+    with ThreadPoolExecutor(workers or torch.get_num_threads(), initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool:
+        jobs = {n: pool.submit(_paths_of, train, val, test, {n: concept_sets[n]}, num_classes, params) for n in names}
+        per_set = {n: job.result() for n, job in jobs.items()}
+    rows: list[dict[str, Any]] = []
+    for group in by_m.values():
+        rank = {n: i for i, n in enumerate(group)}
+        rows += sorted((r for n in group for r in per_set[n]), key=lambda r: (r["step"], rank[r["set"]]))
+    worst = max((r["kkt"] for r in rows), default=0.0)
+    if worst > params.tolerance:
+        logger.warning("weight-sparsity path: residual %.2e above the tolerance %.0e (raise weight_sparsity.max_iter)",
+                       worst, params.tolerance)
     return pd.DataFrame(rows, columns=PATH_COLUMNS)
 
 
@@ -393,10 +412,6 @@ def _paths_of(
         live &= nec <= top  # past the largest NEC level: the rest of this set's path is never read
         if not bool(live.any()):
             break
-    worst = max(r["kkt"] for r in rows)
-    if worst > params.tolerance:
-        logger.warning("weight-sparsity path: residual %.2e above the tolerance %.0e (raise weight_sparsity.max_iter)",
-                       worst, params.tolerance)
     return rows
 
 

@@ -13,7 +13,8 @@ The products inside the conjugate gradients run in float32 (a search direction n
 the gradient and so the certificate are float64.
 
 The preconditioner is the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 - p_k)) [X 1] / N + λ I`` at the
-strength's warm start, inverted once per strength and projected onto ``Σ_k v_k = 0`` (:class:`ClassBlocks`).
+strength's warm start, factored (Cholesky) once per strength and projected onto ``Σ_k v_k = 0``
+(:class:`ClassBlocks`).
 
 Only the solve of one L2 strength lives here: :func:`newton` is the inner solver of
 :func:`~iis_study.core.solvers.lbfgs.solve_logistic`, which walks the strengths with warm starts.
@@ -89,7 +90,8 @@ def _hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Ten
 
 class ClassBlocks:
     """The preconditioner: the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 - p_k)) [X 1] / N + λ I`` at
-    one iterate, inverted (float32), applied block by block and projected onto ``Σ_k v_k = 0``.
+    one iterate, factored (float64 Cholesky, kept in float32), applied block by block by two triangular solves and
+    projected onto ``Σ_k v_k = 0``.
 
     The projection matters: the data term has no curvature along a shift of every class's weights by the same
     vector (the softmax does not see it), only the penalty's ``λ``. Block-Jacobi scales the classes differently,
@@ -124,17 +126,21 @@ class ClassBlocks:
                 blocks[bad] += 1e-8 * blocks[bad].diagonal(dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1) * torch.eye(
                     f1, dtype=blocks.dtype, device=blocks.device)
                 chol = torch.linalg.cholesky(blocks)
-            self.inv = torch.cholesky_inverse(chol).float()
+            self.chol = chol.float()
         finally:
             torch.set_num_threads(threads)
 
     def select(self, idx: torch.Tensor) -> "ClassBlocks":
         out = object.__new__(ClassBlocks)
-        out.inv = self.inv[idx]
+        out.chol = self.chol[idx]
         return out
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        z = torch.matmul(self.inv, r.unsqueeze(-1)).squeeze(-1)
+        # two triangular solves on each class's float32 Cholesky factor: costs about two Hessian-vector products'
+        # worth less per build than inverting the blocks (cholesky_inverse) and applying the inverse, at the
+        # study's ~40 applications a build (scripts/bench_newton_parts.py)
+        h, k, f1 = r.shape
+        z = torch.cholesky_solve(r.reshape(h * k, f1, 1), self.chol.view(h * k, f1, f1)).view(h, k, f1)
         return z.sub_(z.mean(dim=1, keepdim=True))
 
 
