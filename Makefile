@@ -29,8 +29,9 @@ test: setup  ## the whole test suite
 test-fast: setup  ## the quick subset for development (tests not marked slow)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: setup  ## benchmarks (scripts, not tests): the heads' and the path's solvers (need a finished `make run`), convex vs adam, convex at ImageNet shape, extraction, sweep speed-up, concept types as one sweep, sweep scale
+bench: setup  ## benchmarks (scripts, not tests): the heads' and the path's solvers (need a finished `make run`), the Newton head's parts, convex vs adam, convex at ImageNet shape, extraction, sweep speed-up, concept types as one sweep, sweep scale
 	@if [ -f data/05_model_input/lite0/concept_draws.safetensors ]; then $(BIN)/python scripts/bench_solvers.py --update docs/performance.md && $(BIN)/python scripts/bench_nested.py --update docs/performance.md && $(BIN)/python scripts/bench_path.py --update docs/performance.md; else echo "bench_solvers.py, bench_nested.py and bench_path.py skipped: run make run first"; fi
+	$(BIN)/python scripts/bench_newton_parts.py --update docs/performance.md
 	$(BIN)/python scripts/bench_estimators.py --variants
 	$(BIN)/python scripts/bench_convex_scale.py --n 20000 50000
 	$(BIN)/python scripts/bench_extraction.py

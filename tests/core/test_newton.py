@@ -169,21 +169,35 @@ def test_the_newton_estimator_selects_the_same_heads_as_lbfgs() -> None:
     assert res["newton"].selected["c"].tolist() == res["lbfgs"].selected["c"].tolist()
 
 
-def test_the_newton_heads_do_not_depend_on_the_worker_count() -> None:
-    """One head per call on one torch thread: the same bits on 1, 2 and 3 workers, and the caller's thread count
-    (OpenMP's and MKL's; a worker sets its own to one) is unchanged."""
+def _thread_counts() -> tuple[int, str | None]:
+    """torch's (OpenMP's) thread count and MKL's where torch has MKL."""
     import re
 
-    def mkl() -> str:
-        return re.search(r"mkl_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info()).group(1)
+    found = re.search(r"mkl_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info())
+    return torch.get_num_threads(), found.group(1) if found else None
 
-    # wide enough that a batch's composition changes the bits of its products (a test that batches two heads a
-    # call on 2 workers fails)
+
+def _fresh_thread_counts() -> tuple[int, str | None]:
+    """The counts a thread started now begins with (its first torch call reads the process-wide count)."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(_thread_counts()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_the_newton_heads_do_not_depend_on_the_worker_count() -> None:
+    """One head per call on one torch thread: the same bits on 1, 2 and 3 workers; the caller's thread counts
+    (OpenMP's and MKL's) and those a thread started afterwards begins with are unchanged (a worker sets its own to
+    one, which also writes the process-wide count)."""
+    # wide enough that a batch's composition could change the bits of its products
     train, _, _, space, k = _problem(n=400, d=64, m=160, k=8, seed=12)
     design = _design(train, space, (0.0, 0.3, 0.6, 0.9))
-    threads = torch.get_num_threads(), mkl()
+    before = _thread_counts(), _fresh_thread_counts()
     fits = [solve_logistic(design, k, GRID, tol=1e-7, max_iter=200, workers=w) for w in (1, 2, 3)]
-    assert (torch.get_num_threads(), mkl()) == threads
+    assert (_thread_counts(), _fresh_thread_counts()) == before
     assert bool(fits[0].certified.all())
     for fit in fits[1:]:
         assert torch.equal(fit.weight, fits[0].weight) and torch.equal(fit.bias, fits[0].bias)

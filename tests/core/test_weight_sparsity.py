@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 from iis_study.core.scoring.blocks import WeightSparsityParams
 from iis_study.core.heads import Split
+from iis_study.core.scoring import weight_sparsity as ws
 from iis_study.core.scoring.weight_sparsity import (
     _fista,
     accuracy_at_nec,
@@ -222,15 +225,24 @@ def test_the_path_solver_is_checked():
         WeightSparsityParams(solver="cd")
 
 
-def test_the_paths_do_not_depend_on_the_worker_count_and_keep_step_order():
-    """Each set's path is one call on one torch thread: the same bits on 1 and 3 workers, rows step by step with
+def test_the_paths_do_not_depend_on_the_worker_count_and_keep_step_order(monkeypatch):
+    """Each set's path is one call on the pool, on one torch thread: the same bits on 1 and 3 workers, rows step by step with
     the sets in the given order (as one batched call wrote them); a bad worker count is refused."""
     train, val, test = _splits()
     g = torch.Generator().manual_seed(5)
     sets = {f"s{i}": F.normalize(torch.randn(8, 16, generator=g), dim=1) for i in (2, 0, 1)}
     params = WeightSparsityParams(path_length=8)
     one = elastic_net_paths(train, val, test, sets, 3, params, workers=1)
+    calls = []
+    inner = ws._paths_of
+
+    def spy(train, val, test, sets, *args):
+        calls.append((list(sets), threading.current_thread() is threading.main_thread()))
+        return inner(train, val, test, sets, *args)
+
+    monkeypatch.setattr(ws, "_paths_of", spy)
     three = elastic_net_paths(train, val, test, sets, 3, params, workers=3)
+    assert sorted(calls) == [(["s0"], False), (["s1"], False), (["s2"], False)]  # one set a call, on the pool
     pd.testing.assert_frame_equal(one, three, check_exact=True)
     assert list(one["set"][:3]) == ["s2", "s0", "s1"] and list(one["step"]) == sorted(one["step"])
     with pytest.raises(ValueError, match="workers"):

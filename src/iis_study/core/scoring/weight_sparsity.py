@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -40,6 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..device import check_workers, worker_pool
 from .blocks import WeightSparsityParams
 from ..heads import ConceptSpace, Split
 from ..heads.activations import precompute_base
@@ -346,14 +346,12 @@ def elastic_net_paths(
     set solved alone rounds the same whatever the other sets and the thread count, so the paths do not depend on
     ``workers`` (as :func:`~iis_study.core.solvers.lbfgs.solve_logistic`'s heads)."""
     params = WeightSparsityParams.from_params(params or {})
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    check_workers(workers)
     names = list(concept_sets)
     by_m: dict[int, list[str]] = {}
     for name in names:
         by_m.setdefault(int(concept_sets[name].shape[0]), []).append(name)
-    with ThreadPoolExecutor(workers or torch.get_num_threads(), initializer=torch.set_num_threads,
-                            initargs=(1,)) as pool:
+    with worker_pool(workers) as pool:
         jobs = {n: pool.submit(_paths_of, train, val, test, {n: concept_sets[n]}, num_classes, params) for n in names}
         per_set = {n: job.result() for n, job in jobs.items()}
     rows: list[dict[str, Any]] = []

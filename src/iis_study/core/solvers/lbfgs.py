@@ -29,11 +29,13 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from ..device import check_workers, worker_pool
 from . import newton
 
 SOLVERS = ("newton", "lbfgs")  # sweep.solver: the inner solver of one L2 strength
@@ -193,19 +195,19 @@ def solve_logistic(
     does not depend on the start; the certificate is the same.
 
     ``workers``: on the CPU the Newton solver solves one head per call, ``workers`` heads at a time on as many
-    Python threads, each running torch on one thread (default: ``torch.get_num_threads()``). One head's class
-    blocks (1.6 MB at M = 200, K = 10) and design stay in cache where a batch of hundreds streams them from
-    memory (measured: 2.7x faster on the default study's Lite0, docs/performance.md); and a head solved alone
-    on one thread rounds the same whatever the batch and the thread count, so the result does not depend on
-    ``workers``. On a GPU the heads of a level run as one batch.
+    Python threads, each running torch on one thread (:func:`~iis_study.core.device.worker_pool`; default:
+    ``torch.get_num_threads()``). One head's class blocks (1.6 MB at M = 200, K = 10) and design stay in cache
+    where a batch of hundreds streams them from memory (``scripts/bench_solvers.py`` times the pooled against the
+    batched form, docs/performance.md); and a head solved alone on one thread rounds the same whatever the batch
+    and the thread count, so the result does not depend on ``workers``. On a GPU the heads of a level run as one
+    batch; L-BFGS (wide or streamed designs) always does.
     """
     if solver not in SOLVERS:
         raise ValueError(f"sweep.solver must be one of {SOLVERS}, got {solver!r}")
     cs = [float(c) for c in cs]
     if not cs or any(not (c > 0) for c in cs):
         raise ValueError(f"the L2 grid (inverse strengths C) must be > 0, got {tuple(cs)}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    check_workers(workers)
     if tol <= 0 or max_iter < 1 or history < 1:
         raise ValueError(f"need tol > 0, max_iter >= 1, history >= 1; got {tol}, {max_iter}, {history}")
     dev = torch.device(device)
@@ -222,11 +224,8 @@ def solve_logistic(
     products = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
     gram = gram_matrices(design, groups) if dense is None else None
     start = torch.zeros(n_g, 1, k * (f + 1), dtype=f64, device=dev)
-    threads = torch.get_num_threads()
-    pool = None
-    if dense is not None and dev.type == "cpu":
-        pool = ThreadPoolExecutor(workers or threads, initializer=torch.set_num_threads, initargs=(1,))
-    try:
+    with ExitStack() as stack:
+        pool = stack.enter_context(worker_pool(workers)) if dense is not None and dev.type == "cpu" else None
         for step, li in enumerate(order):
             inv_cn = inv_cn_all[li : li + 1]
             th = start.clone()
@@ -262,9 +261,6 @@ def solve_logistic(
             groups, start = groups[go], th[go]
             if groups.numel() == 0:
                 break
-    finally:
-        if pool is not None:
-            pool.shutdown()
     th = theta.view(n_g, n_c, k, f + 1)
     solved = ~torch.isnan(gmax)
     return LogisticFit(

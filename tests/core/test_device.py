@@ -1,0 +1,45 @@
+"""core/device.py: the pool of single-threaded solver workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from iis_study.core.device import worker_pool
+
+
+def test_a_failing_job_cancels_the_queue_and_the_threads_are_restored() -> None:
+    """An error in one job is raised without solving the queued jobs first; workers run at one torch thread; the
+    caller's count and the process-wide count a new thread begins with are back afterwards."""
+    before = torch.get_num_threads()
+    ran, seen = [], []
+
+    def job(i: int) -> None:
+        seen.append(torch.get_num_threads())
+        if i == 0:
+            raise RuntimeError("head 0 failed")
+        time.sleep(0.01)
+        ran.append(i)
+
+    with pytest.raises(RuntimeError, match="head 0 failed"):
+        with worker_pool(1) as pool:
+            jobs = [pool.submit(job, i) for i in range(200)]
+            for j in jobs:
+                j.result()
+    assert len(ran) < 20  # the queue was cancelled, not drained (200 x 10 ms)
+    assert set(seen) == {1}
+    out = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and out == [before]
+
+
+@pytest.mark.parametrize("workers", [0, -2, 2.0, False, "2"])
+def test_a_bad_worker_count_names_the_parameter(workers) -> None:
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        with worker_pool(workers):
+            pass
