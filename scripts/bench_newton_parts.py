@@ -87,7 +87,7 @@ def main() -> None:
     row("preconditioner build", "`cholesky_ex` (float64)", _ms(lambda: torch.linalg.cholesky_ex(blocks), args.repeats), b)
     row("preconditioner build", "`cholesky_inverse` of the factor (float64; the solver no longer inverts)",
         _ms(lambda: torch.cholesky_inverse(chol64), args.repeats), b)
-    hv = _ms(lambda: newton._hess_vec(xa, p.float(), r, lam.float(), n), args.repeats)
+    hv = _ms(lambda: newton.hess_vec(xa, p.float(), r, lam.float(), n), args.repeats)
     row("for scale", "one Hessian-vector product (float32)", hv, b)
     row("for scale", "one loss and gradient (float64)", _ms(lambda: newton.loss_grad(design, groups, theta, lam), args.repeats), b)
     if args.update:

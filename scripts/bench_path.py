@@ -36,7 +36,7 @@ def _run(splits, sets, k, solver):
     params = WeightSparsityParams(solver=solver.removesuffix("-batched"))
     start = time.perf_counter()
     if solver.endswith("-batched"):
-        path = pd.DataFrame(weight_sparsity._paths_of(splits["train"], splits["val"], splits["test"], sets, k, params),
+        path = pd.DataFrame(weight_sparsity.paths_of(splits["train"], splits["val"], splits["test"], sets, k, params),
                             columns=PATH_COLUMNS)
     else:
         path = elastic_net_paths(splits["train"], splits["val"], splits["test"], sets, k, params)

@@ -37,16 +37,16 @@ def _solve(design, k, cfg, solver):
     """``solver`` lbfgs or newton as the study runs them; ``newton-batched``: Newton with every head of a level in
     one batched call on torch's threads (the form before issue 31's fifth session, what a GPU runs)."""
     batched = solver.endswith("-batched")
-    inner = lbfgs._newton_heads
+    inner = lbfgs.newton_heads
     if batched:
-        lbfgs._newton_heads = lambda pool, *args: inner(None, *args)
+        lbfgs.newton_heads = lambda pool, *args: inner(None, *args)
     try:
         start = time.perf_counter()
         fit = solve_logistic(design, k, cfg.l2_grid, tol=cfg.tolerance, max_iter=cfg.max_iter,
                              solver=solver.removesuffix("-batched"))
         return fit, time.perf_counter() - start
     finally:
-        lbfgs._newton_heads = inner
+        lbfgs.newton_heads = inner
 
 
 def _row(shape, name, fit, seconds, base):

@@ -234,13 +234,13 @@ def test_the_paths_do_not_depend_on_the_worker_count_and_keep_step_order(monkeyp
     params = WeightSparsityParams(path_length=8)
     one = elastic_net_paths(train, val, test, sets, 3, params, workers=1)
     calls = []
-    inner = ws._paths_of
+    inner = ws.paths_of
 
     def spy(train, val, test, sets, *args):
         calls.append((list(sets), threading.current_thread() is threading.main_thread()))
         return inner(train, val, test, sets, *args)
 
-    monkeypatch.setattr(ws, "_paths_of", spy)
+    monkeypatch.setattr(ws, "paths_of", spy)
     three = elastic_net_paths(train, val, test, sets, 3, params, workers=3)
     assert sorted(calls) == [(["s0"], False), (["s1"], False), (["s2"], False)]  # one set a call, on the pool
     pd.testing.assert_frame_equal(one, three, check_exact=True)

@@ -352,7 +352,7 @@ def elastic_net_paths(
     for name in names:
         by_m.setdefault(int(concept_sets[name].shape[0]), []).append(name)
     with worker_pool(workers) as pool:
-        jobs = {n: pool.submit(_paths_of, train, val, test, {n: concept_sets[n]}, num_classes, params) for n in names}
+        jobs = {n: pool.submit(paths_of, train, val, test, {n: concept_sets[n]}, num_classes, params) for n in names}
         per_set = {n: job.result() for n, job in jobs.items()}
     rows: list[dict[str, Any]] = []
     for group in by_m.values():
@@ -365,9 +365,11 @@ def elastic_net_paths(
     return pd.DataFrame(rows, columns=PATH_COLUMNS)
 
 
-def _paths_of(
+def paths_of(
     train: Split, val: Split, test: Split, sets: Mapping[str, torch.Tensor], k: int, params: WeightSparsityParams
 ) -> list[dict[str, Any]]:
+    """The paths of ``sets`` (all of one size M) in one batched computation on the calling thread: the rows of
+    :func:`elastic_net_paths` (which calls this once per set), step by step, the sets in order within a step."""
     names = list(sets)
     a_tr = torch.stack([_design(train.x, sets[n]) for n in names])
     mean, std = a_tr.mean(dim=1, keepdim=True), a_tr.std(dim=1, keepdim=True).clamp_min(1e-8)

@@ -239,7 +239,7 @@ def solve_logistic(
                     sub = flat[idx] if parent is None else flat[parent]  # a copy (advanced indexing)
                     it_s, st_s = torch.zeros_like(it_l[idx, 0]), torch.zeros_like(stalled[idx, 0])
                     pr_s = torch.zeros_like(prod_l[idx])
-                    _newton_heads(pool, dense, sub, groups[idx], float(inv_cn[0]), tol, int(max_iter), it_s, st_s, pr_s)
+                    newton_heads(pool, dense, sub, groups[idx], float(inv_cn[0]), tol, int(max_iter), it_s, st_s, pr_s)
                     flat[idx], it_l[idx, 0], stalled[idx, 0], prod_l[idx] = sub, it_s, st_s, pr_s
                 products[groups, li] = prod_l
                 if progress is not None:
@@ -276,7 +276,7 @@ def solve_logistic(
     )
 
 
-def _newton_heads(
+def newton_heads(
     pool: ThreadPoolExecutor | None, dense: newton.DenseDesign, theta: torch.Tensor, groups: torch.Tensor, lam: float,
     tol: float, max_iter: int, iters: torch.Tensor, stalled: torch.Tensor, products: torch.Tensor,
 ) -> None:

@@ -77,7 +77,7 @@ def loss_grad(
     return loss, grad, p
 
 
-def _hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, n: int) -> torch.Tensor:
+def hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, n: int) -> torch.Tensor:
     """``H v`` per head, float32: ``xa`` (H, N, F+1) the design with its column of ones, ``p`` (H, K, N) the
     softmax, ``v`` (H, K, F+1) (the bias last, not penalised)."""
     u = torch.bmm(v, xa.transpose(1, 2))  # (H, K, N)
@@ -166,7 +166,7 @@ def _cg(
     live = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     products = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     for _ in range(max_cg):
-        hs = _hess_vec(xa, p, s, lam32, design.n)
+        hs = hess_vec(xa, p, s, lam32, design.n)
         products += live.long()
         shs = _dot(s, hs)
         ok = live & (shs > 0)
