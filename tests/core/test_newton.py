@@ -192,8 +192,9 @@ def test_the_newton_heads_do_not_depend_on_the_worker_count() -> None:
     """One head per call on one torch thread: the same bits on 1, 2 and 3 workers; the caller's thread counts
     (OpenMP's and MKL's) and those a thread started afterwards begins with are unchanged (a worker sets its own to
     one, which also writes the process-wide count)."""
-    # wide enough that a batch's composition could change the bits of its products
-    train, _, _, space, k = _problem(n=400, d=64, m=160, k=8, seed=12)
+    # the study's shape (M = 200, K = 10): here a batch's composition changes the bits of its products (solving
+    # as many heads a call as there are workers fails this test; at N = 400, M = 160, K = 8 it did not)
+    train, _, _, space, k = _problem(n=1000, d=64, m=200, k=10, seed=12)
     design = _design(train, space, (0.0, 0.3, 0.6, 0.9))
     before = _thread_counts(), _fresh_thread_counts()
     fits = [solve_logistic(design, k, GRID, tol=1e-7, max_iter=200, workers=w) for w in (1, 2, 3)]
