@@ -20,24 +20,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from study_tables import sync_block  # scripts/ is on sys.path when a script runs
+from time_interp_step import times_ms
 
 from iis_study.core.solvers import newton
 
 
 def _ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return times_ms(fn, repeats)[0]  # the median
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from iis_study.core.heads.batched import BatchedHeads, StackedAdam
 from iis_study.core.heads.masks import InterpHeads
 
 
-def _times_ms(fn, reps: int) -> tuple[float, float]:
+def times_ms(fn, reps: int) -> tuple[float, float]:
     """Median and minimum wall time of ``fn`` in ms (after two warm-up calls)."""
     fn()  # warm-up (and JIT compilation)
     fn()
@@ -96,7 +96,7 @@ def main() -> None:
     for fused in ("1", "0"):
         os.environ["IIS_FUSED"] = fused
         for name, fn in (("step", step), ("interp fwd+bwd", interp), ("eval fwd", eval_fwd)):
-            rows.setdefault(name, []).append(_times_ms(fn, args.reps))
+            rows.setdefault(name, []).append(times_ms(fn, args.reps))
     for name, vals in rows.items():
         cells = "".join(f"{med:10.2f} /{best:6.2f}" for med, best in vals)
         print(f"{name:<16}{cells}")

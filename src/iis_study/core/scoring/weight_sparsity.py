@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..device import check_workers, worker_pool
+from ..device import worker_pool
 from .blocks import WeightSparsityParams
 from ..heads import ConceptSpace, Split
 from ..heads.activations import precompute_base
@@ -346,7 +346,6 @@ def elastic_net_paths(
     set solved alone rounds the same whatever the other sets and the thread count, so the paths do not depend on
     ``workers`` (as :func:`~iis_study.core.solvers.lbfgs.solve_logistic`'s heads)."""
     params = WeightSparsityParams.from_params(params or {})
-    check_workers(workers)
     names = list(concept_sets)
     by_m: dict[int, list[str]] = {}
     for name in names:

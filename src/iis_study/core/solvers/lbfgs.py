@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -224,8 +224,7 @@ def solve_logistic(
     products = torch.zeros(n_g, n_c, dtype=torch.long, device=dev)
     gram = gram_matrices(design, groups) if dense is None else None
     start = torch.zeros(n_g, 1, k * (f + 1), dtype=f64, device=dev)
-    with ExitStack() as stack:
-        pool = stack.enter_context(worker_pool(workers)) if dense is not None and dev.type == "cpu" else None
+    with worker_pool(workers) if dense is not None and dev.type == "cpu" else nullcontext() as pool:
         for step, li in enumerate(order):
             inv_cn = inv_cn_all[li : li + 1]
             th = start.clone()
