@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
+from threadpoolctl import threadpool_limits
 
 
 def check_device(requested: object, where: str) -> None:
@@ -52,8 +53,10 @@ def worker_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
     check_workers(workers)
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers or threads, initializer=_one_thread)
+    blas = threadpool_limits(1, user_api="blas")  # numpy's and scipy's BLAS (blas.py's ssyrk) on one thread too
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        blas.restore_original_limits()
         torch.set_num_threads(threads)

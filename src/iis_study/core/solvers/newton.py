@@ -16,6 +16,12 @@ The preconditioner is the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 
 strength's warm start, factored (Cholesky) once per strength and projected onto ``Σ_k v_k = 0``
 (:class:`ClassBlocks`).
 
+On the CPU (one head a call, on :func:`~iis_study.core.device.worker_pool`'s single-threaded workers) the blocks
+and the conjugate gradients run in compiled kernels (:mod:`.kernels`: BLAS ``ssyrk`` and a float32 Cholesky for
+the blocks, the whole CG loop in one call, a sparse design where every row keeps few concepts); on a GPU, the
+heads of a level run as one batch of torch operations (:func:`batched_conjugate_gradients`). The line search,
+the objective and the certificate are the same torch float64 code on both.
+
 Only the solve of one L2 strength lives here: :func:`newton` is the inner solver of
 :func:`~iis_study.core.solvers.lbfgs.solve_logistic`, which walks the strengths with warm starts.
 """
@@ -23,6 +29,8 @@ Only the solve of one L2 strength lives here: :func:`newton` is the inner solver
 from __future__ import annotations
 
 import torch
+
+from . import kernels
 
 ARMIJO = 1e-4
 MAX_LINE_SEARCH = 40
@@ -88,9 +96,29 @@ def hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Tens
     return out
 
 
+def factor64(blocks: torch.Tensor, n: int, lam: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factors (float32) of ``blocks / n + λ I`` (H, K, F+1, F+1), factored in float64."""
+    f1 = blocks.shape[-1]
+    blocks = blocks.double().div_(n)
+    blocks.diagonal(dim1=-2, dim2=-1).add_(lam.view(-1, 1, 1) + 1e-12)
+    # LAPACK rounds differently on 1 and 2 threads, and the preconditioner steers the iterates: one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chol, info = torch.linalg.cholesky_ex(blocks)
+        if bool((info != 0).any()):  # rounding on a nearly flat block: a relative jitter
+            bad = info != 0
+            blocks[bad] += 1e-8 * blocks[bad].diagonal(dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1) * torch.eye(
+                f1, dtype=blocks.dtype, device=blocks.device)
+            chol = torch.linalg.cholesky(blocks)
+        return chol.float()
+    finally:
+        torch.set_num_threads(threads)
+
+
 class ClassBlocks:
     """The preconditioner: the Hessian's diagonal class blocks ``[X 1]ᵀ diag(p_k(1 - p_k)) [X 1] / N + λ I`` at
-    one iterate, factored (float64 Cholesky, kept in float32), applied block by block by two triangular solves and
+    one iterate, factored (Cholesky, kept in float32), applied block by block by two triangular solves and
     projected onto ``Σ_k v_k = 0``.
 
     The projection matters: the data term has no curvature along a shift of every class's weights by the same
@@ -100,13 +128,33 @@ class ClassBlocks:
     from a zero or warm start: the optimum lies there) stay in it, so the projected preconditioner is exact
     on the subspace that matters. The blocks are built once per L2 strength at its warm start ("lagged"); a
     block costs ``N (F+1)²`` per class, about (F+1)/2 Hessian-vector products, so building them every Newton
-    step costs more than it saves."""
+    step costs more than it saves.
 
-    def __init__(self, design: "DenseDesign", groups: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
+    On the CPU the blocks are built and factored in float32 by :func:`~iis_study.core.solvers.kernels.class_factors`
+    (a head whose block float32 cannot factor is built again and factored in float64) and kept in C order for the
+    compiled substitutions; elsewhere built by ``bmm`` and factored in float64 (:func:`factor64`). Either way
+    ``chol`` holds float32 lower factors (H, K, F+1, F+1)."""
+
+    def __init__(
+        self, design: "DenseDesign", groups: torch.Tensor, p: torch.Tensor, lam: torch.Tensor,
+        rows: "dict[int, kernels.RowDesign] | None" = None,
+    ) -> None:
         xa = design.xa32
         h, k, n = p.shape
         f1 = xa.shape[-1]
         curv = (p * (1.0 - p)).float()  # (H, K, N)
+        if xa.device.type == "cpu":  # built (one triangle, ssyrk) and factored in float32, compiled, off the GIL
+            self.chol = torch.empty(h, k, f1, f1, dtype=torch.float32)
+            for i in range(h):
+                gi = int(groups[i])
+                x = rows[gi] if rows is not None else kernels.RowDesign(xa[gi].numpy())
+                ridge = float(lam[i]) + 1e-12
+                if kernels.class_factors(x, curv[i].numpy(), self.chol[i].numpy(), 1.0 / n, ridge).any():
+                    # a block too flat to factor at float32's precision: this head's blocks in float64
+                    blocks = torch.empty(1, k, f1, f1, dtype=torch.float32)
+                    kernels.weighted_grams(x, curv[i].numpy(), blocks[0].numpy())
+                    self.chol[i] = factor64(blocks, n, lam[i : i + 1])[0]
+            return
         blocks = torch.empty(h, k, f1, f1, dtype=torch.float32, device=p.device)
         chunk = max(1, BLOCK_BYTES // (k * n * f1 * 4))
         for i in range(0, h, chunk):
@@ -114,21 +162,7 @@ class ClassBlocks:
             w = curv[i : i + chunk].unsqueeze(2) * x.transpose(1, 2).contiguous().unsqueeze(1)  # (h', K, F+1, N)
             # one product per head, every class's rows stacked: (h', K(F+1), N) @ (h', N, F+1)
             blocks[i : i + chunk] = torch.bmm(w.reshape(-1, k * f1, n), x).view(-1, k, f1, f1)
-        blocks = blocks.double().div_(n)
-        blocks.diagonal(dim1=-2, dim2=-1).add_(lam.view(-1, 1, 1) + 1e-12)
-        # LAPACK rounds differently on 1 and 2 threads, and the preconditioner steers the iterates: one thread
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            chol, info = torch.linalg.cholesky_ex(blocks)
-            if bool((info != 0).any()):  # rounding on a nearly flat block: a relative jitter
-                bad = info != 0
-                blocks[bad] += 1e-8 * blocks[bad].diagonal(dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1) * torch.eye(
-                    f1, dtype=blocks.dtype, device=blocks.device)
-                chol = torch.linalg.cholesky(blocks)
-            self.chol = chol.float()
-        finally:
-            torch.set_num_threads(threads)
+        self.chol = factor64(blocks, n, lam)
 
     def select(self, idx: torch.Tensor) -> "ClassBlocks":
         out = object.__new__(ClassBlocks)
@@ -150,12 +184,35 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _cg(
     design: DenseDesign, groups: torch.Tensor, p: torch.Tensor, pre: ClassBlocks, lam: torch.Tensor, g: torch.Tensor,
+    eta: torch.Tensor, target: float, max_cg: int, rows: dict[int, kernels.RowDesign] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conjugate gradients of one Newton step: on the CPU each head in the compiled
+    :func:`~iis_study.core.solvers.kernels.conjugate_gradients` (``rows``: the heads' design groups as the kernels
+    read them), elsewhere :func:`batched_conjugate_gradients`. Returns ``d`` (float64) and each head's products."""
+    if g.device.type != "cpu":
+        return batched_conjugate_gradients(design, groups, p, pre, lam, g, eta, target, max_cg)
+    b = -g.float()
+    goal = eta.float() * b.flatten(1).norm(dim=1)
+    d = torch.empty_like(b)
+    products = torch.zeros(b.shape[0], dtype=torch.long)
+    for i in range(b.shape[0]):
+        gi = int(groups[i])
+        row = rows[gi] if rows is not None else kernels.RowDesign(design.xa32[gi].numpy())
+        d_i, products[i] = kernels.conjugate_gradients(
+            row, p[i].numpy(), pre.chol[i].numpy(), float(lam[i]), b[i].numpy(), float(goal[i]), target, max_cg)
+        d[i] = torch.from_numpy(d_i)
+    return d.double(), products
+
+
+def batched_conjugate_gradients(
+    design: DenseDesign, groups: torch.Tensor, p: torch.Tensor, pre: ClassBlocks, lam: torch.Tensor, g: torch.Tensor,
     eta: torch.Tensor, target: float, max_cg: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preconditioned conjugate gradients on ``H d = -g`` per head, float32, until ``|r| <= eta |g|`` (or a
-    head's curvature along its direction is not positive). Returns ``d`` (float64) and each head's products."""
-    xa = design.xa32[groups]
+    """Preconditioned conjugate gradients on ``H d = -g`` per head, float32, every head of the batch at once (the
+    GPU's form), until ``|r| <= eta |g|`` or the residual's largest entry is within ``target`` (or a head's
+    curvature along its direction is not positive). Returns ``d`` (float64) and each head's products."""
     b = -g.float()
+    xa = design.xa32[groups]
     lam32 = lam.float()
     d = torch.zeros_like(b)
     r = b.clone()
@@ -227,6 +284,9 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
     torch.set_num_threads(1 if h_all < 2 else threads)
     f, g, p = loss_grad(design, groups, x, lam_t)
     pre_all = pre = pre_for = None
+    # the CPU's compiled kernels read each design group as a RowDesign (dense or sparse), made once per call here
+    rows = {int(i): kernels.RowDesign(design.xa32[i].numpy()) for i in groups.unique()} if x.device.type == "cpu" \
+        else None
     for _ in range(max_iter):
         gmax = g.abs().flatten(1).amax(dim=1)
         act = gmax > tol
@@ -239,12 +299,12 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
         torch.set_num_threads(1 if live.numel() < 2 else threads)
         grp = groups[live]
         if pre_all is None:  # once per strength, at its warm start (ClassBlocks)
-            pre_all, pre_live = ClassBlocks(design, grp, p, lam_t), live.clone()
+            pre_all, pre_live = ClassBlocks(design, grp, p, lam_t, rows), live.clone()
         if pre is None or pre_for.numel() != live.numel():  # heads left the batch: their blocks too
             pre, pre_for = pre_all.select(torch.searchsorted(pre_live, live)), live
         gnorm = g.flatten(1).norm(dim=1)
         eta = torch.clamp(gnorm.sqrt(), max=FORCING)
-        d, n_prod = _cg(design, grp, p.float(), pre, lam_t, g, eta, TARGET * tol, max_cg)
+        d, n_prod = _cg(design, grp, p.float(), pre, lam_t, g, eta, TARGET * tol, max_cg, rows)
         products[live] += n_prod
         gd = _dot(g, d)
         bad = ~(gd < 0)  # not a descent direction (rounding): the preconditioned gradient instead
