@@ -52,17 +52,53 @@ def test_the_class_blocks_and_their_factors_match_a_row_by_row_reference(keep) -
     kernels.weighted_grams(rows, curv, grams, 1.0 / n, 1e-3)
     np.testing.assert_allclose(grams, ref, rtol=1e-5, atol=1e-6)
     chol = np.full((k, f + 1, f + 1), np.nan, np.float32)
-    info = kernels.class_factors(rows, curv, chol, 1.0 / n, 1e-3)
-    assert not info.any()
+    assert np.all(kernels.class_factors(rows, curv, chol, 1.0 / n, 1e-3) == np.float32(1e-3))  # no jitter
     assert np.all(np.triu(chol, 1) == 0.0)
     np.testing.assert_allclose(chol.astype(np.float64) @ chol.transpose(0, 2, 1), ref, rtol=1e-4, atol=1e-6)
 
 
-def test_a_block_float32_cannot_factor_is_reported() -> None:
-    xa = _design(30, 5, None, seed=3)
-    curv = np.zeros((2, 30), np.float32)  # no curvature, no ridge: a zero block
-    chol = np.empty((2, 6, 6), np.float32)
-    assert np.all(kernels.class_factors(kernels.RowDesign(xa), curv, chol, 1.0, 0.0) > 0)
+def test_a_rank_deficient_block_gets_the_smallest_ridge_that_factors() -> None:
+    """Lite0's 16-d first stage: 200 concepts of rank ~17 at a per-sample penalty of ~1e-6. In float32 the
+    block's null-space eigenvalues (the penalty) sit below the rounding of its sums, so ``spotrf`` fails; the
+    block is factored again with a small share of its mean diagonal (the study's run hit this)."""
+    rng = np.random.default_rng(11)
+    n, f, k, lam = 400, 120, 3, 1e-9
+    x = (rng.standard_normal((n, 4)) @ rng.standard_normal((4, f))).astype(np.float32)  # rank 4
+    xa = np.ascontiguousarray(np.hstack([x, np.ones((n, 1), np.float32)]))
+    p = _softmax(n, k, seed=12)
+    curv = np.ascontiguousarray(p * (1 - p))
+    rows = kernels.RowDesign(xa)
+    chol = np.empty((k, f + 1, f + 1), np.float32)
+    ridges = kernels.class_factors(rows, curv, chol, 1.0 / n, lam)
+    mean_diag = (curv @ (xa.astype(np.float64) ** 2).sum(axis=1)) / n / (f + 1)
+    # float32 could not factor with the penalty alone, and a small share (<= 1e-3) of the diagonal sufficed
+    assert np.all(ridges > np.float32(lam)) and np.all(ridges <= lam + 1e-3 * mean_diag)
+    ref = _blocks_reference(xa, curv, 1.0 / n, 0.0) + ridges[:, None, None] * np.eye(f + 1)
+    np.testing.assert_allclose(chol.astype(np.float64) @ chol.transpose(0, 2, 1), ref, rtol=1e-3,
+                               atol=1e-4 * mean_diag.max())
+    # the float64 factorisation (the GPU's) escalates the same way: blocks pushed indefinite by 1e-4 of their mean
+    # diagonal in the null space factor with a ridge of at most 1e-3 of it
+    shift = 1e-4 * mean_diag[:, None, None] * np.eye(f + 1)
+    blocks = torch.from_numpy(_blocks_reference(xa, curv, 1.0, 0.0) - n * shift)[None]
+    got = newton.factor64(blocks, n, torch.tensor([lam], dtype=torch.float64))[0].double().numpy()
+    gap = got @ got.transpose(0, 2, 1) - (blocks[0].numpy() / n + lam * np.eye(f + 1))
+    assert np.all(np.isfinite(gap))
+    assert np.all(np.abs(gap) <= 1.2e-3 * mean_diag[:, None, None])  # a ridge of at most 1e-3 x the mean diagonal
+    assert np.all(np.diagonal(gap, axis1=1, axis2=2) > 1e-4 * mean_diag[:, None])  # and more than the shift
+
+
+def test_a_block_no_ridge_can_factor_is_an_error(monkeypatch) -> None:
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((200, 2)) @ rng.standard_normal((2, 60))).astype(np.float32)  # rank 2
+    rows = kernels.RowDesign(np.ascontiguousarray(np.hstack([x, np.ones((200, 1), np.float32)])))
+    curv = np.ascontiguousarray(np.full((2, 200), 0.1, np.float32))
+    chol = np.empty((2, 61, 61), np.float32)
+    monkeypatch.setattr(kernels, "JITTER", ())  # no ridge to try: float32 cannot factor the rank-2 blocks
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        kernels.class_factors(rows, curv, chol, 1.0 / 200, 1e-10)
+    curv[1, 7] = np.nan  # a softmax gone NaN
+    with pytest.raises(ValueError, match="finite"):
+        kernels.class_factors(rows, curv, chol, 1.0 / 200, 1e-10)
 
 
 def test_the_sparse_rows_hold_exactly_the_design() -> None:
@@ -117,7 +153,7 @@ def test_the_conjugate_gradients_solve_the_newton_system(keep) -> None:
     rows = kernels.RowDesign(xa)
     curv = np.ascontiguousarray(p * (1 - p))
     chol = np.empty((k, f + 1, f + 1), np.float32)
-    assert not kernels.class_factors(rows, curv, chol, 1.0 / n, lam).any()
+    assert np.all(kernels.class_factors(rows, curv, chol, 1.0 / n, lam) == np.float32(lam))
     b = np.random.default_rng(7).standard_normal((k, f + 1)).astype(np.float32)
     b -= b.mean(axis=0)
     with threadpool_limits(1, user_api="blas"):

@@ -122,7 +122,7 @@ def _gram_kernel():
                 ssyrk(uplo.ctypes, trans.ctypes, dims[0:].ctypes, dims[1:].ctypes, scal[0:].ctypes, a.ctypes,
                       dims[2:].ctypes, scal[1:].ctypes, block.ctypes, dims[3:].ctypes)
             for i in range(f):
-                block[i, i] += ridge
+                block[i, i] += ridge[c]
             if factor:
                 spotrf(uplo.ctypes, dims[0:].ctypes, block.ctypes, dims[2:].ctypes, status.ctypes)
                 info[c] = status[0]
@@ -152,11 +152,12 @@ def _grams(design: RowDesign, curvature, out, scale, ridge, factor) -> np.ndarra
                          "do not fit (N, F), (K, N), (K, F, F)")
     if not out.flags.writeable:
         raise ValueError("class blocks: out must be writeable")
-    if np.any(curvature < 0):
-        raise ValueError("class blocks: curvature must be non-negative")
+    if not np.all(curvature >= 0):  # NaN fails this too
+        raise ValueError("class blocks: curvature must be non-negative and finite (a NaN softmax?)")
     info = np.zeros(curvature.shape[0], np.int32)
-    _gram_kernel()(x, design.cols, design.vals, design.sparse_build, curvature, np.float32(scale), np.float32(ridge),
-                   factor, out, info)
+    ridges = np.ascontiguousarray(np.broadcast_to(np.asarray(ridge, np.float32), (curvature.shape[0],)))
+    _gram_kernel()(x, design.cols, design.vals, design.sparse_build, curvature, np.float32(scale), ridges, factor,
+                   out, info)
     return info
 
 
@@ -168,12 +169,35 @@ def weighted_grams(design: RowDesign, curvature: np.ndarray, out: np.ndarray, sc
     _grams(design, curvature, out, scale, ridge, False)
 
 
+JITTER = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # shares of a block's mean diagonal, tried in turn
+
+
 def class_factors(design: RowDesign, curvature: np.ndarray, out: np.ndarray, scale: float,
                   ridge: float) -> np.ndarray:
-    """The lower Cholesky factors, in float32, of :func:`weighted_grams`'s blocks: ``out[k]`` (upper triangle
-    zero) and, per block, LAPACK ``spotrf``'s ``info`` (0: factored; ``i > 0``: not positive definite at
-    float32's precision, ``out[k]`` unusable)."""
-    return _grams(design, curvature, out, scale, ridge, True)
+    """The lower Cholesky factors, in float32, of :func:`weighted_grams`'s blocks, in ``out`` (upper triangles
+    zero). A block float32 cannot factor (``spotrf`` fails: its smallest eigenvalues, the penalty ``ridge`` where
+    the design is rank-deficient, are below the rounding of its float32 sums, ~1e-7 of its diagonal) is factored
+    again with ``ridge`` plus ``JITTER`` shares of its mean diagonal, the smallest that factors: a preconditioner
+    needs to be positive definite, not exact. Returns the ridge each block was factored with (K,)."""
+    k, f1 = curvature.shape[0], design.xa.shape[1]
+    ridges = np.full(k, ridge, np.float32)
+    info = _grams(design, curvature, out, scale, ridges, True)
+    if info.any():
+        x64 = design.xa.astype(np.float64)
+        mean_diag = scale * (curvature.astype(np.float64) @ (x64 * x64).sum(axis=1)) / f1
+        for share in JITTER:
+            bad = np.flatnonzero(info)
+            ridges[bad] = ridge + share * np.maximum(mean_diag[bad], np.finfo(np.float32).tiny)
+            redo = np.empty((len(bad), f1, f1), np.float32)
+            info[bad] = _grams(design, np.ascontiguousarray(curvature[bad]), redo, scale, ridges[bad], True)
+            out[bad] = redo
+            if not info.any():
+                break
+        else:
+            raise FloatingPointError(f"class blocks {np.flatnonzero(info).tolist()} are not positive definite even "
+                                     f"with {JITTER[-1] if JITTER else 0} x their mean diagonal added: an inf in the "
+                                     "design?")
+    return ridges
 
 
 # 'reassoc' lets LLVM vectorise the substitutions' dot products; no nnan/ninf, so a NaN propagates

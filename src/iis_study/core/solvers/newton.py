@@ -97,20 +97,27 @@ def hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Tens
 
 
 def factor64(blocks: torch.Tensor, n: int, lam: torch.Tensor) -> torch.Tensor:
-    """The lower Cholesky factors (float32) of ``blocks / n + λ I`` (H, K, F+1, F+1), factored in float64."""
+    """The lower Cholesky factors (float32) of ``blocks / n + λ I`` (H, K, F+1, F+1), factored in float64; a block
+    that rounding leaves not positive definite gets the smallest of :data:`kernels.JITTER`'s shares of its mean
+    diagonal that factors (as :func:`~iis_study.core.solvers.kernels.class_factors`)."""
     f1 = blocks.shape[-1]
-    blocks = blocks.double().div_(n)
+    blocks = blocks.double() / n  # a copy: the caller's blocks stay as they were
     blocks.diagonal(dim1=-2, dim2=-1).add_(lam.view(-1, 1, 1) + 1e-12)
     # LAPACK rounds differently on 1 and 2 threads, and the preconditioner steers the iterates: one thread
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         chol, info = torch.linalg.cholesky_ex(blocks)
-        if bool((info != 0).any()):  # rounding on a nearly flat block: a relative jitter
+        eye = torch.eye(f1, dtype=blocks.dtype, device=blocks.device)
+        base = blocks.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        for share in kernels.JITTER:
             bad = info != 0
-            blocks[bad] += 1e-8 * blocks[bad].diagonal(dim1=-2, dim2=-1).mean(-1).view(-1, 1, 1) * torch.eye(
-                f1, dtype=blocks.dtype, device=blocks.device)
-            chol = torch.linalg.cholesky(blocks)
+            if not bool(bad.any()):
+                break
+            chol[bad], info[bad] = torch.linalg.cholesky_ex(blocks[bad] + share * base[bad].view(-1, 1, 1) * eye)
+        if bool((info != 0).any()):
+            raise FloatingPointError("class blocks are not positive definite even with their mean diagonal added: "
+                                     "a NaN or inf in the design or the softmax?")
         return chol.float()
     finally:
         torch.set_num_threads(threads)
@@ -131,7 +138,7 @@ class ClassBlocks:
     step costs more than it saves.
 
     On the CPU the blocks are built and factored in float32 by :func:`~iis_study.core.solvers.kernels.class_factors`
-    (a head whose block float32 cannot factor is built again and factored in float64) and kept in C order for the
+    (a block rounding leaves not positive definite gets a small relative ridge) and kept in C order for the
     compiled substitutions; elsewhere built by ``bmm`` and factored in float64 (:func:`factor64`). Either way
     ``chol`` holds float32 lower factors (H, K, F+1, F+1)."""
 
@@ -148,12 +155,7 @@ class ClassBlocks:
             for i in range(h):
                 gi = int(groups[i])
                 x = rows[gi] if rows is not None else kernels.RowDesign(xa[gi].numpy())
-                ridge = float(lam[i]) + 1e-12
-                if kernels.class_factors(x, curv[i].numpy(), self.chol[i].numpy(), 1.0 / n, ridge).any():
-                    # a block too flat to factor at float32's precision: this head's blocks in float64
-                    blocks = torch.empty(1, k, f1, f1, dtype=torch.float32)
-                    kernels.weighted_grams(x, curv[i].numpy(), blocks[0].numpy())
-                    self.chol[i] = factor64(blocks, n, lam[i : i + 1])[0]
+                kernels.class_factors(x, curv[i].numpy(), self.chol[i].numpy(), 1.0 / n, float(lam[i]) + 1e-12)
             return
         blocks = torch.empty(h, k, f1, f1, dtype=torch.float32, device=p.device)
         chunk = max(1, BLOCK_BYTES // (k * n * f1 * 4))
