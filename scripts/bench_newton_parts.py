@@ -26,6 +26,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (scipy's own BLAS, loaded before threadpool_limits so it is limited too)
 import torch
 from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 from threadpoolctl import threadpool_limits

@@ -2,8 +2,9 @@
 
 On the default study's Lite0 (``make run`` first: its cached features, concepts and concept draws), every head of
 every concept set (the study's 2 and the 16 draws and nulls: 18 sets x 8 sparsities x 5 strengths = 720 heads) is
-solved by ``solver="lbfgs"`` (the baseline), by ``solver="newton"`` with every head of a level in one batched call
-(the form before the per-head thread pool; what a GPU runs) and by ``solver="newton"`` as the study runs it (one
+solved by ``solver="lbfgs"`` (the baseline), by ``solver="newton"`` with every head of a level in one call and no
+worker pool (the objective batched on torch's threads, the compiled CPU kernels head after head) and by
+``solver="newton"`` as the study runs it (one
 head a call on a pool of threads), one after the other, and a sample of heads by
 scikit-learn's ``LogisticRegression`` (``newton-cholesky`` and ``lbfgs``, one head at a time, extrapolated to all
 720). Then L-BFGS and Newton on a synthetic K = 100 shape (no scikit-learn there: its ``newton-cholesky`` would
@@ -35,7 +36,8 @@ from iis_study.core.heads.masks import n_dropped
 
 def _solve(design, k, cfg, solver):
     """``solver`` lbfgs or newton as the study runs them; ``newton-batched``: Newton with every head of a level in
-    one batched call on torch's threads (the form before issue 31's fifth session, what a GPU runs)."""
+    one call and no worker pool (the objective and line search batched on torch's threads, the CPU's compiled
+    kernels head after head; a GPU batches the kernels' work too)."""
     batched = solver.endswith("-batched")
     inner = lbfgs.newton_heads
     if batched:
@@ -79,7 +81,7 @@ def _compare(design, k, cfg, sklearn_groups, label):
     lb, t_lb = _solve(design, k, cfg, "lbfgs")
     rows = [_row(shape, "L-BFGS (`lbfgs`), the baseline", lb, t_lb, t_lb)]
     nb, t_nb = _solve(design, k, cfg, "newton-batched")
-    rows.append(_row(shape, "truncated Newton, every head of a level in one batched call (before)", nb, t_nb, t_lb))
+    rows.append(_row(shape, "truncated Newton, every head of a level in one call, no worker pool", nb, t_nb, t_lb))
     nt, t_nt = _solve(design, k, cfg, "newton")
     rows.append(_row(shape, "truncated Newton (`newton`), one head a call on a thread pool (the study's)", nt, t_nt,
                      t_lb))

@@ -44,3 +44,28 @@ def test_a_bad_worker_count_names_the_parameter(workers) -> None:
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         with worker_pool(workers):
             pass
+
+
+def test_every_blas_runs_on_one_thread_in_the_pool_and_is_restored_after() -> None:
+    """In a fresh interpreter (so that scipy's BLAS, apart from numpy's, is not loaded yet): inside ``worker_pool``
+    numpy's and scipy's OpenBLAS both run on one thread (the Newton kernels call scipy's; threadpoolctl limits only
+    the libraries loaded when it is called), and both are back at their count after."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json\n"
+        "from threadpoolctl import threadpool_info, threadpool_limits\n"
+        "from iis_study.core.device import worker_pool\n"
+        "threadpool_limits(2, user_api='blas')\n"
+        "blas = lambda: {i['filepath']: i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}\n"
+        "with worker_pool(2):\n"
+        "    inside = blas()\n"
+        "print(json.dumps([inside, blas()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    inside, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert any("scipy.libs" in path for path in inside), inside  # scipy's own OpenBLAS is loaded and limited
+    assert set(inside.values()) == {1}
+    assert set(after.values()) == {2}

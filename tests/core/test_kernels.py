@@ -12,13 +12,18 @@ from threadpoolctl import threadpool_limits
 from iis_study.core.solvers import kernels, newton
 
 
-def _design(n: int, f: int, keep: int | None, seed: int) -> np.ndarray:
-    """``[X 1]`` (N, F+1) float32; with ``keep``, each row keeps its ``keep`` largest |x| (as the study's masks)."""
+def _design(n: int, f: int, keep: int | None, seed: int, ragged: bool = False) -> np.ndarray:
+    """``[X 1]`` (N, F+1) float32; with ``keep``, each row keeps its ``keep`` largest |x| (as the study's masks);
+    ``ragged``: every third row keeps one fewer and the first row none (padded entries in the sparse storage)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, f)).astype(np.float32)
     if keep is not None:
         drop = np.argsort(-np.abs(x), axis=1)[:, keep:]
         np.put_along_axis(x, drop, 0.0, axis=1)
+        if ragged:
+            smallest = np.argsort(np.where(x == 0, np.inf, np.abs(x)), axis=1)[::3, :1]
+            np.put_along_axis(x[::3], smallest, 0.0, axis=1)
+            x[0] = 0.0
     return np.ascontiguousarray(np.hstack([x, np.ones((n, 1), np.float32)]))
 
 
@@ -41,8 +46,10 @@ def _blocks_reference(xa: np.ndarray, curv: np.ndarray, scale: float, ridge: flo
 
 @pytest.mark.parametrize("keep", [None, 3])
 def test_the_class_blocks_and_their_factors_match_a_row_by_row_reference(keep) -> None:
+    """Dense (``ssyrk``) and sparse (ragged rows: padded entries, an empty row), and the batched ``bmm`` build a
+    GPU runs, against blocks summed one outer product at a time."""
     n, f, k = 80, 24, 4
-    xa = _design(n, f, keep, seed=1)
+    xa = _design(n, f, keep, seed=1, ragged=keep is not None)
     rows = kernels.RowDesign(xa)
     assert rows.sparse_build == (keep is not None)
     p = _softmax(n, k, seed=2)
@@ -51,6 +58,9 @@ def test_the_class_blocks_and_their_factors_match_a_row_by_row_reference(keep) -
     grams = np.full((k, f + 1, f + 1), np.nan, np.float32)
     kernels.weighted_grams(rows, curv, grams, 1.0 / n, 1e-3)
     np.testing.assert_allclose(grams, ref, rtol=1e-5, atol=1e-6)
+    batched = newton.batched_blocks(torch.from_numpy(xa)[None], torch.zeros(1, dtype=torch.long),
+                                    torch.from_numpy(curv)[None])
+    np.testing.assert_allclose(batched[0].double().numpy() / n + 1e-3 * np.eye(f + 1), ref, rtol=1e-5, atol=1e-6)
     chol = np.full((k, f + 1, f + 1), np.nan, np.float32)
     assert np.all(kernels.class_factors(rows, curv, chol, 1.0 / n, 1e-3) == np.float32(1e-3))  # no jitter
     assert np.all(np.triu(chol, 1) == 0.0)
@@ -143,14 +153,17 @@ def _hessian(xa: np.ndarray, p: np.ndarray, lam: float) -> np.ndarray:
     return h
 
 
-@pytest.mark.parametrize("keep", [None, 3])
-def test_the_conjugate_gradients_solve_the_newton_system(keep) -> None:
+@pytest.mark.parametrize("keep, sparse", [(None, False), (3, False), (3, True)])
+def test_the_conjugate_gradients_solve_the_newton_system(keep, sparse) -> None:
     """Run to a tight goal, ``d`` solves ``H d = b`` for ``b`` with ``Σ_k b_k = 0`` (a gradient's: the Hessian is
-    singular along a common shift of every class's bias, which ``b`` never has)."""
+    singular along a common shift of every class's bias, which ``b`` never has); the sparse storage on ragged rows
+    (padded entries, an empty row)."""
     n, f, k, lam = 90, 12, 3, 1e-3
-    xa = _design(n, f, keep, seed=5)
+    xa = _design(n, f, keep, seed=5, ragged=keep is not None)
     p = _softmax(n, k, seed=6)
-    rows = kernels.RowDesign(xa)
+    share = 1.0 if sparse else 0.0
+    rows = kernels.RowDesign(xa, sparse_build=share, sparse_products=share)
+    assert rows.sparse_build == rows.sparse_products == sparse
     curv = np.ascontiguousarray(p * (1 - p))
     chol = np.empty((k, f + 1, f + 1), np.float32)
     assert np.all(kernels.class_factors(rows, curv, chol, 1.0 / n, lam) == np.float32(lam))

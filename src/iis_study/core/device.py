@@ -49,14 +49,21 @@ def worker_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
     thread: independent small solves (one head, one path) submitted one per call keep their data in cache and round
     the same whatever the pool's size. On exit, queued work is cancelled (an error or Ctrl-C in one job does not
     wait for the rest), and the calling thread's count is set again: ``torch.set_num_threads`` also writes the
-    process-wide count that threads started later begin with."""
+    process-wide count that threads started later begin with. While the pool is open, numpy's and scipy's BLAS
+    run on one thread (threadpoolctl), restored on exit."""
     check_workers(workers)
     threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(workers or threads, initializer=_one_thread)
-    blas = threadpool_limits(1, user_api="blas")  # numpy's and scipy's BLAS (blas.py's ssyrk) on one thread too
+    # numpy's and scipy's BLAS (the Newton solver's compiled kernels call scipy's) on one thread too. threadpoolctl
+    # limits only the libraries loaded when it is called, and scipy ships its own OpenBLAS: load it first
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    blas = threadpool_limits(1, user_api="blas")
     try:
-        yield pool
+        pool = ThreadPoolExecutor(workers or threads, initializer=_one_thread)
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         blas.restore_original_limits()
         torch.set_num_threads(threads)

@@ -96,6 +96,22 @@ def hess_vec(xa: torch.Tensor, p: torch.Tensor, v: torch.Tensor, lam: torch.Tens
     return out
 
 
+def batched_blocks(xa: torch.Tensor, groups: torch.Tensor, curv: torch.Tensor) -> torch.Tensor:
+    """The class blocks ``[X 1]ᵀ diag(c_k) [X 1]`` (H, K, F+1, F+1), float32, of heads reading design groups
+    ``groups`` of ``xa`` (G, N, F+1) with curvatures ``curv`` (H, K, N), by batched products (a GPU's build; the
+    CPU's is :func:`~iis_study.core.solvers.kernels.class_factors`)."""
+    h, k, n = curv.shape
+    f1 = xa.shape[-1]
+    blocks = torch.empty(h, k, f1, f1, dtype=torch.float32, device=xa.device)
+    chunk = max(1, BLOCK_BYTES // (k * n * f1 * 4))
+    for i in range(0, h, chunk):
+        x = xa[groups[i : i + chunk]]  # (h', N, F+1)
+        w = curv[i : i + chunk].unsqueeze(2) * x.transpose(1, 2).contiguous().unsqueeze(1)  # (h', K, F+1, N)
+        # one product per head, every class's rows stacked: (h', K(F+1), N) @ (h', N, F+1)
+        blocks[i : i + chunk] = torch.bmm(w.reshape(-1, k * f1, n), x).view(-1, k, f1, f1)
+    return blocks
+
+
 def factor64(blocks: torch.Tensor, n: int, lam: torch.Tensor) -> torch.Tensor:
     """The lower Cholesky factors (float32) of ``blocks / n + λ I`` (H, K, F+1, F+1), factored in float64; a block
     that rounding leaves not positive definite gets the smallest of :data:`kernels.JITTER`'s shares of its mean
@@ -157,14 +173,7 @@ class ClassBlocks:
                 x = rows[gi] if rows is not None else kernels.RowDesign(xa[gi].numpy())
                 kernels.class_factors(x, curv[i].numpy(), self.chol[i].numpy(), 1.0 / n, float(lam[i]) + 1e-12)
             return
-        blocks = torch.empty(h, k, f1, f1, dtype=torch.float32, device=p.device)
-        chunk = max(1, BLOCK_BYTES // (k * n * f1 * 4))
-        for i in range(0, h, chunk):
-            x = xa[groups[i : i + chunk]]  # (h', N, F+1)
-            w = curv[i : i + chunk].unsqueeze(2) * x.transpose(1, 2).contiguous().unsqueeze(1)  # (h', K, F+1, N)
-            # one product per head, every class's rows stacked: (h', K(F+1), N) @ (h', N, F+1)
-            blocks[i : i + chunk] = torch.bmm(w.reshape(-1, k * f1, n), x).view(-1, k, f1, f1)
-        self.chol = factor64(blocks, n, lam)
+        self.chol = factor64(batched_blocks(xa, groups, curv), n, lam)
 
     def select(self, idx: torch.Tensor) -> "ClassBlocks":
         out = object.__new__(ClassBlocks)
