@@ -6,8 +6,9 @@ On the CPU the solver runs one head a call on a pool of single-threaded workers
 - :func:`weighted_grams`, the preconditioner's class blocks ``[X 1]ᵀ diag(c_k) [X 1]``: BLAS ``ssyrk`` forms one
   triangle (half the flops of ``torch.bmm``'s square). scipy's Python wrappers of BLAS hold the GIL for the whole
   call, so two workers would take turns; the routine is called through the pointer ``scipy.linalg.cython_blas``
-  exports, from a ``nogil`` numba function, so both run at once. numba cannot cache a function that calls a
-  pointer: it compiles once per process (about a second) on first use.
+  exports, from a ``nogil`` numba function, so both run at once. The pointer is an argument, called by an LLVM
+  intrinsic (:func:`_call_void`), so the kernel is cached on disk like the others (a pointer compiled in as a
+  constant cannot be: that cost a second's compilation in every process).
 - :func:`conjugate_gradients`, the preconditioned conjugate gradients of one Newton step of one head: the
   Hessian-vector product as two BLAS products (numba's ``np.dot``, scipy's BLAS), the class blocks applied by
   forward and back substitution on their Cholesky factors, and the vector updates in one compiled loop. The
@@ -20,11 +21,13 @@ on another machine's core count.
 
 from __future__ import annotations
 
-import ctypes
 from functools import cache
 
 import numba
 import numpy as np
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.extending import intrinsic
 
 
 # a design group whose rows keep at most this fraction of the F columns builds its class blocks / runs its
@@ -88,56 +91,74 @@ def _sparse_gram(cols, vals, curv, block):  # pragma: no cover - compiled
         block[bias, bias] += w
 
 
+@intrinsic
+def _call_void(typingctx, address, pointers):  # pragma: no cover - compiled
+    """Call the C function at ``address`` (an integer) as ``void f(void *, ...)`` with ``pointers`` (a tuple of
+    integer addresses): the Fortran-convention BLAS and LAPACK routines scipy exports. The address is an argument,
+    not a constant compiled in, so a kernel calling it can be cached on disk."""
+    if not isinstance(address, types.Integer) or not isinstance(pointers, types.UniTuple) \
+            or not isinstance(pointers.dtype, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        voidptr = llvm_ir.IntType(8).as_pointer()
+        n = signature.args[1].count
+        fn = builder.inttoptr(args[0], llvm_ir.FunctionType(llvm_ir.VoidType(), [voidptr] * n).as_pointer())
+        builder.call(fn, [builder.inttoptr(builder.extract_value(args[1], i), voidptr) for i in range(n)])
+        return context.get_dummy_value()
+
+    return types.void(address, pointers), codegen
+
+
 @cache
-def _gram_kernel():
-    """The compiled class-block kernel (see :func:`class_factors`); vectors laid out as :class:`RowDesign`'s."""
+def _lapack_addresses() -> tuple[int, int]:
+    """The addresses of scipy's ``ssyrk`` (BLAS) and ``spotrf`` (LAPACK), this process's."""
     from numba.extending import get_cython_function_address
 
-    vp = ctypes.c_void_p
-    ssyrk = ctypes.CFUNCTYPE(None, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp)(
-        get_cython_function_address("scipy.linalg.cython_blas", "ssyrk"))
-    spotrf = ctypes.CFUNCTYPE(None, vp, vp, vp, vp, vp)(
-        get_cython_function_address("scipy.linalg.cython_lapack", "spotrf"))
+    return (get_cython_function_address("scipy.linalg.cython_blas", "ssyrk"),
+            get_cython_function_address("scipy.linalg.cython_lapack", "spotrf"))
 
-    @numba.njit(nogil=True)
-    def kernel(x, cols, vals, sparse, curv, scale, ridge, factor, out, info):  # pragma: no cover - compiled
-        n, f = x.shape
-        a = np.empty((n, f) if not sparse else (1, 1), np.float32)  # one class's weighted rows at a time
-        # ``a`` in C order (N, F) is, to Fortran, the (F, N) matrix Aᵀ: trans 'N' gives Aᵀ A, and Fortran's upper
-        # triangle of an (F, F) C-ordered block is C's lower one (for ssyrk's output and spotrf's factor alike)
-        uplo, trans = np.array([ord("U")], np.uint8), np.array([ord("N")], np.uint8)
-        dims = np.array([f, n, f, f], np.int32)  # n, k, lda, ldc
-        scal = np.array([scale, 0.0], np.float32)  # alpha, beta
-        status = np.zeros(1, np.int32)
-        for c in range(curv.shape[0]):
-            block = out[c]
-            if sparse:
-                block[:] = 0.0
-                _sparse_gram(cols, vals, curv[c], block)
-                for i in range(f):
-                    for j in range(i + 1):
-                        block[i, j] *= scale
-            else:
-                for i in range(n):
-                    w = np.sqrt(curv[c, i])
-                    for j in range(f):
-                        a[i, j] = w * x[i, j]
-                ssyrk(uplo.ctypes, trans.ctypes, dims[0:].ctypes, dims[1:].ctypes, scal[0:].ctypes, a.ctypes,
-                      dims[2:].ctypes, scal[1:].ctypes, block.ctypes, dims[3:].ctypes)
+
+@numba.njit(nogil=True, cache=True)
+def _gram_kernel(x, cols, vals, sparse, curv, scale, ridge, factor, out, info, ssyrk, spotrf):  # pragma: no cover
+    # the class blocks (see class_factors), float32 arrays; ssyrk, spotrf: the routines' addresses
+    n, f = x.shape
+    a = np.empty((n, f) if not sparse else (1, 1), np.float32)  # one class's weighted rows at a time
+    # ``a`` in C order (N, F) is, to Fortran, the (F, N) matrix Aᵀ: trans 'N' gives Aᵀ A, and Fortran's upper
+    # triangle of an (F, F) C-ordered block is C's lower one (for ssyrk's output and spotrf's factor alike)
+    uplo, trans = np.array([ord("U")], np.uint8), np.array([ord("N")], np.uint8)
+    dims = np.array([f, n, f, f], np.int32)  # n, k, lda, ldc
+    scal = np.array([scale, 0.0], np.float32)  # alpha, beta
+    status = np.zeros(1, np.int32)
+    for c in range(curv.shape[0]):
+        block = out[c]
+        if sparse:
+            block[:] = 0.0
+            _sparse_gram(cols, vals, curv[c], block)
             for i in range(f):
-                block[i, i] += ridge[c]
-            if factor:
-                spotrf(uplo.ctypes, dims[0:].ctypes, block.ctypes, dims[2:].ctypes, status.ctypes)
-                info[c] = status[0]
-                for i in range(f):  # the factor is the lower triangle: zero the rest
-                    for j in range(i):
-                        block[j, i] = 0.0
-            else:
-                for i in range(f):  # the lower triangle mirrored: a whole symmetric block
-                    for j in range(i):
-                        block[j, i] = block[i, j]
-
-    return kernel
+                for j in range(i + 1):
+                    block[i, j] *= scale
+        else:
+            for i in range(n):
+                w = np.sqrt(curv[c, i])
+                for j in range(f):
+                    a[i, j] = w * x[i, j]
+            _call_void(ssyrk, (uplo.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
+                               scal[0:].ctypes.data, a.ctypes.data, dims[2:].ctypes.data, scal[1:].ctypes.data,
+                               block.ctypes.data, dims[3:].ctypes.data))
+        for i in range(f):
+            block[i, i] += ridge[c]
+        if factor:
+            _call_void(spotrf, (uplo.ctypes.data, dims[0:].ctypes.data, block.ctypes.data, dims[2:].ctypes.data,
+                                status.ctypes.data))
+            info[c] = status[0]
+            for i in range(f):  # the factor is the lower triangle: zero the rest
+                for j in range(i):
+                    block[j, i] = 0.0
+        else:
+            for i in range(f):  # the lower triangle mirrored: a whole symmetric block
+                for j in range(i):
+                    block[j, i] = block[i, j]
 
 
 def _check(where: str, **arrays: np.ndarray) -> None:
@@ -159,8 +180,8 @@ def _grams(design: RowDesign, curvature, out, scale, ridge, factor) -> np.ndarra
         raise ValueError("class blocks: curvature must be non-negative and finite (a NaN softmax?)")
     info = np.zeros(curvature.shape[0], np.int32)
     ridges = np.ascontiguousarray(np.broadcast_to(np.asarray(ridge, np.float32), (curvature.shape[0],)))
-    _gram_kernel()(x, design.cols, design.vals, design.sparse_build, curvature, np.float32(scale), ridges, factor,
-                   out, info)
+    _gram_kernel(x, design.cols, design.vals, design.sparse_build, curvature, np.float32(scale), ridges, factor,
+                 out, info, *_lapack_addresses())
     return info
 
 
