@@ -378,7 +378,7 @@ def conjugate_gradients(
         raise ValueError(f"conjugate_gradients: shapes xa {design.xa.shape}, p {p.shape}, chol {chol.shape}, "
                          f"b {b.shape} do not fit (N, F+1), (K, N), (K, F+1, F+1), (K, F+1)")
     d, products = _cg(
-        design.xa, design.xat, design.cols, design.vals, design.sparse_products, np.ascontiguousarray(p.T, dtype=np.float32),
-        chol, np.float32(lam), np.ascontiguousarray(b.T, dtype=np.float32), np.float64(goal), np.float32(target),
-        int(max_cg))
+        design.xa, design.xat, design.cols, design.vals, design.sparse_products,
+        np.ascontiguousarray(p.T, dtype=np.float32), chol, np.float32(lam), np.ascontiguousarray(b.T, dtype=np.float32),
+        np.float64(goal), np.float32(target), int(max_cg))
     return np.ascontiguousarray(d.T), int(products)

@@ -53,6 +53,17 @@ class DenseDesign:
         self.xa32 = torch.cat([x64, torch.ones_like(x64[..., :1])], dim=-1).float()  # (G, N, F+1)
         self.y = y.long()
         self.onehot64 = torch.nn.functional.one_hot(self.y, num_classes).T.to(torch.float64)  # (K, N)
+        self._rows: dict[int, kernels.RowDesign] = {}
+
+    def rows(self, group: int) -> kernels.RowDesign:
+        """Design group ``group`` as the CPU's compiled kernels read it (dense with its transpose, or sparse), made
+        on first use and kept: every L2 strength of every head on the group reads it (a sparse one takes ~1 ms to
+        make; a dense one keeps a transposed copy, N (F+1) floats). Pool workers may make the same group twice at
+        once; either copy serves."""
+        row = self._rows.get(group)
+        if row is None:
+            row = self._rows[group] = kernels.RowDesign(self.xa32[group].numpy())
+        return row
 
 
 def _logits(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -158,10 +169,7 @@ class ClassBlocks:
     compiled substitutions; elsewhere built by ``bmm`` and factored in float64 (:func:`factor64`). Either way
     ``chol`` holds float32 lower factors (H, K, F+1, F+1)."""
 
-    def __init__(
-        self, design: "DenseDesign", groups: torch.Tensor, p: torch.Tensor, lam: torch.Tensor,
-        rows: "dict[int, kernels.RowDesign] | None" = None,
-    ) -> None:
+    def __init__(self, design: "DenseDesign", groups: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> None:
         xa = design.xa32
         h, k, n = p.shape
         f1 = xa.shape[-1]
@@ -169,9 +177,8 @@ class ClassBlocks:
         if xa.device.type == "cpu":  # built (one triangle, ssyrk) and factored in float32, compiled, off the GIL
             self.chol = torch.empty(h, k, f1, f1, dtype=torch.float32)
             for i in range(h):
-                gi = int(groups[i])
-                x = rows[gi] if rows is not None else kernels.RowDesign(xa[gi].numpy())
-                kernels.class_factors(x, curv[i].numpy(), self.chol[i].numpy(), 1.0 / n, float(lam[i]) + 1e-12)
+                kernels.class_factors(design.rows(int(groups[i])), curv[i].numpy(), self.chol[i].numpy(), 1.0 / n,
+                                      float(lam[i]) + 1e-12)
             return
         self.chol = factor64(batched_blocks(xa, groups, curv), n, lam)
 
@@ -183,7 +190,8 @@ class ClassBlocks:
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         # two triangular solves on each class's float32 Cholesky factor instead of an inverse: no inversion
         # (cholesky_inverse, 3.4 ms a build at the study's shape) and each application cheaper than the block x
-        # column product applied before (scripts/bench_newton_parts.py)
+        # column product applied before (measured in issue 31's fifth session); the CPU's compiled CG substitutes
+        # in its own loop (kernels.py) and calls this only for a step that is not a descent direction
         h, k, f1 = r.shape
         z = torch.cholesky_solve(r.reshape(h * k, f1, 1), self.chol.view(h * k, f1, f1)).view(h, k, f1)
         return z.sub_(z.mean(dim=1, keepdim=True))
@@ -195,11 +203,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _cg(
     design: DenseDesign, groups: torch.Tensor, p: torch.Tensor, pre: ClassBlocks, lam: torch.Tensor, g: torch.Tensor,
-    eta: torch.Tensor, target: float, max_cg: int, rows: dict[int, kernels.RowDesign] | None = None,
+    eta: torch.Tensor, target: float, max_cg: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The conjugate gradients of one Newton step: on the CPU each head in the compiled
-    :func:`~iis_study.core.solvers.kernels.conjugate_gradients` (``rows``: the heads' design groups as the kernels
-    read them), elsewhere :func:`batched_conjugate_gradients`. Returns ``d`` (float64) and each head's products."""
+    :func:`~iis_study.core.solvers.kernels.conjugate_gradients`, elsewhere :func:`batched_conjugate_gradients`.
+    Returns ``d`` (float64) and each head's products."""
     if g.device.type != "cpu":
         return batched_conjugate_gradients(design, groups, p, pre, lam, g, eta, target, max_cg)
     b = -g.float()
@@ -207,10 +215,9 @@ def _cg(
     d = torch.empty_like(b)
     products = torch.zeros(b.shape[0], dtype=torch.long)
     for i in range(b.shape[0]):
-        gi = int(groups[i])
-        row = rows[gi] if rows is not None else kernels.RowDesign(design.xa32[gi].numpy())
         d_i, products[i] = kernels.conjugate_gradients(
-            row, p[i].numpy(), pre.chol[i].numpy(), float(lam[i]), b[i].numpy(), float(goal[i]), target, max_cg)
+            design.rows(int(groups[i])), p[i].numpy(), pre.chol[i].numpy(), float(lam[i]), b[i].numpy(),
+            float(goal[i]), target, max_cg)
         d[i] = torch.from_numpy(d_i)
     return d.double(), products
 
@@ -295,9 +302,6 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
     torch.set_num_threads(1 if h_all < 2 else threads)
     f, g, p = loss_grad(design, groups, x, lam_t)
     pre_all = pre = pre_for = None
-    # the CPU's compiled kernels read each design group as a RowDesign (dense or sparse), made once per call here
-    rows = {int(i): kernels.RowDesign(design.xa32[i].numpy()) for i in groups.unique()} if x.device.type == "cpu" \
-        else None
     for _ in range(max_iter):
         gmax = g.abs().flatten(1).amax(dim=1)
         act = gmax > tol
@@ -310,12 +314,12 @@ def _newton(design, theta, groups, lam, tol, max_iter, iters, stalled, products,
         torch.set_num_threads(1 if live.numel() < 2 else threads)
         grp = groups[live]
         if pre_all is None:  # once per strength, at its warm start (ClassBlocks)
-            pre_all, pre_live = ClassBlocks(design, grp, p, lam_t, rows), live.clone()
+            pre_all, pre_live = ClassBlocks(design, grp, p, lam_t), live.clone()
         if pre is None or pre_for.numel() != live.numel():  # heads left the batch: their blocks too
             pre, pre_for = pre_all.select(torch.searchsorted(pre_live, live)), live
         gnorm = g.flatten(1).norm(dim=1)
         eta = torch.clamp(gnorm.sqrt(), max=FORCING)
-        d, n_prod = _cg(design, grp, p.float(), pre, lam_t, g, eta, TARGET * tol, max_cg, rows)
+        d, n_prod = _cg(design, grp, p.float(), pre, lam_t, g, eta, TARGET * tol, max_cg)
         products[live] += n_prod
         gd = _dot(g, d)
         bad = ~(gd < 0)  # not a descent direction (rounding): the preconditioned gradient instead
