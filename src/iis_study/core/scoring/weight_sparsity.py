@@ -150,10 +150,10 @@ QP_FORCING = 0.1  # each step's model is minimised until no coordinate moves its
 QP_SWEEPS = 500  # coordinate-descent sweeps per step at most
 
 
-def _objective(a_t: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l1: torch.Tensor,
-               l2: torch.Tensor) -> torch.Tensor:
-    """Per set, mean cross-entropy + ``l1·‖W‖₁ + l2/2·‖W‖²`` (``a_t`` (S, M, N), ``labels`` (N,))."""
-    z = torch.baddbmm(b.unsqueeze(2), w, a_t)
+def _objective_from_logits(z: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, l1: torch.Tensor,
+                           l2: torch.Tensor) -> torch.Tensor:
+    """Per set, mean cross-entropy + ``l1·‖W‖₁ + l2/2·‖W‖²`` from the logits ``z`` (S, K, N) at ``(W, b)``
+    (``labels`` (N,))."""
     picked = z.gather(1, labels.view(1, 1, -1).expand(z.shape[0], 1, -1)).squeeze(1)
     ce = (torch.logsumexp(z, dim=1) - picked).mean(dim=1)
     return ce + l1 * w.abs().sum(dim=(1, 2)) + 0.5 * l2 * (w * w).sum(dim=(1, 2))
@@ -222,12 +222,16 @@ def _newton(
     steps = torch.zeros(s_all, dtype=torch.long)
     live = torch.arange(s_all)
     bias_cls = torch.arange(k)
+    # the live sets' arrays, indexed again only when a set leaves; z, the logits (R, K, N), and f, the objective,
+    # at (w, b): those of the accepted line-search candidate after the first step
+    a_l, a_t_l, a_ext_l, l1_l, l2_l = a, a_t, a_ext, l1_all.view(-1, 1, 1), l2_all.view(-1, 1, 1)
+    z = torch.baddbmm(b.unsqueeze(2), w, a_t)
+    f = _objective_from_logits(z, labels, w, l1_l.view(-1), l2_l.view(-1))
     for step in range(max_steps + 1):
-        wl, bl, l1, l2 = w[live], b[live], l1_all[live].view(-1, 1, 1), l2_all[live].view(-1, 1, 1)
-        z = torch.baddbmm(bl.unsqueeze(2), wl, a_t[live])  # (R, K, N)
+        wl, bl, l1, l2 = w[live], b[live], l1_l, l2_l
         prob = torch.softmax(z, dim=1)
         diff = prob - y_t
-        gw = torch.bmm(diff, a[live]) / n + l2 * wl
+        gw = torch.bmm(diff, a_l) / n + l2 * wl
         gb = diff.mean(dim=2)
         pg = torch.where(wl != 0, gw + l1 * torch.sign(wl), torch.sign(gw) * (gw.abs() - l1).clamp_min(0.0))
         res = torch.maximum(pg.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1))
@@ -235,8 +239,11 @@ def _newton(
         go = res > tolerance
         if step == max_steps or not bool(go.any()):
             break
-        live, wl, bl, l1, l2, res = live[go], wl[go], bl[go], l1[go], l2[go], res[go]
-        prob, z, gw, gb, r = prob[go], z[go], gw[go], gb[go], int(go.sum())
+        if not bool(go.all()):
+            live, wl, bl, l1, l2, res = live[go], wl[go], bl[go], l1[go], l2[go], res[go]
+            prob, z, f, gw, gb = prob[go], z[go], f[go], gw[go], gb[go]
+            a_l, a_t_l, a_ext_l, l1_l, l2_l = a_l[go], a_t_l[go], a_ext_l[go], l1, l2
+        r = len(live)
         steps[live] += 1
         free = ((wl != 0) | (gw.abs() - l1 > tolerance)).reshape(r, k * m)
         width = int(free.sum(dim=1).max())
@@ -244,7 +251,7 @@ def _newton(
         valid = torch.gather(free, 1, order)
         cls = torch.cat([torch.where(valid, order // m, 0), bias_cls.expand(r, k)], 1)
         col = torch.cat([torch.where(valid, order % m, m + 1), torch.full((r, k), m)], 1)  # m: the bias, m+1: none
-        x_f = torch.gather(a_ext[live], 2, col.unsqueeze(1).expand(-1, n, -1))  # (R, N, Q)
+        x_f = torch.gather(a_ext_l, 2, col.unsqueeze(1).expand(-1, n, -1))  # (R, N, Q)
         u = x_f * torch.gather(prob.transpose(1, 2).float(), 2, cls.unsqueeze(1).expand(-1, n, -1))
         ut = u.transpose(1, 2)
         hess = (torch.bmm(ut, x_f).mul_(cls.unsqueeze(2) == cls.unsqueeze(1)).sub_(torch.bmm(ut, u))).double() / n
@@ -261,22 +268,25 @@ def _newton(
         l1_now = wl.abs().sum(dim=(1, 2))
         # the model's decrease (< 0 unless at the optimum): gᵀd + αλ(‖W + d‖₁ - ‖W‖₁)
         decrease = (gw * d_w).sum(dim=(1, 2)) + (gb * d_b).sum(dim=1) + l1v * ((wl + d_w).abs().sum(dim=(1, 2)) - l1_now)
-        f0 = _objective(a_t[live], labels, wl, bl, l1v, l2v)
         t = torch.ones(r, dtype=a.dtype)
         todo = decrease < 0
-        w_new, b_new = wl.clone(), bl.clone()
+        w_new, b_new, z_new, f_new = wl.clone(), bl.clone(), z.clone(), f.clone()
         for _ in range(40):
             cand, cand_b = wl + t.view(-1, 1, 1) * d_w, bl + t.view(-1, 1) * d_b
-            ok = todo & (_objective(a_t[live], labels, cand, cand_b, l1v, l2v) <= f0 + 1e-4 * t * decrease)
-            w_new[ok], b_new[ok] = cand[ok], cand_b[ok]
+            z_c = torch.baddbmm(cand_b.unsqueeze(2), cand, a_t_l)
+            f_c = _objective_from_logits(z_c, labels, cand, l1v, l2v)
+            ok = todo & (f_c <= f + 1e-4 * t * decrease)
+            w_new[ok], b_new[ok], z_new[ok], f_new[ok] = cand[ok], cand_b[ok], z_c[ok], f_c[ok]
             todo &= ~ok
             if not bool(todo.any()):
                 break
             t = torch.where(todo, t * 0.5, t)
-        w[live], b[live] = w_new, b_new
+        w[live], b[live], z, f = w_new, b_new, z_new, f_new
         stalled = (w_new == wl).all(dim=(1, 2)) & (b_new == bl).all(dim=1)  # no decrease found: left to FISTA
         if bool(stalled.any()):
-            live = live[~stalled]
+            keep = ~stalled
+            live, z, f = live[keep], z[keep], f[keep]
+            a_l, a_t_l, a_ext_l, l1_l, l2_l = a_l[keep], a_t_l[keep], a_ext_l[keep], l1_l[keep], l2_l[keep]
             if len(live) == 0:
                 break
     return w.to(dtype), b.to(dtype), res_out, steps
