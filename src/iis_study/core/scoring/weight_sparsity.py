@@ -16,7 +16,8 @@ end is never read), each solve warm-started from the last, each concept set's pa
 (:func:`elastic_net_paths`; the code below is batched over sets). Each point is solved on a working set of concepts (those already non-zero and those the sequential
 strong rule keeps, grown by every concept whose optimality condition fails outside it, as glmnet does) by proximal
 Newton (:func:`_newton`, the default ``solver: newton``: a handful of steps a point, each minimising the exact
-second-order model by coordinate descent); a set whose Newton solve stalls, and every set with ``solver: fista``
+second-order model by coordinate descent and, where that crawls on collinear concepts, by exact solves on the
+step's support); a set whose Newton solve stalls, and every set with ``solver: fista``
 (the first-order baseline), is finished by FISTA with adaptive restart and the step ``1/L`` from the largest
 eigenvalue of the working set's Gram matrix. The logits are laid out (sets, classes, images) so that the softmax
 runs over a contiguous axis. Each solve stops
@@ -33,13 +34,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from ..device import worker_pool
+from ..solvers.kernels import free_hessian, lasso_qp
 from .blocks import WeightSparsityParams
 from ..heads import ConceptSpace, Split
 from ..heads.activations import precompute_base
@@ -148,6 +149,8 @@ NEWTON_STEPS = 50  # orthant-wise Newton steps per solve before FISTA takes over
 NEWTON_MARGIN = 0.25  # Newton stops at this share of the tolerance: the float32 certificate on every concept follows
 QP_FORCING = 0.1  # each step's model is minimised until no coordinate moves its gradient by more than this x residual
 QP_SWEEPS = 500  # coordinate-descent sweeps per step at most
+QP_REFINE_AFTER = 60  # sweeps before the model is solved on its support (see kernels.lasso_qp)
+QP_SOLVES = 20  # such solves per step at most
 
 
 def _objective_from_logits(z: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, l1: torch.Tensor,
@@ -159,37 +162,6 @@ def _objective_from_logits(z: torch.Tensor, labels: torch.Tensor, w: torch.Tenso
     return ce + l1 * w.abs().sum(dim=(1, 2)) + 0.5 * l2 * (w * w).sum(dim=(1, 2))
 
 
-@numba.njit(cache=True, nogil=True)  # nogil: the paths of two sets run on two threads
-def _lasso_qp(hess, grad, start, l1, penalised, forcing, max_sweeps):  # pragma: no cover - compiled
-    """Per set ``r``, the step ``d`` minimising ``gᵀd + ½dᵀHd + l1_r·Σ_{penalised q} |start_q + d_q|`` by cyclic
-    coordinate descent (glmnet's and liblinear's inner solver): sweeps until no coordinate moved the model's
-    gradient by more than ``forcing[r]`` (or ``max_sweeps``). ``hess`` (R, Q, Q) symmetric, float64."""
-    sets, width = grad.shape
-    step = np.zeros((sets, width))
-    for r in range(sets):
-        moved = np.zeros(width)  # H d
-        for _ in range(max_sweeps):
-            biggest = 0.0
-            for q in range(width):
-                h = hess[r, q, q]
-                old = start[r, q] + step[r, q]
-                u = old - (grad[r, q] + moved[q]) / h
-                if penalised[r, q]:
-                    cut = l1[r] / h
-                    new = u - cut if u > cut else (u + cut if u < -cut else 0.0)
-                else:
-                    new = u
-                delta = new - old
-                if delta != 0.0:
-                    step[r, q] += delta
-                    for j in range(width):
-                        moved[j] += hess[r, q, j] * delta
-                    biggest = max(biggest, abs(delta) * h)
-            if biggest <= forcing[r]:
-                break
-    return step
-
-
 def _newton(
     a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, alpha: float,
     tolerance: float, max_steps: int | None = None,
@@ -199,9 +171,11 @@ def _newton(
     Each step (newGLMNET: Yuan, Ho & Lin 2012, liblinear's L1 logistic solver; glmnet's outer loop) builds the
     smooth part's exact second-order model on the *free* weights — those non-zero and those at zero whose
     optimality condition fails by more than the tolerance — and the biases: the Hessian
-    ``Σᵢ (diag pᵢ - pᵢpᵢᵀ) ⊗ xᵢxᵢᵀ / N + (1-α)λ`` (at most ``K·NEC + K`` square, small; formed in float32,
-    the gradient, the objective and the residual are float64), minimises model + ``αλ‖W‖₁`` over the step by
-    coordinate descent (:func:`_lasso_qp`, to a forcing of 0.1 x the current residual), and cuts the step back
+    ``Σᵢ (diag pᵢ - pᵢpᵢᵀ) ⊗ xᵢxᵢᵀ / N + (1-α)λ`` (at most ``K·NEC + K`` square, small; its sums in float32
+    by :func:`~iis_study.core.solvers.kernels.free_hessian`, the gradient, the objective and the residual
+    float64), minimises model + ``αλ‖W‖₁`` over the step by coordinate descent, with exact solves on the support
+    once ``QP_REFINE_AFTER`` sweeps have not converged (:func:`~iis_study.core.solvers.kernels.lasso_qp`, to a
+    forcing of 0.1 x the current residual), and cuts the step back
     until the whole objective falls by a share of the model's decrease (Tseng & Yun's Armijo rule). Weights that
     the L1 term sets to zero leave the model exactly; near the solution the free set is the support and the
     steps converge quadratically. ``a`` (S, N, M), ``y_onehot`` (N, K). Returns ``w``, ``b`` (in ``a``'s
@@ -209,13 +183,13 @@ def _newton(
     ``max_steps`` (or whose line search found no decrease) is returned where it stopped."""
     max_steps = NEWTON_STEPS if max_steps is None else max_steps
     dtype = a.dtype
+    s_all, n, m = a.shape
+    # [a, 1, 0]: the bias column and a zero column for padding, float32 for the Hessian's products
+    a_ext = torch.cat([a, torch.ones(s_all, n, 1, dtype=dtype), torch.zeros(s_all, n, 1, dtype=dtype)], 2).float()
     a, y = a.double(), y_onehot.double()
     w, b, lam = w.double().clone(), b.double().clone(), lam.double()
-    s_all, n, m = a.shape
     k = w.shape[1]
     a_t = a.transpose(1, 2).contiguous()
-    # [a, 1, 0]: the bias column and a zero column for padding, float32 for the Hessian's products
-    a_ext = torch.cat([a, torch.ones(s_all, n, 1, dtype=a.dtype), torch.zeros(s_all, n, 1, dtype=a.dtype)], 2).float()
     y_t, labels = y.T.contiguous(), y.argmax(dim=1)
     l1_all, l2_all = alpha * lam, (1.0 - alpha) * lam
     res_out = torch.full((s_all,), math.inf, dtype=torch.float64)
@@ -251,17 +225,18 @@ def _newton(
         valid = torch.gather(free, 1, order)
         cls = torch.cat([torch.where(valid, order // m, 0), bias_cls.expand(r, k)], 1)
         col = torch.cat([torch.where(valid, order % m, m + 1), torch.full((r, k), m)], 1)  # m: the bias, m+1: none
-        x_f = torch.gather(a_ext_l, 2, col.unsqueeze(1).expand(-1, n, -1))  # (R, N, Q)
-        u = x_f * torch.gather(prob.transpose(1, 2).float(), 2, cls.unsqueeze(1).expand(-1, n, -1))
-        ut = u.transpose(1, 2)
-        hess = (torch.bmm(ut, x_f).mul_(cls.unsqueeze(2) == cls.unsqueeze(1)).sub_(torch.bmm(ut, u))).double() / n
         ridge = torch.cat([torch.where(valid, l2.view(-1, 1), 1.0), torch.full((r, k), 1e-10, dtype=a.dtype)], 1)
-        hess.diagonal(dim1=1, dim2=2).add_(ridge)
+        hess = torch.empty(r, width + k, width + k, dtype=a.dtype)
+        p32 = prob.transpose(1, 2).float().contiguous()
+        for i in range(r):  # the exact Hessian on the free weights and the biases, float32 sums
+            free_hessian(a_ext_l[i].numpy(), col[i].numpy(), cls[i].numpy(), p32[i].numpy(), ridge[i].numpy(),
+                         hess[i].numpy())
         grad = torch.cat([torch.gather(gw.reshape(r, -1), 1, order) * valid, gb], 1)
         start = torch.cat([torch.gather(wl.reshape(r, -1), 1, order) * valid, bl], 1)
         penalised = torch.cat([valid, torch.zeros(r, k, dtype=torch.bool)], 1)
-        d = torch.from_numpy(_lasso_qp(hess.numpy(), grad.numpy(), start.numpy(), l1.view(-1).numpy(),
-                                       penalised.numpy(), (QP_FORCING * res).numpy(), QP_SWEEPS))
+        d = torch.from_numpy(lasso_qp(hess.numpy(), grad.numpy(), start.numpy(), l1.view(-1).numpy(),
+                                      penalised.numpy(), (QP_FORCING * res).numpy(), QP_SWEEPS, QP_REFINE_AFTER,
+                                      QP_SOLVES))
         d_w = torch.zeros(r, k * m, dtype=a.dtype).scatter_(1, order, d[:, :width] * valid).reshape(r, k, m)
         d_b = d[:, width:]
         l1v, l2v = l1.view(-1), l2.view(-1)
@@ -309,6 +284,7 @@ def _solve_at(
     active = candidates | (w != 0).any(dim=1)
     todo = torch.ones(s, dtype=torch.bool)
     iters = torch.zeros(s, dtype=torch.long)
+    gw_all, gb_all = torch.empty_like(w), torch.empty_like(b)  # each set's smooth gradient at its last round's w
     while True:
         rows = todo.nonzero().flatten()
         act = active[rows]
@@ -332,14 +308,13 @@ def _solve_at(
         full = torch.zeros(len(rows), k, m, dtype=w.dtype).scatter_add_(
             2, order.unsqueeze(1).expand(-1, k, -1), w_w * valid.unsqueeze(1))
         w[rows], b[rows], iters[rows] = full, b_new, iters[rows] + it
-        gw, gb = _smooth_grads(a[rows], y_onehot, full, b_new, l2[rows])
+        gw_all[rows], gb_all[rows] = gw, gb = _smooth_grads(a[rows], y_onehot, full, b_new, l2[rows])
         violated = ((gw.abs() - alpha * lam[rows].view(-1, 1, 1)) > tolerance).any(dim=1) & ~act
         active[rows] |= violated
         todo[rows] = violated.any(dim=1) & (iters[rows] < max_iter)
         if not bool(todo.any()):
             break
-    gw, gb = _smooth_grads(a, y_onehot, w, b, l2)
-    return w, b, _kkt(gw, gb, w, alpha * lam), iters, gw
+    return w, b, _kkt(gw_all, gb_all, w, alpha * lam), iters, gw_all
 
 
 def elastic_net_paths(
