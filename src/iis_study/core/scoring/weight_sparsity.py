@@ -140,14 +140,9 @@ def _grads_t(
     return torch.bmm(p, a).div_(a.shape[1]) + l2.view(-1, 1, 1) * w, p.mean(dim=2)
 
 
-def _smooth_grads(a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: torch.Tensor):
-    """:func:`_grads_t` from the (S, N, M) design and the (N, K) one-hot labels."""
-    return _grads_t(a, a.transpose(1, 2).contiguous(), y_onehot.T.contiguous(), w, b, l2)
-
-
 NEWTON_STEPS = 50  # orthant-wise Newton steps per solve before FISTA takes over (a handful are used: docs/performance.md)
 NEWTON_MARGIN = 0.25  # Newton stops at this share of the tolerance: the float32 certificate on every concept follows
-QP_FORCING = 0.1  # each step's model is minimised until no coordinate moves its gradient by more than this x residual
+QP_FORCING = 0.01  # each step's model is minimised until no coordinate moves its gradient by more than this x residual
 QP_SWEEPS = 500  # coordinate-descent sweeps per step at most
 QP_REFINE_AFTER = 60  # sweeps before the model is solved on its support (see kernels.lasso_qp)
 QP_SOLVES = 20  # such solves per step at most
@@ -175,7 +170,7 @@ def _newton(
     by :func:`~iis_study.core.solvers.kernels.free_hessian`, the gradient, the objective and the residual
     float64), minimises model + ``αλ‖W‖₁`` over the step by coordinate descent, with exact solves on the support
     once ``QP_REFINE_AFTER`` sweeps have not converged (:func:`~iis_study.core.solvers.kernels.lasso_qp`, to a
-    forcing of 0.1 x the current residual), and cuts the step back
+    forcing of 0.01 x the current residual), and cuts the step back
     until the whole objective falls by a share of the model's decrease (Tseng & Yun's Armijo rule). Weights that
     the L1 term sets to zero leave the model exactly; near the solution the free set is the support and the
     steps converge quadratically. ``a`` (S, N, M), ``y_onehot`` (N, K). Returns ``w``, ``b`` (in ``a``'s
@@ -189,7 +184,7 @@ def _newton(
     a, y = a.double(), y_onehot.double()
     w, b, lam = w.double().clone(), b.double().clone(), lam.double()
     k = w.shape[1]
-    a_t = a.transpose(1, 2).contiguous()
+    a_t = a.transpose(1, 2)  # a view: baddbmm reads it as transposed (no copy)
     y_t, labels = y.T.contiguous(), y.argmax(dim=1)
     l1_all, l2_all = alpha * lam, (1.0 - alpha) * lam
     res_out = torch.full((s_all,), math.inf, dtype=torch.float64)
@@ -269,6 +264,7 @@ def _newton(
 def _solve_at(
     a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: torch.Tensor,
     candidates: torch.Tensor, alpha: float, tolerance: float, max_iter: int, solver: str = "newton",
+    a_t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One path point for every set, solved on a working set of concepts and certified on all of them.
 
@@ -277,8 +273,10 @@ def _solve_at(
     scheme). On the working set the design has fewer columns, so each iteration is cheaper and the step ``1/L``
     is larger (``L`` from the working set's columns only). The residual returned is the full problem's.
     Returns ``w``, ``b``, the residual, the iterations and the full smooth gradient in ``W`` (for the next
-    point's strong rule)."""
+    point's strong rule). ``a_t``: ``a`` transposed (S, M, N), contiguous, where the caller has it."""
     s, _, m = a.shape
+    a_t = a.transpose(1, 2).contiguous() if a_t is None else a_t
+    y_t = y_onehot.T.contiguous()
     k = w.shape[1]
     l2 = (1.0 - alpha) * lam
     active = candidates | (w != 0).any(dim=1)
@@ -287,12 +285,14 @@ def _solve_at(
     gw_all, gb_all = torch.empty_like(w), torch.empty_like(b)  # each set's smooth gradient at its last round's w
     while True:
         rows = todo.nonzero().flatten()
+        every = len(rows) == s
+        a_r, a_t_r = (a, a_t) if every else (a[rows], a_t[rows])
         act = active[rows]
         width = max(1, int(act.sum(dim=1).max()))
         # each set's working columns first (stable: in concept order), padded with zero columns
         order = torch.sort((~act).to(torch.int8), dim=1, stable=True).indices[:, :width]
         valid = torch.gather(act, 1, order)  # (R, P)
-        a_w = torch.gather(a[rows], 2, order.unsqueeze(1).expand(-1, a.shape[1], -1)) * valid.unsqueeze(1)
+        a_w = torch.gather(a_r, 2, order.unsqueeze(1).expand(-1, a.shape[1], -1)) * valid.unsqueeze(1)
         w_w = torch.gather(w[rows], 2, order.unsqueeze(1).expand(-1, k, -1)) * valid.unsqueeze(1)
         if solver == "newton":
             w_w, b_new, res, it = _newton(a_w, y_onehot, w_w, b[rows], lam[rows], alpha, NEWTON_MARGIN * tolerance)
@@ -308,7 +308,7 @@ def _solve_at(
         full = torch.zeros(len(rows), k, m, dtype=w.dtype).scatter_add_(
             2, order.unsqueeze(1).expand(-1, k, -1), w_w * valid.unsqueeze(1))
         w[rows], b[rows], iters[rows] = full, b_new, iters[rows] + it
-        gw_all[rows], gb_all[rows] = gw, gb = _smooth_grads(a[rows], y_onehot, full, b_new, l2[rows])
+        gw_all[rows], gb_all[rows] = gw, gb = _grads_t(a_r, a_t_r, y_t, full, b_new, l2[rows])
         violated = ((gw.abs() - alpha * lam[rows].view(-1, 1, 1)) > tolerance).any(dim=1) & ~act
         active[rows] |= violated
         todo[rows] = violated.any(dim=1) & (iters[rows] < max_iter)
@@ -358,6 +358,7 @@ def paths_of(
     a_tr = torch.stack([_design(train.x, sets[n]) for n in names])
     mean, std = a_tr.mean(dim=1, keepdim=True), a_tr.std(dim=1, keepdim=True).clamp_min(1e-8)
     a_tr = (a_tr - mean) / std
+    a_tr_t = a_tr.transpose(1, 2).contiguous()
     a_va = (torch.stack([_design(val.x, sets[n]) for n in names]) - mean) / std
     a_te = (torch.stack([_design(test.x, sets[n]) for n in names]) - mean) / std
     y = F.one_hot(train.y.long(), k).to(a_tr.dtype)
@@ -380,9 +381,10 @@ def paths_of(
         # enters only if its optimality condition fails (the certificate is on every concept)
         strong = (grad.abs() >= (params.alpha * (2 * lam - lam_prev)).view(-1, 1, 1)).any(dim=1)
         idx = live.nonzero().flatten()
+        a_i, a_i_t = (a_tr, a_tr_t) if len(idx) == s else (a_tr[idx], a_tr_t[idx])
         w[idx], b[idx], kkt[idx], iters[idx], grad[idx] = _solve_at(
-            a_tr[idx], y, w[idx], b[idx], lam[idx], strong[idx], params.alpha, params.tolerance, params.max_iter,
-            params.solver)
+            a_i, y, w[idx], b[idx], lam[idx], strong[idx], params.alpha, params.tolerance, params.max_iter,
+            params.solver, a_i_t)
         lam_prev = lam
         nec = (w != 0).sum(dim=(1, 2)).double() / k
         acc = {}
