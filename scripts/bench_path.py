@@ -2,9 +2,8 @@
 
 On the default study's cached features, concepts and concept draws (``make run`` first), the elastic-net path of
 every concept set of a representation (its 2 concept sets and their 16 draws and nulls, as the study runs them:
-one set a call on a pool of threads) is solved with ``weight_sparsity.solver: fista`` (the baseline), with
-``newton`` on every set in one batched call (the form before the pool) and with ``newton`` as the study runs it,
-one after the other. Prints the time, the points solved, the iterations (FISTA) or Newton steps per point, the
+one set a call on a pool of threads) is solved with ``weight_sparsity.solver: fista`` (the baseline) and with
+``newton`` (the compiled proximal Newton), one after the other. Prints the time, the points solved, the iterations (FISTA) or Newton steps per point, the
 largest optimality residual (the certificate: <= the tolerance), whether the two paths select the same models (NEC and
 val accuracy per point) and the largest ANEC-avg difference.
 
@@ -24,22 +23,14 @@ from bench_estimators import study_sets
 from study_tables import sync_block  # scripts/ is on sys.path when a script runs
 
 from iis_study.core.scoring.blocks import WeightSparsityParams
-import pandas as pd
-
-from iis_study.core.scoring import weight_sparsity
-from iis_study.core.scoring.weight_sparsity import PATH_COLUMNS, anec, elastic_net_paths
+from iis_study.core.scoring.weight_sparsity import anec, elastic_net_paths
 
 
 def _run(splits, sets, k, solver):
-    """``solver`` fista or newton: as the study runs it (one set a call on the thread pool); ``newton-batched``:
-    every set in one batched call on torch's threads (the form before issue 31's fifth session)."""
-    params = WeightSparsityParams(solver=solver.removesuffix("-batched"))
+    """``solver`` fista or newton, as the study runs it (one set a call on the thread pool)."""
+    params = WeightSparsityParams(solver=solver)
     start = time.perf_counter()
-    if solver.endswith("-batched"):
-        path = pd.DataFrame(weight_sparsity.paths_of(splits["train"], splits["val"], splits["test"], sets, k, params),
-                            columns=PATH_COLUMNS)
-    else:
-        path = elastic_net_paths(splits["train"], splits["val"], splits["test"], sets, k, params)
+    path = elastic_net_paths(splits["train"], splits["val"], splits["test"], sets, k, params)
     return path, time.perf_counter() - start, params
 
 
@@ -55,9 +46,7 @@ def main() -> None:
         shape = f"{backbone}: {len(sets)} sets (N {splits['train'].x.shape[0]}, M {next(iter(sets.values())).shape[0]}, K {k})"
         print(shape)
         paths, base = {}, None
-        for solver, label in (("fista", "FISTA, the baseline"),
-                              ("newton-batched", "proximal Newton, every set in one batched call (before)"),
-                              ("newton", "proximal Newton, one set a call on a thread pool (the study's)")):
+        for solver, label in (("fista", "FISTA, the baseline"), ("newton", "proximal Newton (the study's)")):
             path, seconds, params = _run(splits, sets, k, solver)
             paths[solver] = path
             base = base or seconds
@@ -68,14 +57,6 @@ def main() -> None:
             print(row)
             rows.append(row)
         f, n = paths["fista"], paths["newton"]
-        nb = paths["newton-batched"]
-        both = nb.merge(n, on=["set", "step"], suffixes=("_b", "_n"))
-        levels = WeightSparsityParams().nec_levels
-        gap_b = max(abs(anec(nb[nb["set"] == s], levels)[1] - anec(n[n["set"] == s], levels)[1]) for s in sets)
-        rows.append(f"| {backbone}: Newton batched vs pooled: {len(nb)} vs {len(n)} points; same NEC at "
-                    f"{100 * float((both['nec_b'] == both['nec_n']).mean()):.1f} % of the common points; largest "
-                    f"ANEC-avg difference {gap_b:.4f} |||||||")
-        print(rows[-1])
         merged = f.merge(n, on=["set", "step"], suffixes=("_f", "_n"))
         same_nec = float((merged["nec_f"] == merged["nec_n"]).mean())
         levels = WeightSparsityParams().nec_levels

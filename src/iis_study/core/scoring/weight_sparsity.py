@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..device import worker_pool
-from ..solvers.kernels import free_hessian, lasso_qp
+from ..solvers.path_newton import proximal_newton
 from .blocks import WeightSparsityParams
 from ..heads import ConceptSpace, Split
 from ..heads.activations import precompute_base
@@ -144,8 +144,8 @@ NEWTON_STEPS = 50  # orthant-wise Newton steps per solve before FISTA takes over
 NEWTON_MARGIN = 0.25  # Newton stops at this share of the tolerance: the float32 certificate on every concept follows
 QP_FORCING = 0.01  # each step's model is minimised until no coordinate moves its gradient by more than this x residual
 QP_SWEEPS = 500  # coordinate-descent sweeps per step at most
-QP_REFINE_AFTER = 60  # sweeps before the model is solved on its support (see kernels.lasso_qp)
-QP_SOLVES = 20  # such solves per step at most
+QP_REFINE_AFTER = 150  # sweeps before the model is solved on its support (see kernels.lasso_qp)
+QP_SOLVES = 50  # such solves per step at most
 
 
 def _objective_from_logits(z: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, l1: torch.Tensor,
@@ -178,87 +178,14 @@ def _newton(
     ``max_steps`` (or whose line search found no decrease) is returned where it stopped."""
     max_steps = NEWTON_STEPS if max_steps is None else max_steps
     dtype = a.dtype
-    s_all, n, m = a.shape
-    # [a, 1, 0]: the bias column and a zero column for padding, float32 for the Hessian's products
-    a_ext = torch.cat([a, torch.ones(s_all, n, 1, dtype=dtype), torch.zeros(s_all, n, 1, dtype=dtype)], 2).float()
-    a, y = a.double(), y_onehot.double()
-    w, b, lam = w.double().clone(), b.double().clone(), lam.double()
-    k = w.shape[1]
-    a_t = a.transpose(1, 2)  # a view: baddbmm reads it as transposed (no copy)
-    y_t, labels = y.T.contiguous(), y.argmax(dim=1)
-    l1_all, l2_all = alpha * lam, (1.0 - alpha) * lam
-    res_out = torch.full((s_all,), math.inf, dtype=torch.float64)
-    steps = torch.zeros(s_all, dtype=torch.long)
-    live = torch.arange(s_all)
-    bias_cls = torch.arange(k)
-    # the live sets' arrays, indexed again only when a set leaves; z, the logits (R, K, N), and f, the objective,
-    # at (w, b): those of the accepted line-search candidate after the first step
-    a_l, a_t_l, a_ext_l, l1_l, l2_l = a, a_t, a_ext, l1_all.view(-1, 1, 1), l2_all.view(-1, 1, 1)
-    z = torch.baddbmm(b.unsqueeze(2), w, a_t)
-    f = _objective_from_logits(z, labels, w, l1_l.view(-1), l2_l.view(-1))
-    for step in range(max_steps + 1):
-        wl, bl, l1, l2 = w[live], b[live], l1_l, l2_l
-        prob = torch.softmax(z, dim=1)
-        diff = prob - y_t
-        gw = torch.bmm(diff, a_l) / n + l2 * wl
-        gb = diff.mean(dim=2)
-        pg = torch.where(wl != 0, gw + l1 * torch.sign(wl), torch.sign(gw) * (gw.abs() - l1).clamp_min(0.0))
-        res = torch.maximum(pg.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1))
-        res_out[live] = res
-        go = res > tolerance
-        if step == max_steps or not bool(go.any()):
-            break
-        if not bool(go.all()):
-            live, wl, bl, l1, l2, res = live[go], wl[go], bl[go], l1[go], l2[go], res[go]
-            prob, z, f, gw, gb = prob[go], z[go], f[go], gw[go], gb[go]
-            a_l, a_t_l, a_ext_l, l1_l, l2_l = a_l[go], a_t_l[go], a_ext_l[go], l1, l2
-        r = len(live)
-        steps[live] += 1
-        free = ((wl != 0) | (gw.abs() - l1 > tolerance)).reshape(r, k * m)
-        width = int(free.sum(dim=1).max())
-        order = torch.sort((~free).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        valid = torch.gather(free, 1, order)
-        cls = torch.cat([torch.where(valid, order // m, 0), bias_cls.expand(r, k)], 1)
-        col = torch.cat([torch.where(valid, order % m, m + 1), torch.full((r, k), m)], 1)  # m: the bias, m+1: none
-        ridge = torch.cat([torch.where(valid, l2.view(-1, 1), 1.0), torch.full((r, k), 1e-10, dtype=a.dtype)], 1)
-        hess = torch.empty(r, width + k, width + k, dtype=a.dtype)
-        p32 = prob.transpose(1, 2).float().contiguous()
-        for i in range(r):  # the exact Hessian on the free weights and the biases, float32 sums
-            free_hessian(a_ext_l[i].numpy(), col[i].numpy(), cls[i].numpy(), p32[i].numpy(), ridge[i].numpy(),
-                         hess[i].numpy())
-        grad = torch.cat([torch.gather(gw.reshape(r, -1), 1, order) * valid, gb], 1)
-        start = torch.cat([torch.gather(wl.reshape(r, -1), 1, order) * valid, bl], 1)
-        penalised = torch.cat([valid, torch.zeros(r, k, dtype=torch.bool)], 1)
-        d = torch.from_numpy(lasso_qp(hess.numpy(), grad.numpy(), start.numpy(), l1.view(-1).numpy(),
-                                      penalised.numpy(), (QP_FORCING * res).numpy(), QP_SWEEPS, QP_REFINE_AFTER,
-                                      QP_SOLVES))
-        d_w = torch.zeros(r, k * m, dtype=a.dtype).scatter_(1, order, d[:, :width] * valid).reshape(r, k, m)
-        d_b = d[:, width:]
-        l1v, l2v = l1.view(-1), l2.view(-1)
-        l1_now = wl.abs().sum(dim=(1, 2))
-        # the model's decrease (< 0 unless at the optimum): gᵀd + αλ(‖W + d‖₁ - ‖W‖₁)
-        decrease = (gw * d_w).sum(dim=(1, 2)) + (gb * d_b).sum(dim=1) + l1v * ((wl + d_w).abs().sum(dim=(1, 2)) - l1_now)
-        t = torch.ones(r, dtype=a.dtype)
-        todo = decrease < 0
-        w_new, b_new, z_new, f_new = wl.clone(), bl.clone(), z.clone(), f.clone()
-        for _ in range(40):
-            cand, cand_b = wl + t.view(-1, 1, 1) * d_w, bl + t.view(-1, 1) * d_b
-            z_c = torch.baddbmm(cand_b.unsqueeze(2), cand, a_t_l)
-            f_c = _objective_from_logits(z_c, labels, cand, l1v, l2v)
-            ok = todo & (f_c <= f + 1e-4 * t * decrease)
-            w_new[ok], b_new[ok], z_new[ok], f_new[ok] = cand[ok], cand_b[ok], z_c[ok], f_c[ok]
-            todo &= ~ok
-            if not bool(todo.any()):
-                break
-            t = torch.where(todo, t * 0.5, t)
-        w[live], b[live], z, f = w_new, b_new, z_new, f_new
-        stalled = (w_new == wl).all(dim=(1, 2)) & (b_new == bl).all(dim=1)  # no decrease found: left to FISTA
-        if bool(stalled.any()):
-            keep = ~stalled
-            live, z, f = live[keep], z[keep], f[keep]
-            a_l, a_t_l, a_ext_l, l1_l, l2_l = a_l[keep], a_t_l[keep], a_ext_l[keep], l1_l[keep], l2_l[keep]
-            if len(live) == 0:
-                break
+    a, labels = a.double(), y_onehot.argmax(dim=1).numpy()
+    w, b = w.double().clone(), b.double().clone()
+    res_out = torch.empty(a.shape[0], dtype=torch.float64)
+    steps = torch.zeros(a.shape[0], dtype=torch.long)
+    for i, lam_i in enumerate(lam.tolist()):  # one set at a time (a compiled loop: kernels.proximal_newton)
+        res_out[i], steps[i] = proximal_newton(
+            a[i].numpy(), labels, w[i].numpy(), b[i].numpy(), alpha * lam_i, (1.0 - alpha) * lam_i, tolerance,
+            max_steps, QP_FORCING, QP_SWEEPS, QP_REFINE_AFTER, QP_SOLVES)
     return w.to(dtype), b.to(dtype), res_out, steps
 
 def _solve_at(

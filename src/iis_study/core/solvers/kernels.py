@@ -1,36 +1,31 @@
-"""The Newton solvers' CPU kernels, compiled by numba and run without holding the GIL: the convex heads' truncated
-Newton (below) and the elastic-net path's proximal Newton (:func:`free_hessian`, the Hessian on a step's free
-weights by ``ssyrk``; :func:`lasso_qp`, the step's L1 model minimised by coordinate descent and LAPACK ``dposv``
-solves on its support).
+"""The truncated Newton solver's CPU kernels, compiled by numba and run without holding the GIL (the elastic-net
+path's are in :mod:`.path_newton`).
 
 On the CPU the solver runs one head a call on a pool of single-threaded workers
-(:func:`~iis_study.core.device.worker_pool`), so what costs is a head's own work, not batching. The heads' two kernels:
+(:func:`~iis_study.core.device.worker_pool`), so what costs is a head's own work, not batching. Two kernels:
 
 - :func:`weighted_grams`, the preconditioner's class blocks ``[X 1]ᵀ diag(c_k) [X 1]``: BLAS ``ssyrk`` forms one
   triangle (half the flops of ``torch.bmm``'s square). scipy's Python wrappers of BLAS hold the GIL for the whole
   call, so two workers would take turns; the routine is called through the pointer ``scipy.linalg.cython_blas``
-  exports, from a ``nogil`` numba function, so both run at once. The pointer is an argument, called by an LLVM
-  intrinsic (:func:`_call_void`), so the kernel is cached on disk like the others (a pointer compiled in as a
-  constant cannot be: that cost a second's compilation in every process).
+  exports, from a ``nogil`` numba function, so both run at once (:mod:`.blas`: the pointer is an argument, so the
+  kernel is cached on disk like the others; compiled in as a constant it cost a second's compilation in every
+  process).
 - :func:`conjugate_gradients`, the preconditioned conjugate gradients of one Newton step of one head: the
   Hessian-vector product as two BLAS products (numba's ``np.dot``, scipy's BLAS), the class blocks applied by
   forward and back substitution on their Cholesky factors, and the vector updates in one compiled loop. The
   ~20 small torch operations a CG iteration took cost as much as its products (``scripts/bench_newton_parts.py``).
 
-All expect scipy's BLAS on one thread (:func:`~iis_study.core.device.worker_pool` limits it, and loads scipy's BLAS
+Both expect scipy's BLAS on one thread (:func:`~iis_study.core.device.worker_pool` limits it, and loads scipy's BLAS
 first so that the limit reaches it): a multi-threaded product splits its sums differently and rounds differently
 on another machine's core count.
 """
 
 from __future__ import annotations
 
-from functools import cache
-
 import numba
 import numpy as np
-from llvmlite import ir as llvm_ir
-from numba import types
-from numba.extending import intrinsic
+
+from .blas import call_void, routine
 
 
 # a design group whose rows keep at most this fraction of the F columns builds its class blocks / runs its
@@ -94,36 +89,9 @@ def _sparse_gram(cols, vals, curv, block):  # pragma: no cover - compiled
         block[bias, bias] += w
 
 
-@intrinsic
-def _call_void(typingctx, address, pointers):  # pragma: no cover - compiled
-    """Call the C function at ``address`` (an integer) as ``void f(void *, ...)`` with ``pointers`` (a tuple of
-    integer addresses): the Fortran-convention BLAS and LAPACK routines scipy exports. The address is an argument,
-    not a constant compiled in, so a kernel calling it can be cached on disk."""
-    if not isinstance(address, types.Integer) or not isinstance(pointers, types.UniTuple) \
-            or not isinstance(pointers.dtype, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        voidptr = llvm_ir.IntType(8).as_pointer()
-        n = signature.args[1].count
-        fn = builder.inttoptr(args[0], llvm_ir.FunctionType(llvm_ir.VoidType(), [voidptr] * n).as_pointer())
-        builder.call(fn, [builder.inttoptr(builder.extract_value(args[1], i), voidptr) for i in range(n)])
-        return context.get_dummy_value()
-
-    return types.void(address, pointers), codegen
-
-
-@cache
-def _routine(name: str) -> int:
-    """The address of scipy's BLAS or LAPACK routine ``name`` in this process."""
-    from numba.extending import get_cython_function_address
-
-    return get_cython_function_address(f"scipy.linalg.cython_{'blas' if name == 'ssyrk' else 'lapack'}", name)
-
-
 def _lapack_addresses() -> tuple[int, int]:
     """The addresses of scipy's ``ssyrk`` (BLAS) and ``spotrf`` (LAPACK), this process's."""
-    return _routine("ssyrk"), _routine("spotrf")
+    return routine("ssyrk"), routine("spotrf")
 
 
 @numba.njit(nogil=True, cache=True)
@@ -150,13 +118,13 @@ def _gram_kernel(x, cols, vals, sparse, curv, scale, ridge, factor, out, info, s
                 w = np.sqrt(curv[c, i])
                 for j in range(f):
                     a[i, j] = w * x[i, j]
-            _call_void(ssyrk, (uplo.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
+            call_void(ssyrk, (uplo.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
                                scal[0:].ctypes.data, a.ctypes.data, dims[2:].ctypes.data, scal[1:].ctypes.data,
                                block.ctypes.data, dims[3:].ctypes.data))
         for i in range(f):
             block[i, i] += ridge[c]
         if factor:
-            _call_void(spotrf, (uplo.ctypes.data, dims[0:].ctypes.data, block.ctypes.data, dims[2:].ctypes.data,
+            call_void(spotrf, (uplo.ctypes.data, dims[0:].ctypes.data, block.ctypes.data, dims[2:].ctypes.data,
                                 status.ctypes.data))
             info[c] = status[0]
             for i in range(f):  # the factor is the lower triangle: zero the rest
@@ -166,189 +134,6 @@ def _gram_kernel(x, cols, vals, sparse, curv, scale, ridge, factor, out, info, s
             for i in range(f):  # the lower triangle mirrored: a whole symmetric block
                 for j in range(i):
                     block[j, i] = block[i, j]
-
-
-@numba.njit(nogil=True, cache=True)
-def _syrk(ssyrk, uplo, trans, dims, scal, a, c):  # pragma: no cover - compiled
-    # ssyrk on arrays the caller holds: a kernel's own array whose last use is ``.ctypes.data`` would be freed
-    # before the call reads it (numba releases a variable after its last use)
-    _call_void(ssyrk, (uplo.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
-                       scal[0:].ctypes.data, a.ctypes.data, dims[2:].ctypes.data, scal[1:].ctypes.data,
-                       c.ctypes.data, dims[3:].ctypes.data))
-
-
-@numba.njit(nogil=True, cache=True)
-def _free_hessian_kernel(x, col, cls, prob, ridge, out, ssyrk):  # pragma: no cover - compiled
-    # see free_hessian; h, the float32 sums, in C's lower triangle (Fortran's upper, as in _gram_kernel)
-    n, q, k = x.shape[0], col.shape[0], prob.shape[1]
-    uplo, trans = np.array([ord("U")], np.uint8), np.array([ord("N")], np.uint8)
-    u = np.empty((n, q), np.float32)  # u_ij = x_i,col(j) p_i,cls(j)
-    for i in range(n):
-        for j in range(q):
-            u[i, j] = x[i, col[j]] * prob[i, cls[j]]
-    h = np.empty((q, q), np.float32)
-    _syrk(ssyrk, uplo, trans, np.array([q, n, q, q], np.int32), np.array([-1.0, 0.0], np.float32), u, h)  # -uᵀu
-    members = np.empty(q, np.int64)
-    one = np.array([1.0, 0.0], np.float32)
-    for c in range(k):  # + the class block Σ_i p_ic x_i xᵢᵀ on the weights of class c
-        size = 0
-        for j in range(q):
-            if cls[j] == c:
-                members[size] = j
-                size += 1
-        if size == 0:
-            continue
-        v = np.empty((n, size), np.float32)
-        for i in range(n):
-            root = np.sqrt(prob[i, c])
-            for a in range(size):
-                v[i, a] = root * x[i, col[members[a]]]
-        block = np.empty((size, size), np.float32)
-        _syrk(ssyrk, uplo, trans, np.array([size, n, size, size], np.int32), one, v, block)
-        for a in range(size):
-            for b in range(a + 1):
-                h[members[a], members[b]] += block[a, b]  # members ascending: the lower triangle
-    inv_n = 1.0 / n
-    for i in range(q):
-        for j in range(i + 1):
-            out[i, j] = np.float64(h[i, j]) * inv_n
-            out[j, i] = out[i, j]
-        out[i, i] += ridge[i]
-
-
-def free_hessian(x: np.ndarray, col: np.ndarray, cls: np.ndarray, prob: np.ndarray, ridge: np.ndarray,
-                 out: np.ndarray) -> None:
-    """The multinomial cross-entropy's Hessian on ``Q`` chosen weights, written into ``out`` (Q, Q), float64:
-    ``out[j, j'] = Σᵢ x_i,col(j) x_i,col(j') (δ_cls(j)cls(j') p_i,cls(j) − p_i,cls(j) p_i,cls(j')) / N + ridge_j δ_jj'``
-    — weight ``j`` the coefficient of design column ``col[j]`` in class ``cls[j]``. ``x`` (N, F) and ``prob``
-    (N, K) (the softmax) float32 and C-ordered; the sums in float32 by BLAS ``ssyrk``: ``−uᵀu`` with
-    ``u_ij = x_i,col(j) p_i,cls(j)`` (one triangle) and each class's block on its own columns (a K-th of the
-    square), ~3x fewer flops than two products of the whole square (the elastic-net path's Newton steps,
-    :mod:`~iis_study.core.scoring.weight_sparsity`)."""
-    _check("free_hessian", x=x, prob=prob)
-    q = col.shape[0]
-    if col.shape != cls.shape or x.shape[0] != prob.shape[0] or out.shape != (q, q) or ridge.shape != (q,) \
-            or out.dtype != np.float64 or not out.flags.c_contiguous:
-        raise ValueError(f"free_hessian: shapes x {x.shape}, col {col.shape}, cls {cls.shape}, prob {prob.shape}, "
-                         f"ridge {ridge.shape}, out {out.shape} {out.dtype} do not fit (N, F), (Q,), (Q,), (N, K), "
-                         "(Q,), C-ordered float64 (Q, Q)")
-    if q and (col.min() < 0 or col.max() >= x.shape[1] or cls.min() < 0 or cls.max() >= prob.shape[1]):
-        raise ValueError("free_hessian: col or cls out of range")
-    _free_hessian_kernel(x, col.astype(np.int64), cls.astype(np.int64), prob, ridge.astype(np.float64), out,
-                         _routine("ssyrk"))
-
-
-@numba.njit(nogil=True, cache=True)
-def _posv(dposv, uplo, ints, a, b):  # pragma: no cover - compiled
-    # LAPACK dposv on arrays the caller holds (see _syrk); ints: n, nrhs, lda, ldb, info
-    _call_void(dposv, (uplo.ctypes.data, ints[0:].ctypes.data, ints[1:].ctypes.data, a.ctypes.data,
-                       ints[2:].ctypes.data, b.ctypes.data, ints[3:].ctypes.data, ints[4:].ctypes.data))
-
-
-@numba.njit(nogil=True, cache=True)
-def _lasso_qp_kernel(hess, grad, start, l1, penalised, forcing, max_sweeps, refine_after, max_solves,
-                     dposv):  # pragma: no cover - compiled
-    sets, width = grad.shape
-    step = np.zeros((sets, width))
-    support = np.empty(width, np.int64)
-    sub = np.empty(width * width)
-    rhs = np.empty(width)
-    uplo = np.array([ord("U")], np.uint8)
-    ints = np.zeros(5, np.int32)
-    for r in range(sets):
-        h2, st, start_r = hess[r], step[r], start[r]
-        moved = np.zeros(width)  # H d
-        solves = 0
-        for sweep in range(max_sweeps):
-            biggest = 0.0
-            changed = False
-            for q in range(width):
-                h = h2[q, q]
-                old = start_r[q] + st[q]
-                u = old - (grad[r, q] + moved[q]) / h
-                if penalised[r, q]:
-                    cut = l1[r] / h
-                    new = u - cut if u > cut else (u + cut if u < -cut else 0.0)
-                else:
-                    new = u
-                delta = new - old
-                if delta != 0.0:
-                    changed |= (old == 0.0) != (new == 0.0)
-                    st[q] += delta
-                    for j in range(width):
-                        moved[j] += h2[q, j] * delta
-                    biggest = max(biggest, abs(delta) * h)
-            if biggest <= forcing[r]:
-                break
-            if changed or sweep + 1 < refine_after or solves >= max_solves:
-                continue
-            # the support stayed: solve the model on it with the signs fixed (x_S = H_SS⁻¹ (H_S· start - g_S -
-            # l1 sign_S), the other weights at 0); where a weight would cross zero, stop there, drop it, solve again
-            while solves < max_solves:
-                ns = 0
-                for q in range(width):
-                    if not penalised[r, q] or start_r[q] + st[q] != 0.0:
-                        support[ns] = q
-                        ns += 1
-                for i in range(ns):
-                    qi = support[i]
-                    for j in range(ns):
-                        sub[i * ns + j] = h2[qi, support[j]]
-                    t = -grad[r, qi]
-                    for j in range(width):
-                        t += h2[qi, j] * start_r[j]
-                    if penalised[r, qi]:
-                        t -= l1[r] if start_r[qi] + st[qi] > 0.0 else -l1[r]
-                    rhs[i] = t
-                ints[0], ints[1], ints[2], ints[3], ints[4] = ns, 1, ns, ns, 0
-                _posv(dposv, uplo, ints, sub, rhs)
-                solves += 1
-                if ints[4] != 0:  # not positive definite in float64: coordinate descent alone
-                    solves = max_solves
-                    break
-                theta, hit = 1.0, -1
-                for i in range(ns):
-                    qi = support[i]
-                    x = start_r[qi] + st[qi]
-                    if penalised[r, qi] and x * rhs[i] <= 0.0:
-                        crossing = x / (x - rhs[i])
-                        if crossing < theta:
-                            theta, hit = crossing, qi
-                for i in range(ns):
-                    qi = support[i]
-                    x = start_r[qi] + st[qi]
-                    st[qi] = x + theta * (rhs[i] - x) - start_r[qi]
-                if hit < 0:
-                    break
-                st[hit] = -start_r[hit]  # exactly zero
-            for j in range(width):
-                t = 0.0
-                for q in range(width):
-                    t += h2[j, q] * st[q]
-                moved[j] = t
-    return step
-
-
-def lasso_qp(hess: np.ndarray, grad: np.ndarray, start: np.ndarray, l1: np.ndarray, penalised: np.ndarray,
-             forcing: np.ndarray, max_sweeps: int, refine_after: int, max_solves: int) -> np.ndarray:
-    """Per set ``r``, the step ``d`` minimising the model ``gᵀd + ½dᵀHd + l1_r·Σ_{penalised q} |start_q + d_q|``
-    (``hess`` (R, Q, Q) symmetric positive definite, float64; ``grad``, ``start`` (R, Q); ``l1``, ``forcing`` (R,)).
-
-    Cyclic coordinate descent (glmnet's and liblinear's inner solver), sweeping until no coordinate moved the
-    model's gradient by more than ``forcing[r]`` (or ``max_sweeps``). On collinear columns coordinate descent
-    crawls (hundreds of sweeps a step on a 16-d layer's 200 concepts), so once a sweep past ``refine_after``
-    leaves the support unchanged, the model is solved exactly on the support with its signs fixed (LAPACK
-    ``dposv``); a weight that would cross zero stops the move there and leaves the support, and the solve is
-    repeated (an active-set step; at most ``max_solves`` solves per set). Every such move lowers the model (it
-    is the smooth quadratic on that orthant's face), and the sweeps' stopping rule is unchanged: the next sweep
-    checks every coordinate, the zeros included."""
-    sets, width = grad.shape
-    if hess.shape != (sets, width, width) or start.shape != (sets, width) or penalised.shape != (sets, width) \
-            or l1.shape != (sets,) or forcing.shape != (sets,):
-        raise ValueError(f"lasso_qp: shapes hess {hess.shape}, grad {grad.shape}, start {start.shape}, "
-                         f"penalised {penalised.shape}, l1 {l1.shape}, forcing {forcing.shape} do not fit")
-    return _lasso_qp_kernel(np.ascontiguousarray(hess, np.float64), grad, start, l1, penalised, forcing,
-                            int(max_sweeps), int(refine_after), int(max_solves), _routine("dposv"))
 
 
 def _check(where: str, **arrays: np.ndarray) -> None:

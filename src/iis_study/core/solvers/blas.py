@@ -1,0 +1,58 @@
+"""scipy's BLAS and LAPACK called from numba kernels without the GIL: a routine's address (:func:`routine`, as
+``scipy.linalg.cython_blas``/``cython_lapack`` export it) is passed to the kernel and called by an LLVM intrinsic
+(:func:`call_void`), so the kernel is cached on disk like any other (an address compiled in as a constant cannot
+be). scipy's Python wrappers hold the GIL for the whole call, so two worker threads would take turns."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numba
+import numpy as np
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def call_void(typingctx, address, pointers):  # pragma: no cover - compiled
+    """Call the C function at ``address`` (an integer) as ``void f(void *, ...)`` with ``pointers`` (a tuple of
+    integer addresses): the Fortran-convention BLAS and LAPACK routines scipy exports. The address is an argument,
+    not a constant compiled in, so a kernel calling it can be cached on disk."""
+    if not isinstance(address, types.Integer) or not isinstance(pointers, types.UniTuple) \
+            or not isinstance(pointers.dtype, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        voidptr = llvm_ir.IntType(8).as_pointer()
+        n = signature.args[1].count
+        fn = builder.inttoptr(args[0], llvm_ir.FunctionType(llvm_ir.VoidType(), [voidptr] * n).as_pointer())
+        builder.call(fn, [builder.inttoptr(builder.extract_value(args[1], i), voidptr) for i in range(n)])
+        return context.get_dummy_value()
+
+    return types.void(address, pointers), codegen
+
+
+@cache
+def routine(name: str) -> int:
+    """The address of scipy's BLAS or LAPACK routine ``name`` in this process."""
+    from numba.extending import get_cython_function_address
+
+    return get_cython_function_address(f"scipy.linalg.cython_{'blas' if name == 'ssyrk' else 'lapack'}", name)
+
+
+@numba.njit(nogil=True, cache=True)
+def syrk(ssyrk, uplo, trans, dims, scal, a, c):  # pragma: no cover - compiled
+    """``ssyrk`` on arrays the caller holds (a kernel's own array whose last use is ``.ctypes.data`` would be
+    freed before the call reads it: numba releases a variable after its last use). ``dims``: n, k, lda, ldc;
+    ``scal``: alpha, beta."""
+    call_void(ssyrk, (uplo.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
+                      scal[0:].ctypes.data, a.ctypes.data, dims[2:].ctypes.data, scal[1:].ctypes.data,
+                      c.ctypes.data, dims[3:].ctypes.data))
+
+
+@numba.njit(nogil=True, cache=True)
+def posv(dposv, uplo, ints, a, b):  # pragma: no cover - compiled
+    """LAPACK ``dposv`` on arrays the caller holds (see :func:`syrk`); ``ints``: n, nrhs, lda, ldb, info."""
+    call_void(dposv, (uplo.ctypes.data, ints[0:].ctypes.data, ints[1:].ctypes.data, a.ctypes.data,
+                      ints[2:].ctypes.data, b.ctypes.data, ints[3:].ctypes.data, ints[4:].ctypes.data))
