@@ -1,4 +1,4 @@
-"""Benchmark: the weight-sparsity path's solvers in one process (issue 31): orthant-wise Newton against FISTA.
+"""Benchmark: the weight-sparsity path's solvers in one process (issue 31): proximal Newton against FISTA.
 
 On the default study's cached features, concepts and concept draws (``make run`` first), the elastic-net path of
 every concept set of a representation (its 2 concept sets and their 16 draws and nulls, as the study runs them:

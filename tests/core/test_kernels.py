@@ -209,4 +209,3 @@ def test_dense_and_sparse_rows_give_the_same_step_as_the_batched_torch_solver() 
 def _torch_cg(design, groups, p, pre, lam, grad, eta):
     d, products = newton.batched_conjugate_gradients(design, groups, p.float(), pre, lam, grad, eta, 0.0, 200)
     return d[0].float().numpy(), int(products[0])
-

@@ -12,8 +12,6 @@ from iis_study.core.solvers import path_newton
 from tests.core.test_kernels import _softmax
 
 
-
-
 def test_the_free_hessian_matches_a_sum_of_kronecker_products() -> None:
     """Weights in any order (two classes' columns interleaved, the biases first, a padding column of zeros): each
     entry equals the same entry of ``Σ_n kron(diag p_n - p_n p_nᵀ, x_n x_nᵀ) / N`` (float64, one image at a
@@ -75,6 +73,7 @@ def test_the_l1_model_is_minimised_on_collinear_columns_only_with_the_support_so
     assert _qp_kkt(hess[0], grad[0], start[0], l1[0], pen[0], solved) < 1e-9
     np.testing.assert_allclose(solved, reference, atol=1e-6)
     assert model(solved) < model(cd)
+    assert np.array_equal(start[0] + solved != 0, start[0] + reference != 0)  # the same support
     assert np.count_nonzero(start[0] + solved) < 37  # the L1 term keeps weights at zero
 
 
@@ -115,14 +114,14 @@ def _point(seed: int = 2):
 
 def test_one_path_point_meets_the_elastic_net_optimality_conditions() -> None:
     """From the path's start (``W = 0``, the biases at the log prior), one call reaches a sparse model whose
-    subgradient (recomputed with numpy) is within 1e-9, in a handful of Newton steps; the residual it reports is
+    subgradient (recomputed with numpy) is within 1e-8, in a handful of Newton steps; the residual it reports is
     that subgradient."""
     a, labels, w, b = _point()
     l1, l2 = 0.03, 0.0003
     with threadpool_limits(1):
-        res, steps = path_newton.proximal_newton(a, labels, w, b, l1, l2, 1e-10, 50, 0.01, 500, 150, 50)
+        res, steps = path_newton.proximal_newton(a, labels, w, b, l1, l2, 1e-8, 50, 0.01, 500, 150, 50)
     kkt = _elastic_net_kkt(a, labels, w, b, l1, l2)
-    assert kkt < 1e-9 and abs(res - kkt) < 1e-12
+    assert kkt < 1e-8 and abs(res - kkt) < 1e-12
     assert 0 < np.count_nonzero(w) < w.size  # the L1 term keeps some weights at zero
     assert steps <= 12
 
@@ -134,3 +133,36 @@ def test_a_capped_solve_stops_where_it_is_and_reports_its_residual() -> None:
     res, steps = path_newton.proximal_newton(a, labels, w, b, 0.03, 0.0003, 1e-10, 1, 0.01, 500, 150, 50)
     assert steps == 1 and np.count_nonzero(w) > 0
     assert res > 1e-10 and abs(res - _elastic_net_kkt(a, labels, w, b, 0.03, 0.0003)) < 1e-12
+
+
+def test_the_support_solves_cut_the_newton_steps_on_collinear_concepts() -> None:
+    """Six concepts that are mixtures of three, 30 coordinate-descent sweeps a step: with the support solves
+    (after 5 sweeps) the point certifies at 1e-8 in fewer Newton steps than coordinate descent alone takes to the
+    50-step cap, or at all."""
+    rng = np.random.default_rng(4)
+    n, k = 200, 3
+    labels = rng.integers(0, k, n)
+    base = rng.standard_normal((n, 3)) + labels[:, None] * 0.8
+    a = np.hstack([base, base @ rng.standard_normal((3, 3)) + 1e-3 * rng.standard_normal((n, 3))])
+    a = (a - a.mean(axis=0)) / a.std(axis=0)
+    b0 = np.log(np.bincount(labels, minlength=k) / n)
+    results = {}
+    for name, refine_after in (("solves", 5), ("cd", 10**6)):
+        w, b = np.zeros((k, 6)), b0.copy()
+        res, steps = path_newton.proximal_newton(a, labels, w, b, 0.002, 2e-5, 1e-8, 50, 0.01, 30, refine_after, 50)
+        results[name] = res, steps, _elastic_net_kkt(a, labels, w, b, 0.002, 2e-5)
+    res, steps, kkt = results["solves"]
+    assert kkt < 1e-8 and abs(res - kkt) < 1e-12
+    assert steps < results["cd"][1]
+
+
+def test_a_solve_at_its_optimum_stops_instead_of_stepping_in_place() -> None:
+    """Asked for a residual of 0 at a point already solved to rounding, the solver stops within a few steps
+    (no descent direction, or no step that lowers the objective) and reports the residual of the point it
+    returns, instead of stepping to the cap. (The guard against a step that rounds back to the same weights is
+    not reached here: no test constructs that case.)"""
+    a, labels, w, b = _point()
+    path_newton.proximal_newton(a, labels, w, b, 0.03, 0.0003, 1e-12, 50, 0.01, 500, 150, 50)
+    res, steps = path_newton.proximal_newton(a, labels, w, b, 0.03, 0.0003, 0.0, 50, 0.01, 500, 150, 50)
+    assert steps < 10
+    assert abs(res - _elastic_net_kkt(a, labels, w, b, 0.03, 0.0003)) < 1e-12

@@ -54,7 +54,7 @@ class WeightSparsityParams(Params):
     min_ratio: float = 1e-4  # the path's smallest strength, relative to lambda_max
     tolerance: float = 1e-4  # on the optimality residual (mean cross-entropy units)
     max_iter: int = 5000  # FISTA iterations per point where Newton stalls (or with solver: fista)
-    solver: str = "newton"  # newton: orthant-wise Newton on the free weights | fista: first-order (the baseline)
+    solver: str = "newton"  # newton: proximal Newton on the free weights | fista: first-order (the baseline)
 
     def validate(self) -> None:
         if not isinstance(self.enabled, bool):

@@ -13,7 +13,7 @@ cross-entropy plus ``λ·(α‖W‖₁ + (1-α)/2·‖W‖²)`` (bias not penali
 geometric grid from ``λ_max`` (the smallest strength at which ``W = 0`` is optimal: every model there has NEC 0)
 towards ``min_ratio · λ_max`` (a set leaves the path at its first point past the largest NEC level: the denser
 end is never read), each solve warm-started from the last, each concept set's path one call on a pool of threads
-(:func:`elastic_net_paths`; the code below is batched over sets). Each point is solved on a working set of concepts (those already non-zero and those the sequential
+(:func:`elastic_net_paths`; :func:`paths_of` also takes several sets, solved one after the other). Each point is solved on a working set of concepts (those already non-zero and those the sequential
 strong rule keeps, grown by every concept whose optimality condition fails outside it, as glmnet does) by proximal
 Newton (:func:`_newton`, the default ``solver: newton``: a handful of steps a point, each minimising the exact
 second-order model by coordinate descent and, where that crawls on collinear concepts, by exact solves on the
@@ -140,21 +140,12 @@ def _grads_t(
     return torch.bmm(p, a).div_(a.shape[1]) + l2.view(-1, 1, 1) * w, p.mean(dim=2)
 
 
-NEWTON_STEPS = 50  # orthant-wise Newton steps per solve before FISTA takes over (a handful are used: docs/performance.md)
+NEWTON_STEPS = 50  # proximal Newton steps per solve before FISTA takes over (a handful are used: docs/performance.md)
 NEWTON_MARGIN = 0.25  # Newton stops at this share of the tolerance: the float32 certificate on every concept follows
 QP_FORCING = 0.01  # each step's model is minimised until no coordinate moves its gradient by more than this x residual
 QP_SWEEPS = 500  # coordinate-descent sweeps per step at most
-QP_REFINE_AFTER = 150  # sweeps before the model is solved on its support (see kernels.lasso_qp)
+QP_REFINE_AFTER = 150  # sweeps before the model is solved on its support (see path_newton.lasso_qp)
 QP_SOLVES = 50  # such solves per step at most
-
-
-def _objective_from_logits(z: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, l1: torch.Tensor,
-                           l2: torch.Tensor) -> torch.Tensor:
-    """Per set, mean cross-entropy + ``l1·‖W‖₁ + l2/2·‖W‖²`` from the logits ``z`` (S, K, N) at ``(W, b)``
-    (``labels`` (N,))."""
-    picked = z.gather(1, labels.view(1, 1, -1).expand(z.shape[0], 1, -1)).squeeze(1)
-    ce = (torch.logsumexp(z, dim=1) - picked).mean(dim=1)
-    return ce + l1 * w.abs().sum(dim=(1, 2)) + 0.5 * l2 * (w * w).sum(dim=(1, 2))
 
 
 def _newton(
@@ -167,9 +158,9 @@ def _newton(
     smooth part's exact second-order model on the *free* weights — those non-zero and those at zero whose
     optimality condition fails by more than the tolerance — and the biases: the Hessian
     ``Σᵢ (diag pᵢ - pᵢpᵢᵀ) ⊗ xᵢxᵢᵀ / N + (1-α)λ`` (at most ``K·NEC + K`` square, small; its sums in float32
-    by :func:`~iis_study.core.solvers.kernels.free_hessian`, the gradient, the objective and the residual
+    by :func:`~iis_study.core.solvers.path_newton.free_hessian`, the gradient, the objective and the residual
     float64), minimises model + ``αλ‖W‖₁`` over the step by coordinate descent, with exact solves on the support
-    once ``QP_REFINE_AFTER`` sweeps have not converged (:func:`~iis_study.core.solvers.kernels.lasso_qp`, to a
+    once ``QP_REFINE_AFTER`` sweeps have not converged (:func:`~iis_study.core.solvers.path_newton.lasso_qp`, to a
     forcing of 0.01 x the current residual), and cuts the step back
     until the whole objective falls by a share of the model's decrease (Tseng & Yun's Armijo rule). Weights that
     the L1 term sets to zero leave the model exactly; near the solution the free set is the support and the
@@ -182,11 +173,12 @@ def _newton(
     w, b = w.double().clone(), b.double().clone()
     res_out = torch.empty(a.shape[0], dtype=torch.float64)
     steps = torch.zeros(a.shape[0], dtype=torch.long)
-    for i, lam_i in enumerate(lam.tolist()):  # one set at a time (a compiled loop: kernels.proximal_newton)
+    for i, lam_i in enumerate(lam.tolist()):  # one set at a time (one compiled call: path_newton.proximal_newton)
         res_out[i], steps[i] = proximal_newton(
             a[i].numpy(), labels, w[i].numpy(), b[i].numpy(), alpha * lam_i, (1.0 - alpha) * lam_i, tolerance,
             max_steps, QP_FORCING, QP_SWEEPS, QP_REFINE_AFTER, QP_SOLVES)
     return w.to(dtype), b.to(dtype), res_out, steps
+
 
 def _solve_at(
     a: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: torch.Tensor,
@@ -223,7 +215,7 @@ def _solve_at(
         w_w = torch.gather(w[rows], 2, order.unsqueeze(1).expand(-1, k, -1)) * valid.unsqueeze(1)
         if solver == "newton":
             w_w, b_new, res, it = _newton(a_w, y_onehot, w_w, b[rows], lam[rows], alpha, NEWTON_MARGIN * tolerance)
-            stuck = (res > NEWTON_MARGIN * tolerance).nonzero().flatten()
+            stuck = (~(res <= NEWTON_MARGIN * tolerance)).nonzero().flatten()  # a NaN residual too
         else:
             b_new, it, stuck = b[rows].clone(), torch.zeros(len(rows), dtype=torch.long), torch.arange(len(rows))
         if len(stuck):  # FISTA, or Newton stalled (rare): FISTA from where it stopped

@@ -1,7 +1,10 @@
 """scipy's BLAS and LAPACK called from numba kernels without the GIL: a routine's address (:func:`routine`, as
 ``scipy.linalg.cython_blas``/``cython_lapack`` export it) is passed to the kernel and called by an LLVM intrinsic
 (:func:`call_void`), so the kernel is cached on disk like any other (an address compiled in as a constant cannot
-be). scipy's Python wrappers hold the GIL for the whole call, so two worker threads would take turns."""
+be). scipy's Python wrappers hold the GIL for the whole call, so two worker threads would take turns.
+
+numba's on-disk cache keys a kernel on its own file only: after editing this module, clear the callers' caches
+(``find src -name '*.nbi' -delete``) or touch ``kernels.py`` and ``path_newton.py``."""
 
 from __future__ import annotations
 

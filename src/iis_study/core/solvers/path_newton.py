@@ -71,7 +71,9 @@ def free_hessian(x: np.ndarray, col: np.ndarray, cls: np.ndarray, prob: np.ndarr
         raise ValueError(f"free_hessian: shapes x {x.shape}, col {col.shape}, cls {cls.shape}, prob {prob.shape}, "
                          f"ridge {ridge.shape}, out {out.shape} {out.dtype} do not fit (N, F), (Q,), (Q,), (N, K), "
                          "(Q,), C-ordered float64 (Q, Q)")
-    if q and (col.min() < 0 or col.max() >= x.shape[1] or cls.min() < 0 or cls.max() >= prob.shape[1]):
+    if q == 0:
+        return
+    if col.min() < 0 or col.max() >= x.shape[1] or cls.min() < 0 or cls.max() >= prob.shape[1]:
         raise ValueError("free_hessian: col or cls out of range")
     _free_hessian_kernel(x, col.astype(np.int64), cls.astype(np.int64), prob, ridge.astype(np.float64), out,
                          routine("ssyrk"))
@@ -289,10 +291,12 @@ def _proximal_newton_kernel(a, at, a_ext, labels, w, b, l1, l2, tol, max_steps, 
             z_c = _logits(cand, cand_b, at)
             f_c = _path_objective(z_c, labels, cand, l1, l2)
             if f_c <= f + 1e-4 * t * decrease:
-                w[:], b[:], z, f, moved = cand, cand_b, z_c, f_c, True
+                # a step that rounds back to (w, b) (its decrease below the objective's rounding) is no step
+                moved = not (np.array_equal(cand, w) and np.array_equal(cand_b, b))
+                w[:], b[:], z, f = cand, cand_b, z_c, f_c
                 break
             t *= 0.5
-        if not moved:
+        if not moved:  # no step lowers the objective: left where it is (to FISTA)
             break
     return res, steps
 
@@ -312,8 +316,10 @@ def proximal_newton(a: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndar
             or a.dtype != np.float64 or w.dtype != np.float64 or b.dtype != np.float64:
         raise ValueError(f"proximal_newton: a {a.shape} {a.dtype}, labels {labels.shape}, w {w.shape} {w.dtype}, "
                          f"b {b.shape} {b.dtype} do not fit float64 (N, M), (N,), (K, M), (K,)")
+    if n and (labels.min() < 0 or labels.max() >= w.shape[0]):
+        raise ValueError(f"proximal_newton: labels must be in [0, {w.shape[0]}), got {labels.min()} … {labels.max()}")
     a = np.ascontiguousarray(a)
-    a_ext = np.ascontiguousarray(np.hstack([a, np.ones((n, 1)), np.zeros((n, 1))]), dtype=np.float32)
+    a_ext = np.ascontiguousarray(np.hstack([a, np.ones((n, 1))]), dtype=np.float32)  # [a, 1]: column m the bias
     res, steps = _proximal_newton_kernel(
         a, np.ascontiguousarray(a.T), a_ext, labels.astype(np.int64), w, b, float(l1), float(l2), float(tolerance),
         int(max_steps), float(forcing), int(sweeps), int(refine_after), int(max_solves), routine("ssyrk"),
