@@ -166,3 +166,22 @@ def test_a_solve_at_its_optimum_stops_instead_of_stepping_in_place() -> None:
     res, steps = path_newton.proximal_newton(a, labels, w, b, 0.03, 0.0003, 0.0, 50, 0.01, 500, 150, 50)
     assert steps < 10
     assert abs(res - _elastic_net_kkt(a, labels, w, b, 0.03, 0.0003)) < 1e-12
+
+
+
+def test_the_warm_up_compiles_every_solver_kernel() -> None:
+    """``make setup`` runs the warm-up: in a fresh interpreter, afterwards each numba kernel the heads' and the
+    path's Newton solvers call has a compiled (or cache-loaded) signature (fails when a kernel family is left out
+    of it: tried)."""
+    import subprocess
+    import sys
+
+    code = (  # the kernels the solvers call from Python (the others are compiled into these)
+        "from iis_study.core.solvers import kernels, path_newton, warm\n"
+        "warm.warm()\n"
+        "entry = {'gram': kernels._gram_kernel, 'cg': kernels._cg, 'path': path_newton._proximal_newton_kernel}\n"
+        "missing = [n for n, fn in entry.items() if not fn.signatures]\n"
+        "assert not missing, missing\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -41,7 +41,8 @@ def routine(name: str) -> int:
     """The address of scipy's BLAS or LAPACK routine ``name`` in this process."""
     from numba.extending import get_cython_function_address
 
-    return get_cython_function_address(f"scipy.linalg.cython_{'blas' if name == 'ssyrk' else 'lapack'}", name)
+    blas = name in ("ssyrk", "dgemm")
+    return get_cython_function_address(f"scipy.linalg.cython_{'blas' if blas else 'lapack'}", name)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -59,3 +60,17 @@ def posv(dposv, uplo, ints, a, b):  # pragma: no cover - compiled
     """LAPACK ``dposv`` on arrays the caller holds (see :func:`syrk`); ``ints``: n, nrhs, lda, ldb, info."""
     call_void(dposv, (uplo.ctypes.data, ints[0:].ctypes.data, ints[1:].ctypes.data, a.ctypes.data,
                       ints[2:].ctypes.data, b.ctypes.data, ints[3:].ctypes.data, ints[4:].ctypes.data))
+
+
+@numba.njit(nogil=True, cache=True)
+def gemm(dgemm, trans, dims, scal, a, b, c):  # pragma: no cover - compiled
+    """``c = a @ b`` by ``dgemm`` for C-ordered float64 matrices the caller holds, ``a`` (m, k), ``b`` (k, n),
+    ``c`` (m, n): to Fortran they are ``aᵀ``, ``bᵀ``, ``cᵀ``, and ``cᵀ = bᵀ aᵀ``. ``trans``: 'N'; ``dims``
+    (int32, 6) and ``scal`` (float64, 2) are work arrays (numba's ``np.dot`` compiles for seconds)."""
+    dims[0], dims[1], dims[2] = b.shape[1], a.shape[0], a.shape[1]
+    dims[3], dims[4], dims[5] = b.shape[1], a.shape[1], b.shape[1]
+    scal[0], scal[1] = 1.0, 0.0
+    call_void(dgemm, (trans.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
+                      dims[2:].ctypes.data, scal[0:].ctypes.data, b.ctypes.data, dims[3:].ctypes.data,
+                      a.ctypes.data, dims[4:].ctypes.data, scal[1:].ctypes.data, c.ctypes.data,
+                      dims[5:].ctypes.data))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .blas import posv, routine, syrk
+from .blas import gemm, posv, routine, syrk
 
 
 @numba.njit(nogil=True, cache=True)
@@ -198,12 +198,18 @@ def _path_objective(z, labels, w, l1, l2):  # pragma: no cover - compiled
         for c in range(k):
             tot += np.exp(z[c, i] - top)
         ce += top + np.log(tot) - z[labels[i], i]
-    return ce / n + l1 * np.abs(w).sum() + 0.5 * l2 * (w * w).sum()
+    absolute, square = 0.0, 0.0
+    for c in range(w.shape[0]):  # loops, not array expressions: each of those is compiled on its own (slow)
+        for j in range(w.shape[1]):
+            absolute += abs(w[c, j])
+            square += w[c, j] * w[c, j]
+    return ce / n + l1 * absolute + 0.5 * l2 * square
 
 
 @numba.njit(nogil=True, cache=True)
-def _logits(w, b, at):  # pragma: no cover - compiled
-    z = np.dot(w, at)
+def _logits(w, b, at, dgemm, trans, dims, scal):  # pragma: no cover - compiled
+    z = np.empty((w.shape[0], at.shape[1]))
+    gemm(dgemm, trans, dims, scal, w, at, z)
     for c in range(z.shape[0]):
         z[c] += b[c]
     return z
@@ -211,13 +217,15 @@ def _logits(w, b, at):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _proximal_newton_kernel(a, at, a_ext, labels, w, b, l1, l2, tol, max_steps, forcing, sweeps, refine_after,
-                            max_solves, ssyrk, dposv):  # pragma: no cover - compiled
+                            max_solves, ssyrk, dposv, dgemm):  # pragma: no cover - compiled
     # see proximal_newton; w (K, M) and b (K,) are updated in place
     n, m = a.shape
     k = w.shape[0]
-    z = _logits(w, b, at)
+    trans, dims, scal = np.array([ord("N")], np.uint8), np.zeros(6, np.int32), np.zeros(2)  # dgemm's work arrays
+    z = _logits(w, b, at, dgemm, trans, dims, scal)
     f = _path_objective(z, labels, w, l1, l2)
     prob = np.empty((k, n))
+    diff = np.empty((k, n))
     p32 = np.empty((n, k), np.float32)
     gw = np.empty((k, m))
     gb = np.empty(k)
@@ -236,13 +244,18 @@ def _proximal_newton_kernel(a, at, a_ext, labels, w, b, l1, l2, tol, max_steps, 
             for c in range(k):
                 prob[c, i] /= tot
                 p32[i, c] = prob[c, i]
-        diff = prob.copy()
+        for c in range(k):
+            for i in range(n):
+                diff[c, i] = prob[c, i]
         for i in range(n):
             diff[labels[i], i] -= 1.0
-        gw[:] = np.dot(diff, a)
+        gemm(dgemm, trans, dims, scal, diff, a, gw)
         res = 0.0
         for c in range(k):
-            gb[c] = diff[c].sum() / n
+            tot = 0.0
+            for i in range(n):
+                tot += diff[c, i]
+            gb[c] = tot / n
             res = max(res, abs(gb[c]))
             for j in range(m):
                 g = gw[c, j] / n + l2 * w[c, j]
@@ -282,17 +295,33 @@ def _proximal_newton_kernel(a, at, a_ext, labels, w, b, l1, l2, tol, max_steps, 
             d_w[cls[e], col[e]] = d[e]
         d_b = d[width:]
         # the model's decrease (< 0 unless at the optimum): gᵀd + l1 (‖W + d‖₁ - ‖W‖₁)
-        decrease = (gw * d_w).sum() + (gb * d_b).sum() + l1 * (np.abs(w + d_w).sum() - np.abs(w).sum())
+        linear, l1_new, l1_now = 0.0, 0.0, 0.0
+        for c in range(k):
+            for j in range(m):
+                linear += gw[c, j] * d_w[c, j]
+                l1_new += abs(w[c, j] + d_w[c, j])
+                l1_now += abs(w[c, j])
+        bias = 0.0
+        for c in range(k):
+            bias += gb[c] * d_b[c]
+        decrease = linear + bias + l1 * (l1_new - l1_now)
         if not decrease < 0.0:
             break  # no descent direction: left to FISTA
         t, moved = 1.0, False
+        cand, cand_b = np.empty((k, m)), np.empty(k)
         for _ in range(40):  # Armijo backtracking on the whole objective
-            cand, cand_b = w + t * d_w, b + t * d_b
-            z_c = _logits(cand, cand_b, at)
+            same = True
+            for c in range(k):
+                for j in range(m):
+                    cand[c, j] = w[c, j] + t * d_w[c, j]
+                    same &= cand[c, j] == w[c, j]
+                cand_b[c] = b[c] + t * d_b[c]
+                same &= cand_b[c] == b[c]
+            z_c = _logits(cand, cand_b, at, dgemm, trans, dims, scal)
             f_c = _path_objective(z_c, labels, cand, l1, l2)
             if f_c <= f + 1e-4 * t * decrease:
                 # a step that rounds back to (w, b) (its decrease below the objective's rounding) is no step
-                moved = not (np.array_equal(cand, w) and np.array_equal(cand_b, b))
+                moved = not same
                 w[:], b[:], z, f = cand, cand_b, z_c, f_c
                 break
             t *= 0.5
@@ -323,5 +352,5 @@ def proximal_newton(a: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndar
     res, steps = _proximal_newton_kernel(
         a, np.ascontiguousarray(a.T), a_ext, labels.astype(np.int64), w, b, float(l1), float(l2), float(tolerance),
         int(max_steps), float(forcing), int(sweeps), int(refine_after), int(max_solves), routine("ssyrk"),
-        routine("dposv"))
+        routine("dposv"), routine("dgemm"))
     return float(res), int(steps)
