@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
-	$(BIN)/python -m iis_study.core.solvers.warm  # the solvers' numba kernels into their on-disk cache, once
+	$(BIN)/python -m iis_study.core.solvers.warm || echo "kernel warm-up skipped: they compile on first use"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

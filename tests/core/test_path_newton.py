@@ -168,20 +168,33 @@ def test_a_solve_at_its_optimum_stops_instead_of_stepping_in_place() -> None:
     assert abs(res - _elastic_net_kkt(a, labels, w, b, 0.03, 0.0003)) < 1e-12
 
 
-
 def test_the_warm_up_compiles_every_solver_kernel() -> None:
     """``make setup`` runs the warm-up: in a fresh interpreter, afterwards each numba kernel the heads' and the
-    path's Newton solvers call has a compiled (or cache-loaded) signature (fails when a kernel family is left out
-    of it: tried)."""
+    path's Newton solvers call has a compiled (or cache-loaded) signature, and the solvers called as the study
+    calls them compile no other (fails when a kernel family is left out of the warm-up: tried)."""
     import subprocess
     import sys
 
     code = (  # the kernels the solvers call from Python (the others are compiled into these)
+        "import torch.nn.functional as F\n"
         "from iis_study.core.solvers import kernels, path_newton, warm\n"
+        "from iis_study.core.solvers.lbfgs import solve_logistic\n"
+        "from iis_study.core.scoring.weight_sparsity import elastic_net_paths\n"
+        "from tests.core import test_convex, test_newton, test_weight_sparsity\n"
         "warm.warm()\n"
         "entry = {'gram': kernels._gram_kernel, 'cg': kernels._cg, 'path': path_newton._proximal_newton_kernel}\n"
         "missing = [n for n, fn in entry.items() if not fn.signatures]\n"
         "assert not missing, missing\n"
+        "before = {n: len(fn.signatures) for n, fn in entry.items()}\n"
+        "# the solvers as the study calls them, dense and sparse designs: no kernel compiles again\n"
+        "train, _, _, space, k = test_convex._problem(n=120, d=16, m=40, k=3, seed=1)\n"
+        "solve_logistic(test_newton._design(train, space, (0.0, 0.9)), k, (1.0,), tol=1e-6, max_iter=50,\n"
+        "               solver='newton')\n"
+        "train, val, test = test_weight_sparsity._splits()\n"
+        "vectors = F.normalize(train.x[:8], dim=1)\n"
+        "elastic_net_paths(train, val, test, {'s': vectors}, 3, {'path_length': 4})\n"
+        "after = {n: len(fn.signatures) for n, fn in entry.items()}\n"
+        "assert after == before, (before, after)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -68,7 +68,7 @@ def gemm(dgemm, trans, dims, scal, a, b, c):  # pragma: no cover - compiled
     ``c`` (m, n): to Fortran they are ``aᵀ``, ``bᵀ``, ``cᵀ``, and ``cᵀ = bᵀ aᵀ``. ``trans``: 'N'; ``dims``
     (int32, 6) and ``scal`` (float64, 2) are work arrays (numba's ``np.dot`` compiles for seconds)."""
     dims[0], dims[1], dims[2] = b.shape[1], a.shape[0], a.shape[1]
-    dims[3], dims[4], dims[5] = b.shape[1], a.shape[1], b.shape[1]
+    dims[3], dims[4], dims[5] = max(1, b.shape[1]), max(1, a.shape[1]), max(1, b.shape[1])  # BLAS wants >= 1
     scal[0], scal[1] = 1.0, 0.0
     call_void(dgemm, (trans.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
                       dims[2:].ctypes.data, scal[0:].ctypes.data, b.ctypes.data, dims[3:].ctypes.data,

@@ -342,9 +342,10 @@ def proximal_newton(a: np.ndarray, labels: np.ndarray, w: np.ndarray, b: np.ndar
     residual at the returned point and the steps taken."""
     n, m = a.shape
     if w.ndim != 2 or w.shape[1] != m or b.shape != (w.shape[0],) or labels.shape != (n,) \
-            or a.dtype != np.float64 or w.dtype != np.float64 or b.dtype != np.float64:
+            or a.dtype != np.float64 or w.dtype != np.float64 or b.dtype != np.float64 \
+            or not (w.flags.c_contiguous and w.flags.writeable and b.flags.writeable):
         raise ValueError(f"proximal_newton: a {a.shape} {a.dtype}, labels {labels.shape}, w {w.shape} {w.dtype}, "
-                         f"b {b.shape} {b.dtype} do not fit float64 (N, M), (N,), (K, M), (K,)")
+                         f"b {b.shape} {b.dtype} do not fit float64 (N, M), (N,), (K, M) C-ordered, (K,), writeable")
     if n and (labels.min() < 0 or labels.max() >= w.shape[0]):
         raise ValueError(f"proximal_newton: labels must be in [0, {w.shape[0]}), got {labels.min()} … {labels.max()}")
     a = np.ascontiguousarray(a)

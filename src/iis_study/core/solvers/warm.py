@@ -1,6 +1,6 @@
 """Compile the CPU solvers' numba kernels once, into their on-disk cache: ``python -m iis_study.core.solvers.warm``
 (``make setup`` runs it after the install). Every kernel is compiled for the types the solvers call it with, so
-the first study run or test session after an install loads them (~0.3 s) instead of compiling them (~15 s on
+the first study run or test session after an install loads them (~0.3 s) instead of compiling them (~10 s on
 2 cores). A kernel whose source changes later compiles again on first use, as before."""
 
 from __future__ import annotations
