@@ -36,6 +36,14 @@ def call_void(typingctx, address, pointers):  # pragma: no cover - compiled
     return types.void(address, pointers), codegen
 
 
+def c_float32(where: str, **arrays: np.ndarray) -> None:
+    """Refuse, naming ``where`` and the argument, any of ``arrays`` the float32 kernels would misread: each must
+    be a C-ordered float32 array."""
+    for name, a in arrays.items():
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"{where}: {name} must be a C-ordered float32 array, got {a.dtype}, strides {a.strides}")
+
+
 @cache
 def routine(name: str) -> int:
     """The address of scipy's BLAS or LAPACK routine ``name`` in this process."""

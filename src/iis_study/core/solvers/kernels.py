@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .blas import call_void, routine
+from .blas import c_float32, call_void, routine, syrk
 
 
 # a design group whose rows keep at most this fraction of the F columns builds its class blocks / runs its
@@ -47,7 +47,7 @@ class RowDesign:
 
     def __init__(self, xa: np.ndarray, sparse_build: float = SPARSE_BUILD,
                  sparse_products: float = SPARSE_PRODUCTS) -> None:
-        _check("RowDesign", xa=xa)
+        c_float32("RowDesign", xa=xa)
         if xa.ndim != 2 or xa.shape[1] < 2 or not np.all(xa[:, -1] == 1):
             raise ValueError(f"RowDesign: xa must be (N, F+1) with a last column of ones, got {xa.shape}")
         self.xa = xa
@@ -118,14 +118,12 @@ def _gram_kernel(x, cols, vals, sparse, curv, scale, ridge, factor, out, info, s
                 w = np.sqrt(curv[c, i])
                 for j in range(f):
                     a[i, j] = w * x[i, j]
-            call_void(ssyrk, (uplo.ctypes.data, trans.ctypes.data, dims[0:].ctypes.data, dims[1:].ctypes.data,
-                               scal[0:].ctypes.data, a.ctypes.data, dims[2:].ctypes.data, scal[1:].ctypes.data,
-                               block.ctypes.data, dims[3:].ctypes.data))
+            syrk(ssyrk, uplo, trans, dims, scal, a, block)
         for i in range(f):
             block[i, i] += ridge[c]
         if factor:
             call_void(spotrf, (uplo.ctypes.data, dims[0:].ctypes.data, block.ctypes.data, dims[2:].ctypes.data,
-                                status.ctypes.data))
+                               status.ctypes.data))
             info[c] = status[0]
             for i in range(f):  # the factor is the lower triangle: zero the rest
                 for j in range(i):
@@ -136,15 +134,9 @@ def _gram_kernel(x, cols, vals, sparse, curv, scale, ridge, factor, out, info, s
                     block[j, i] = block[i, j]
 
 
-def _check(where: str, **arrays: np.ndarray) -> None:
-    for name, a in arrays.items():
-        if a.dtype != np.float32 or not a.flags.c_contiguous:
-            raise ValueError(f"{where}: {name} must be a C-ordered float32 array, got {a.dtype}, strides {a.strides}")
-
-
 def _grams(design: RowDesign, curvature, out, scale, ridge, factor) -> np.ndarray:
     x = design.xa
-    _check("class blocks", curvature=curvature, out=out)
+    c_float32("class blocks", curvature=curvature, out=out)
     if curvature.ndim != 2 or curvature.shape[1] != x.shape[0] \
             or out.shape != (curvature.shape[0], x.shape[1], x.shape[1]):
         raise ValueError(f"class blocks: shapes x {x.shape}, curvature {curvature.shape}, out {out.shape} "
@@ -347,7 +339,7 @@ def conjugate_gradients(
     within ``goal`` or its largest entry within ``target``, after ``max_cg`` products, or where the curvature
     along a direction is not positive. Returns ``d`` (K, F+1) and the number of Hessian-vector products: the
     algorithm of the batched conjugate gradients in :mod:`.newton`, for one head."""
-    _check("conjugate_gradients", chol=chol)
+    c_float32("conjugate_gradients", chol=chol)
     k, f1 = b.shape
     if design.xa.shape[1] != f1 or p.shape != (k, design.xa.shape[0]) or chol.shape != (k, f1, f1):
         raise ValueError(f"conjugate_gradients: shapes xa {design.xa.shape}, p {p.shape}, chol {chol.shape}, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .blas import gemm, posv, routine, syrk
+from .blas import c_float32, gemm, posv, routine, syrk
 
 
 @numba.njit(nogil=True, cache=True)
@@ -62,9 +62,7 @@ def free_hessian(x: np.ndarray, col: np.ndarray, cls: np.ndarray, prob: np.ndarr
     ``u_ij = x_i,col(j) p_i,cls(j)`` (one triangle) and each class's block on its own columns (a K-th of the
     square), ~3x fewer flops than two products of the whole square (the elastic-net path's Newton steps,
     :mod:`~iis_study.core.scoring.weight_sparsity`)."""
-    for name, arr in (("x", x), ("prob", prob)):
-        if arr.dtype != np.float32 or not arr.flags.c_contiguous:
-            raise ValueError(f"free_hessian: {name} must be a C-ordered float32 array, got {arr.dtype}")
+    c_float32("free_hessian", x=x, prob=prob)
     q = col.shape[0]
     if col.shape != cls.shape or x.shape[0] != prob.shape[0] or out.shape != (q, q) or ridge.shape != (q,) \
             or out.dtype != np.float64 or not out.flags.c_contiguous:

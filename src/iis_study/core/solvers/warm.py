@@ -28,7 +28,6 @@ def warm() -> float:
                                    sparse_build=1.0 if keep else 0.0, sparse_products=1.0 if keep else 0.0)
         chol = np.empty((k, f + 1, f + 1), np.float32)
         kernels.class_factors(design, prob, chol, 1.0 / n, 1e-2)
-        kernels.weighted_grams(design, prob, np.empty_like(chol))
         kernels.conjugate_gradients(design, prob, chol, 1e-2, np.ones((k, f + 1), np.float32), 1e-6, 1e-6, 5)
     a = x.astype(np.float64)
     path_newton.proximal_newton(a, labels, np.zeros((k, f)), np.zeros(k), 1e-3, 1e-5, 1e-8, 5, 0.01, 50, 1, 5)
